@@ -1,0 +1,45 @@
+"""Load a local HF MoE checkpoint (or make a preset on the fly) for training or rollout. Nothing is fetched."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from r3rl.models.adapters import find_routers
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype '{name}': choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    experts_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a local checkpoint and fail early, naming the class, if r3rl cannot replay its routers."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {path}: pass a local HF checkpoint directory (see `r3rl init-model`)")
+    kwargs = {"dtype": resolve_dtype(dtype), "local_files_only": True}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    sites = find_routers(model)
+    logger.info("loaded %s from %s: %d MoE layers, %d experts, top-%d", type(model).__name__, path, len(sites),
+                sites[0].num_experts, sites[0].top_k)
+    return model.eval()

@@ -1,0 +1,243 @@
+"""RoutingReplay: record or replay the experts chosen by every MoE router of one model instance.
+
+    replay = RoutingReplay(model, check=ReplayCheck(...))   # patches the routers of *this* model
+    with replay.record() as rec:                             # R2: old-policy forward
+        old_logits = model(input_ids).logits
+    with replay.replay(rec.batch()):                         # R2 update / R3: replay(layout_padded(traces, S))
+        loss = loss_fn(model(input_ids).logits); loss.backward()
+    replay.close()                                           # or use `with RoutingReplay(model) as replay:`
+
+Modes are context managers: `off()` (the unpatched router, bit for bit), `record()`, `replay(batch)`.
+
+Replay is keyed by layer, not by call order: the router of MoE layer l reads `batch.expert_ids[:, l, :]`, the rows
+of the active micro-batch. An activation-checkpoint recompute during backward therefore reads the same slice; there
+is no cursor that could drift. A call made while autograd runs a backward graph (the recompute) is stage
+`replay_backward`, any other is `replay_forward`: the replay detects it, the caller never sets a stage.
+
+Only the selection is replayed. The gate weights are the live router's probabilities at the replayed ids,
+normalized the family's way (`r3rl.models.adapters`), so the router keeps receiving gradients. Pad slots in the
+trace are filled with the live router's best experts not already in the row, never with duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from r3rl.check import ReplayCheck, Stage
+from r3rl.models.adapters import RouterSite, find_routers, routed_forward
+from r3rl.trace import ReplayBatch, RoutingTrace
+
+__all__ = ["ReplayMode", "RoutingReplay", "RoutingReplayError", "Recording", "current_stage", "fill_pad_slots"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReplayMode(enum.Enum):
+    OFF = "off"
+    RECORD = "record"
+    REPLAY = "replay"
+
+
+class RoutingReplayError(RuntimeError):
+    """A replay input does not fit the forward it is replayed into."""
+
+
+def current_stage() -> Stage:
+    """`replay_backward` while autograd executes a backward graph (checkpoint recompute), else `replay_forward`."""
+    return Stage.REPLAY_BACKWARD if torch._C._current_graph_task_id() != -1 else Stage.REPLAY_FORWARD
+
+
+def fill_pad_slots(ids_TK: torch.Tensor, valid_TK: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+    """Replace pad slots by the highest-scoring experts not already in the row (no duplicates, miles #1002)."""
+    T, K = ids_TK.shape
+    E = probs_TE.shape[1]
+    # Mark the row's valid experts in an [T, E + 1] table; pads land in the extra column and are dropped.
+    taken_TE = torch.zeros(T, E + 1, dtype=torch.bool, device=ids_TK.device)
+    taken_TE.scatter_(1, torch.where(valid_TK, ids_TK, E), True)
+    candidates_TK = torch.topk(probs_TE.masked_fill(taken_TE[:, :E], float("-inf")), K, dim=-1).indices
+    pad_rank_TK = (torch.cumsum((~valid_TK).long(), dim=-1) - 1).clamp_min(0)  # j-th pad slot takes candidate j
+    return torch.where(valid_TK, ids_TK, candidates_TK.gather(1, pad_rank_TK))
+
+
+class Recording:
+    """Routing captured in `record` mode: per layer, the ids of each forward call in call order."""
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.ids_per_layer: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def batch(self) -> ReplayBatch:
+        """All recorded calls concatenated in call order: `[sum T, L, K]`, ready for `replay()` (R2)."""
+        counts = {len(calls) for calls in self.ids_per_layer}
+        if len(counts) != 1 or 0 in counts:
+            raise RoutingReplayError(
+                f"recording is incomplete: calls per layer={[len(c) for c in self.ids_per_layer]} (expected the same "
+                "non-zero count for every MoE layer)"
+            )
+        ids_TLK = torch.stack([torch.cat(calls) for calls in self.ids_per_layer], dim=1)
+        return ReplayBatch.from_tensor(ids_TLK, self.num_experts)
+
+    def traces(self, lengths: list[int], seq_len: int) -> list[RoutingTrace]:
+        """Split a recorded right-padded `[B, seq_len]` forward into per-sample traces of `lengths[b] - 1` rows."""
+        ids_BSLK = self.batch().expert_ids.view(len(lengths), seq_len, len(self.ids_per_layer), -1).cpu()
+        return [RoutingTrace.from_ids(ids_BSLK[b, : n - 1], self.num_experts, sample=b) for b, n in enumerate(lengths)]
+
+
+class RoutingReplay:
+    """Off / record / replay for the routers of one model. Patches live in this object and are undone by close()."""
+
+    def __init__(self, model: nn.Module, *, check: ReplayCheck | None = None, strict: bool = False) -> None:
+        self.model = model
+        self.sites: list[RouterSite] = find_routers(model)
+        self.check = check
+        self.strict = strict  # --ci-test: every layer replayed the same number of times, recompute never exceeds it
+        self.num_layers = len(self.sites)
+        self.top_k = self.sites[0].top_k
+        self.num_experts = self.sites[0].num_experts
+        self._mode = ReplayMode.OFF
+        self._batch: ReplayBatch | None = None
+        self._recording: Recording | None = None
+        self.calls: dict[Stage, list[int]] = {s: [0] * self.num_layers for s in Stage}
+        self._patched = False
+        self._replayed_with_grad = False  # a grad-enabled replay forward ran; its recompute must run under replay too
+        self._patch()
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._patched:
+            for site in self.sites:
+                del site.router.forward  # drop the instance attribute; the class forward is back
+            self._patched = False
+
+    def __enter__(self) -> RoutingReplay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def mode(self) -> ReplayMode:
+        return self._mode
+
+    # --- modes --------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        with self._in_mode(ReplayMode.OFF):
+            yield
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[Recording]:
+        rec = Recording(self.num_layers, self.num_experts)
+        with self._in_mode(ReplayMode.RECORD):
+            self._recording = rec
+            try:
+                yield rec
+            finally:
+                self._recording = None
+
+    @contextlib.contextmanager
+    def replay(self, batch: ReplayBatch) -> Iterator[None]:
+        """Replay `batch` (`[N, L, K]` in the forward's token order) in every forward and recompute inside."""
+        if batch.num_layers != self.num_layers or batch.top_k != self.top_k or batch.num_experts != self.num_experts:
+            raise RoutingReplayError(
+                f"replay batch does not fit {type(self.model).__name__}: got (layers, top_k, experts)="
+                f"{(batch.num_layers, batch.top_k, batch.num_experts)}, expected="
+                f"{(self.num_layers, self.top_k, self.num_experts)}"
+            )
+        device = self.sites[0].router.weight.device
+        before = {s: list(c) for s, c in self.calls.items()}
+        with self._in_mode(ReplayMode.REPLAY):
+            self._batch = batch.to(device)
+            try:
+                yield
+            finally:
+                self._batch = None
+        if self.strict:
+            self._check_consumption(before)
+
+    def new_step(self) -> None:
+        """Reset the per-step call counters (the check keeps its own and resets in `summary()`)."""
+        self.calls = {s: [0] * self.num_layers for s in Stage}
+
+    # --- private ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _in_mode(self, mode: ReplayMode) -> Iterator[None]:
+        if not self._patched:
+            raise RoutingReplayError("RoutingReplay is closed: create a new one for this model")
+        if self._mode is not ReplayMode.OFF and mode is not ReplayMode.OFF:
+            raise RoutingReplayError(f"cannot enter {mode.value} inside {self._mode.value}: modes do not nest")
+        prev, self._mode = self._mode, mode
+        self._replayed_with_grad = False
+        try:
+            yield
+        finally:
+            self._mode = prev
+
+    def _patch(self) -> None:
+        for site in self.sites:
+            if "forward" in vars(site.router):
+                raise RoutingReplayError(f"router {site.name} is already patched (another RoutingReplay on this model?)")
+            site.router.forward = functools.partial(self._router_forward, site)
+        self._patched = True
+
+    def _router_forward(self, site: RouterSite, hidden: torch.Tensor):
+        mode = self._mode
+        if mode is ReplayMode.OFF:
+            if self._replayed_with_grad and current_stage() is Stage.REPLAY_BACKWARD:
+                raise RoutingReplayError(
+                    f"activation-checkpoint recompute at MoE layer {site.layer} ({site.name}) ran after the replay() "
+                    "context closed, so it would route live instead of replaying: call backward() inside "
+                    "`with replay.replay(batch):` (or wrap a later unrelated forward in `with replay.off():`)"
+                )
+            return type(site.router).forward(site.router, hidden)
+        if mode is ReplayMode.RECORD:
+            out = type(site.router).forward(site.router, hidden)
+            if current_stage() is Stage.REPLAY_FORWARD:  # a recompute in backward must not record twice
+                self._recording.ids_per_layer[site.layer].append(out[2].detach())
+            return out
+        return self._replayed_forward(site, hidden)
+
+    def _replayed_forward(self, site: RouterSite, hidden: torch.Tensor):
+        batch = self._batch
+        layer = site.layer
+        n_tokens = hidden.numel() // hidden.shape[-1]
+        if n_tokens != batch.num_tokens:
+            raise RoutingReplayError(
+                f"replay token count mismatch at MoE layer {layer} ({site.name}): expected={batch.num_tokens} trace "
+                f"rows in the active micro-batch, actual={n_tokens} tokens in this forward"
+            )
+        stage = current_stage()
+        self.calls[stage][layer] += 1
+        if stage is Stage.REPLAY_FORWARD and torch.is_grad_enabled():
+            self._replayed_with_grad = True
+        replay_TK = batch.expert_ids[:, layer, :]
+        check = self.check
+
+        def select(probs_TE: torch.Tensor) -> torch.Tensor:
+            valid_TK = replay_TK != batch.pad_value if batch.has_pad else None
+            ids_TK = replay_TK if valid_TK is None else fill_pad_slots(replay_TK, valid_TK, probs_TE)
+            if check is not None:
+                live_TK = torch.topk(probs_TE, ids_TK.shape[1], dim=-1).indices  # reuses the scores: no 2nd router
+                check.observe(stage, layer, live_TK, ids_TK, valid_TK)
+            return ids_TK
+
+        return routed_forward(site, hidden, select)
+
+    def _check_consumption(self, before: dict[Stage, list[int]]) -> None:
+        fwd = [a - b for a, b in zip(self.calls[Stage.REPLAY_FORWARD], before[Stage.REPLAY_FORWARD], strict=True)]
+        bwd = [a - b for a, b in zip(self.calls[Stage.REPLAY_BACKWARD], before[Stage.REPLAY_BACKWARD], strict=True)]
+        if len(set(fwd)) != 1 or fwd[0] == 0:
+            raise RoutingReplayError(
+                f"ci-test: replay was not consumed once per layer per forward: forward calls per layer={fwd}"
+            )
+        if any(b > f for b, f in zip(bwd, fwd, strict=True)):
+            raise RoutingReplayError(
+                f"ci-test: more recompute calls than forward calls: backward={bwd}, forward={fwd}"
+            )

@@ -1,0 +1,377 @@
+"""RoutingTrace: the experts one sample was routed to, per token and MoE layer, stored compactly.
+
+Shape `[len(tokens) - 1, num_layers, top_k]`: row i holds the experts used when token i was the model's input
+(the last token is never an input during rollout, so it has no row). This is SGLang's `routed_experts` layout.
+
+Storage is 1 byte per (row, layer, k) when the model has fewer than 255 experts (uint8, pad 255), else int16
+(pad -1). A pad slot means "no replayed expert here": replay fills it with the live router's best expert that is
+not already in the row (see `r3rl.replay`).
+
+Codecs:
+  - SGLang `meta_info["routed_experts"]`: base64 of little-endian int32, flat `[rows * layers * top_k]`.
+  - vLLM: `prompt_routed_experts` + `routed_experts`, int16 arrays `[n, layers, top_k]`.
+  - compact bytes: a 24-byte header (magic, version, dtype, rows, layers, top_k, num_experts) + raw ids.
+
+Batch layout for a training forward (`layout_padded`, `layout_packed`) produces a `ReplayBatch`: int64 ids
+`[N, layers, top_k]` in the forward's flattened token order, with pad rows where no trace row exists.
+
+Example:
+    trace = RoutingTrace.from_sglang(meta["routed_experts"], num_tokens=len(ids), num_layers=48, top_k=8,
+                                     num_experts=128)
+    batch = layout_padded([trace], seq_len=len(ids))
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TraceError",
+    "RoutingTrace",
+    "ReplayBatch",
+    "compact_dtype",
+    "pad_value_for",
+    "layout_padded",
+    "layout_packed",
+]
+
+_MAGIC = b"R3TR"
+_VERSION = 1
+_HEADER = struct.Struct("<4sBBxxIIII")  # magic, version, dtype code, pad, rows, layers, top_k, num_experts
+_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int16): 2}
+
+
+class TraceError(ValueError):
+    """A routing trace does not match the sample, the model, or its own invariants."""
+
+
+def compact_dtype(num_experts: int) -> np.dtype:
+    """uint8 below 255 experts (255 is the pad), int16 above (pad -1)."""
+    if num_experts <= 0:
+        raise TraceError(f"num_experts must be positive: got={num_experts}")
+    if num_experts < 255:
+        return np.dtype(np.uint8)
+    if num_experts <= np.iinfo(np.int16).max:
+        return np.dtype(np.int16)
+    raise TraceError(f"num_experts={num_experts} does not fit the int16 trace format (max 32767)")
+
+
+def pad_value_for(num_experts: int) -> int:
+    return 255 if compact_dtype(num_experts) == np.uint8 else -1
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    """Routing of one sample. Build it with `from_ids` or a codec, which validate; the raw constructor does not."""
+
+    expert_ids: np.ndarray  # [rows, layers, top_k], compact dtype
+    num_experts: int
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_ids(cls, ids, num_experts: int, *, sample: int | str | None = None) -> RoutingTrace:
+        """Validate and store ids (any integer array-like `[rows, layers, top_k]`; -1 or the compact pad = pad)."""
+        arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        where = _where(sample)
+        if arr.ndim != 3:
+            raise TraceError(f"trace must be [rows, layers, top_k]{where}: got shape={tuple(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TraceError(f"trace ids must be integers{where}: got dtype={arr.dtype}")
+        dtype = compact_dtype(num_experts)
+        pad = pad_value_for(num_experts)
+        wide = arr.astype(np.int64)
+        is_pad = (wide == pad) | (wide == -1)  # -1 is the wire formats' pad
+        bad = (~is_pad) & ((wide < 0) | (wide >= num_experts))
+        if bad.any():
+            r, l, k = (int(x) for x in np.argwhere(bad)[0])
+            raise TraceError(
+                f"expert id out of range [0, {num_experts}){where}: got={int(wide[r, l, k])} at row={r} layer={l} "
+                f"slot={k}"
+            )
+        compact = np.where(is_pad, pad, wide).astype(dtype)
+        trace = cls(expert_ids=np.ascontiguousarray(compact), num_experts=num_experts)
+        trace._check_no_duplicates(where)
+        return trace
+
+    @classmethod
+    def empty(cls, num_layers: int, top_k: int, num_experts: int) -> RoutingTrace:
+        return cls(np.zeros((0, num_layers, top_k), dtype=compact_dtype(num_experts)), num_experts)
+
+    # --- shape ----------------------------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[2]
+
+    @property
+    def pad_value(self) -> int:
+        return pad_value_for(self.num_experts)
+
+    @property
+    def nbytes(self) -> int:
+        return self.expert_ids.nbytes
+
+    def pad_mask(self) -> np.ndarray:
+        return self.expert_ids == self.pad_value
+
+    def validate(
+        self,
+        *,
+        num_tokens: int | None = None,
+        num_layers: int | None = None,
+        top_k: int | None = None,
+        num_experts: int | None = None,
+        sample: int | str | None = None,
+    ) -> RoutingTrace:
+        """Check the trace against a sample (`num_tokens` = prompt + response length) and a model. Returns self."""
+        where = _where(sample)
+        if num_experts is not None and num_experts != self.num_experts:
+            raise TraceError(f"trace num_experts mismatch{where}: got={self.num_experts}, expected={num_experts}")
+        if num_tokens is not None and self.num_rows != num_tokens - 1:
+            raise TraceError(
+                f"trace row count does not match sample tokens{where}: got={self.num_rows}, "
+                f"expected={num_tokens - 1} (tokens={num_tokens}; one row per input token, the last token has none)"
+            )
+        if num_layers is not None and self.num_layers != num_layers:
+            raise TraceError(f"trace num_layers mismatch{where}: got={self.num_layers}, expected={num_layers}")
+        if top_k is not None and self.top_k != top_k:
+            raise TraceError(f"trace top_k mismatch{where}: got={self.top_k}, expected={top_k}")
+        return self
+
+    # --- slicing --------------------------------------------------------------------------------------------------
+    def truncate(self, num_tokens: int) -> RoutingTrace:
+        """The trace of the first `num_tokens` tokens (e.g. a response cut at a stop string)."""
+        if not 1 <= num_tokens <= self.num_rows + 1:
+            raise TraceError(f"cannot truncate a trace of {self.num_rows + 1} tokens to {num_tokens} tokens")
+        return RoutingTrace(self.expert_ids[: num_tokens - 1].copy(), self.num_experts)
+
+    def append(self, other: RoutingTrace) -> RoutingTrace:
+        """Concatenate a later turn's rows (multi-turn rollouts whose turns were routed separately)."""
+        if (other.num_layers, other.top_k, other.num_experts) != (self.num_layers, self.top_k, self.num_experts):
+            raise TraceError(
+                "cannot append traces of different models: got (layers, top_k, experts)="
+                f"{(other.num_layers, other.top_k, other.num_experts)}, "
+                f"expected={(self.num_layers, self.top_k, self.num_experts)}"
+            )
+        return RoutingTrace(np.concatenate([self.expert_ids, other.expert_ids]), self.num_experts)
+
+    # --- codecs -------------------------------------------------------------------------------------------------
+    def to_sglang(self) -> str:
+        """SGLang's `meta_info["routed_experts"]`: base64 of little-endian int32 (pad written as -1)."""
+        wide = self.expert_ids.astype("<i4")
+        if self.expert_ids.dtype == np.uint8:
+            wide[self.pad_mask()] = -1
+        return base64.b64encode(wide.tobytes()).decode("ascii")
+
+    @classmethod
+    def from_sglang(
+        cls,
+        data: str | bytes,
+        *,
+        num_layers: int,
+        top_k: int,
+        num_experts: int,
+        num_tokens: int | None = None,
+        sample: int | str | None = None,
+    ) -> RoutingTrace:
+        where = _where(sample)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise TraceError(f"routed_experts is not valid base64{where}: {e}") from None
+        per_row = num_layers * top_k * 4
+        if len(raw) % per_row:
+            raise TraceError(
+                f"routed_experts byte count is not a whole number of rows{where}: got={len(raw)} bytes, "
+                f"expected a multiple of {per_row} (num_layers={num_layers}, topk={top_k}, int32)"
+            )
+        ids = np.frombuffer(raw, dtype="<i4").reshape(-1, num_layers, top_k)
+        if num_tokens is not None and ids.shape[0] != num_tokens - 1:
+            raise TraceError(
+                f"routed_experts element count does not match sample tokens{where}: got={ids.size}, "
+                f"expected={(num_tokens - 1) * num_layers * top_k} (tokens={num_tokens}, num_layers={num_layers}, "
+                f"topk={top_k})"
+            )
+        return cls.from_ids(_int32_pad_to_compact(ids, num_experts), num_experts, sample=sample)
+
+    def to_vllm(self, num_prompt_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """vLLM's (`prompt_routed_experts`, `routed_experts`): int16 rows of the prompt and of the generation."""
+        wide = self.expert_ids.astype(np.int16)
+        if self.expert_ids.dtype == np.uint8:
+            wide[self.pad_mask()] = -1
+        return wide[:num_prompt_tokens].copy(), wide[num_prompt_tokens:].copy()
+
+    @classmethod
+    def from_vllm(
+        cls, prompt_routed_experts, routed_experts, *, num_experts: int, sample: int | str | None = None
+    ) -> RoutingTrace:
+        parts = [np.asarray(p, dtype=np.int64) for p in (prompt_routed_experts, routed_experts) if p is not None]
+        if not parts:
+            raise TraceError(f"vLLM trace has neither prompt_routed_experts nor routed_experts{_where(sample)}")
+        shapes = {p.shape[1:] for p in parts if p.ndim == 3}
+        if any(p.ndim != 3 for p in parts) or len(shapes) != 1:
+            raise TraceError(
+                f"vLLM trace arrays must be [n, layers, top_k] with equal layers/top_k{_where(sample)}: "
+                f"got shapes={[p.shape for p in parts]}"
+            )
+        return cls.from_ids(_int32_pad_to_compact(np.concatenate(parts), num_experts), num_experts, sample=sample)
+
+    def to_bytes(self) -> bytes:
+        header = _HEADER.pack(
+            _MAGIC, _VERSION, _DTYPE_CODES[self.expert_ids.dtype], self.num_rows, self.num_layers, self.top_k,
+            self.num_experts,
+        )
+        return header + self.expert_ids.astype(self.expert_ids.dtype.newbyteorder("<")).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, sample: int | str | None = None) -> RoutingTrace:
+        where = _where(sample)
+        if len(data) < _HEADER.size:
+            raise TraceError(f"compact trace is shorter than its {_HEADER.size}-byte header{where}: got={len(data)}")
+        magic, version, code, rows, layers, top_k, num_experts = _HEADER.unpack_from(data)
+        if magic != _MAGIC or version != _VERSION:
+            raise TraceError(f"not a compact trace{where}: got magic={magic!r} version={version}, expected "
+                             f"{_MAGIC!r} version={_VERSION}")
+        dtype = {v: k for k, v in _DTYPE_CODES.items()}.get(code)
+        if dtype is None or dtype != compact_dtype(num_experts):
+            raise TraceError(f"compact trace dtype code {code} does not fit num_experts={num_experts}{where}")
+        expected = _HEADER.size + rows * layers * top_k * dtype.itemsize
+        if len(data) != expected:
+            raise TraceError(f"compact trace size mismatch{where}: got={len(data)} bytes, expected={expected}")
+        ids = np.frombuffer(data, dtype=dtype.newbyteorder("<"), offset=_HEADER.size).reshape(rows, layers, top_k)
+        return cls.from_ids(ids.astype(dtype), num_experts, sample=sample)
+
+    # --- private ------------------------------------------------------------------------------------------------
+    def _check_no_duplicates(self, where: str) -> None:
+        ids = self.expert_ids
+        if ids.size == 0 or ids.shape[2] < 2:
+            return
+        srt = np.sort(ids.astype(np.int32), axis=-1)
+        dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != self.pad_value)
+        if dup.any():
+            r, l, k = (int(x) for x in np.argwhere(dup)[0])
+            raise TraceError(
+                f"duplicate expert in a trace row{where}: expert={int(srt[r, l, k])} appears twice at row={r} "
+                f"layer={l} (row={ids[r, l].tolist()})"
+            )
+
+
+@dataclass(frozen=True)
+class ReplayBatch:
+    """Replay input for one forward: int64 expert ids `[N, layers, top_k]` in the forward's token order.
+
+    `has_pad` is computed on the host when the batch is built, so replay never syncs to ask whether it must fill
+    pad slots. `pad_value` marks slots with no replayed expert.
+    """
+
+    expert_ids: torch.Tensor  # [N, L, K] int64
+    pad_value: int
+    has_pad: bool
+    num_experts: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[2]
+
+    def to(self, device: torch.device | str) -> ReplayBatch:
+        return ReplayBatch(self.expert_ids.to(device, non_blocking=True), self.pad_value, self.has_pad,
+                           self.num_experts)
+
+    def narrow(self, start: int, length: int) -> ReplayBatch:
+        """Rows `[start, start + length)` (a micro-batch of a packed layout)."""
+        return ReplayBatch(self.expert_ids.narrow(0, start, length), self.pad_value, self.has_pad, self.num_experts)
+
+    @classmethod
+    def from_tensor(cls, expert_ids: torch.Tensor, num_experts: int, pad_value: int | None = None) -> ReplayBatch:
+        """Wrap ids recorded in-process (R2). Recorded routing never has pads unless `pad_value` is given."""
+        pad = pad_value_for(num_experts) if pad_value is None else pad_value
+        return cls(expert_ids.long(), pad, pad_value is not None, num_experts)
+
+
+def layout_padded(traces: Sequence[RoutingTrace], seq_len: int, *, left_pad: Sequence[int] | None = None) -> ReplayBatch:
+    """Lay out traces for a padded `[B, seq_len]` forward, flattened to `[B * seq_len, L, K]`.
+
+    Sample b's row i lands at position `left_pad[b] + i`. Positions without a row (padding, and the last token of
+    each sample) are pad rows; replay lets the live router choose there.
+    """
+    num_layers, top_k, num_experts = _common_shape(traces)
+    pad = pad_value_for(num_experts)
+    out = np.full((len(traces), seq_len, num_layers, top_k), pad, dtype=np.int64)
+    for b, trace in enumerate(traces):
+        start = 0 if left_pad is None else left_pad[b]
+        if start + trace.num_rows > seq_len:
+            raise TraceError(
+                f"trace does not fit the padded forward (sample {b}): rows={trace.num_rows} + left_pad={start} > "
+                f"seq_len={seq_len}"
+            )
+        out[b, start : start + trace.num_rows] = _widen(trace)
+    has_pad = any(t.num_rows + 0 < seq_len or bool(t.pad_mask().any()) for t in traces)
+    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, has_pad, num_experts)
+
+
+def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> ReplayBatch:
+    """Lay out traces for a packed forward: sample b occupies `lengths[b]` consecutive tokens (`rows + 1`)."""
+    num_layers, top_k, num_experts = _common_shape(traces)
+    pad = pad_value_for(num_experts)
+    if len(lengths) != len(traces):
+        raise TraceError(f"packed layout needs one length per trace: got {len(lengths)} lengths, {len(traces)} traces")
+    chunks = []
+    for b, (trace, n) in enumerate(zip(traces, lengths, strict=True)):
+        trace.validate(num_tokens=n, sample=b)
+        chunks.append(_widen(trace))
+        chunks.append(np.full((1, num_layers, top_k), pad, dtype=np.int64))  # the last token has no row
+    ids = np.concatenate(chunks) if chunks else np.zeros((0, num_layers, top_k), dtype=np.int64)
+    return ReplayBatch(torch.from_numpy(ids), pad, True, num_experts)
+
+
+# --- private helpers ------------------------------------------------------------------------------------------------
+def _where(sample: int | str | None) -> str:
+    return "" if sample is None else f" (sample {sample})"
+
+
+def _widen(trace: RoutingTrace) -> np.ndarray:
+    wide = trace.expert_ids.astype(np.int64)
+    if trace.expert_ids.dtype == np.uint8:
+        wide[trace.pad_mask()] = 255
+    return wide
+
+
+def _int32_pad_to_compact(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """Wire formats pad with -1; map that onto the compact pad value before validation."""
+    wide = ids.astype(np.int64)
+    return np.where(wide == -1, pad_value_for(num_experts), wide)
+
+
+def _common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:
+    if not traces:
+        raise TraceError("cannot lay out an empty list of traces")
+    first = traces[0]
+    for b, t in enumerate(traces):
+        if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
+            raise TraceError(
+                f"traces in one batch disagree (sample {b}): got (layers, top_k, experts)="
+                f"{(t.num_layers, t.top_k, t.num_experts)}, expected={(first.num_layers, first.top_k, first.num_experts)}"
+            )
+    return first.num_layers, first.top_k, first.num_experts
