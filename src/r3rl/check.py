@@ -110,6 +110,7 @@ class ReplayCheck:
         self.calls = [[0] * num_layers for _ in Stage]  # host-side: known without a sync
         self.replayed_tokens = [[0] * num_layers for _ in Stage]
         self._last: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self.last_summary: CheckSummary | None = None
 
     # --- hot path (device only, no sync) -------------------------------------------------------------------------
     def observe(
@@ -187,6 +188,7 @@ class ReplayCheck:
         )
         last = self._last
         self._reset()
+        self.last_summary = summary
         if failing:
             self._warn_examples(last)
             if raise_on_fail:

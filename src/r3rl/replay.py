@@ -84,6 +84,13 @@ class Recording:
         ids_TLK = torch.stack([torch.cat(calls) for calls in self.ids_per_layer], dim=1)
         return ReplayBatch.from_tensor(ids_TLK, self.num_experts)
 
+    def decode_traces(self, batch_size: int) -> list[RoutingTrace]:
+        """Per-sample traces of a KV-cache rollout: a `[B, P]` prefill then `[B, 1]` decode calls, no padding."""
+        per_layer = [torch.cat([c.view(batch_size, -1, c.shape[-1]) for c in calls], dim=1)
+                     for calls in self.ids_per_layer]
+        ids_BTLK = torch.stack(per_layer, dim=2).cpu()
+        return [RoutingTrace.from_ids(ids_BTLK[b], self.num_experts, sample=b) for b in range(batch_size)]
+
     def traces(self, lengths: list[int], seq_len: int) -> list[RoutingTrace]:
         """Split a recorded right-padded `[B, seq_len]` forward into per-sample traces of `lengths[b] - 1` rows."""
         ids_BSLK = self.batch().expert_ids.view(len(lengths), seq_len, len(self.ids_per_layer), -1).cpu()

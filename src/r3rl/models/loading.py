@@ -43,3 +43,23 @@ def load_model(
     logger.info("loaded %s from %s: %d MoE layers, %d experts, top-%d", type(model).__name__, path, len(sites),
                 sites[0].num_experts, sites[0].top_k)
     return model.eval()
+
+
+def cache_kwargs(model: PreTrainedModel, cache) -> dict:
+    """The KV-cache keyword of this transformers version (`cache` from 5.2x, `past_key_values` before)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def set_activation_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, across transformers 5.x spellings."""
+    if enabled:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        fn = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        fn()

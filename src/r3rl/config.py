@@ -1,0 +1,104 @@
+"""Dataclass configs. Only `cli.py` knows argparse; it maps miles-named flags onto these.
+
+ReplayConfig decides which replay mode runs and whether the correctness check is on:
+  --use-rollout-routing-replay   R3: replay the rollout engine's routing (master switch)
+  --use-routing-replay           R2: record routing in the old-policy forward, replay it in the update
+  --enable-r3-correctness-check  turn on only the check
+  --ci-test                      turn on the check plus strict invariants (consumption per layer)
+With neither replay mode the check flags have no effect, and one warning says so.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+from r3rl.check import resolve_threshold
+
+__all__ = ["ReplayConfig", "ReplayKind", "CheckRunConfig", "Fault"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReplayKind(enum.Enum):
+    NONE = "none"
+    R3 = "r3"  # rollout routing replay
+    R2 = "r2"  # old-policy routing replay
+
+
+@dataclass(kw_only=True)
+class ReplayConfig:
+    use_rollout_routing_replay: bool = False
+    """R3: replay the experts the rollout engine chose, in the old-policy forward, the update and its recompute."""
+    use_routing_replay: bool = False
+    """R2: record routing in the old-policy forward and replay it in the update. R3 wins if both are set."""
+    enable_r3_correctness_check: bool = False
+    """Compare live top-k with the replayed ids on every replayed router call; log evidence; fail above threshold."""
+    ci_test: bool = False
+    """CI mode: enables the check and strict invariants (every layer consumed once per forward)."""
+    r3_check_threshold: float | None = None
+    """Allowed fraction of zero-overlap (token, layer) rows. None: $R3RL_TEST_R3_THRESHOLD,
+    $MILES_TEST_R3_THRESHOLD, else 1e-2."""
+
+    def __post_init__(self) -> None:
+        self.threshold = resolve_threshold(self.r3_check_threshold)
+        if self.use_rollout_routing_replay and self.use_routing_replay:
+            logger.warning("both --use-rollout-routing-replay and --use-routing-replay are set: running R3 (rollout "
+                           "routing replay); R2 is subsumed")
+        if (self.enable_r3_correctness_check or self.ci_test) and self.kind is ReplayKind.NONE:
+            flag = "--enable-r3-correctness-check" if self.enable_r3_correctness_check else "--ci-test"
+            logger.warning("%s has no effect: the R3 correctness check needs a replay mode "
+                           "(--use-rollout-routing-replay or --use-routing-replay)", flag)
+
+    @property
+    def kind(self) -> ReplayKind:
+        if self.use_rollout_routing_replay:
+            return ReplayKind.R3
+        if self.use_routing_replay:
+            return ReplayKind.R2
+        return ReplayKind.NONE
+
+    @property
+    def check_enabled(self) -> bool:
+        return (self.enable_r3_correctness_check or self.ci_test) and self.kind is not ReplayKind.NONE
+
+    @property
+    def strict(self) -> bool:
+        return self.ci_test and self.kind is not ReplayKind.NONE
+
+
+class Fault(enum.Enum):
+    NONE = "none"
+    SHIFT = "shift"  # misalign the trace by one token
+    PERMUTE_LAYERS = "permute-layers"  # swap the trace's layers
+
+
+@dataclass(kw_only=True)
+class CheckRunConfig:
+    """`r3rl check`: the end-to-end R3 regression."""
+
+    replay: ReplayConfig
+    model: str | None = None
+    """Local HF MoE checkpoint; None makes `preset` on the fly."""
+    preset: str = "tiny-qwen3-moe"
+    """Preset used when `model` is None."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 8
+    """Number of rollouts."""
+    prompt_len: int = 16
+    response_len: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+    report: str | None = None
+    """Where to write the JSON report."""
+    inject_fault: Fault = Fault.NONE
+    """Negative control: corrupt the trace before replay; the check must fail."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "prompt_len", "response_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive: got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampled rollouts: got {self.temperature}")

@@ -1,0 +1,227 @@
+"""`r3rl check`: the R3 end-to-end regression in one command, with a JSON report and an exit code.
+
+    r3rl check --use-rollout-routing-replay --enable-r3-correctness-check --report r3_report.json
+
+Flow (one step of an RL update, minus the optimizer):
+  (a) rollout: sample a batch with a KV cache (prefill, then one token per forward), recording the experts of
+      every token in every MoE layer and the rollout log-probs;
+  (b) training forwards over the full sequences: once without replay (the live router, as training would route
+      without R3), once under replay (no grad), then a forward+backward with activation checkpointing under
+      replay, so the recompute during backward replays too (stage replay_backward);
+  (c) the check's summary (evidence lines), the metrics with and without replay, and the verdict into the report.
+`--inject-fault shift|permute-layers` corrupts the trace before replay: the negative control, which must fail.
+The experts actually used are read by hooks on the experts modules, not from the replay code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from r3rl.check import CheckSummary, ReplayCheck, Stage
+from r3rl.config import CheckRunConfig, Fault, ReplayKind
+from r3rl.models import load_model, resolve_dtype
+from r3rl.models.loading import cache_kwargs, set_activation_checkpointing
+from r3rl.models.presets import make_model
+from r3rl.replay import RoutingReplay
+from r3rl.sample import Sample
+from r3rl.trace import ReplayBatch, RoutingTrace, layout_padded
+
+__all__ = ["run_check", "inject_fault", "rollout_kv_cache"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_check(cfg: CheckRunConfig) -> dict:
+    """Run the regression; returns the report (also written to `cfg.report`)."""
+    device, dtype = torch.device(cfg.device), resolve_dtype(cfg.dtype)
+    if cfg.model:
+        model = load_model(cfg.model, device=device, dtype=dtype)
+    else:
+        model = make_model(cfg.preset, seed=cfg.seed, device=device, dtype=dtype)
+    rcfg = cfg.replay
+    check = None
+    replay = RoutingReplay(model, strict=rcfg.strict)
+    if rcfg.check_enabled:
+        check = ReplayCheck(replay.num_layers, replay.top_k, threshold=rcfg.threshold, device=device)
+        replay.check = check
+    try:
+        return _run(cfg, model, replay, check)
+    finally:
+        replay.close()
+
+
+def rollout_kv_cache(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
+    """Sample `batch_size` responses token by token with a KV cache, recording routing and log-probs."""
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    vocab = min(model.config.vocab_size, 256)  # byte tokens of the preset tokenizer
+    prompts_BP = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len), generator=gen, device=cfg.device)
+    cache = cache_kwargs(model, DynamicCache(config=model.config))
+    tokens, logprobs = [], []
+    with torch.no_grad(), replay.record() as rec:
+        logits = model(prompts_BP, use_cache=True, **cache).logits[:, -1]
+        for step in range(cfg.response_len):
+            logp_BV = torch.log_softmax(logits.float(), dim=-1)
+            probs_BV = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+            tok_B = torch.multinomial(probs_BV, 1, generator=gen).squeeze(1)
+            tokens.append(tok_B)
+            logprobs.append(logp_BV.gather(1, tok_B[:, None]).squeeze(1))
+            if step + 1 < cfg.response_len:  # the last sampled token never goes through the model
+                logits = model(tok_B[:, None], use_cache=True, **cache).logits[:, -1]
+    traces = rec.decode_traces(cfg.batch_size)
+    resp_BR, logp_BR = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
+    return [
+        Sample(prompt_ids=prompts_BP[b].tolist(), response_ids=resp_BR[b], rollout_logprobs=logp_BR[b],
+               trace=traces[b]).validate(num_layers=replay.num_layers, top_k=replay.top_k, index=b)
+        for b in range(cfg.batch_size)
+    ]
+
+
+def inject_fault(batch: ReplayBatch, fault: Fault, batch_size: int) -> ReplayBatch:
+    """Corrupt a replay batch: `shift` gives token i the routing of token i+1; `permute-layers` rolls layers."""
+    if fault is Fault.NONE:
+        return batch
+    ids_BSLK = batch.expert_ids.view(batch_size, -1, batch.num_layers, batch.top_k)
+    if fault is Fault.SHIFT:
+        ids_BSLK = torch.cat([ids_BSLK[:, 1:], ids_BSLK[:, -1:]], dim=1)
+    elif fault is Fault.PERMUTE_LAYERS:
+        if batch.num_layers < 2:
+            raise ValueError("permute-layers needs at least 2 MoE layers")
+        ids_BSLK = ids_BSLK.roll(1, dims=2)
+    logger.warning("injecting fault '%s' into the replay trace (negative control: the check must fail)", fault.value)
+    return ReplayBatch(ids_BSLK.reshape(batch.expert_ids.shape).contiguous(), batch.pad_value, batch.has_pad,
+                       batch.num_experts)
+
+
+# --- private ------------------------------------------------------------------------------------------------------
+@dataclass
+class _ForwardResult:
+    logprobs_BR: torch.Tensor
+    used_BSLK: torch.Tensor  # experts the experts modules actually received
+
+
+def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: ReplayCheck | None) -> dict:
+    rcfg = cfg.replay
+    samples = rollout_kv_cache(model, replay, cfg)
+    B, P, R = cfg.batch_size, cfg.prompt_len, cfg.response_len
+    tokens_BS = torch.tensor([s.tokens for s in samples], device=cfg.device)
+    rollout_logp_BR = torch.tensor([s.rollout_logprobs for s in samples], dtype=torch.float64)
+    traces = [s.trace for s in samples]
+    rollout_ids_BSLK = layout_padded(traces, seq_len=P + R).expert_ids.view(B, P + R, replay.num_layers, -1)
+
+    report: dict = {"verdict": "fail", "threshold": rcfg.threshold, "replay_mode": rcfg.kind.value,
+                    "check_enabled": rcfg.check_enabled, "inject_fault": cfg.inject_fault.value,
+                    "model": cfg.model or f"preset:{cfg.preset}", "device": str(cfg.device), "dtype": cfg.dtype,
+                    "batch_size": B, "prompt_len": P, "response_len": R}
+    with torch.no_grad(), replay.off():
+        live = _forward(model, tokens_BS, P)
+    report["without_replay"] = _metrics(live, rollout_ids_BSLK, rollout_logp_BR, P)
+
+    if rcfg.kind is ReplayKind.NONE:
+        report.update(reason="no replay mode enabled (--use-rollout-routing-replay or --use-routing-replay): nothing "
+                      "to verify", with_replay=None, counts=_counts(replay, None), tokens_checked=0, layers=[])
+        return _finish(cfg, report)
+
+    if rcfg.kind is ReplayKind.R3:
+        batch = layout_padded(traces, seq_len=P + R)
+    else:  # R2: the old-policy forward records, the update replays
+        with torch.no_grad(), replay.record() as rec:
+            model(tokens_BS)
+        batch = rec.batch()
+    batch = inject_fault(batch, cfg.inject_fault, B)
+
+    reason = None
+    with torch.no_grad(), replay.replay(batch):
+        replayed = _forward(model, tokens_BS, P)
+    set_activation_checkpointing(model, True)
+    model.train()
+    try:
+        with replay.replay(batch):
+            logits = model(tokens_BS).logits
+            logp = torch.log_softmax(logits[:, P - 1 : -1].float(), -1).gather(-1, tokens_BS[:, P:, None])
+            (-logp.mean()).backward()  # a policy-gradient-shaped loss; the recompute happens here
+    finally:
+        set_activation_checkpointing(model, False)
+        model.eval()
+    summary = None
+    if check is not None:
+        try:
+            summary = check.summary()
+        except AssertionError as e:
+            reason, summary = str(e), check.last_summary
+            logger.error("R3 check failed: %s", e)
+    report["with_replay"] = _metrics(replayed, rollout_ids_BSLK, rollout_logp_BR, P)
+    report["counts"] = _counts(replay, summary)
+    report["tokens_checked"] = summary.tokens_checked if summary else 0
+    report["layers"] = [vars(layer) for layer in summary.layers] if summary else []
+    report["verdict"], report["reason"] = _verdict(cfg, report, reason)
+    return _finish(cfg, report)
+
+
+def _forward(model: nn.Module, tokens_BS: torch.Tensor, prompt_len: int) -> _ForwardResult:
+    used: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: used.append(args[1].detach()))
+             for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    try:
+        logits = model(tokens_BS).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    B, S = tokens_BS.shape
+    logp_BR = torch.log_softmax(logits[:, prompt_len - 1 : -1].double(), -1).gather(-1, tokens_BS[:, prompt_len:, None])
+    used_BSLK = torch.stack([u.view(B, S, -1) for u in used], dim=2)
+    return _ForwardResult(logp_BR.squeeze(-1).cpu(), used_BSLK.cpu())
+
+
+def _metrics(fwd: _ForwardResult, rollout_BSLK: torch.Tensor, rollout_logp_BR: torch.Tensor, prompt_len: int) -> dict:
+    rows = rollout_BSLK.shape[1] - 1  # the last token has no rollout row
+    a = fwd.used_BSLK[:, :rows].sort(-1).values
+    b = rollout_BSLK[:, :rows].sort(-1).values
+    mismatch = (a != b).any(-1).double().mean().item()
+    log_ratio = fwd.logprobs_BR - rollout_logp_BR  # log p_train / p_rollout on rollout samples
+    k3 = (log_ratio.exp() - 1 - log_ratio).mean().item()
+    return {"routing_mismatch": mismatch, "mean_abs_logprob_diff": log_ratio.abs().mean().item(), "k3_kl": k3}
+
+
+def _counts(replay: RoutingReplay, summary: CheckSummary | None) -> dict:
+    fwd, bwd = sum(replay.calls[Stage.REPLAY_FORWARD]), sum(replay.calls[Stage.REPLAY_BACKWARD])
+    checks = sum(v["calls"] for v in summary.stages.values()) if summary else 0
+    return {"replay_forward": fwd, "replay_backward": bwd, "checks": checks}
+
+
+def _verdict(cfg: CheckRunConfig, report: dict, check_error: str | None) -> tuple[str, str]:
+    rcfg, counts = cfg.replay, report["counts"]
+    if check_error:
+        return "fail", check_error
+    if counts["replay_forward"] == 0 or counts["replay_backward"] == 0:
+        return "fail", f"replay did not run in both stages: {counts}"
+    if rcfg.check_enabled and counts["checks"] == 0:
+        return "fail", "the check was enabled but checked no router call"
+    mismatch = report["with_replay"]["routing_mismatch"]
+    if rcfg.kind is ReplayKind.R3 and mismatch > rcfg.threshold:
+        return "fail", f"with R3 the training routing still differs from the rollout's: {mismatch:.4f} > {rcfg.threshold}"
+    return "pass", "replay ran in forward and recompute" + (" and the check passed" if rcfg.check_enabled else "")
+
+
+def _finish(cfg: CheckRunConfig, report: dict) -> dict:
+    report = json.loads(json.dumps(report, default=_jsonable))
+    if cfg.report:
+        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.report).write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("r3rl check: verdict=%s reason=%s report=%s", report["verdict"], report.get("reason"), cfg.report)
+    return report
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, RoutingTrace):
+        return None
+    return str(x)

@@ -1,0 +1,140 @@
+import base64
+
+import numpy as np
+import pytest
+import torch
+
+from r3rl.trace import ReplayBatch, RoutingTrace, TraceError, compact_dtype, layout_packed, layout_padded
+
+
+def _random_trace(rows=7, layers=3, k=4, experts=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(rows)])
+    return RoutingTrace.from_ids(ids, experts)
+
+
+def test_compact_dtype_is_one_byte_below_255_experts():
+    assert compact_dtype(128) == np.uint8 and compact_dtype(254) == np.uint8
+    assert compact_dtype(255) == np.int16 and compact_dtype(1024) == np.int16
+    t = _random_trace(experts=128)
+    assert t.nbytes == t.num_rows * t.num_layers * t.top_k  # 1 byte per (row, layer, k)
+
+
+@pytest.mark.parametrize("experts", [16, 300])
+def test_codecs_round_trip(experts):
+    t = _random_trace(experts=experts)
+    ids = t.expert_ids.astype(np.int64)
+    ids[2, 1, 3] = -1  # a pad slot survives every codec
+    t = RoutingTrace.from_ids(ids, experts)
+    assert t.pad_mask()[2, 1, 3]
+    s = RoutingTrace.from_sglang(t.to_sglang(), num_layers=3, top_k=4, num_experts=experts, num_tokens=8)
+    np.testing.assert_array_equal(s.expert_ids, t.expert_ids)
+    prompt, gen = t.to_vllm(num_prompt_tokens=3)
+    assert prompt.dtype == np.int16 and prompt.shape == (3, 3, 4) and gen.shape == (4, 3, 4)
+    v = RoutingTrace.from_vllm(prompt, gen, num_experts=experts)
+    np.testing.assert_array_equal(v.expert_ids, t.expert_ids)
+    b = RoutingTrace.from_bytes(t.to_bytes())
+    np.testing.assert_array_equal(b.expert_ids, t.expert_ids)
+    assert b.expert_ids.dtype == t.expert_ids.dtype
+
+
+def test_sglang_wire_format_is_little_endian_int32():
+    t = _random_trace(rows=2, layers=1, k=2)
+    raw = np.frombuffer(base64.b64decode(t.to_sglang()), dtype="<i4")
+    np.testing.assert_array_equal(raw, t.expert_ids.reshape(-1).astype(np.int32))
+
+
+def test_rejects_wrong_row_count():
+    t = _random_trace(rows=7)
+    with pytest.raises(TraceError, match=r"got=7, expected=9 \(tokens=10"):
+        t.validate(num_tokens=10, sample=3)
+    with pytest.raises(TraceError, match=r"element count does not match sample tokens \(sample 5\): got=84, expected=36"):
+        RoutingTrace.from_sglang(t.to_sglang(), num_layers=3, top_k=4, num_experts=16, num_tokens=4, sample=5)
+
+
+def test_rejects_wrong_layers_and_topk():
+    t = _random_trace()
+    with pytest.raises(TraceError, match="num_layers mismatch.*got=3, expected=4"):
+        t.validate(num_layers=4)
+    with pytest.raises(TraceError, match="top_k mismatch.*got=4, expected=8"):
+        t.validate(top_k=8)
+    with pytest.raises(TraceError, match="not a whole number of rows"):
+        RoutingTrace.from_sglang(base64.b64encode(b"\x00" * 20), num_layers=3, top_k=4, num_experts=16)
+
+
+def test_rejects_out_of_range_ids():
+    ids = _random_trace().expert_ids.astype(np.int64)
+    ids[4, 2, 1] = 16
+    with pytest.raises(TraceError, match=r"out of range \[0, 16\) \(sample 2\): got=16 at row=4 layer=2 slot=1"):
+        RoutingTrace.from_ids(ids, 16, sample=2)
+    ids[4, 2, 1] = -7
+    with pytest.raises(TraceError, match="got=-7"):
+        RoutingTrace.from_ids(ids, 16)
+
+
+def test_rejects_duplicates_in_a_row():
+    ids = _random_trace().expert_ids.astype(np.int64)
+    ids[1, 0, :2] = 5
+    with pytest.raises(TraceError, match="duplicate expert.*expert=5 appears twice at row=1 layer=0"):
+        RoutingTrace.from_ids(ids, 16)
+
+
+def test_two_pads_in_a_row_are_not_duplicates():
+    ids = _random_trace().expert_ids.astype(np.int64)
+    ids[1, 0, :2] = -1
+    RoutingTrace.from_ids(ids, 16)
+
+
+def test_rejects_undecodable_base64():
+    with pytest.raises(TraceError, match="not valid base64 \\(sample 1\\)"):
+        RoutingTrace.from_sglang("@@not base64@@", num_layers=3, top_k=4, num_experts=16, sample=1)
+
+
+def test_rejects_corrupt_compact_bytes():
+    data = _random_trace().to_bytes()
+    with pytest.raises(TraceError, match="size mismatch"):
+        RoutingTrace.from_bytes(data[:-1])
+    with pytest.raises(TraceError, match="not a compact trace"):
+        RoutingTrace.from_bytes(b"XXXX" + data[4:])
+
+
+def test_truncate_and_append():
+    t = _random_trace(rows=7)
+    head = t.truncate(4)
+    assert head.num_rows == 3
+    both = head.append(RoutingTrace(t.expert_ids[3:], 16))
+    np.testing.assert_array_equal(both.expert_ids, t.expert_ids)
+    with pytest.raises(TraceError, match="different models"):
+        t.append(_random_trace(layers=2))
+    with pytest.raises(TraceError, match="cannot truncate"):
+        t.truncate(20)
+
+
+def test_layout_padded_places_rows_and_pads():
+    a, b = _random_trace(rows=3, seed=1), _random_trace(rows=5, seed=2)
+    batch = layout_padded([a, b], seq_len=6)
+    ids = batch.expert_ids.view(2, 6, 3, 4)
+    assert batch.has_pad and batch.pad_value == 255
+    np.testing.assert_array_equal(ids[0, :3].numpy(), a.expert_ids)
+    assert (ids[0, 3:] == 255).all() and (ids[1, 5] == 255).all()
+    left = layout_padded([a], seq_len=6, left_pad=[2]).expert_ids.view(6, 3, 4)
+    assert (left[:2] == 255).all()
+    np.testing.assert_array_equal(left[2:5].numpy(), a.expert_ids)
+    with pytest.raises(TraceError, match="does not fit the padded forward \\(sample 0\\)"):
+        layout_padded([b], seq_len=4)
+
+
+def test_layout_packed_and_narrow():
+    a, b = _random_trace(rows=3, seed=1), _random_trace(rows=5, seed=2)
+    batch = layout_packed([a, b], lengths=[4, 6])
+    assert batch.num_tokens == 10
+    np.testing.assert_array_equal(batch.expert_ids[4:9].numpy(), b.expert_ids)
+    assert (batch.expert_ids[3] == 255).all()
+    assert isinstance(batch.narrow(4, 6), ReplayBatch) and batch.narrow(4, 6).num_tokens == 6
+    with pytest.raises(TraceError, match="sample 1.*got=5, expected=6"):
+        layout_packed([a, b], lengths=[4, 7])
+
+
+def test_replay_batch_from_tensor():
+    batch = ReplayBatch.from_tensor(torch.zeros(4, 2, 3, dtype=torch.uint8), num_experts=8)
+    assert batch.expert_ids.dtype == torch.int64 and not batch.has_pad
