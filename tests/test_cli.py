@@ -1,0 +1,94 @@
+"""`r3rl check` and `r3rl init-model` as a user runs them: real subprocesses, real files, exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from r3rl.models import find_routers
+
+SMALL = ["--batch-size", "4", "--prompt-len", "8", "--response-len", "12", "--device", "cpu"]
+REPORT_KEYS = {"verdict", "threshold", "counts", "tokens_checked", "layers", "without_replay", "with_replay"}
+
+
+def r3rl(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "r3rl.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def _report(tmp_path, *flags):
+    path = tmp_path / "report.json"
+    proc = r3rl("check", *SMALL, "--report", str(path), *flags)
+    return proc, json.loads(path.read_text())
+
+
+def test_check_passes_with_r3_and_writes_the_report(tmp_path):
+    proc, rep = _report(tmp_path, "--use-rollout-routing-replay", "--enable-r3-correctness-check")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert REPORT_KEYS <= rep.keys() and rep["verdict"] == "pass"
+    assert rep["counts"]["replay_forward"] > 0 and rep["counts"]["replay_backward"] > 0
+    assert rep["counts"]["checks"] == rep["counts"]["replay_forward"] + rep["counts"]["replay_backward"]
+    assert len(rep["layers"]) == 4 and all(layer["zero_overlap"] == 0 for layer in rep["layers"])
+    assert set(rep["layers"][0]) == {"layer", "tokens", "zero_overlap", "exact_match", "mean_overlap"}
+    assert rep["with_replay"]["routing_mismatch"] == 0.0
+    assert set(rep["without_replay"]) == {"routing_mismatch", "mean_abs_logprob_diff", "k3_kl"}
+    assert "R3 wrapper: replay_backward branch taken (rank 0, n_tokens=80, topk=4" in proc.stderr
+    assert "R3 check (rank 0, stage replay_forward): n_tokens=" in proc.stderr
+
+
+@pytest.mark.parametrize("fault", ["shift", "permute-layers"])
+def test_check_fails_with_injected_fault(tmp_path, fault):
+    proc, rep = _report(tmp_path, "--use-rollout-routing-replay", "--enable-r3-correctness-check",
+                        "--inject-fault", fault)
+    assert proc.returncode == 1
+    assert rep["verdict"] == "fail" and rep["reason"].startswith("R3 mismatch tokens (")
+    assert sum(layer["zero_overlap"] for layer in rep["layers"]) > 0
+    assert "R3 mismatch (rank 0" in proc.stderr  # offending tokens shown before the failure
+
+
+def test_fault_fails_even_without_the_check(tmp_path):
+    proc, rep = _report(tmp_path, "--use-rollout-routing-replay", "--inject-fault", "shift")
+    assert proc.returncode == 1 and rep["counts"]["checks"] == 0
+    assert "still differs from the rollout" in rep["reason"]
+    assert "R3 wrapper" not in proc.stderr  # evidence is silent while the check is off
+
+
+def test_ci_test_enables_check_and_r2_runs(tmp_path):
+    proc, rep = _report(tmp_path, "--use-routing-replay", "--ci-test")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rep["replay_mode"] == "r2" and rep["check_enabled"] and rep["counts"]["checks"] > 0
+    assert "R3 check (rank 0, stage replay_backward)" in proc.stderr
+
+
+def test_check_without_replay_mode_warns_and_fails(tmp_path):
+    proc, rep = _report(tmp_path, "--enable-r3-correctness-check")
+    assert proc.returncode == 1 and rep["verdict"] == "fail" and rep["with_replay"] is None
+    assert proc.stderr.count("--enable-r3-correctness-check has no effect") == 1
+
+
+def test_bad_flags_are_named(tmp_path):
+    proc = r3rl("check", "--batch-size", "0", "--use-rollout-routing-replay")
+    assert proc.returncode != 0 and "batch_size must be positive: got 0" in proc.stderr
+    proc = r3rl("check", "--use-rollout-routing-replay", "--r3-check-threshold", "3")
+    assert proc.returncode != 0 and "got 3.0" in proc.stderr
+
+
+def test_init_model_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "tiny"
+    proc = r3rl("init-model", "--preset", "tiny-mixtral", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("héllo")["input_ids"]
+    assert tok.decode(ids) == "héllo" and max(ids) < model.config.vocab_size
+    sites = find_routers(model)
+    assert len(sites) == 4 and sites[0].num_experts == 8 and sites[0].top_k == 2
+    # peaked router init: logits have std ~2, not HF's ~0.02 * sqrt(hidden)
+    h = torch.randn(256, model.config.hidden_size)
+    assert 1.0 < (h @ sites[0].router.weight.T).std() < 4.0
+    proc = r3rl("check", *SMALL, "--model", str(out), "--use-rollout-routing-replay", "--ci-test")
+    assert proc.returncode == 0, proc.stderr[-2000:]
