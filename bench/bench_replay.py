@@ -1,0 +1,135 @@
+"""Replay and check overhead: forward+backward step time for plain, replay and replay+check, side by side.
+
+    python bench/bench_replay.py --preset probe-qwen3-moe --batch 32 --seq 192 --out $OUT/replay.json   # GPU
+    python bench/bench_replay.py --preset tiny-qwen3-moe --batch 4 --seq 32 --device cpu              # smoke
+
+One process, one model, one batch. The three modes are timed in interleaved rounds (plain, replay, replay+check,
+plain, ...) so clock and thermal drift hit all of them alike; each number is a median. The step is a training
+micro-batch: forward with activation checkpointing (so routers run twice: forward and recompute), a
+policy-gradient-shaped loss, backward. The replayed trace is the model's own routing, so every mode sends the same
+tokens to the same experts and only the routing code differs. replay+check includes the check's once-per-step
+`summary()` (its one host sync).
+
+Targets (issue 2): replay <= 1.02x plain, replay+check <= 1.05x plain. Also prints trace bytes per token vs
+SGLang's int32 wire format (target: 1 byte per layer per k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from r3rl.check import ReplayCheck
+from r3rl.models.loading import set_activation_checkpointing
+from r3rl.models.presets import make_model
+from r3rl.replay import RoutingReplay
+from r3rl.trace import RoutingTrace
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="probe-qwen3-moe")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=192)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    logging.getLogger("r3rl").setLevel(logging.WARNING)  # evidence lines would flood the bench output
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = make_model(args.preset, device=device, dtype=dtype).train()
+    set_activation_checkpointing(model, True)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, 256, (args.batch, args.seq), generator=g).to(device)
+
+    replay = RoutingReplay(model)
+    with torch.no_grad(), replay.record() as rec:
+        model(tokens)
+    batch = rec.batch()
+    num_layers, top_k, num_experts = replay.num_layers, replay.top_k, replay.num_experts
+    replay.close()
+
+    def step_plain():
+        _step(model, tokens)
+
+    r_replay = RoutingReplay(model)
+
+    def step_replay():
+        with r_replay.replay(batch):
+            _step(model, tokens)
+
+    check = ReplayCheck(num_layers, top_k, device=device)
+
+    def step_check():
+        with r_replay.replay(batch):
+            _step(model, tokens)
+        check.summary()
+
+    modes = {"plain": step_plain, "replay": step_replay, "replay+check": step_check}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(args.warmup + args.rounds):
+        for name, fn in modes.items():
+            if name == "plain":
+                r_replay.close()
+            elif not r_replay._patched:
+                r_replay = RoutingReplay(model)
+            r_replay.check = check if name == "replay+check" else None
+            t = _timed(fn, device)
+            if i >= args.warmup:
+                times[name].append(t)
+    r_replay.close()
+
+    med = {m: statistics.median(v) for m, v in times.items()}
+    spread = {m: (min(v), max(v)) for m, v in times.items()}
+    trace = RoutingTrace.from_ids(batch.expert_ids[: args.seq - 1].view(args.seq - 1, num_layers, top_k).cpu(),
+                                  num_experts)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
+        "activation_checkpointing": True,
+        "median_ms": {m: 1e3 * v for m, v in med.items()},
+        "min_max_ms": {m: [1e3 * a, 1e3 * b] for m, (a, b) in spread.items()},
+        "ratio_vs_plain": {m: med[m] / med["plain"] for m in med},
+        "trace_bytes_per_token": trace.nbytes / trace.num_rows,
+        "sglang_int32_bytes_per_token": num_layers * top_k * 4,
+        "trace_bytes_per_layer_per_k": trace.nbytes / (trace.num_rows * num_layers * top_k),
+    }
+    print(json.dumps(result, indent=2))
+    print(f"\n| mode | median step (ms) | ratio vs plain | min-max (ms) |\n|---|---|---|---|")
+    for m in modes:
+        lo, hi = result["min_max_ms"][m]
+        print(f"| {m} | {result['median_ms'][m]:.1f} | {result['ratio_vs_plain'][m]:.3f} | {lo:.1f}-{hi:.1f} |")
+    print(f"\ntrace: {result['trace_bytes_per_token']:.0f} B/token ({result['trace_bytes_per_layer_per_k']:.0f} B per "
+          f"layer per k) vs SGLang int32 {result['sglang_int32_bytes_per_token']} B/token")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def _step(model, tokens) -> None:
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])
+    (-logp.mean()).backward()
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
