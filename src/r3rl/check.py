@@ -97,14 +97,14 @@ class ReplayCheck:
         top_k: int,
         *,
         threshold: float = DEFAULT_THRESHOLD,
-        rank: int = 0,
+        rank: int | None = None,
         device: torch.device | str = "cpu",
         max_examples: int = 5,
     ) -> None:
         self.num_layers = num_layers
         self.top_k = top_k
         self.threshold = threshold
-        self.rank = rank
+        self.rank = _default_rank() if rank is None else rank
         self.max_examples = max_examples
         self.counters = torch.zeros(len(Stage), num_layers, 5, dtype=torch.float64, device=device)
         self.calls = [[0] * num_layers for _ in Stage]  # host-side: known without a sync
@@ -227,6 +227,12 @@ class ReplayCheck:
                     t, rows,
                 )
                 shown += 1
+
+
+def _default_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 def _stage_index(stage: Stage) -> int:

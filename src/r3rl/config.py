@@ -84,7 +84,8 @@ class CheckRunConfig:
     preset: str = "tiny-qwen3-moe"
     """Preset used when `model` is None."""
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "bfloat16"
+    """Model precision for rollout and training (bf16: where near-tied router scores flip)."""
     batch_size: int = 8
     """Number of rollouts."""
     prompt_len: int = 16
