@@ -103,7 +103,7 @@ def main() -> None:
         "trace_bytes_per_layer_per_k": trace.nbytes / (trace.num_rows * num_layers * top_k),
     }
     print(json.dumps(result, indent=2))
-    print(f"\n| mode | median step (ms) | ratio vs plain | min-max (ms) |\n|---|---|---|---|")
+    print("\n| mode | median step (ms) | ratio vs plain | min-max (ms) |\n|---|---|---|---|")
     for m in modes:
         lo, hi = result["min_max_ms"][m]
         print(f"| {m} | {result['median_ms'][m]:.1f} | {result['ratio_vs_plain'][m]:.3f} | {lo:.1f}-{hi:.1f} |")

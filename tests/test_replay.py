@@ -176,9 +176,8 @@ def test_patches_are_undone_and_modes_do_not_nest(qwen3_model, tokens):
             pass
     replay.close()
     assert "forward" not in vars(router)
-    with pytest.raises(RoutingReplayError, match="closed"):
-        with replay.record():
-            pass
+    with pytest.raises(RoutingReplayError, match="closed"), replay.record():
+        pass
 
 
 def test_strict_mode_requires_every_layer_consumed(qwen3_model, tokens):

@@ -48,7 +48,8 @@ def test_rejects_wrong_row_count():
     t = _random_trace(rows=7)
     with pytest.raises(TraceError, match=r"got=7, expected=9 \(tokens=10"):
         t.validate(num_tokens=10, sample=3)
-    with pytest.raises(TraceError, match=r"element count does not match sample tokens \(sample 5\): got=84, expected=36"):
+    msg = r"element count does not match sample tokens \(sample 5\): got=84, expected=36"
+    with pytest.raises(TraceError, match=msg):
         RoutingTrace.from_sglang(t.to_sglang(), num_layers=3, top_k=4, num_experts=16, num_tokens=4, sample=5)
 
 

@@ -40,7 +40,7 @@ _NEIGHBOURS = 3
 _TOKENS, _ZERO, _EXACT, _OVERLAP, _IDX_SUM = range(5)
 
 
-class Stage(str, enum.Enum):
+class Stage(enum.StrEnum):
     REPLAY_FORWARD = "replay_forward"
     REPLAY_BACKWARD = "replay_backward"
 

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inject-fault", default="none", choices=["none", "shift", "permute-layers"],
                    help="negative control: corrupt the trace before replay (the check must fail)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default: the precision RL runs in) | float32 | float16")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (the precision RL runs in) | float32 | float16")
     p.add_argument("--batch-size", type=int, default=8, help="rollouts in the batch")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--response-len", type=int, default=32)

@@ -206,7 +206,8 @@ def _verdict(cfg: CheckRunConfig, report: dict, check_error: str | None) -> tupl
         return "fail", "the check was enabled but checked no router call"
     mismatch = report["with_replay"]["routing_mismatch"]
     if rcfg.kind is ReplayKind.R3 and mismatch > rcfg.threshold:
-        return "fail", f"with R3 the training routing still differs from the rollout's: {mismatch:.4f} > {rcfg.threshold}"
+        return "fail", f"with R3 the training routing still differs from the rollout's: {mismatch:.4f} > " \
+            f"{rcfg.threshold}"
     return "pass", "replay ran in forward and recompute" + (" and the check passed" if rcfg.check_enabled else "")
 
 

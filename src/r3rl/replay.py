@@ -190,7 +190,9 @@ class RoutingReplay:
     def _patch(self) -> None:
         for site in self.sites:
             if "forward" in vars(site.router):
-                raise RoutingReplayError(f"router {site.name} is already patched (another RoutingReplay on this model?)")
+                raise RoutingReplayError(
+                    f"router {site.name} is already patched (another RoutingReplay on this model?)"
+                )
             site.router.forward = functools.partial(self._router_forward, site)
         self._patched = True
 

@@ -90,10 +90,10 @@ class RoutingTrace:
         is_pad = (wide == pad) | (wide == -1)  # -1 is the wire formats' pad
         bad = (~is_pad) & ((wide < 0) | (wide >= num_experts))
         if bad.any():
-            r, l, k = (int(x) for x in np.argwhere(bad)[0])
+            row, layer, slot = (int(x) for x in np.argwhere(bad)[0])
             raise TraceError(
-                f"expert id out of range [0, {num_experts}){where}: got={int(wide[r, l, k])} at row={r} layer={l} "
-                f"slot={k}"
+                f"expert id out of range [0, {num_experts}){where}: got={int(wide[row, layer, slot])} at row={row} "
+                f"layer={layer} slot={slot}"
             )
         compact = np.where(is_pad, pad, wide).astype(dtype)
         trace = cls(expert_ids=np.ascontiguousarray(compact), num_experts=num_experts)
@@ -263,10 +263,10 @@ class RoutingTrace:
         srt = np.sort(ids.astype(np.int32), axis=-1)
         dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != self.pad_value)
         if dup.any():
-            r, l, k = (int(x) for x in np.argwhere(dup)[0])
+            row, layer, slot = (int(x) for x in np.argwhere(dup)[0])
             raise TraceError(
-                f"duplicate expert in a trace row{where}: expert={int(srt[r, l, k])} appears twice at row={r} "
-                f"layer={l} (row={ids[r, l].tolist()})"
+                f"duplicate expert in a trace row{where}: expert={int(srt[row, layer, slot])} appears twice at "
+                f"row={row} layer={layer} (row={ids[row, layer].tolist()})"
             )
 
 
@@ -310,7 +310,9 @@ class ReplayBatch:
         return cls(expert_ids.long(), pad, pad_value is not None, num_experts)
 
 
-def layout_padded(traces: Sequence[RoutingTrace], seq_len: int, *, left_pad: Sequence[int] | None = None) -> ReplayBatch:
+def layout_padded(
+    traces: Sequence[RoutingTrace], seq_len: int, *, left_pad: Sequence[int] | None = None
+) -> ReplayBatch:
     """Lay out traces for a padded `[B, seq_len]` forward, flattened to `[B * seq_len, L, K]`.
 
     Sample b's row i lands at position `left_pad[b] + i`. Positions without a row (padding, and the last token of
@@ -372,6 +374,7 @@ def _common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:
         if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
             raise TraceError(
                 f"traces in one batch disagree (sample {b}): got (layers, top_k, experts)="
-                f"{(t.num_layers, t.top_k, t.num_experts)}, expected={(first.num_layers, first.top_k, first.num_experts)}"
+                f"{(t.num_layers, t.top_k, t.num_experts)}, "
+                f"expected={(first.num_layers, first.top_k, first.num_experts)}"
             )
     return first.num_layers, first.top_k, first.num_experts

@@ -34,7 +34,7 @@ def load_model(
     """Load a local checkpoint and fail early, naming the class, if r3rl cannot replay its routers."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {path}: pass a local HF checkpoint directory (see `r3rl init-model`)")
+        raise FileNotFoundError(f"no config.json in {path}: pass a local HF checkpoint dir (see `r3rl init-model`)")
     kwargs = {"dtype": resolve_dtype(dtype), "local_files_only": True}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
