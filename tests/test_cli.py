@@ -49,10 +49,16 @@ def test_check_fails_with_injected_fault(tmp_path, fault):
     assert "R3 mismatch (rank 0" in proc.stderr  # offending tokens shown before the failure
 
 
+def test_r2_negative_control_fails(tmp_path):
+    proc, rep = _report(tmp_path, "--use-routing-replay", "--inject-fault", "permute-layers")
+    assert proc.returncode == 1 and rep["verdict"] == "fail"
+    assert rep["replay_target_mismatch"] > 0.5 and "old-policy forward's" in rep["reason"]
+
+
 def test_fault_fails_even_without_the_check(tmp_path):
     proc, rep = _report(tmp_path, "--use-rollout-routing-replay", "--inject-fault", "shift")
     assert proc.returncode == 1 and rep["counts"]["checks"] == 0
-    assert "still differs from the rollout" in rep["reason"]
+    assert "still differs from the rollout's" in rep["reason"]
     assert "R3 wrapper" not in proc.stderr  # evidence is silent while the check is off
 
 
@@ -71,9 +77,11 @@ def test_check_without_replay_mode_warns_and_fails(tmp_path):
 
 def test_bad_flags_are_named(tmp_path):
     proc = r3rl("check", "--batch-size", "0", "--use-rollout-routing-replay")
-    assert proc.returncode != 0 and "batch_size must be positive: got 0" in proc.stderr
+    assert proc.returncode == 2 and "batch_size must be positive: got 0" in proc.stderr
     proc = r3rl("check", "--use-rollout-routing-replay", "--r3-check-threshold", "3")
-    assert proc.returncode != 0 and "got 3.0" in proc.stderr
+    assert proc.returncode == 2 and "got 3.0" in proc.stderr
+    proc = r3rl("check", "--use-rollout-routing-replay", "--dtype", "fp8")
+    assert proc.returncode == 2 and "unknown dtype 'fp8'" in proc.stderr
 
 
 def test_init_model_writes_a_loadable_checkpoint(tmp_path):

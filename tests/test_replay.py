@@ -132,6 +132,25 @@ def test_token_count_mismatch_names_layer_expected_actual(qwen3_model, tokens):
     replay.close()
 
 
+def test_replayed_router_call_never_syncs_to_host(qwen3_model, monkeypatch):
+    replay = RoutingReplay(qwen3_model, check=ReplayCheck(4, 4))
+    site = replay.sites[1]
+    hidden = torch.randn(12, 64)
+    ids = _foreign_batch(replay, 12).expert_ids.clone()
+    ids[::3, :, 1:] = 255
+    with replay.replay(ReplayBatch(ids, 255, True, replay.num_experts)):
+        def boom(*a, **k):
+            raise AssertionError("host sync in the replay hot path")
+
+        for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, boom)
+        logits, weights, used = site.router(hidden)
+        monkeypatch.undo()
+    assert used.shape == (12, 4) and (used.sort(-1).values.diff(dim=-1) != 0).all()
+    assert replay.check.summary(raise_on_fail=False).stages["replay_forward"]["calls"] == 1
+    replay.close()
+
+
 def test_pad_fill_takes_best_live_experts_without_duplicates():
     probs = torch.tensor([[0.05, 0.4, 0.3, 0.1, 0.15], [0.5, 0.2, 0.1, 0.1, 0.1]])
     ids = torch.tensor([[1, 255, 255], [4, 0, 255]])
@@ -203,3 +222,85 @@ def test_unknown_router_class_is_named():
         find_routers(model)
     with pytest.raises(UnsupportedRouterError, match="no MoE router found in Sequential"):
         find_routers(nn.Sequential(nn.Linear(8, 8)))
+
+
+def test_micro_batches_each_replay_their_own_rows(qwen3_model):
+    """Gradient accumulation over micro-batches sliced from one batch equals the full-batch replay."""
+    qwen3_model.train()
+    tokens = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(5))
+    replay = RoutingReplay(qwen3_model)
+    full = _foreign_batch(replay, tokens.numel(), seed=7)
+    with replay.replay(full):
+        _, ref_grads = _loss_and_grads(qwen3_model, tokens)
+    set_activation_checkpointing(qwen3_model, True)
+    qwen3_model.zero_grad(set_to_none=True)
+    for mb in range(2):
+        with replay.replay(full.narrow(mb * 20, 20)):
+            qwen3_model(tokens[2 * mb : 2 * mb + 2]).logits.float().logsumexp(-1).sum().div(40).backward()
+    set_activation_checkpointing(qwen3_model, False)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(dict(qwen3_model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    replay.close()
+
+
+def test_recompute_under_another_micro_batch_is_an_error(qwen3_model):
+    qwen3_model.train()
+    set_activation_checkpointing(qwen3_model, True)
+    tokens = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(5))
+    replay = RoutingReplay(qwen3_model)
+    full = _foreign_batch(replay, tokens.numel(), seed=7)
+    with replay.replay(full.narrow(0, 20)):
+        loss0 = qwen3_model(tokens[:2]).logits.sum()
+    with replay.replay(full.narrow(20, 20)):
+        loss1 = qwen3_model(tokens[2:]).logits.sum()
+        with pytest.raises(RoutingReplayError, match="has no matching forward under this replay batch"):
+            (loss0 + loss1).backward()  # micro-batch 0's recompute would replay micro-batch 1's rows
+    replay.close()
+
+
+def test_off_between_forward_and_backward_is_an_error_and_no_false_alarm_after(qwen3_model, tokens):
+    qwen3_model.train()
+    set_activation_checkpointing(qwen3_model, True)
+    replay = RoutingReplay(qwen3_model)
+    batch = _foreign_batch(replay, tokens.numel())
+    with replay.replay(batch):
+        loss = qwen3_model(tokens).logits.sum()
+    with replay.off():
+        qwen3_model(tokens)  # e.g. a reference forward
+        with pytest.raises(RoutingReplayError, match="ran after the replay\\(\\) context closed"):
+            loss.backward()
+    replay.new_step()
+    with replay.replay(batch):  # a correct step: backward inside the context
+        qwen3_model(tokens).logits.sum().backward()
+    qwen3_model(tokens).logits.sum().backward()  # then a plain checkpointed step: no false alarm
+    replay.close()
+
+
+def test_int16_trace_path_with_more_than_255_experts():
+    from r3rl.models.presets import make_model
+    from r3rl.trace import RoutingTrace, layout_padded
+
+    model = make_model("tiny-qwen3-moe", num_experts=300, num_experts_per_tok=4)
+    tokens = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with RoutingReplay(model) as replay:
+        with replay.record() as rec:
+            ref = model(tokens).logits
+        traces = rec.traces(lengths=[6, 6], seq_len=6)
+        assert traces[0].expert_ids.dtype.name == "int16" and traces[0].pad_value == -1
+        traces = [RoutingTrace.from_sglang(t.to_sglang(), num_layers=4, top_k=4, num_experts=300) for t in traces]
+        batch = layout_padded(traces, seq_len=6, lengths=[6, 6])
+        assert batch.pad_value == -1 and batch.expert_ids.dtype == torch.int16
+        with replay.replay(batch):
+            assert torch.equal(model(tokens).logits, ref)
+
+
+def test_router_subclass_keeps_its_adapter(qwen3_model):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    class SubclassedRouter(Qwen3MoeTopKRouter):  # what FSDP2 or a user subclass does
+        pass
+
+    router = SubclassedRouter(qwen3_model.config)
+    qwen3_model.model.layers[0].mlp.gate = router
+    sites = find_routers(qwen3_model)
+    assert sites[0].router is router and sites[0].adapter.family == "softmax-topk"

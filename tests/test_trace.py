@@ -38,10 +38,37 @@ def test_codecs_round_trip(experts):
     assert b.expert_ids.dtype == t.expert_ids.dtype
 
 
-def test_sglang_wire_format_is_little_endian_int32():
-    t = _random_trace(rows=2, layers=1, k=2)
+def test_sglang_wire_format_is_little_endian_int32_with_minus_one_pads():
+    ids = _random_trace(rows=2, layers=1, k=2).expert_ids.astype(np.int64)
+    ids[1, 0, 1] = -1
+    t = RoutingTrace.from_ids(ids, 16)
     raw = np.frombuffer(base64.b64decode(t.to_sglang()), dtype="<i4")
-    np.testing.assert_array_equal(raw, t.expert_ids.reshape(-1).astype(np.int32))
+    np.testing.assert_array_equal(raw, ids.reshape(-1))
+
+
+def test_255_is_an_expert_id_on_the_wire_not_a_pad():
+    ids = _random_trace().expert_ids.astype(np.int64)
+    ids[0, 0, 0] = 255
+    wire = base64.b64encode(ids.astype("<i4").tobytes())
+    with pytest.raises(TraceError, match="out of range \\[0, 16\\).*got=255 at row=0 layer=0 slot=0"):
+        RoutingTrace.from_sglang(wire, num_layers=3, top_k=4, num_experts=16)
+
+
+def test_sglang_dense_layer_columns_are_selected_away():
+    t = _random_trace(layers=3)
+    wide = np.zeros((t.num_rows, 5, 4), dtype="<i4")  # decoder layers 0..4; MoE at 0, 2, 4; dense columns are 0s
+    wide[:, [0, 2, 4]] = t.expert_ids
+    wire = base64.b64encode(wide.tobytes())
+    with pytest.raises(TraceError, match="duplicate expert"):
+        RoutingTrace.from_sglang(wire, num_layers=5, top_k=4, num_experts=16)
+    got = RoutingTrace.from_sglang(wire, num_layers=5, top_k=4, num_experts=16, layers=[0, 2, 4])
+    np.testing.assert_array_equal(got.expert_ids, t.expert_ids)
+    with pytest.raises(TraceError, match="out of range \\[0, 5\\).*got=\\[7\\]"):
+        RoutingTrace.from_sglang(wire, num_layers=5, top_k=4, num_experts=16, layers=[0, 7])
+    with pytest.raises(TraceError, match="must be positive"):
+        RoutingTrace.from_sglang(wire, num_layers=0, top_k=4, num_experts=16)
+    with pytest.raises(TraceError, match="must be a base64 string.*got int"):
+        RoutingTrace.from_sglang(5, num_layers=5, top_k=4, num_experts=16)
 
 
 def test_rejects_wrong_row_count():
@@ -122,7 +149,11 @@ def test_layout_padded_places_rows_and_pads():
     assert (left[:2] == 255).all()
     np.testing.assert_array_equal(left[2:5].numpy(), a.expert_ids)
     with pytest.raises(TraceError, match="does not fit the padded forward \\(sample 0\\)"):
-        layout_padded([b], seq_len=4)
+        layout_padded([b], seq_len=5)  # 6 tokens in 5 positions
+    with pytest.raises(TraceError, match="sample 1.*got=5, expected=4"):
+        layout_padded([a, b], seq_len=6, lengths=[4, 5])
+    with pytest.raises(TraceError, match="one left_pad entry per trace: got 1, expected 2"):
+        layout_padded([a, b], seq_len=6, left_pad=[0])
 
 
 def test_layout_packed_and_narrow():

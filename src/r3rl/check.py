@@ -13,7 +13,9 @@ MoE layer) that was replayed during the step and one check line per stage:
     R3 check (rank R, stage STAGE): n_tokens=N mismatch=M (P%)
 In the wrapper line N counts the tokens that layer's router replayed this step (over all its calls) and S sums
 the expert ids it replayed. In the check line N counts checked (token, layer) rows and M those with zero overlap.
-The forward and backward wrapper lines of a fully recomputed layer carry the same N and S.
+A forward and its activation recompute replay the same rows, so when every replayed forward of the step was
+recomputed the two stages' wrapper lines carry the same N and S (`r3rl check` also runs a no-grad replayed
+forward, which is never recomputed, so there the forward line counts twice as much).
 
 Tensor suffixes: T tokens, K top-k, S stages, L layers.
 """
@@ -36,8 +38,10 @@ DEFAULT_THRESHOLD = 1e-2
 THRESHOLD_ENV_VARS = ("R3RL_TEST_R3_THRESHOLD", "MILES_TEST_R3_THRESHOLD")
 _NEIGHBOURS = 3
 
-# Counter columns, one row per (stage, layer).
-_TOKENS, _ZERO, _EXACT, _OVERLAP, _IDX_SUM = range(5)
+# Counter columns, one row per (stage, layer): checked rows, zero-overlap rows, exact-set rows, summed overlap
+# fraction, summed replayed ids, router calls, replayed tokens.
+_TOKENS, _ZERO, _EXACT, _OVERLAP, _IDX_SUM, _CALLS, _REPLAYED = range(7)
+_NUM_COLUMNS = 7
 
 
 class Stage(enum.StrEnum):
@@ -106,10 +110,11 @@ class ReplayCheck:
         self.threshold = threshold
         self.rank = _default_rank() if rank is None else rank
         self.max_examples = max_examples
-        self.counters = torch.zeros(len(Stage), num_layers, 5, dtype=torch.float64, device=device)
-        self.calls = [[0] * num_layers for _ in Stage]  # host-side: known without a sync
-        self.replayed_tokens = [[0] * num_layers for _ in Stage]
-        self._last: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        # [stage, layer, column]; everything a summary needs, so one all_reduce makes it global.
+        self.counters = torch.zeros(len(Stage), num_layers, _NUM_COLUMNS, dtype=torch.float64, device=device)
+        self._offsets = torch.arange(-_NEIGHBOURS, _NEIGHBOURS + 1, device=device)
+        # Per call: up to `max_examples` zero-overlap rows and their neighbours, gathered on the device.
+        self._examples: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_summary: CheckSummary | None = None
 
     # --- hot path (device only, no sync) -------------------------------------------------------------------------
@@ -125,6 +130,7 @@ class ReplayCheck:
         s = _stage_index(stage)
         if self.counters.device != live_TK.device:
             self.counters = self.counters.to(live_TK.device)
+            self._offsets = self._offsets.to(live_TK.device)
         hit_TK = (replay_TK.unsqueeze(-1) == live_TK.unsqueeze(-2)).any(-1)  # replayed slot is in the live top-k
         if valid_TK is None:
             overlap_T = hit_TK.sum(-1)
@@ -141,10 +147,13 @@ class ReplayCheck:
             rows_T.sum().double(), zero_T.sum().double(), exact_T.sum().double(), (frac_T * rows_T).sum(),
             replay_TK.sum().double(),
         ])
-        self.counters[s, layer] += stats
-        self.calls[s][layer] += 1
-        self.replayed_tokens[s][layer] += replay_TK.shape[0]
-        self._last[(s, layer)] = (live_TK.detach(), replay_TK.detach(), zero_T.detach())
+        self.counters[s, layer, :_CALLS] += stats
+        self.counters[s, layer, _CALLS] += 1
+        self.counters[s, layer, _REPLAYED] += replay_TK.shape[0]
+        if self.max_examples and replay_TK.shape[0]:
+            bad_E = torch.nonzero_static(zero_T, size=self.max_examples, fill_value=-1).squeeze(-1)
+            pos_EN = (bad_E.clamp_min(0).unsqueeze(-1) + self._offsets).clamp(0, replay_TK.shape[0] - 1)
+            self._examples.append((s, layer, bad_E, pos_EN, live_TK[pos_EN], replay_TK[pos_EN]))
 
     # --- once per step ---------------------------------------------------------------------------------------------
     def summary(self, *, raise_on_fail: bool = True) -> CheckSummary:
@@ -153,13 +162,13 @@ class ReplayCheck:
         stages: dict[str, dict[str, int]] = {}
         for stage in Stage:
             s = _stage_index(stage)
-            if not any(self.calls[s]):
+            if not counts[s, :, _CALLS].any():
                 continue
             for layer in range(self.num_layers):
-                if self.calls[s][layer]:
+                if counts[s, layer, _CALLS]:
                     evidence_logger.info(
                         "R3 wrapper: %s branch taken (rank %d, n_tokens=%d, topk=%d, replay_idx_sum=%d)",
-                        stage.value, self.rank, self.replayed_tokens[s][layer], self.top_k,
+                        stage.value, self.rank, int(counts[s, layer, _REPLAYED]), self.top_k,
                         int(counts[s, layer, _IDX_SUM]),
                     )
             tokens = int(counts[s, :, _TOKENS].sum())
@@ -168,7 +177,7 @@ class ReplayCheck:
                 "R3 check (rank %d, stage %s): n_tokens=%d mismatch=%d (%.2f%%)",
                 self.rank, stage.value, tokens, zero, 100.0 * zero / max(tokens, 1),
             )
-            stages[stage.value] = {"tokens": tokens, "zero_overlap": zero, "calls": sum(self.calls[s])}
+            stages[stage.value] = {"tokens": tokens, "zero_overlap": zero, "calls": int(counts[s, :, _CALLS].sum())}
 
         per_layer = counts.sum(0)
         layers = [
@@ -179,54 +188,55 @@ class ReplayCheck:
             )
             for i in range(self.num_layers)
         ]
-        tokens_checked = sum(v["tokens"] for v in stages.values())
-        zero_total = sum(v["zero_overlap"] for v in stages.values())
-        failing = [st for st, v in stages.items() if v["zero_overlap"] > self.threshold * v["tokens"]]
+        # The verdict is per stage: a recompute that diverged must not hide behind a clean forward.
+        failing = {st: v for st, v in stages.items() if v["zero_overlap"] > self.threshold * v["tokens"]}
         summary = CheckSummary(
-            rank=self.rank, threshold=self.threshold, tokens_checked=tokens_checked, zero_overlap=zero_total,
+            rank=self.rank, threshold=self.threshold,
+            tokens_checked=sum(v["tokens"] for v in stages.values()),
+            zero_overlap=sum(v["zero_overlap"] for v in stages.values()),
             passed=not failing, stages=stages, layers=layers,
         )
-        last = self._last
+        examples = self._examples
         self._reset()
         self.last_summary = summary
         if failing:
-            self._warn_examples(last)
+            self._warn_examples(examples)
             if raise_on_fail:
+                worst = max(failing.values(), key=lambda v: v["zero_overlap"] / max(v["tokens"], 1))
                 raise AssertionError(
-                    f"R3 mismatch tokens ({zero_total}) > threshold ({self.threshold * tokens_checked:.2f})"
+                    f"R3 mismatch tokens ({worst['zero_overlap']}) > threshold ({self.threshold * worst['tokens']:.2f})"
                 )
         return summary
 
     def all_reduce(self) -> None:
-        """Sum the device counters over ranks (call before `summary()` on rank 0 for a global verdict)."""
+        """Sum the counters over ranks (every rank calls it before `summary()` for a global verdict)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.counters)
 
     # --- private -----------------------------------------------------------------------------------------------
     def _reset(self) -> None:
         self.counters.zero_()
-        self.calls = [[0] * self.num_layers for _ in Stage]
-        self.replayed_tokens = [[0] * self.num_layers for _ in Stage]
-        self._last = {}
+        self._examples = []
 
-    def _warn_examples(self, last: dict) -> None:
+    def _warn_examples(self, examples: list) -> None:
         shown = 0
-        for (s, layer), (live_TK, replay_TK, zero_T) in sorted(last.items()):
-            bad = torch.nonzero(zero_T).flatten().tolist()
-            for t in bad:
-                if shown >= self.max_examples:
-                    return
-                lo, hi = max(0, t - _NEIGHBOURS), min(len(zero_T), t + _NEIGHBOURS + 1)
+        for s, layer, bad_E, pos_EN, live_ENK, replay_ENK in examples:
+            for e, t in enumerate(bad_E.tolist()):
+                if t < 0 or shown >= self.max_examples:
+                    break
                 rows = "; ".join(
-                    f"{'>' if i == t else ' '}tok {i}: orig={sorted(live_TK[i].tolist())} "
-                    f"replay={sorted(replay_TK[i].tolist())}"
-                    for i in range(lo, hi)
+                    f"{'>' if p == t else ' '}tok {p}: orig={sorted(live_ENK[e, n].tolist())} "
+                    f"replay={sorted(replay_ENK[e, n].tolist())}"
+                    for n, p in enumerate(pos_EN[e].tolist())
+                    if n == 0 or p != pos_EN[e, n - 1]  # clamped neighbours at the edges repeat
                 )
                 logger.warning(
                     "R3 mismatch (rank %d, stage %s, layer %d, token %d): %s", self.rank, list(Stage)[s].value, layer,
                     t, rows,
                 )
                 shown += 1
+            if shown >= self.max_examples:
+                return
 
 
 def _default_rank() -> int:

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if args.command == "init-model":
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.preset} to {out}")
         return 0
     if args.command == "check":
-        return _check(args)
+        try:
+            cfg = _check_config(args)
+        except ValueError as e:  # bad flag values: argparse's exit code 2, not the verdict's 1
+            parser.error(str(e))
+        return _check(cfg)
     if args.command == "serve":
         from r3rl.rollout.server import serve_main
 
@@ -103,18 +108,22 @@ def replay_config_from_args(args: argparse.Namespace):
     )
 
 
-def _check(args: argparse.Namespace) -> int:
+def _check_config(args: argparse.Namespace):
     from r3rl.config import CheckRunConfig, Fault
-    from r3rl.e2e import run_check
 
-    cfg = CheckRunConfig(
+    return CheckRunConfig(
         replay=replay_config_from_args(args), model=args.model, preset=args.preset, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, report=args.report, inject_fault=Fault(args.inject_fault),
     )
+
+
+def _check(cfg) -> int:
+    from r3rl.e2e import run_check
+
     report = run_check(cfg)
     brief = {k: report.get(k) for k in ("verdict", "reason", "counts", "tokens_checked", "without_replay",
-                                         "with_replay")}
+                                         "with_replay", "replay_target_mismatch")}
     import json
 
     print(json.dumps(brief, indent=2))

@@ -101,5 +101,8 @@ class CheckRunConfig:
         for name in ("batch_size", "prompt_len", "response_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive: got {getattr(self, name)}")
+        from r3rl.models.loading import resolve_dtype
+
+        resolve_dtype(self.dtype)  # raises ValueError naming the choices
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampled rollouts: got {self.temperature}")

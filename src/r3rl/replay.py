@@ -108,12 +108,15 @@ class RoutingReplay:
         self.num_layers = len(self.sites)
         self.top_k = self.sites[0].top_k
         self.num_experts = self.sites[0].num_experts
+        self.decoder_layers = [site.decoder_layer for site in self.sites]  # for SGLang traces with dense layers
         self._mode = ReplayMode.OFF
         self._batch: ReplayBatch | None = None
         self._recording: Recording | None = None
         self.calls: dict[Stage, list[int]] = {s: [0] * self.num_layers for s in Stage}
         self._patched = False
-        self._replayed_with_grad = False  # a grad-enabled replay forward ran; its recompute must run under replay too
+        # Grad-enabled replayed forward calls per layer whose activation recompute may still come (non-reentrant
+        # checkpointing recomputes during backward). A recompute must run under the same replay batch.
+        self._pending_recompute = [0] * self.num_layers
         self._patch()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
@@ -161,6 +164,7 @@ class RoutingReplay:
         device = self.sites[0].router.weight.device
         before = {s: list(c) for s, c in self.calls.items()}
         with self._in_mode(ReplayMode.REPLAY):
+            self._pending_recompute = [0] * self.num_layers  # a new batch: earlier forwards cannot recompute here
             self._batch = batch.to(device)
             try:
                 yield
@@ -170,8 +174,9 @@ class RoutingReplay:
             self._check_consumption(before)
 
     def new_step(self) -> None:
-        """Reset the per-step call counters (the check keeps its own and resets in `summary()`)."""
+        """Reset the per-step counters (the check keeps its own and resets in `summary()`)."""
         self.calls = {s: [0] * self.num_layers for s in Stage}
+        self._pending_recompute = [0] * self.num_layers
 
     # --- private ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -181,7 +186,6 @@ class RoutingReplay:
         if self._mode is not ReplayMode.OFF and mode is not ReplayMode.OFF:
             raise RoutingReplayError(f"cannot enter {mode.value} inside {self._mode.value}: modes do not nest")
         prev, self._mode = self._mode, mode
-        self._replayed_with_grad = False
         try:
             yield
         finally:
@@ -191,7 +195,8 @@ class RoutingReplay:
         for site in self.sites:
             if "forward" in vars(site.router):
                 raise RoutingReplayError(
-                    f"router {site.name} is already patched (another RoutingReplay on this model?)"
+                    f"router {site.name} is already patched: another RoutingReplay is attached to this model, or the "
+                    "model was deep-copied while one was (copy models before attaching, or close() first)"
                 )
             site.router.forward = functools.partial(self._router_forward, site)
         self._patched = True
@@ -199,14 +204,10 @@ class RoutingReplay:
     def _router_forward(self, site: RouterSite, hidden: torch.Tensor):
         mode = self._mode
         if mode is ReplayMode.OFF:
-            if self._replayed_with_grad and current_stage() is Stage.REPLAY_BACKWARD:
-                raise RoutingReplayError(
-                    f"activation-checkpoint recompute at MoE layer {site.layer} ({site.name}) ran after the replay() "
-                    "context closed, so it would route live instead of replaying: call backward() inside "
-                    "`with replay.replay(batch):` (or wrap a later unrelated forward in `with replay.off():`)"
-                )
+            self._no_pending_recompute(site, "after the replay() context closed")
             return type(site.router).forward(site.router, hidden)
         if mode is ReplayMode.RECORD:
+            self._no_pending_recompute(site, "inside record()")
             out = type(site.router).forward(site.router, hidden)
             if current_stage() is Stage.REPLAY_FORWARD:  # a recompute in backward must not record twice
                 self._recording.ids_per_layer[site.layer].append(out[2].detach())
@@ -224,8 +225,18 @@ class RoutingReplay:
             )
         stage = current_stage()
         self.calls[stage][layer] += 1
-        if stage is Stage.REPLAY_FORWARD and torch.is_grad_enabled():
-            self._replayed_with_grad = True
+        if stage is Stage.REPLAY_BACKWARD:
+            if self._pending_recompute[layer] == 0:
+                raise RoutingReplayError(
+                    f"activation-checkpoint recompute at MoE layer {layer} ({site.name}) has no matching forward under "
+                    "this replay batch: it recomputes a forward that ran under another replay() context (e.g. a "
+                    "previous micro-batch), so it would replay the wrong routing. Call backward() inside the replay() "
+                    "context of each micro-batch. (Reentrant checkpointing, use_reentrant=True, is not supported: its "
+                    "first pass runs without grad; transformers' default is non-reentrant.)"
+                )
+            self._pending_recompute[layer] -= 1
+        elif torch.is_grad_enabled():
+            self._pending_recompute[layer] += 1
         replay_TK = batch.expert_ids[:, layer, :]
         check = self.check
 
@@ -238,6 +249,14 @@ class RoutingReplay:
             return ids_TK
 
         return routed_forward(site, hidden, select)
+
+    def _no_pending_recompute(self, site: RouterSite, where: str) -> None:
+        if self._pending_recompute[site.layer] and current_stage() is Stage.REPLAY_BACKWARD:
+            raise RoutingReplayError(
+                f"activation-checkpoint recompute at MoE layer {site.layer} ({site.name}) ran {where}, so it would "
+                "route live instead of replaying the forward's experts: call backward() inside "
+                "`with replay.replay(batch):`"
+            )
 
     def _check_consumption(self, before: dict[Stage, list[int]]) -> None:
         fwd = [a - b for a, b in zip(self.calls[Stage.REPLAY_FORWARD], before[Stage.REPLAY_FORWARD], strict=True)]

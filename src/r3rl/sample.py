@@ -16,8 +16,9 @@ class Sample:
     response_ids: list[int]
     """Generated token ids (stop token included when generation stopped on one)."""
     rollout_logprobs: list[float]
-    """Log-prob of each response token under the rollout engine's sampling distribution before temperature/top-p
-    (the policy's log-prob at temperature 1 is what SGLang returns by default; see the rollout protocol docs)."""
+    """Log-prob of each response token under the policy itself: log-softmax of the raw logits, before temperature,
+    top-k and top-p (r3rl's engine always returns this; SGLang does with SGLANG_RETURN_ORIGINAL_LOGPROB=1, see
+    docs/protocol.md). It is the quantity the trainer's log-probs are compared with."""
     trace: RoutingTrace | None = None
     """Routing of `prompt_ids + response_ids`: `len(tokens) - 1` rows (None when routing was not requested)."""
     reward: float | None = None

@@ -77,7 +77,11 @@ class RoutingTrace:
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_ids(cls, ids, num_experts: int, *, sample: int | str | None = None) -> RoutingTrace:
-        """Validate and store ids (any integer array-like `[rows, layers, top_k]`; -1 or the compact pad = pad)."""
+        """Validate and store ids (integer array-like `[rows, layers, top_k]`).
+
+        -1 marks a pad slot. 255 is a pad only in an input that is already uint8 (the compact form); in any wider
+        integer input with fewer than 255 experts it is an out-of-range id.
+        """
         arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         where = _where(sample)
         if arr.ndim != 3:
@@ -87,7 +91,9 @@ class RoutingTrace:
         dtype = compact_dtype(num_experts)
         pad = pad_value_for(num_experts)
         wide = arr.astype(np.int64)
-        is_pad = (wide == pad) | (wide == -1)  # -1 is the wire formats' pad
+        is_pad = wide == -1  # the wire formats' pad
+        if arr.dtype == np.uint8:
+            is_pad |= wide == 255
         bad = (~is_pad) & ((wide < 0) | (wide >= num_experts))
         if bad.any():
             row, layer, slot = (int(x) for x in np.argwhere(bad)[0])
@@ -186,9 +192,20 @@ class RoutingTrace:
         top_k: int,
         num_experts: int,
         num_tokens: int | None = None,
+        layers: Sequence[int] | None = None,
         sample: int | str | None = None,
     ) -> RoutingTrace:
+        """Decode `meta_info["routed_experts"]`. `num_layers` is the wire's layer count.
+
+        SGLang's capturer has one column per decoder layer (`num_hidden_layers`), dense layers included. For a model
+        whose layers are not all MoE, pass `layers=` the decoder indices of its MoE layers
+        (`RoutingReplay.decoder_layers`) to keep only those columns, in the trace's MoE-layer order.
+        """
         where = _where(sample)
+        if num_layers <= 0 or top_k <= 0:
+            raise TraceError(f"num_layers and top_k must be positive{where}: got {num_layers}, {top_k}")
+        if not isinstance(data, str | bytes):
+            raise TraceError(f"routed_experts must be a base64 string{where}: got {type(data).__name__}")
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
@@ -206,7 +223,12 @@ class RoutingTrace:
                 f"expected={(num_tokens - 1) * num_layers * top_k} (tokens={num_tokens}, num_layers={num_layers}, "
                 f"topk={top_k})"
             )
-        return cls.from_ids(_int32_pad_to_compact(ids, num_experts), num_experts, sample=sample)
+        if layers is not None:
+            bad = [i for i in layers if not 0 <= i < num_layers]
+            if bad:
+                raise TraceError(f"MoE layer indices out of range [0, {num_layers}){where}: got={bad}")
+            ids = ids[:, list(layers)]
+        return cls.from_ids(ids, num_experts, sample=sample)
 
     def to_vllm(self, num_prompt_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """vLLM's (`prompt_routed_experts`, `routed_experts`): int16 rows of the prompt and of the generation."""
@@ -228,7 +250,7 @@ class RoutingTrace:
                 f"vLLM trace arrays must be [n, layers, top_k] with equal layers/top_k{_where(sample)}: "
                 f"got shapes={[p.shape for p in parts]}"
             )
-        return cls.from_ids(_int32_pad_to_compact(np.concatenate(parts), num_experts), num_experts, sample=sample)
+        return cls.from_ids(np.concatenate(parts), num_experts, sample=sample)
 
     def to_bytes(self) -> bytes:
         header = _HEADER.pack(
@@ -272,13 +294,15 @@ class RoutingTrace:
 
 @dataclass(frozen=True)
 class ReplayBatch:
-    """Replay input for one forward: int64 expert ids `[N, layers, top_k]` in the forward's token order.
+    """Replay input for one forward: expert ids `[N, layers, top_k]` in the forward's token order.
 
-    `has_pad` is computed on the host when the batch is built, so replay never syncs to ask whether it must fill
-    pad slots. `pad_value` marks slots with no replayed expert.
+    Layouts build it on the host in the compact dtype (uint8/int16, so the copy to the device is 1-2 bytes per id);
+    `to(device)` moves it once per forward, from pinned memory so that the copy does not sync, and widens it to
+    int64 on the device. `has_pad` is computed on the host when the batch is built, so replay never syncs to ask
+    whether it must fill pad slots. `pad_value` marks slots with no replayed expert (255 or -1).
     """
 
-    expert_ids: torch.Tensor  # [N, L, K] int64
+    expert_ids: torch.Tensor  # [N, L, K]
     pad_value: int
     has_pad: bool
     num_experts: int
@@ -296,11 +320,19 @@ class ReplayBatch:
         return self.expert_ids.shape[2]
 
     def to(self, device: torch.device | str) -> ReplayBatch:
-        return ReplayBatch(self.expert_ids.to(device, non_blocking=True), self.pad_value, self.has_pad,
-                           self.num_experts)
+        """int64 ids on `device` (no host sync: pinned, non-blocking copy, widened on the device)."""
+        ids = self.expert_ids
+        device = torch.device(device)
+        if ids.device != device:
+            if device.type == "cuda" and ids.device.type == "cpu" and not ids.is_pinned():
+                ids = ids.pin_memory()
+            ids = ids.to(device, non_blocking=True)
+        return ReplayBatch(ids.long(), self.pad_value, self.has_pad, self.num_experts)
 
     def narrow(self, start: int, length: int) -> ReplayBatch:
-        """Rows `[start, start + length)` (a micro-batch of a packed layout)."""
+        """Rows `[start, start + length)`: the micro-batch of a packed layout, or of a flattened padded one."""
+        if start < 0 or start + length > self.num_tokens:
+            raise TraceError(f"micro-batch rows [{start}, {start + length}) outside the batch of {self.num_tokens}")
         return ReplayBatch(self.expert_ids.narrow(0, start, length), self.pad_value, self.has_pad, self.num_experts)
 
     @classmethod
@@ -311,26 +343,36 @@ class ReplayBatch:
 
 
 def layout_padded(
-    traces: Sequence[RoutingTrace], seq_len: int, *, left_pad: Sequence[int] | None = None
+    traces: Sequence[RoutingTrace],
+    seq_len: int,
+    *,
+    lengths: Sequence[int] | None = None,
+    left_pad: Sequence[int] | None = None,
 ) -> ReplayBatch:
     """Lay out traces for a padded `[B, seq_len]` forward, flattened to `[B * seq_len, L, K]`.
 
     Sample b's row i lands at position `left_pad[b] + i`. Positions without a row (padding, and the last token of
-    each sample) are pad rows; replay lets the live router choose there.
+    each sample) are pad rows; replay lets the live router choose there. With `lengths` (tokens per sample), each
+    trace is validated against its sample: `rows == lengths[b] - 1`.
     """
     num_layers, top_k, num_experts = _common_shape(traces)
+    for name, seq in (("lengths", lengths), ("left_pad", left_pad)):
+        if seq is not None and len(seq) != len(traces):
+            raise TraceError(f"padded layout needs one {name} entry per trace: got {len(seq)}, expected {len(traces)}")
     pad = pad_value_for(num_experts)
-    out = np.full((len(traces), seq_len, num_layers, top_k), pad, dtype=np.int64)
+    out = np.full((len(traces), seq_len, num_layers, top_k), pad, dtype=compact_dtype(num_experts))
     for b, trace in enumerate(traces):
+        if lengths is not None:
+            trace.validate(num_tokens=lengths[b], sample=b)
         start = 0 if left_pad is None else left_pad[b]
-        if start + trace.num_rows > seq_len:
+        if start + trace.num_rows + 1 > seq_len:
             raise TraceError(
-                f"trace does not fit the padded forward (sample {b}): rows={trace.num_rows} + left_pad={start} > "
-                f"seq_len={seq_len}"
+                f"sample does not fit the padded forward (sample {b}): left_pad={start} + tokens={trace.num_rows + 1}"
+                f" > seq_len={seq_len}"
             )
-        out[b, start : start + trace.num_rows] = _widen(trace)
-    has_pad = any(t.num_rows + 0 < seq_len or bool(t.pad_mask().any()) for t in traces)
-    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, has_pad, num_experts)
+        out[b, start : start + trace.num_rows] = trace.expert_ids
+    # Every sample's last token has no row, so a padded layout always has pad rows.
+    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts)
 
 
 def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> ReplayBatch:
@@ -339,31 +381,18 @@ def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> Rep
     pad = pad_value_for(num_experts)
     if len(lengths) != len(traces):
         raise TraceError(f"packed layout needs one length per trace: got {len(lengths)} lengths, {len(traces)} traces")
+    dtype = compact_dtype(num_experts)
     chunks = []
     for b, (trace, n) in enumerate(zip(traces, lengths, strict=True)):
         trace.validate(num_tokens=n, sample=b)
-        chunks.append(_widen(trace))
-        chunks.append(np.full((1, num_layers, top_k), pad, dtype=np.int64))  # the last token has no row
-    ids = np.concatenate(chunks) if chunks else np.zeros((0, num_layers, top_k), dtype=np.int64)
-    return ReplayBatch(torch.from_numpy(ids), pad, True, num_experts)
+        chunks.append(trace.expert_ids)
+        chunks.append(np.full((1, num_layers, top_k), pad, dtype=dtype))  # the last token has no row
+    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts)
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
 def _where(sample: int | str | None) -> str:
     return "" if sample is None else f" (sample {sample})"
-
-
-def _widen(trace: RoutingTrace) -> np.ndarray:
-    wide = trace.expert_ids.astype(np.int64)
-    if trace.expert_ids.dtype == np.uint8:
-        wide[trace.pad_mask()] = 255
-    return wide
-
-
-def _int32_pad_to_compact(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """Wire formats pad with -1; map that onto the compact pad value before validation."""
-    wide = ids.astype(np.int64)
-    return np.where(wide == -1, pad_value_for(num_experts), wide)
 
 
 def _common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:

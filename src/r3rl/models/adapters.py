@@ -80,12 +80,14 @@ class RouterAdapter:
 
 @dataclass(frozen=True)
 class RouterSite:
-    """One router in a model: its MoE layer index (the trace's layer axis), module path, module and adapter."""
+    """One router in a model: its MoE layer index (the trace's layer axis), module path, module, adapter, and the
+    index of the decoder layer it sits in (differs from `layer` when some decoder layers are dense)."""
 
     layer: int
     name: str
     router: nn.Module
     adapter: RouterAdapter
+    decoder_layer: int | None = None
 
     @property
     def num_experts(self) -> int:
@@ -130,9 +132,14 @@ def register_adapter(router_cls: type, adapter: RouterAdapter) -> None:
 
 
 def adapter_for(router_cls: type) -> RouterAdapter | None:
-    if router_cls in _EXTRA:
-        return _EXTRA[router_cls]
-    return _KNOWN.get((router_cls.__module__, router_cls.__name__))
+    """The adapter of `router_cls` or of its nearest known base class (FSDP2 and user subclasses keep theirs)."""
+    for cls in router_cls.__mro__:
+        if cls in _EXTRA:
+            return _EXTRA[cls]
+        adapter = _KNOWN.get((cls.__module__, cls.__name__))
+        if adapter is not None:
+            return adapter
+    return None
 
 
 def find_routers(model: nn.Module) -> list[RouterSite]:
@@ -146,7 +153,9 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
         cls = type(module)
         adapter = adapter_for(cls)
         if adapter is not None:
-            sites.append(RouterSite(layer=len(sites), name=name, router=module, adapter=adapter))
+            m = re.search(r"layers\.(\d+)\.", name)
+            sites.append(RouterSite(layer=len(sites), name=name, router=module, adapter=adapter,
+                                    decoder_layer=int(m.group(1)) if m else None))
         elif _ROUTER_NAME.search(cls.__name__) or (_looks_like_router(module)):
             raise UnsupportedRouterError(
                 f"unsupported MoE router class {cls.__module__}.{cls.__name__} at '{name}' in "
@@ -170,7 +179,7 @@ def _looks_like_router(module: nn.Module) -> bool:
 
 
 def _check_layer_order(sites: list[RouterSite]) -> None:
-    layer_numbers = [int(m.group(1)) for s in sites if (m := re.search(r"layers\.(\d+)\.", s.name))]
+    layer_numbers = [s.decoder_layer for s in sites if s.decoder_layer is not None]
     if len(layer_numbers) == len(sites) and layer_numbers != sorted(layer_numbers):
         raise AssertionError(f"routers not discovered in layer order: {[s.name for s in sites]}")
 

@@ -3,7 +3,7 @@
     r3rl init-model --preset tiny-qwen3-moe --out /tmp/tiny
 
 Presets:
-  tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, tiny-olmoe   CPU-fast (about 1-2 M params), for tests and CI
+  tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, tiny-olmoe   CPU-fast (about 0.5 M params), for tests and CI
   probe-qwen3-moe    Qwen3-30B-A3B's MoE layer shape (hidden 2048, 128 experts, top-8, moe_intermediate 768) with
                      8 layers and a 32k vocabulary, for GPU benchmarks
   bench-qwen3-moe    hidden 1024, 8 layers, 64 experts, top-8: the rollout benchmark's small shape
@@ -93,15 +93,24 @@ def make_config(preset: str, **overrides: Any):
     if preset not in PRESETS:
         raise KeyError(f"unknown preset '{preset}': choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
-    kwargs = dict(p.config, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, **overrides)
+    kwargs = dict(p.config, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    kwargs.update(overrides)
     return AutoConfig.for_model(p.model_type, **kwargs)
 
 
 def make_model(
-    preset: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    preset: str,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
 ) -> PreTrainedModel:
-    """A randomly initialized model of `preset` with peaked router init (see module docstring)."""
-    config = make_config(preset)
+    """A randomly initialized model of `preset` with peaked router init (see module docstring).
+
+    `overrides` replace config fields (e.g. `num_experts=300` for the int16 trace path).
+    """
+    config = make_config(preset, **overrides)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
