@@ -38,10 +38,6 @@ DEFAULT_THRESHOLD = 1e-2
 THRESHOLD_ENV_VARS = ("R3RL_TEST_R3_THRESHOLD", "MILES_TEST_R3_THRESHOLD")
 _NEIGHBOURS = 3
 
-# Counter columns, one row per (stage, layer): checked rows, zero-overlap rows, exact-set rows, summed overlap
-# fraction, summed replayed ids, router calls, replayed tokens.
-_TOKENS, _ZERO, _EXACT, _OVERLAP, _IDX_SUM, _CALLS, _REPLAYED = range(7)
-_NUM_COLUMNS = 7
 
 
 class Stage(enum.StrEnum):
@@ -110,11 +106,15 @@ class ReplayCheck:
         self.threshold = threshold
         self.rank = _default_rank() if rank is None else rank
         self.max_examples = max_examples
-        # [stage, layer, column]; everything a summary needs, so one all_reduce makes it global.
-        self.counters = torch.zeros(len(Stage), num_layers, _NUM_COLUMNS, dtype=torch.float64, device=device)
-        self._offsets = torch.arange(-_NEIGHBOURS, _NEIGHBOURS + 1, device=device)
-        # Per call: up to `max_examples` zero-overlap rows and their neighbours, gathered on the device.
-        self._examples: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # Histogram per (stage, layer) of rows by (overlap o, valid slots n), flattened as o + n * (K + 1), plus the
+        # summed replayed ids in the last column: every count the summary needs, from one scatter_add per call.
+        self._width = (top_k + 1) ** 2
+        self.counters = torch.zeros(len(Stage), num_layers, self._width + 1, dtype=torch.int64, device=device)
+        self._ones = torch.ones(1, dtype=torch.int64, device=device)
+        self.calls = [[0] * num_layers for _ in Stage]  # host-side: known without a sync
+        self.replayed_tokens = [[0] * num_layers for _ in Stage]
+        # Per call, for the failure report only: the row codes and the live ids in the compact dtype.
+        self._examples: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_summary: CheckSummary | None = None
 
     # --- hot path (device only, no sync) -------------------------------------------------------------------------
@@ -127,64 +127,60 @@ class ReplayCheck:
         valid_TK: torch.Tensor | None = None,
     ) -> None:
         """Compare one router call's live top-k with the replayed ids. `valid_TK` masks trace pad slots."""
-        s = _stage_index(stage)
+        s, K = _stage_index(stage), replay_TK.shape[1]
         if self.counters.device != live_TK.device:
-            self.counters = self.counters.to(live_TK.device)
-            self._offsets = self._offsets.to(live_TK.device)
+            self.counters, self._ones = self.counters.to(live_TK.device), self._ones.to(live_TK.device)
         hit_TK = (replay_TK.unsqueeze(-1) == live_TK.unsqueeze(-2)).any(-1)  # replayed slot is in the live top-k
         if valid_TK is None:
-            overlap_T = hit_TK.sum(-1)
-            n_valid_T = torch.full_like(overlap_T, replay_TK.shape[1])
-            rows_T = torch.ones_like(overlap_T, dtype=torch.bool)
+            code_T = hit_TK.sum(-1) + K * (K + 1)  # every row has n = K valid slots
         else:
-            overlap_T = (hit_TK & valid_TK).sum(-1)
-            n_valid_T = valid_TK.sum(-1)
-            rows_T = n_valid_T > 0
-        zero_T = (overlap_T == 0) & rows_T
-        exact_T = (overlap_T == n_valid_T) & rows_T
-        frac_T = overlap_T.double() / n_valid_T.clamp_min(1).double()
-        stats = torch.stack([
-            rows_T.sum().double(), zero_T.sum().double(), exact_T.sum().double(), (frac_T * rows_T).sum(),
-            replay_TK.sum().double(),
-        ])
-        self.counters[s, layer, :_CALLS] += stats
-        self.counters[s, layer, _CALLS] += 1
-        self.counters[s, layer, _REPLAYED] += replay_TK.shape[0]
-        if self.max_examples and replay_TK.shape[0]:
-            bad_E = torch.nonzero_static(zero_T, size=self.max_examples, fill_value=-1).squeeze(-1)
-            pos_EN = (bad_E.clamp_min(0).unsqueeze(-1) + self._offsets).clamp(0, replay_TK.shape[0] - 1)
-            self._examples.append((s, layer, bad_E, pos_EN, live_TK[pos_EN], replay_TK[pos_EN]))
+            code_T = (hit_TK & valid_TK).sum(-1) + valid_TK.sum(-1) * (K + 1)
+        row = self.counters[s, layer]
+        row[: self._width].scatter_add_(0, code_T, self._ones.expand_as(code_T))
+        row[self._width :] += replay_TK.sum()
+        self.calls[s][layer] += 1
+        self.replayed_tokens[s][layer] += replay_TK.shape[0]
+        if self.max_examples:  # ~T * (8 + 2K) bytes per call, dropped at summary(); one cast kernel
+            self._examples.append((s, layer, code_T, live_TK.to(torch.int16), replay_TK))
 
     # --- once per step ---------------------------------------------------------------------------------------------
     def summary(self, *, raise_on_fail: bool = True) -> CheckSummary:
         """Sync once, log the evidence lines, reset, and raise AssertionError above the threshold."""
         counts = self.counters.cpu()  # note: the one host sync of the step
+        K = self.top_k
+        hist = counts[..., : self._width].view(len(Stage), self.num_layers, K + 1, K + 1).double()  # [S, L, n, o]
+        o = torch.arange(K + 1, dtype=torch.float64)
+        n = torch.arange(K + 1, dtype=torch.float64)
+        checked = hist[:, :, 1:, :]  # rows with at least one valid slot
+        tokens_SL = checked.sum((-1, -2))
+        zero_SL = checked[..., 0].sum(-1)
+        exact_SL = torch.stack([hist[:, :, i, i] for i in range(1, K + 1)], -1).sum(-1)
+        overlap_SL = (checked * (o / n[1:, None].clamp_min(1))).sum((-1, -2))
+        idx_sum_SL = counts[..., self._width]
+
         stages: dict[str, dict[str, int]] = {}
         for stage in Stage:
             s = _stage_index(stage)
-            if not counts[s, :, _CALLS].any():
+            if not any(self.calls[s]):
                 continue
             for layer in range(self.num_layers):
-                if counts[s, layer, _CALLS]:
+                if self.calls[s][layer]:
                     evidence_logger.info(
                         "R3 wrapper: %s branch taken (rank %d, n_tokens=%d, topk=%d, replay_idx_sum=%d)",
-                        stage.value, self.rank, int(counts[s, layer, _REPLAYED]), self.top_k,
-                        int(counts[s, layer, _IDX_SUM]),
+                        stage.value, self.rank, self.replayed_tokens[s][layer], K, int(idx_sum_SL[s, layer]),
                     )
-            tokens = int(counts[s, :, _TOKENS].sum())
-            zero = int(counts[s, :, _ZERO].sum())
+            tokens, zero = int(tokens_SL[s].sum()), int(zero_SL[s].sum())
             evidence_logger.info(
                 "R3 check (rank %d, stage %s): n_tokens=%d mismatch=%d (%.2f%%)",
                 self.rank, stage.value, tokens, zero, 100.0 * zero / max(tokens, 1),
             )
-            stages[stage.value] = {"tokens": tokens, "zero_overlap": zero, "calls": int(counts[s, :, _CALLS].sum())}
+            stages[stage.value] = {"tokens": tokens, "zero_overlap": zero, "calls": sum(self.calls[s])}
 
-        per_layer = counts.sum(0)
         layers = [
             LayerStats(
-                layer=i, tokens=int(per_layer[i, _TOKENS]), zero_overlap=int(per_layer[i, _ZERO]),
-                exact_match=int(per_layer[i, _EXACT]),
-                mean_overlap=float(per_layer[i, _OVERLAP] / per_layer[i, _TOKENS]) if per_layer[i, _TOKENS] else 0.0,
+                layer=i, tokens=int(tokens_SL[:, i].sum()), zero_overlap=int(zero_SL[:, i].sum()),
+                exact_match=int(exact_SL[:, i].sum()),
+                mean_overlap=float(overlap_SL[:, i].sum() / tokens_SL[:, i].sum()) if tokens_SL[:, i].sum() else 0.0,
             )
             for i in range(self.num_layers)
         ]
@@ -210,33 +206,41 @@ class ReplayCheck:
 
     def all_reduce(self) -> None:
         """Sum the counters over ranks (every rank calls it before `summary()` for a global verdict)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.counters)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        torch.distributed.all_reduce(self.counters)
+        host = torch.tensor([self.calls, self.replayed_tokens], dtype=torch.int64, device=self.counters.device)
+        torch.distributed.all_reduce(host)
+        self.calls, self.replayed_tokens = host.tolist()
 
     # --- private -----------------------------------------------------------------------------------------------
     def _reset(self) -> None:
         self.counters.zero_()
+        self.calls = [[0] * self.num_layers for _ in Stage]
+        self.replayed_tokens = [[0] * self.num_layers for _ in Stage]
         self._examples = []
 
     def _warn_examples(self, examples: list) -> None:
-        shown = 0
-        for s, layer, bad_E, pos_EN, live_ENK, replay_ENK in examples:
-            for e, t in enumerate(bad_E.tolist()):
-                if t < 0 or shown >= self.max_examples:
-                    break
+        """Up to `max_examples` zero-overlap rows with their neighbours (failure path: syncs freely)."""
+        shown, K = 0, self.top_k
+        for s, layer, code_T, live_TK, replay_TK in examples:
+            code = code_T.cpu()
+            zero_T = (code // (K + 1) > 0) & (code % (K + 1) == 0)
+            live, replay = live_TK.cpu(), replay_TK.cpu()
+            for t in torch.nonzero(zero_T).flatten().tolist():
+                lo, hi = max(0, t - _NEIGHBOURS), min(len(code), t + _NEIGHBOURS + 1)
                 rows = "; ".join(
-                    f"{'>' if p == t else ' '}tok {p}: orig={sorted(live_ENK[e, n].tolist())} "
-                    f"replay={sorted(replay_ENK[e, n].tolist())}"
-                    for n, p in enumerate(pos_EN[e].tolist())
-                    if n == 0 or p != pos_EN[e, n - 1]  # clamped neighbours at the edges repeat
+                    f"{'>' if i == t else ' '}tok {i}: orig={sorted(live[i].tolist())} "
+                    f"replay={sorted(replay[i].tolist())}"
+                    for i in range(lo, hi)
                 )
                 logger.warning(
                     "R3 mismatch (rank %d, stage %s, layer %d, token %d): %s", self.rank, list(Stage)[s].value, layer,
                     t, rows,
                 )
                 shown += 1
-            if shown >= self.max_examples:
-                return
+                if shown >= self.max_examples:
+                    return
 
 
 def _default_rank() -> int:

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="rollouts in the batch")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--response-len", type=int, default=32)
+    p.add_argument("--rollout", default="engine", choices=["engine", "hf"],
+                   help="engine: r3rl's rollout engine (default); hf: the HF model token by token with a KV cache")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -114,7 +116,8 @@ def _check_config(args: argparse.Namespace):
     return CheckRunConfig(
         replay=replay_config_from_args(args), model=args.model, preset=args.preset, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
-        temperature=args.temperature, seed=args.seed, report=args.report, inject_fault=Fault(args.inject_fault),
+        temperature=args.temperature, seed=args.seed, rollout=args.rollout, report=args.report,
+        inject_fault=Fault(args.inject_fault),
     )
 
 

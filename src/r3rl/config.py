@@ -92,6 +92,8 @@ class CheckRunConfig:
     response_len: int = 32
     temperature: float = 1.0
     seed: int = 0
+    rollout: str = "engine"
+    """'engine': r3rl's rollout engine (default); 'hf': the HF model token by token with a KV cache."""
     report: str | None = None
     """Where to write the JSON report."""
     inject_fault: Fault = Fault.NONE
@@ -104,5 +106,7 @@ class CheckRunConfig:
         from r3rl.models.loading import resolve_dtype
 
         resolve_dtype(self.dtype)  # raises ValueError naming the choices
+        if self.rollout not in ("engine", "hf"):
+            raise ValueError(f"rollout must be 'engine' or 'hf': got {self.rollout!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampled rollouts: got {self.temperature}")

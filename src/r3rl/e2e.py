@@ -3,8 +3,10 @@
     r3rl check --use-rollout-routing-replay --enable-r3-correctness-check --report r3_report.json
 
 Flow (one step of an RL update, minus the optimizer):
-  (a) rollout: sample a batch with a KV cache (prefill, then one token per forward), recording the experts of
-      every token in every MoE layer and the rollout log-probs;
+  (a) rollout: sample a batch with a KV cache, recording the experts of every token in every MoE layer and the
+      rollout log-probs. `--rollout engine` (default) uses r3rl's rollout engine (its own kernels, static KV cache,
+      continuous batching: a different numerical engine, as SGLang is); `--rollout hf` runs the HF model itself
+      token by token with a DynamicCache;
   (b) training forwards over the full sequences: once without replay (the live router, as training would route
       without R3), once under replay (no grad), then a forward+backward with activation checkpointing under
       replay, so the recompute during backward replays too (stage replay_backward);
@@ -34,7 +36,7 @@ from r3rl.replay import RoutingReplay
 from r3rl.sample import Sample
 from r3rl.trace import ReplayBatch, RoutingTrace, layout_padded
 
-__all__ = ["run_check", "inject_fault", "rollout_kv_cache"]
+__all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_hf_kv_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +60,31 @@ def run_check(cfg: CheckRunConfig) -> dict:
         replay.close()
 
 
-def rollout_kv_cache(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
-    """Sample `batch_size` responses token by token with a KV cache, recording routing and log-probs."""
+def rollout_engine(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
+    """Sample with r3rl's rollout engine (a copy of the weights; its own forward and KV cache)."""
+    from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
+
+    engine = RolloutEngine(model, max_slots=cfg.batch_size, max_seq_len=cfg.prompt_len + cfg.response_len,
+                           device=cfg.device, dtype=cfg.dtype)
+    requests = [
+        EngineRequest(request_id=str(b), input_ids=prompt, sampling=SamplingParams(
+            max_new_tokens=cfg.response_len, temperature=cfg.temperature, seed=cfg.seed * 100_003 + b))
+        for b, prompt in enumerate(_prompts(model, cfg).tolist())
+    ]
+    outputs = engine.generate(requests)
+    del engine  # free its weights and cache before training
+    return [
+        Sample(prompt_ids=o.prompt_ids, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, trace=o.trace,
+               finish_reason=o.finish_reason, weight_version=o.weight_version)
+        .validate(num_layers=replay.num_layers, top_k=replay.top_k, index=b)
+        for b, o in enumerate(outputs)
+    ]
+
+
+def rollout_hf_kv_cache(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
+    """Sample token by token with the HF model itself and a DynamicCache, recording routing with `record()`."""
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    vocab = min(model.config.vocab_size, 256)  # byte tokens of the preset tokenizer
-    prompts_BP = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len), generator=gen, device=cfg.device)
+    prompts_BP = _prompts(model, cfg)
     cache = cache_kwargs(model, DynamicCache(config=model.config))
     tokens, logprobs = [], []
     with torch.no_grad(), replay.record() as rec:
@@ -101,6 +123,13 @@ def inject_fault(batch: ReplayBatch, fault: Fault, batch_size: int) -> ReplayBat
 
 
 # --- private ------------------------------------------------------------------------------------------------------
+def _prompts(model: nn.Module, cfg: CheckRunConfig) -> torch.Tensor:
+    """Random byte-token prompts (the preset tokenizer's bytes), the same for both rollout paths."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vocab = min(model.config.vocab_size, 256)
+    return torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len), generator=gen).to(cfg.device)
+
+
 @dataclass
 class _ForwardResult:
     logprobs_BR: torch.Tensor
@@ -109,7 +138,8 @@ class _ForwardResult:
 
 def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: ReplayCheck | None) -> dict:
     rcfg = cfg.replay
-    samples = rollout_kv_cache(model, replay, cfg)
+    rollout = rollout_engine if cfg.rollout == "engine" else rollout_hf_kv_cache
+    samples = rollout(model, replay, cfg)
     B, P, R = cfg.batch_size, cfg.prompt_len, cfg.response_len
     tokens_BS = torch.tensor([s.tokens for s in samples], device=cfg.device)
     rollout_logp_BR = torch.tensor([s.rollout_logprobs for s in samples], dtype=torch.float64)
@@ -120,7 +150,8 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
 
     report: dict = {"verdict": "fail", "threshold": rcfg.threshold, "replay_mode": rcfg.kind.value,
                     "check_enabled": rcfg.check_enabled, "inject_fault": cfg.inject_fault.value,
-                    "model": cfg.model or f"preset:{cfg.preset}", "device": str(cfg.device), "dtype": cfg.dtype,
+                    "model": cfg.model or f"preset:{cfg.preset}", "rollout": cfg.rollout, "device": str(cfg.device),
+                    "dtype": cfg.dtype,
                     "batch_size": B, "prompt_len": P, "response_len": R}
     with torch.no_grad(), replay.off():
         live = _forward(model, tokens_BS, P)

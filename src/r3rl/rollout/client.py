@@ -237,8 +237,12 @@ def decode_generate_output(
                            index=index)
 
 
-def generate_sync(base_url: str, input_ids_list: Sequence[Sequence[int]],
-                  sampling_params: dict[str, Any] | Sequence[dict[str, Any]] | None = None, **client_kwargs) -> list[Sample]:
+def generate_sync(
+    base_url: str,
+    input_ids_list: Sequence[Sequence[int]],
+    sampling_params: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    **client_kwargs,
+) -> list[Sample]:
     """Blocking convenience: open a client, generate, close (not for use inside a running event loop)."""
 
     async def run() -> list[Sample]:

@@ -52,7 +52,7 @@ class ProtocolError(ValueError):
         self.field = field
 
 
-class RoutedExpertsFormat(str, enum.Enum):
+class RoutedExpertsFormat(enum.StrEnum):
     BASE64_INT32 = "base64_int32"  # SGLang's: base64 of little-endian int32 [rows * num_layers * top_k], pad -1
     COMPACT = "compact"  # base64 of `RoutingTrace.to_bytes()`: 24-byte header + uint8/int16 ids (4x smaller)
 
@@ -115,8 +115,8 @@ class GenerateRequest(BaseModel):
     """Return `meta_info.output_token_logprobs`."""
     return_routed_experts: bool = False
     """Return `meta_info.routed_experts`: the experts of every token at every MoE layer."""
-    routed_experts_format: RoutedExpertsFormat = RoutedExpertsFormat.BASE64_INT32
-    """Encoding of `routed_experts` (r3rl only; SGLang always sends base64_int32)."""
+    routed_experts_format: RoutedExpertsFormat = Field(RoutedExpertsFormat.BASE64_INT32, strict=False)
+    """Encoding of `routed_experts` (r3rl only; SGLang always sends base64_int32). Lax: accepts the string value."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,16 +255,16 @@ def parse_generate_request(body: Any) -> GenerateBatch:
         raise ProtocolError(_error_message(err, field), field) from None
 
     prompts: list = req.text if req.text is not None else req.input_ids
+    prompt_name = "text" if req.text is not None else "input_ids"
     n = len(prompts)
     if not 1 <= n <= MAX_BATCH:
-        raise ProtocolError(f"batch size must be in [1, {MAX_BATCH}]: got {n}", "text" if req.text else "input_ids")
+        raise ProtocolError(f"batch size must be in [1, {MAX_BATCH}]: got {n}", prompt_name)
     sps = req.sampling_params or [SamplingParamsMessage()]
     if sp_is_list and len(sps) != n:
         raise ProtocolError(f"sampling_params list must have one entry per prompt: got {len(sps)}, expected {n}",
                             "sampling_params")
     if req.rid is not None and len(req.rid) != n:
         raise ProtocolError(f"rid list must have one entry per prompt: got {len(req.rid)}, expected {n}", "rid")
-    prompt_name = "text" if req.text is not None else "input_ids"
     items = []
     for i, prompt in enumerate(prompts):
         sp = sps[i] if sp_is_list else sps[0]
@@ -301,4 +301,6 @@ def _error_message(err: dict, field: str) -> str:
         return f"{field}: unknown field (not part of the protocol, see docs/protocol.md): got {field}={got}"
     if err["type"] == "missing":
         return f"{field}: missing required field"
+    if err["type"] == "value_error":  # our own validator: its message already says what it got
+        return f"{field}: {err['ctx']['error']}"
     return f"{field}: {err['msg']}: got {got}"

@@ -23,6 +23,7 @@ import base64
 import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -183,7 +184,7 @@ class _ServerState:
 
 def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> FastAPI:
     """The FastAPI app serving `engine`. The worker thread starts and stops with the app's lifespan."""
-    device, dtype = _engine_device_dtype(engine)
+    device, dtype = str(engine.device), str(engine.dtype)
     info = ModelInfo(
         model_path=str(config.model), num_layers=engine.num_layers, top_k=engine.top_k,
         num_experts=engine.num_experts, vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
@@ -199,7 +200,7 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
                     info.max_seq_len, device, dtype)
         yield
         logger.info("shutting down: in-flight HTTP requests are drained, stopping the engine worker")
-        state.worker.stop(timeout=config.drain_timeout_s)
+        await asyncio.to_thread(state.worker.stop, config.drain_timeout_s)
 
     app = FastAPI(title="r3rl rollout server", lifespan=lifespan)
 
@@ -248,8 +249,7 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
         return _error(e.status_code, str(e.detail), None, "HTTPError")
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        logger.exception("500 on %s", request.url.path)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:  # uvicorn logs the traceback
         return _error(500, f"{type(e).__name__}: {e}", None, "InternalServerError")
 
     return app
@@ -265,7 +265,8 @@ def serve(config: ServerConfig) -> None:
     app = create_app(config, engine, _load_tokenizer(config.model))
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
                         timeout_graceful_shutdown=config.drain_timeout_s)
-    uvicorn.Server(uv).run()  # installs SIGTERM/SIGINT handlers: first = drain and exit, second = exit now
+    with _quiet_signals_after_drain():
+        uvicorn.Server(uv).run()  # its own SIGTERM/SIGINT handlers: first = drain and exit, second SIGINT = now
     logger.info("server stopped")
 
 
@@ -325,7 +326,7 @@ def _response(state: _ServerState, batch: GenerateBatch, item: GenerateItem, out
                     finish_reason=finish, weight_version=out.weight_version, e2e_latency=round(latency, 6))
     if batch.return_logprob:
         if len(out.output_logprobs) != n_out:
-            raise RuntimeError(f"engine returned one logprob per output token: got {len(out.output_logprobs)}, "
+            raise RuntimeError(f"engine must return one logprob per output token: got {len(out.output_logprobs)}, "
                                f"expected {n_out}")
         meta.output_token_logprobs = [(float(lp), int(t), None) for lp, t in zip(out.output_logprobs, out.output_ids,
                                                                                  strict=True)]
@@ -366,15 +367,6 @@ def _error(status: int, message: str, field: str | None, kind: str = "BadRequest
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def _engine_device_dtype(engine: RolloutEngine) -> tuple[str, str]:
-    device, dtype = getattr(engine, "device", None), getattr(engine, "dtype", None)
-    model = getattr(engine, "model", None)
-    if (device is None or dtype is None) and model is not None:
-        param = next(model.parameters())
-        device, dtype = device or param.device, dtype or param.dtype
-    return str(device), str(dtype)
-
-
 def _load_tokenizer(path: str):
     try:
         from transformers import AutoTokenizer
@@ -383,6 +375,21 @@ def _load_tokenizer(path: str):
     except Exception as e:  # a checkpoint without a tokenizer still serves input_ids
         logger.warning("no tokenizer loaded from %s (%s): text input is rejected, text output is empty", path, e)
         return None
+
+
+@contextlib.contextmanager
+def _quiet_signals_after_drain():
+    """uvicorn re-raises the stop signal after its graceful shutdown, into the handlers it found. Let it find
+    no-op handlers, so a drained server logs its last line and exits 0 instead of dying by the signal."""
+    if threading.current_thread() is not threading.main_thread():  # uvicorn handles no signals there either
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,236 @@
+"""Rollout throughput: RolloutEngine vs HF `generate()` on the same MoE model, batch, prompt and output lengths.
+
+    python bench/bench_rollout.py --out bench/rollout.json      # GPU: bench-qwen3-moe + probe-qwen3-moe, bf16,
+                                                               # batch 32 and 256, prompt 64, 128 new tokens
+    python bench/bench_rollout.py --device cpu --dtype float32 --presets tiny-qwen3-moe --batches 2 4 \
+        --prompt-len 8 --new-tokens 8 --out /tmp/rollout.json   # CPU smoke test
+
+Per preset, first a correctness gate: the engine's greedy tokens are scored by one full-sequence HF forward
+(teacher forcing) and its routing is compared with the HF router's (RoutingReplay.record). Then per batch size:
+  - generated tokens/s of the engine (routing capture on) and of HF generate (sampling at temperature 1 with
+    min_new_tokens = max_new_tokens, so every sequence has the same length), and their ratio;
+  - the decode step time against the memory-bandwidth floor: the bytes one step must read (every non-expert
+    weight, the experts the batch actually routed to, the KV cache so far) over the measured device-to-device copy
+    bandwidth (2 x bytes copied / time);
+  - routing capture on vs off: decode step time ratio.
+HF generate is slow at large batch: from --hf-cap-batch rows on, it generates only --hf-cap-tokens tokens and its
+tokens/s comes from that shorter run (the table says so). Prints a markdown table; --out writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import time
+
+import numpy as np
+import torch
+import transformers
+
+from r3rl.models.loading import resolve_dtype
+from r3rl.models.presets import PAD_ID, make_model
+from r3rl.replay import RoutingReplay
+from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
+
+logger = logging.getLogger("bench_rollout")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["bench-qwen3-moe", "probe-qwen3-moe"])
+    p.add_argument("--batches", nargs="+", type=int, default=[32, 256])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both (0 = greedy)")
+    p.add_argument("--hf-cap-batch", type=int, default=256, help="from this batch on, HF generates fewer tokens")
+    p.add_argument("--hf-cap-tokens", type=int, default=32)
+    p.add_argument("--gate-batch", type=int, default=8)
+    p.add_argument("--gate-tokens", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    bandwidth = copy_bandwidth(device)
+    logger.info("device-to-device copy bandwidth: %.0f GB/s", bandwidth / 1e9)
+    report = {"device": _device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
+              "args": vars(args), "copy_bandwidth_GBps": bandwidth / 1e9, "gates": {}, "results": []}
+    for preset in args.presets:
+        model = make_model(preset, seed=args.seed, device=device, dtype=dtype)
+        max_seq_len = args.prompt_len + max(args.new_tokens, args.gate_tokens)
+        max_slots = max(args.batches + [args.gate_batch])
+        engines = {capture: RolloutEngine(model, max_slots=max_slots, max_seq_len=max_seq_len, capture_routing=capture)
+                   for capture in (True, False)}
+        report["gates"][preset] = gate = correctness_gate(model, engines[True], args)
+        logger.info("%s correctness gate: %s", preset, json.dumps(gate))
+        for batch in args.batches:
+            prompts = torch.randint(0, 256, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+            run_engine(engines[True], prompts.tolist(), args.new_tokens, args.temperature)  # warm-up: graph capture
+            on, outputs = run_engine(engines[True], prompts.tolist(), args.new_tokens, args.temperature)
+            run_engine(engines[False], prompts.tolist(), args.new_tokens, args.temperature)
+            off, _ = run_engine(engines[False], prompts.tolist(), args.new_tokens, args.temperature)
+            hf_tokens = args.hf_cap_tokens if batch >= args.hf_cap_batch else args.new_tokens
+            hf = run_hf(model, prompts.to(device), hf_tokens, args.temperature)
+            floor_s = decode_bytes(engines[True], outputs, args.prompt_len) / bandwidth
+            row = {
+                "preset": preset, "batch": batch, "engine_tok_s": on["tok_s"], "hf_tok_s": hf["tok_s"],
+                "speedup": on["tok_s"] / hf["tok_s"], "engine_decode_ms": on["decode_ms"],
+                "engine_decode_ms_capture_off": off["decode_ms"],
+                "capture_on_off_ratio": on["decode_ms"] / off["decode_ms"],
+                "floor_ms": floor_s * 1e3, "floor_fraction": floor_s * 1e3 / on["decode_ms"],
+                "engine_first_step_ms": on["first_step_ms"], "hf_new_tokens": hf_tokens, "hf_s": hf["seconds"],
+                "engine_s": on["seconds"], "moe_kernel": engines[True].model.moe_kernel.value,
+                "cuda_graph": engines[True].config.use_cuda_graph,
+            }
+            report["results"].append(row)
+            logger.info("%s", json.dumps(row))
+        del engines, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(report, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        logger.info("wrote %s", args.out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def run_engine(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int, temperature: float):
+    """Time every step (each ends with the host reading the sampled tokens, i.e. a device sync)."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(EngineRequest(request_id=str(i), input_ids=prompt, sampling=SamplingParams(
+            max_new_tokens=new_tokens, temperature=temperature, seed=i)))
+    outputs, step_s = [], []
+    _sync(engine.device)
+    start = time.perf_counter()
+    while engine.has_work():
+        t = time.perf_counter()
+        outputs += engine.step()
+        step_s.append(time.perf_counter() - t)
+    _sync(engine.device)
+    seconds = time.perf_counter() - start
+    assert all(len(o.output_ids) == new_tokens for o in outputs), "every sequence must reach max_new_tokens"
+    decode_ms = 1e3 * statistics.median(step_s[1:]) if len(step_s) > 1 else float("nan")  # step 0 holds the prefill
+    return {"tok_s": len(prompts) * new_tokens / seconds, "seconds": seconds, "decode_ms": decode_ms,
+            "first_step_ms": 1e3 * step_s[0]}, sorted(outputs, key=lambda o: int(o.request_id))
+
+
+def run_hf(model, prompts: torch.Tensor, new_tokens: int, temperature: float) -> dict:
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    kwargs = dict(attention_mask=torch.ones_like(prompts), pad_token_id=PAD_ID, **sampling)
+    with torch.no_grad():
+        model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        _sync(prompts.device)
+        start = time.perf_counter()
+        out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        _sync(prompts.device)
+    seconds = time.perf_counter() - start
+    assert out.shape[1] == prompts.shape[1] + new_tokens, f"HF generated {out.shape[1] - prompts.shape[1]} tokens"
+    return {"tok_s": prompts.shape[0] * new_tokens / seconds, "seconds": seconds}
+
+
+def correctness_gate(model, engine: RolloutEngine, args) -> dict:
+    """Engine greedy tokens, teacher-forced through one HF forward: logprob and routing agreement."""
+    prompts = torch.randint(0, 256, (args.gate_batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    outputs = engine.generate([
+        EngineRequest(request_id=str(i), input_ids=p, sampling=SamplingParams(max_new_tokens=args.gate_tokens,
+                                                                               temperature=0.0))
+        for i, p in enumerate(prompts.tolist())])
+    tokens = torch.tensor([o.prompt_ids + o.output_ids for o in outputs], device=engine.device)
+    with RoutingReplay(model) as replay, replay.record() as rec, torch.no_grad():
+        logits = model(tokens).logits.float()
+    hf_traces = rec.traces([tokens.shape[1]] * len(outputs), tokens.shape[1])
+    P = args.prompt_len
+    hf_lp = torch.log_softmax(logits[:, P - 1 : -1], dim=-1)
+    out_ids = tokens[:, P:]
+    lp_diff = (hf_lp.gather(2, out_ids.unsqueeze(-1)).squeeze(-1).cpu()
+               - torch.tensor([o.output_logprobs for o in outputs])).abs()
+    ours = np.stack([o.trace.expert_ids for o in outputs]).astype(np.int64)
+    theirs = np.stack([t.expert_ids for t in hf_traces]).astype(np.int64)
+    exact = (np.sort(ours, -1) == np.sort(theirs, -1)).all(-1)
+    overlap = (ours[..., :, None] == theirs[..., None, :]).any(-1).any(-1)
+    tol = 1e-3 if engine.dtype == torch.float32 else 0.1
+    gate = {
+        "logprob_mean_abs_diff": float(lp_diff.mean()), "logprob_max_abs_diff": float(lp_diff.max()),
+        "greedy_token_is_hf_argmax": float((hf_lp.argmax(-1) == out_ids).float().mean()),
+        "routing_exact_set": float(exact.mean()), "routing_overlap": float(overlap.mean()),
+    }
+    gate["passed"] = gate["logprob_mean_abs_diff"] < tol and gate["routing_overlap"] >= 0.99
+    if not gate["passed"]:
+        logger.error("CORRECTNESS GATE FAILED: %s (timings below are not trustworthy)", gate)
+    return gate
+
+
+def decode_bytes(engine: RolloutEngine, outputs, prompt_len: int) -> float:
+    """Bytes one decode step must read, averaged over the run's decode steps (see the module docstring)."""
+    m = engine.model
+    elem = engine.kv.k_LSHTD.element_size()
+    experts = [t for lw in m.layers for t in (lw.experts_gate_up_EIH, lw.experts_down_EHI) if t is not None]
+    expert_bytes = sum(t.numel() for t in experts) * elem / (m.num_experts * m.num_moe_layers)
+    dense = [t for lw in m.layers for t in vars(lw).values() if isinstance(t, torch.Tensor)]
+    dense_bytes = (sum(t.numel() for t in dense) - sum(t.numel() for t in experts) + m.lm_head_VH.numel()
+                   + m.final_norm_H.numel()) * elem
+    ids_BSLK = np.stack([o.trace.expert_ids[prompt_len:] for o in outputs])  # rows fed by decode steps
+    active = np.mean([[len(np.unique(ids_BSLK[:, s, layer])) for layer in range(ids_BSLK.shape[2])]
+                      for s in range(ids_BSLK.shape[1])]) * m.num_moe_layers
+    B, steps = len(outputs), ids_BSLK.shape[1]
+    mean_context = prompt_len + (steps + 1) / 2
+    kv_bytes = 2 * B * m.num_decoder_layers * m.num_kv_heads * m.head_dim * mean_context * elem
+    return dense_bytes + active * expert_bytes + kv_bytes + B * m.embed_VH.shape[1] * elem
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    x, y = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    y.copy_(x)
+    _sync(device)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        y.copy_(x)
+    _sync(device)
+    return 2 * n * reps / (time.perf_counter() - start)
+
+
+def print_table(report: dict, args) -> None:
+    print(f"\n## Rollout: RolloutEngine vs HF generate ({report['device']}, {args.dtype}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, temperature {args.temperature})\n")
+    for preset, gate in report["gates"].items():
+        print(f"- gate {preset}: {'PASS' if gate['passed'] else 'FAIL'} (logprob |diff| mean "
+              f"{gate['logprob_mean_abs_diff']:.2e} max {gate['logprob_max_abs_diff']:.2e}, routing exact "
+              f"{gate['routing_exact_set']:.3f} overlap {gate['routing_overlap']:.3f}, greedy=HF argmax "
+              f"{gate['greedy_token_is_hf_argmax']:.3f})")
+    print("\n| preset | batch | engine tok/s | HF tok/s | speedup | decode ms/step | floor ms/step | % of floor | "
+          "capture on/off | HF new tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        capped = "" if r["hf_new_tokens"] == args.new_tokens else " (capped)"
+        print(f"| {r['preset']} | {r['batch']} | {r['engine_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['speedup']:.1f}x | "
+              f"{r['engine_decode_ms']:.2f} | {r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% | "
+              f"{r['capture_on_off_ratio']:.3f} | {r['hf_new_tokens']}{capped} |")
+    print(f"\ncopy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; floor = bytes read per decode step / that "
+          "bandwidth; speedup = engine tok/s / HF tok/s (HF capped runs: tok/s of the shorter run).")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    main()

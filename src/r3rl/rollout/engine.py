@@ -1,0 +1,443 @@
+"""RolloutEngine: the embedded rollout engine (continuous batching, static KV cache, routing capture, CUDA graphs).
+
+    engine = RolloutEngine(make_model("tiny-qwen3-moe"), max_slots=8, max_seq_len=256)   # or .from_pretrained(dir)
+    [out] = engine.generate([EngineRequest(request_id="a", input_ids=[1, 2, 3], sampling=SamplingParams(seed=0))])
+    out.output_ids, out.output_logprobs, out.trace         # trace: RoutingTrace [3 + len(output) - 1, layers, top_k]
+
+Model (forward.py): the engine copies the weights of a transformers v5 MoE model (Qwen3-MoE, Qwen2-MoE, Mixtral,
+OLMoE; routers found by `r3rl.models.find_routers`, which raises on anything else) and runs its own forward: fused QKV, q and k
+heads normed and rotated in one op, its own attention over the slot cache, routing in float32 as the family does
+it, and experts as a sorted grouped matmul. It is deliberately a different numerical engine from the HF training
+forward, as SGLang is.
+
+Scheduling: `step()` admits waiting requests into free slots, prefills them (batched, right-padded), then runs one
+decode step for every running slot. Running requests always occupy slots [0, n): a finished slot is refilled by
+moving the last request into it (see kv_cache.py), so decode reads the cache as strided views, without a gather.
+
+Devices. CUDA: decode steps replay a CUDA graph per (batch bucket, KV-length bucket, sampling mode, padded or not),
+captured on first use; rows past the live batch are padding, kept out of the experts. CPU: eager and
+batch-invariant (every row goes through kernels whose shapes do not depend on the other rows: row-wise matmuls,
+attention over the whole context, one prefill per request), so a seed gives bitwise the same tokens whatever else
+is in the batch.
+
+Outputs: tokens sampled on the device with per-request counter-based seeds, the log-prob of each at temperature 1
+before top-k/top-p (the policy's own; see sampling.py), and the routing trace: every (token, MoE layer) top-k is
+written into a device buffer inside the forward and copied to the host once, when the request finishes.
+
+Weights: `update_weights` copies HF-named tensors in place (no cache or graph reallocation) and bumps
+`weight_version`; an output carries the version current when it finished (requests in flight during an update
+continue on the new weights). The engine is not thread-safe: one thread owns it.
+
+Tensor suffixes: S slots, T tokens, B decode rows, N prefill requests, P positions, H hidden, Q fused qkv width,
+D head dim, X q + k heads, R rows of a flattened (token, k) or (row, kv head) product, G q heads per kv head,
+E experts, K top-k, I intermediate, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from r3rl.models.loading import load_model, resolve_dtype
+from r3rl.rollout.forward import MoEForward, MoEKernel
+from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
+from r3rl.rollout.sampling import (
+    EngineOutput,
+    EngineRequest,
+    SamplingMode,
+    SamplingParams,
+    SlotParams,
+    fold_seed,
+    sample_tokens,
+    vocab_keys,
+)
+
+__all__ = ["EngineConfig", "MoEKernel", "RolloutEngine", "SamplingParams", "EngineRequest", "EngineOutput"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    max_slots: int = 64
+    """Requests decoded together (KV cache slots)."""
+    max_seq_len: int = 1024
+    """Context per slot: len(prompt) + max_new_tokens must fit."""
+    use_cuda_graph: bool | None = None
+    """Replay decode steps as CUDA graphs; None = on for CUDA devices."""
+    capture_routing: bool = True
+    """Record every token's experts; off holds a no-op capture (no trace is returned)."""
+    batch_invariant: bool | None = None
+    """Row-wise kernels, so a request's tokens do not depend on its batch (slow); None = on for CPU."""
+    prefill_token_budget: int = 16384
+    """Max padded tokens (requests x longest prompt) in one batched prefill."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "max_seq_len", "prefill_token_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1: got {getattr(self, name)}")
+
+
+class RolloutEngine:
+    """Continuous-batching MoE generation with routing capture. See the module docstring."""
+
+    def __init__(
+        self,
+        model_or_path: PreTrainedModel | str | os.PathLike,
+        *,
+        max_slots: int = 64,
+        max_seq_len: int = 1024,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        use_cuda_graph: bool | None = None,
+        capture_routing: bool = True,
+        batch_invariant: bool | None = None,
+        prefill_token_budget: int = 16384,
+    ) -> None:
+        self.config = cfg = EngineConfig(
+            max_slots=max_slots, max_seq_len=max_seq_len, use_cuda_graph=use_cuda_graph,
+            capture_routing=capture_routing, batch_invariant=batch_invariant, prefill_token_budget=prefill_token_budget,
+        )
+        if isinstance(model_or_path, str | os.PathLike):
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = resolve_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+            model = load_model(Path(model_or_path), device="cpu", dtype=dtype)
+        else:
+            model = model_or_path
+            device = torch.device(device) if device is not None else next(model.parameters()).device
+            dtype = resolve_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+        self.device, self.dtype = device, dtype
+        if cfg.use_cuda_graph is None:
+            cfg.use_cuda_graph = device.type == "cuda"
+        if cfg.use_cuda_graph and device.type != "cuda":
+            raise ValueError(f"use_cuda_graph needs a CUDA device: got device={device}")
+        if cfg.batch_invariant is None:
+            cfg.batch_invariant = device.type == "cpu"
+        self.model = m = MoEForward(model, device=device, dtype=dtype, max_seq_len=cfg.max_seq_len,
+                                     max_slots=cfg.max_slots, batch_invariant=cfg.batch_invariant)
+        del model  # the engine owns copies; a model passed in stays the caller's
+        if cfg.use_cuda_graph and not _graph_safe(m.moe_kernel, device, dtype):
+            logger.warning("CUDA graphs off: the %s experts kernel syncs with the host for %s on %s (grouped_mm is "
+                           "capturable for bfloat16 on sm90+)", m.moe_kernel.value, dtype, device)
+            cfg.use_cuda_graph = False
+
+        # --- device state: caches, per-slot sampling state, outputs (allocated once) --------------------------------
+        S = cfg.max_slots
+        self.kv = KVCache.allocate(num_layers=m.num_decoder_layers, num_slots=S, num_kv_heads=m.num_kv_heads,
+                                   max_seq_len=cfg.max_seq_len, head_dim=m.head_dim, dtype=dtype, device=device)
+        self.routes = (RoutingCapture(num_slots=S, max_seq_len=cfg.max_seq_len, num_layers=m.num_moe_layers,
+                                      top_k=m.top_k, num_experts=m.num_experts, device=device)
+                       if cfg.capture_routing else NullRoutingCapture())
+        self._tokens_S = torch.zeros(S, dtype=torch.int64, device=device)  # last token of each slot (next input)
+        self._pos_S = torch.zeros(S, dtype=torch.int64, device=device)  # where that token's K/V goes
+        self._params = SlotParams(torch.zeros(S, device=device), torch.ones(S, device=device),
+                                  torch.full((S,), -1, dtype=torch.int64, device=device),
+                                  torch.zeros(S, dtype=torch.int64, device=device))
+        self._next_tokens_S = torch.zeros(S, dtype=torch.int64, device=device)
+        self._next_logprobs_S = torch.zeros(S, dtype=torch.float32, device=device)
+        self._arange_P = torch.arange(max(S, cfg.max_seq_len), device=device)
+        self._n_active = torch.zeros((), dtype=torch.int64, device=device)  # live rows of a padded graph batch
+        self._vocab_keys_V = vocab_keys(m.vocab_size, device)
+
+        # --- host state ---------------------------------------------------------------------------------------------
+        self._waiting: deque[EngineRequest] = deque()
+        self._slots: list[_Running] = []  # index = slot; running requests are always slots [0, n)
+        self._request_ids: set[str] = set()
+        self._seed_rng = random.Random()  # seeds of requests that bring none
+        self._weight_version = 0
+        self._graphs: dict[tuple[int, int, SamplingMode, bool], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._batch_buckets = _batch_buckets(S)
+        logger.info(
+            "rollout engine: %s, %d MoE layers, %d experts, top-%d, slots=%d, max_seq_len=%d, device=%s, dtype=%s, "
+            "moe=%s, cuda_graph=%s, batch_invariant=%s, kv_cache=%.1f MiB, routing=%.1f MiB", m.family,
+            m.num_moe_layers, m.num_experts, m.top_k, S, cfg.max_seq_len, device, dtype, m.moe_kernel.value,
+            cfg.use_cuda_graph, cfg.batch_invariant, self.kv.nbytes / 2**20, self.routes.nbytes / 2**20,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> RolloutEngine:
+        """Load a local HF MoE checkpoint directory (see `r3rl init-model`); kwargs as for the constructor."""
+        return cls(path, **kwargs)
+
+    # --- properties -----------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """MoE layers (the trace's layer axis)."""
+        return self.model.num_moe_layers
+
+    @property
+    def top_k(self) -> int:
+        return self.model.top_k
+
+    @property
+    def num_experts(self) -> int:
+        return self.model.num_experts
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    @property
+    def num_running(self) -> int:
+        return len(self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # --- requests -------------------------------------------------------------------------------------------------
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises ValueError naming the field when it cannot run."""
+        self._validate(req)
+        self._waiting.append(req)
+        self._request_ids.add(req.request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._slots)
+
+    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+        """Run `requests` to completion on an idle engine; outputs in request order."""
+        if self.has_work():
+            raise RuntimeError(f"generate() needs an idle engine: got {self.num_running} running and "
+                               f"{self.num_waiting} waiting requests (drive add_request/step yourself instead)")
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"request_id must be unique within a batch: got duplicates in {ids}")
+        for req in requests:
+            self._validate(req)
+        for req in requests:
+            self.add_request(req)
+        done: dict[str, EngineOutput] = {}
+        while self.has_work():
+            done.update((o.request_id, o) for o in self.step())
+        return [done[i] for i in ids]
+
+    @torch.no_grad()
+    def step(self) -> list[EngineOutput]:
+        """Admit and prefill waiting requests, then one decode step for every running slot. Returns finished."""
+        finished: list[EngineOutput] = []
+        admitted = []
+        while self._waiting and len(self._slots) + len(admitted) < self.config.max_slots:
+            req = self._waiting.popleft()
+            seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(64)
+            admitted.append(_Running(req=req, seed32=fold_seed(seed), stop_ids=frozenset(req.sampling.stop_token_ids)))
+        if admitted:
+            admitted.sort(key=lambda r: len(r.req.input_ids))  # less padding in batched prefills
+            self._slots += admitted
+            self._prefill(len(self._slots) - len(admitted), admitted)
+            finished += self._release_finished()
+        if self._slots:
+            self._decode()
+            finished += self._release_finished()
+        return finished
+
+    # --- weights --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
+        """Copy HF-named tensors into the engine's weights in place; returns the new weight version.
+
+        All names and shapes are checked before anything is copied, so a bad update changes nothing. Buffers are
+        not reallocated: the KV cache and captured CUDA graphs stay valid.
+        """
+        views = self.model.views
+        unknown = sorted(n for n in named_tensors if n not in views)
+        if unknown:
+            raise ValueError(f"update_weights: every name must be a parameter of the rollout model: got unknown "
+                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (expected HF state-dict names, e.g. "
+                             f"{next(iter(views))!r})")
+        for name, t in named_tensors.items():
+            if tuple(t.shape) != self.model.shapes[name]:
+                raise ValueError(f"update_weights: shape of {name!r} must match the model: got {tuple(t.shape)}, "
+                                 f"expected {self.model.shapes[name]}")
+        for name, t in named_tensors.items():
+            views[name].copy_(t)
+        self._weight_version += 1
+        return self._weight_version
+
+    # --- private: requests ----------------------------------------------------------------------------------------
+    def _validate(self, req: EngineRequest) -> None:
+        if req.request_id in self._request_ids:
+            raise ValueError(f"request_id must be unique among queued and running requests: got {req.request_id!r}")
+        req.validate(vocab_size=self.vocab_size, max_seq_len=self.max_seq_len)
+
+    def _emit(self, rows: list[_Running], tokens: list[int], logprobs: list[float]) -> None:
+        for r, tok, lp in zip(rows, tokens, logprobs, strict=True):
+            r.output_ids.append(tok)
+            r.logprobs.append(lp)
+            if tok in r.stop_ids:
+                r.finish_reason = "stop"
+            elif len(r.output_ids) >= r.req.sampling.max_new_tokens:
+                r.finish_reason = "length"
+
+    def _release_finished(self) -> list[EngineOutput]:
+        """Outputs of finished slots (traces read before any move), then refill their slots from the tail."""
+        done = [i for i, r in enumerate(self._slots) if r.finish_reason]
+        if not done:
+            return []
+        wanted = [i for i in done if self._slots[i].req.return_routed_experts]
+        traces = dict(zip(wanted, self.routes.read(wanted, [self._slots[i].next_pos for i in wanted]), strict=True))
+        outputs = []
+        for i in done:
+            r = self._slots[i]
+            outputs.append(EngineOutput(
+                request_id=r.req.request_id, prompt_ids=list(r.req.input_ids), output_ids=r.output_ids,
+                output_logprobs=r.logprobs, finish_reason=r.finish_reason, trace=traces.get(i),
+                weight_version=self._weight_version,
+            ))
+            self._request_ids.discard(r.req.request_id)
+        keep = len(self._slots) - len(done)
+        holes = [i for i in done if i < keep]
+        movers = [j for j in range(keep, len(self._slots)) if not self._slots[j].finish_reason]
+        slots = self._slots[:keep]
+        for dst, src in zip(holes, movers, strict=True):
+            self.kv.move(src, dst, self._slots[src].next_pos)
+            self.routes.move(src, dst, self._slots[src].next_pos)
+            slots[dst] = self._slots[src]
+        if holes:
+            dst_M = torch.tensor(holes, device=self.device)
+            src_M = torch.tensor(movers, device=self.device)
+            for buf in (self._tokens_S, self._pos_S, *vars(self._params).values()):
+                buf[dst_M] = buf[src_M]
+        self._slots = slots
+        return outputs
+
+    # --- private: prefill and decode ------------------------------------------------------------------------------
+    def _prefill(self, slot0: int, new: list[_Running]) -> None:
+        columns = zip(*((r.req.sampling.temperature, r.req.sampling.top_p, r.req.sampling.top_k, r.seed32)
+                        for r in new), strict=True)
+        for dst, values in zip(vars(self._params.narrow(slot0, len(new))).values(), columns, strict=True):
+            dst.copy_(torch.tensor(values, dtype=dst.dtype))
+        start = 0
+        for group in self._prefill_groups(new):
+            N, P = len(group), max(len(r.req.input_ids) for r in group)
+            tokens_NP = torch.zeros(N, P, dtype=torch.int64)
+            for n, r in enumerate(group):
+                tokens_NP[n, : len(r.req.input_ids)] = torch.tensor(r.req.input_ids)
+            lengths_N = torch.tensor([len(r.req.input_ids) for r in group], device=self.device)
+            s0 = slot0 + start
+            logits_NV = self.model.prefill(tokens_NP.to(self.device), lengths_N, s0, self.kv, self.routes)
+            mode = SamplingMode.for_params([r.req.sampling for r in group])
+            tok_N, lp_N = sample_tokens(logits_NV, self._params.narrow(s0, N), lengths_N, mode, self._vocab_keys_V)
+            self._tokens_S[s0 : s0 + N] = tok_N
+            self._pos_S[s0 : s0 + N] = lengths_N
+            self._emit(group, tok_N.tolist(), lp_N.tolist())
+            start += N
+
+    def _prefill_groups(self, new: list[_Running]) -> list[list[_Running]]:
+        if self.config.batch_invariant:  # a prefill's shapes must depend on its own prompt only
+            return [[r] for r in new]
+        groups: list[list[_Running]] = [[]]
+        longest = 0
+        for r in new:
+            longest_if = max(longest, len(r.req.input_ids))
+            if groups[-1] and longest_if * (len(groups[-1]) + 1) > self.config.prefill_token_budget:
+                groups.append([])
+                longest_if = len(r.req.input_ids)
+            groups[-1].append(r)
+            longest = longest_if
+        return groups
+
+    def _decode(self) -> None:
+        n = len(self._slots)
+        cfg = self.config
+        mode = SamplingMode.for_params([r.req.sampling for r in self._slots])
+        if cfg.batch_invariant:
+            T = cfg.max_seq_len  # attention over the whole context: its shape must not depend on other rows
+        else:
+            T = _next_power_of_two(max(r.next_pos for r in self._slots) + 1, minimum=64, maximum=cfg.max_seq_len)
+        if cfg.use_cuda_graph:
+            B = next(b for b in self._batch_buckets if b >= n)
+            if n < B:
+                self._n_active.fill_(n)
+            self._graph(B, T, mode, masked=n < B).replay()
+        else:
+            self._decode_rows(n, T, mode, masked=False)
+        self._tokens_S[:n] = self._next_tokens_S[:n]
+        self._pos_S[:n] += 1
+        # note: the one host sync of a decode step (the scheduler needs the tokens to stop requests)
+        self._emit(self._slots, self._next_tokens_S[:n].tolist(), self._next_logprobs_S[:n].tolist())
+
+    def _decode_rows(self, B: int, T: int, mode: SamplingMode, *, masked: bool) -> None:
+        """Decode rows [0, B) attending over T positions; writes the sampled tokens and logprobs of those rows.
+
+        Idempotent for a given device state (it writes K/V, routing and outputs, never advances positions), which
+        makes the eager warm-up before a graph capture harmless. `masked`: rows >= the live count are padding."""
+        pos_B = self._pos_S[:B]
+        active_B = self._arange_P[:B] < self._n_active if masked else None
+        logits_BV = self.model.decode(self._tokens_S[:B], pos_B, T, active_B, self.kv, self.routes)
+        tok_B, lp_B = sample_tokens(logits_BV, self._params.narrow(0, B), pos_B + 1, mode, self._vocab_keys_V)
+        self._next_tokens_S[:B] = tok_B
+        self._next_logprobs_S[:B] = lp_B
+
+    def _graph(self, B: int, T: int, mode: SamplingMode, *, masked: bool) -> torch.cuda.CUDAGraph:
+        key = (B, T, mode, masked)
+        if key not in self._graphs:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()  # shared: graphs never run concurrently
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._decode_rows(B, T, mode, masked=masked)  # warm-up (cuBLAS, allocator), harmless: idempotent
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._decode_rows(B, T, mode, masked=masked)
+            self._graphs[key] = graph
+            logger.info("captured decode CUDA graph: batch=%d kv_len=%d mode=%s masked=%s (%d graphs)", B, T,
+                        mode.value, masked, len(self._graphs))
+        return self._graphs[key]
+
+
+@dataclass(eq=False)
+class _Running:
+    req: EngineRequest
+    seed32: int
+    stop_ids: frozenset[int]
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def next_pos(self) -> int:
+        """Position of the last token (the next decode input); also the number of positions cached so far."""
+        return len(self.req.input_ids) + len(self.output_ids) - 1
+
+
+def _batch_buckets(max_slots: int) -> list[int]:
+    """CUDA-graph batch sizes: 1, 2, 4, 8, then steps of 1.5x/2x (16, 24, 32, 48, ...), and max_slots itself."""
+    buckets, b = [], 1
+    while b < max_slots:
+        buckets.append(b)
+        b = b * 2 if b < 16 else (b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3)
+    return [*buckets, max_slots]
+
+
+def _graph_safe(kernel: MoEKernel, device: torch.device, dtype: torch.dtype) -> bool:
+    """torch's grouped_mm takes a host-syncing fallback below sm90 or outside bfloat16; the loop always syncs."""
+    if kernel is MoEKernel.GATHER:
+        return True
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return kernel is MoEKernel.GROUPED_MM and dtype == torch.bfloat16 and sm90
+
+
+def _next_power_of_two(n: int, *, minimum: int, maximum: int) -> int:
+    p = minimum
+    while p < n:
+        p *= 2
+    return min(p, maximum)
