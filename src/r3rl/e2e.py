@@ -167,7 +167,7 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
         target_BSLK, target_rows = rollout_ids_BSLK, P + R - 1  # the last token has no rollout row
     else:  # R2: the old-policy forward records, the update replays
         with torch.no_grad(), replay.record() as rec:
-            model(tokens_BS)
+            model(tokens_BS, use_cache=False)
         batch = rec.batch()
         target_BSLK, target_rows = batch.expert_ids.view(B, P + R, replay.num_layers, -1).cpu(), P + R
     batch = inject_fault(batch, cfg.inject_fault, B)
@@ -179,7 +179,7 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     model.train()
     try:
         with replay.replay(batch):
-            logits = model(tokens_BS).logits
+            logits = model(tokens_BS, use_cache=False).logits
             logp = torch.log_softmax(logits[:, P - 1 : -1].float(), -1).gather(-1, tokens_BS[:, P:, None])
             (-logp.mean()).backward()  # a policy-gradient-shaped loss; the recompute happens here
     finally:
@@ -206,7 +206,7 @@ def _forward(model: nn.Module, tokens_BS: torch.Tensor, prompt_len: int) -> _For
     hooks = [m.register_forward_hook(lambda mod, args, out: used.append(args[1].detach()))
              for name, m in model.named_modules() if name.endswith("mlp.experts")]
     try:
-        logits = model(tokens_BS).logits
+        logits = model(tokens_BS, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()

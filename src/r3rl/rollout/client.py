@@ -53,6 +53,10 @@ class ModelShape:
     num_layers: int
     top_k: int
     num_experts: int
+    moe_layers: tuple[int, ...] | None = None
+    """Decoder indices of the MoE layers, for a SGLang server on a model with dense layers: its trace has one
+    column per decoder layer (`num_decoder_layers`), and only these are kept (`RoutingReplay.decoder_layers`)."""
+    num_decoder_layers: int | None = None
 
 
 class RolloutHTTPError(RuntimeError):
@@ -223,8 +227,10 @@ def decode_generate_output(
         if meta.get("routed_experts_format", "base64_int32") == "compact":
             trace = RoutingTrace.from_bytes(base64.b64decode(routed, validate=True), sample=index)
         else:
-            trace = RoutingTrace.from_sglang(routed, num_layers=shape.num_layers, top_k=shape.top_k,
-                                             num_experts=shape.num_experts, num_tokens=num_tokens, sample=index)
+            wire_layers = shape.num_decoder_layers if shape.moe_layers is not None else shape.num_layers
+            trace = RoutingTrace.from_sglang(routed, num_layers=wire_layers, top_k=shape.top_k,
+                                             num_experts=shape.num_experts, num_tokens=num_tokens,
+                                             layers=shape.moe_layers, sample=index)
         trace.validate(num_tokens=num_tokens, num_layers=shape.num_layers, top_k=shape.top_k,
                        num_experts=shape.num_experts, sample=index)
     version = meta.get("weight_version", 0)

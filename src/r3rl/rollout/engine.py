@@ -5,10 +5,10 @@
     out.output_ids, out.output_logprobs, out.trace         # trace: RoutingTrace [3 + len(output) - 1, layers, top_k]
 
 Model (forward.py): the engine copies the weights of a transformers v5 MoE model (Qwen3-MoE, Qwen2-MoE, Mixtral,
-OLMoE; routers found by `r3rl.models.find_routers`, which raises on anything else) and runs its own forward: fused QKV, q and k
-heads normed and rotated in one op, its own attention over the slot cache, routing in float32 as the family does
-it, and experts as a sorted grouped matmul. It is deliberately a different numerical engine from the HF training
-forward, as SGLang is.
+OLMoE; routers found by `r3rl.models.find_routers`, which raises on anything else) and runs its own forward: fused
+QKV, q and k heads normed and rotated in one op, its own attention over the slot cache, routing in float32 as the
+family does it, and experts as a sorted grouped matmul. It is deliberately a different numerical engine from the HF
+training forward, as SGLang is.
 
 Scheduling: `step()` admits waiting requests into free slots, prefills them (batched, right-padded), then runs one
 decode step for every running slot. Running requests always occupy slots [0, n): a finished slot is refilled by
