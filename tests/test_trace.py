@@ -170,3 +170,14 @@ def test_layout_packed_and_narrow():
 def test_replay_batch_from_tensor():
     batch = ReplayBatch.from_tensor(torch.zeros(4, 2, 3, dtype=torch.uint8), num_experts=8)
     assert batch.expert_ids.dtype == torch.int64 and not batch.has_pad
+
+
+def test_replay_batch_is_validated_on_the_host_before_upload():
+    ids = torch.zeros(3, 2, 2, dtype=torch.int64)
+    ids[:, :, 1] = 1
+    ids[1, 1, 0] = 255  # a pad the caller did not declare
+    moved = ReplayBatch(ids, 255, False, num_experts=8).to("cpu")
+    assert moved.has_pad  # found on the host, so replay fills it instead of indexing expert 255
+    ids[2, 0, 1] = 9
+    with pytest.raises(TraceError, match=r"out of range \[0, 8\) and not the pad 255: got=9 at row=2 layer=0 slot=1"):
+        ReplayBatch(ids, 255, True, num_experts=8).to("cpu")

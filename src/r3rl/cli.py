@@ -111,12 +111,12 @@ def replay_config_from_args(args: argparse.Namespace):
 
 
 def _check_config(args: argparse.Namespace):
-    from r3rl.config import CheckRunConfig, Fault
+    from r3rl.config import CheckRunConfig, Fault, RolloutKind
 
     return CheckRunConfig(
         replay=replay_config_from_args(args), model=args.model, preset=args.preset, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
-        temperature=args.temperature, seed=args.seed, rollout=args.rollout, report=args.report,
+        temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
         inject_fault=Fault(args.inject_fault),
     )
 

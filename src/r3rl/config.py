@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from r3rl.check import resolve_threshold
 
-__all__ = ["ReplayConfig", "ReplayKind", "CheckRunConfig", "Fault"]
+__all__ = ["ReplayConfig", "ReplayKind", "CheckRunConfig", "Fault", "RolloutKind"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,11 @@ class ReplayConfig:
         return self.ci_test and self.kind is not ReplayKind.NONE
 
 
+class RolloutKind(enum.Enum):
+    ENGINE = "engine"  # r3rl's rollout engine: its own kernels, static KV cache, continuous batching
+    HF = "hf"  # the HF model itself, token by token with a DynamicCache
+
+
 class Fault(enum.Enum):
     NONE = "none"
     SHIFT = "shift"  # misalign the trace by one token
@@ -92,8 +97,8 @@ class CheckRunConfig:
     response_len: int = 32
     temperature: float = 1.0
     seed: int = 0
-    rollout: str = "engine"
-    """'engine': r3rl's rollout engine (default); 'hf': the HF model token by token with a KV cache."""
+    rollout: RolloutKind = RolloutKind.ENGINE
+    """Who samples the rollouts (see RolloutKind)."""
     report: str | None = None
     """Where to write the JSON report."""
     inject_fault: Fault = Fault.NONE
@@ -106,7 +111,5 @@ class CheckRunConfig:
         from r3rl.models.loading import resolve_dtype
 
         resolve_dtype(self.dtype)  # raises ValueError naming the choices
-        if self.rollout not in ("engine", "hf"):
-            raise ValueError(f"rollout must be 'engine' or 'hf': got {self.rollout!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampled rollouts: got {self.temperature}")

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from r3rl.check import CheckSummary, ReplayCheck, Stage
-from r3rl.config import CheckRunConfig, Fault, ReplayKind
+from r3rl.config import CheckRunConfig, Fault, ReplayKind, RolloutKind
 from r3rl.models import load_model, resolve_dtype
 from r3rl.models.loading import cache_kwargs, set_activation_checkpointing
 from r3rl.models.presets import make_model
@@ -119,7 +119,7 @@ def inject_fault(batch: ReplayBatch, fault: Fault, batch_size: int) -> ReplayBat
         ids_BSLK = ids_BSLK.roll(1, dims=2)
     logger.warning("injecting fault '%s' into the replay trace (negative control: the check must fail)", fault.value)
     return ReplayBatch(ids_BSLK.reshape(batch.expert_ids.shape).contiguous(), batch.pad_value, batch.has_pad,
-                       batch.num_experts)
+                       batch.num_experts, batch.validated)
 
 
 # --- private ------------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class _ForwardResult:
 
 def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: ReplayCheck | None) -> dict:
     rcfg = cfg.replay
-    rollout = rollout_engine if cfg.rollout == "engine" else rollout_hf_kv_cache
+    rollout = rollout_engine if cfg.rollout is RolloutKind.ENGINE else rollout_hf_kv_cache
     samples = rollout(model, replay, cfg)
     B, P, R = cfg.batch_size, cfg.prompt_len, cfg.response_len
     tokens_BS = torch.tensor([s.tokens for s in samples], device=cfg.device)
@@ -150,8 +150,8 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
 
     report: dict = {"verdict": "fail", "threshold": rcfg.threshold, "replay_mode": rcfg.kind.value,
                     "check_enabled": rcfg.check_enabled, "inject_fault": cfg.inject_fault.value,
-                    "model": cfg.model or f"preset:{cfg.preset}", "rollout": cfg.rollout, "device": str(cfg.device),
-                    "dtype": cfg.dtype,
+                    "model": cfg.model or f"preset:{cfg.preset}", "rollout": cfg.rollout.value,
+                    "device": str(cfg.device), "dtype": cfg.dtype,
                     "batch_size": B, "prompt_len": P, "response_len": R}
     with torch.no_grad(), replay.off():
         live = _forward(model, tokens_BS, P)

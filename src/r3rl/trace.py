@@ -306,6 +306,7 @@ class ReplayBatch:
     pad_value: int
     has_pad: bool
     num_experts: int
+    validated: bool = False  # built by a layout from validated traces (or already checked): skip the host check
 
     @property
     def num_tokens(self) -> int:
@@ -323,23 +324,42 @@ class ReplayBatch:
         """int64 ids on `device` (no host sync: pinned, non-blocking copy, widened on the device)."""
         ids = self.expert_ids
         device = torch.device(device)
+        has_pad = self.has_pad
+        if ids.device.type == "cpu" and not self.validated:
+            has_pad = self._validate_host(has_pad)
         if ids.device != device:
             if device.type == "cuda" and ids.device.type == "cpu" and not ids.is_pinned():
                 ids = ids.pin_memory()
             ids = ids.to(device, non_blocking=True)
-        return ReplayBatch(ids.long(), self.pad_value, self.has_pad, self.num_experts)
+        return ReplayBatch(ids.long(), self.pad_value, has_pad, self.num_experts, validated=True)
+
+    def _validate_host(self, has_pad: bool) -> bool:
+        """Ids in range on the host, before they reach a device-side index (no device sync: the ids are here)."""
+        ids = self.expert_ids
+        if ids.numel() == 0:
+            return has_pad
+        is_pad = ids == self.pad_value
+        bad = ~is_pad & ((ids < 0) | (ids >= self.num_experts))
+        if bad.any():
+            row, layer, slot = (int(x) for x in bad.nonzero()[0])
+            raise TraceError(
+                f"replay batch id out of range [0, {self.num_experts}) and not the pad {self.pad_value}: "
+                f"got={int(ids[row, layer, slot])} at row={row} layer={layer} slot={slot}"
+            )
+        return has_pad or bool(is_pad.any())
 
     def narrow(self, start: int, length: int) -> ReplayBatch:
         """Rows `[start, start + length)`: the micro-batch of a packed layout, or of a flattened padded one."""
         if start < 0 or start + length > self.num_tokens:
             raise TraceError(f"micro-batch rows [{start}, {start + length}) outside the batch of {self.num_tokens}")
-        return ReplayBatch(self.expert_ids.narrow(0, start, length), self.pad_value, self.has_pad, self.num_experts)
+        return ReplayBatch(self.expert_ids.narrow(0, start, length), self.pad_value, self.has_pad, self.num_experts,
+                           self.validated)
 
     @classmethod
     def from_tensor(cls, expert_ids: torch.Tensor, num_experts: int, pad_value: int | None = None) -> ReplayBatch:
-        """Wrap ids recorded in-process (R2). Recorded routing never has pads unless `pad_value` is given."""
+        """Wrap ids recorded in-process (R2): the router chose them, so they are valid and have no pads."""
         pad = pad_value_for(num_experts) if pad_value is None else pad_value
-        return cls(expert_ids.long(), pad, pad_value is not None, num_experts)
+        return cls(expert_ids.long(), pad, pad_value is not None, num_experts, validated=pad_value is None)
 
 
 def layout_padded(
@@ -372,7 +392,7 @@ def layout_padded(
             )
         out[b, start : start + trace.num_rows] = trace.expert_ids
     # Every sample's last token has no row, so a padded layout always has pad rows.
-    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts)
+    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts, validated=True)
 
 
 def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> ReplayBatch:
@@ -387,7 +407,7 @@ def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> Rep
         trace.validate(num_tokens=n, sample=b)
         chunks.append(trace.expert_ids)
         chunks.append(np.full((1, num_layers, top_k), pad, dtype=dtype))  # the last token has no row
-    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts)
+    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts, validated=True)
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
