@@ -7,8 +7,9 @@ One process, one model, one batch. The three modes are timed in interleaved roun
 plain, ...) so clock and thermal drift hit all of them alike; each number is a median. The step is a training
 micro-batch: forward with activation checkpointing (so routers run twice: forward and recompute), a
 policy-gradient-shaped loss, backward. The replayed trace is the model's own routing, so every mode sends the same
-tokens to the same experts and only the routing code differs. replay+check includes the check's once-per-step
-`summary()` (its one host sync).
+tokens to the same experts and only the routing code differs. The trace takes a rollout's path: per-sample uint8
+RoutingTraces laid out with `layout_padded` (pinned upload, pad-slot fill for the last token of each sample).
+replay+check includes the check's once-per-step `summary()` (its one host sync).
 
 Targets (issue 2): replay <= 1.02x plain, replay+check <= 1.05x plain. Also prints trace bytes per token vs
 SGLang's int32 wire format (target: 1 byte per layer per k).
@@ -28,7 +29,7 @@ from r3rl.check import ReplayCheck
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model
 from r3rl.replay import RoutingReplay
-from r3rl.trace import RoutingTrace
+from r3rl.trace import layout_padded
 
 
 def main() -> None:
@@ -50,11 +51,14 @@ def main() -> None:
     g = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, 256, (args.batch, args.seq), generator=g).to(device)
 
+    # The trace goes the way a rollout's does: per-sample RoutingTraces (uint8, seq - 1 rows: the last token has
+    # none), laid out for the padded forward. So replay runs its real path: pinned upload, pad-slot fill.
     replay = RoutingReplay(model)
     with torch.no_grad(), replay.record() as rec:
         model(tokens)
-    batch = rec.batch()
-    num_layers, top_k, num_experts = replay.num_layers, replay.top_k, replay.num_experts
+    traces = rec.traces(lengths=[args.seq] * args.batch, seq_len=args.seq)
+    batch = layout_padded(traces, seq_len=args.seq, lengths=[args.seq] * args.batch)
+    num_layers, top_k = replay.num_layers, replay.top_k
     replay.close()
 
     def step_plain():
@@ -89,8 +93,7 @@ def main() -> None:
 
     med = {m: statistics.median(v) for m, v in times.items()}
     spread = {m: (min(v), max(v)) for m, v in times.items()}
-    trace = RoutingTrace.from_ids(batch.expert_ids[: args.seq - 1].view(args.seq - 1, num_layers, top_k).cpu(),
-                                  num_experts)
+    trace = traces[0]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "rounds": args.rounds,

@@ -306,3 +306,64 @@ def test_cuda_graph_engine_matches_hf_forward_in_bf16(preset):
     engine.update_weights(make_model(preset, seed=2, device="cuda", dtype=torch.bfloat16).state_dict())
     assert engine.kv.k_LSHTD.data_ptr() == ptr
     assert [o.output_ids for o in engine.generate(_requests(7))] != [o.output_ids for o in outputs]
+
+
+# --- sampling distribution and edge cases -------------------------------------------------------------------------
+def _draws(logits_V, n, **params):
+    """n seeded draws from one row of logits through the engine's sampler (one row per seed)."""
+    from r3rl.rollout.sampling import SamplingMode, SlotParams, fold_seed, sample_tokens, vocab_keys
+
+    V = logits_V.shape[0]
+    p = SamplingParams(**params)
+    slot = SlotParams(torch.full((n,), p.temperature), torch.full((n,), p.top_p),
+                      torch.full((n,), p.top_k if p.top_k <= V else -1, dtype=torch.int64),
+                      torch.tensor([fold_seed(s) for s in range(n)], dtype=torch.int64))
+    tokens, logprobs = sample_tokens(logits_V.expand(n, V), slot, torch.full((n,), 5), SamplingMode.for_params([p]),
+                                     vocab_keys(V, "cpu"))
+    return tokens, logprobs
+
+
+def test_sampler_follows_the_distribution_and_its_filters():
+    logits = torch.randn(12, generator=torch.Generator().manual_seed(0)) * 1.5
+    n = 20000
+
+    def freq(t):
+        return torch.bincount(t, minlength=12).double() / n
+
+    probs = torch.softmax(logits.double(), -1)
+    tokens, logprobs = _draws(logits, n, temperature=1.0)
+    assert 0.5 * (freq(tokens) - probs).abs().sum() < 0.02  # total variation vs softmax
+    torch.testing.assert_close(logprobs.double(), torch.log(probs)[tokens], rtol=0, atol=1e-5)
+    hot = torch.softmax(logits.double() / 0.5, -1)  # temperature sharpens the distribution
+    assert 0.5 * (freq(_draws(logits, n, temperature=0.5)[0]) - hot).abs().sum() < 0.02
+    top5 = torch.topk(logits, 5).indices
+    t5 = _draws(logits, n, temperature=1.0, top_k=5)[0]
+    assert torch.isin(t5, top5).all()
+    p5 = torch.zeros(12, dtype=torch.float64).index_copy_(0, top5, torch.softmax(logits[top5].double(), -1))
+    assert 0.5 * (freq(t5) - p5).abs().sum() < 0.02
+    order = torch.argsort(logits, descending=True)
+    nucleus = order[: int((torch.cumsum(probs[order], 0) < 0.6).sum()) + 1]
+    assert set(_draws(logits, n, temperature=1.0, top_p=0.6)[0].unique().tolist()) == set(nucleus.tolist())
+
+
+def test_sampler_edge_cases_are_greedy_or_unfiltered():
+    logits = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    greedy = int(logits.argmax())
+    for params in (dict(temperature=1e-39), dict(temperature=1.0, top_p=1e-300), dict(temperature=1.0, top_k=1)):
+        assert (_draws(logits, 50, **params)[0] == greedy).all(), params
+    huge = _draws(logits, 2000, temperature=1.0, top_k=2**70)[0]
+    assert torch.equal(huge, _draws(logits, 2000, temperature=1.0)[0])  # top_k >= vocab keeps every token
+
+
+def test_huge_top_k_does_not_break_the_engine(qwen3):
+    engine = RolloutEngine(qwen3, max_slots=2, max_seq_len=32)
+    big = SamplingParams(max_new_tokens=3, temperature=1.0, top_k=2**63, seed=1)
+    out = engine.generate([EngineRequest(request_id="big", input_ids=[1, 2, 3], sampling=big)])
+    assert len(out[0].output_ids) == 3 and not engine.has_work()
+
+
+def test_structured_seeds_do_not_collide():
+    from r3rl.rollout.sampling import fold_seed
+
+    keys = {fold_seed((step << 32) | i) for step in range(64) for i in range(64)}
+    assert len(keys) == 64 * 64 and fold_seed(1) != fold_seed(2**32)

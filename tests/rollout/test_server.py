@@ -179,6 +179,8 @@ BAD_INPUTS = [
     ({"input_ids": [[1], [2]], "sampling_params": [{}]}, "sampling_params"),
     ({"input_ids": [[1], [2]], "rid": ["a"]}, "rid"),
     ({"input_ids": [1], "routed_experts_format": "json"}, "routed_experts_format"),
+    ({"input_ids": [1], "sampling_params": []}, "sampling_params"),
+    (b'{"input_ids": [1], "sampling_params": {"seed": ' + b"9" * 5000 + b"}}", "body"),
 ]
 
 
@@ -279,6 +281,7 @@ def _mock_client(responses: list, calls: list) -> RolloutClient:
     ([(400, {"error": {"message": "bad", "field": "input_ids"}})], 1, RolloutRequestError),
     ([httpx.ConnectError("refused")], 3, RolloutServerError),
     ([(502, {})], 3, RolloutServerError),
+    ([httpx.ReadTimeout("slow")], 1, RolloutServerError),  # the server may still be generating: never resent
 ])
 def test_client_retries_connect_errors_and_5xx_not_4xx(responses, n_calls, error):
     calls: list = []

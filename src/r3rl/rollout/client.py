@@ -178,9 +178,15 @@ class RolloutClient:
                 resp = await self._http.request(method, path, json=payload)
             except _RETRY_EXCEPTIONS as e:
                 error = RolloutServerError(f"{method} {self.base_url}{path} failed: {type(e).__name__}: {e}")
+            except httpx.HTTPError as e:  # e.g. a read timeout: the server may still be generating; do not resend
+                raise RolloutServerError(f"{method} {self.base_url}{path} failed: {type(e).__name__}: {e}") from e
             else:
                 if resp.status_code < 400:
-                    return resp.json()
+                    try:
+                        return resp.json()
+                    except ValueError as e:
+                        raise RolloutServerError(f"{method} {self.base_url}{path}: response is not JSON "
+                                                 f"(status {resp.status_code}): {resp.text[:200]!r}") from e
                 error = _http_error(method, self.base_url + path, resp)
                 if resp.status_code < 500:
                     raise error

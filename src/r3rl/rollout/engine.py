@@ -319,8 +319,10 @@ class RolloutEngine:
 
     # --- private: prefill and decode ------------------------------------------------------------------------------
     def _prefill(self, slot0: int, new: list[_Running]) -> None:
-        columns = zip(*((r.req.sampling.temperature, r.req.sampling.top_p, r.req.sampling.top_k, r.seed32)
-                        for r in new), strict=True)
+        V = self.vocab_size  # a top_k of the vocabulary or more keeps every token (and must fit an int64 buffer)
+        columns = zip(*((r.req.sampling.temperature, r.req.sampling.top_p,
+                         r.req.sampling.top_k if r.req.sampling.top_k <= V else -1, r.seed32) for r in new),
+                      strict=True)
         for dst, values in zip(vars(self._params.narrow(slot0, len(new))).values(), columns, strict=True):
             dst.copy_(torch.tensor(values, dtype=dst.dtype))
         start = 0

@@ -67,7 +67,7 @@ class MoEForward:
     def __init__(self, model: PreTrainedModel, *, device: torch.device, dtype: torch.dtype, max_seq_len: int,
                  max_slots: int, batch_invariant: bool) -> None:
         cfg = model.config
-        _check_supported(model)
+        _check_supported(model, max_seq_len)
         sites = {int(re.search(r"layers\.(\d+)\.", s.name).group(1)): s for s in find_routers(model)}  # raises
         first = next(iter(sites.values()))
         self.family, self.num_experts, self.top_k, self.num_moe_layers = (cfg.model_type, first.num_experts,
@@ -322,14 +322,17 @@ class _Loader:
                                       f"silently ignore them): got unused {unused[:5]}{' ...' * (len(unused) > 5)}")
 
 
-def _check_supported(model: PreTrainedModel) -> None:
+def _check_supported(model: PreTrainedModel, max_seq_len: int) -> None:
+    """Full attention only; a sliding window at least as long as the engine's context is full attention."""
     cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
     layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    sliding = getattr(cfg, "use_sliding_window", cfg.sliding_window is not None) if hasattr(cfg, "sliding_window") \
-        else False
+    sliding = getattr(cfg, "use_sliding_window", window is not None) if hasattr(cfg, "sliding_window") else False
+    if window is not None and window >= max_seq_len:  # the window never cuts anything off
+        sliding, layer_types = False, layer_types - {"sliding_attention"} | {"full_attention"}
     if sliding or layer_types != {"full_attention"}:
-        raise NotImplementedError(f"the rollout engine implements full attention only: got sliding_window="
-                                  f"{getattr(cfg, 'sliding_window', None)}, layer_types={sorted(layer_types)}")
+        raise NotImplementedError(f"the rollout engine implements full attention only: got sliding_window={window} "
+                                  f"< max_seq_len={max_seq_len}, layer_types={sorted(layer_types)}")
 
 
 def _rope_tables(model: PreTrainedModel, max_seq_len: int, device: torch.device, dtype: torch.dtype):

@@ -259,7 +259,7 @@ def parse_generate_request(body: Any) -> GenerateBatch:
     n = len(prompts)
     if not 1 <= n <= MAX_BATCH:
         raise ProtocolError(f"batch size must be in [1, {MAX_BATCH}]: got {n}", prompt_name)
-    sps = req.sampling_params or [SamplingParamsMessage()]
+    sps = req.sampling_params if req.sampling_params is not None else [SamplingParamsMessage()]
     if sp_is_list and len(sps) != n:
         raise ProtocolError(f"sampling_params list must have one entry per prompt: got {len(sps)}, expected {n}",
                             "sampling_params")

@@ -117,6 +117,11 @@ class EngineOutput:
     """Engine weight version when the request finished (bumped by every update_weights)."""
 
 
+# At or below this temperature a request is greedy (as in vLLM): logits / T would overflow float32 to inf, and argmax
+# over several +inf would pick the first, not the largest, logit.
+GREEDY_TEMPERATURE = 1e-5
+
+
 class SamplingMode(enum.Enum):
     """What the sampler must compute for a batch; chosen on the host per step (one CUDA graph per mode)."""
 
@@ -126,9 +131,9 @@ class SamplingMode(enum.Enum):
 
     @classmethod
     def for_params(cls, params: list[SamplingParams]) -> SamplingMode:
-        if any(p.temperature > 0 and (p.top_p < 1.0 or p.top_k > 0) for p in params):
+        if any(p.temperature > GREEDY_TEMPERATURE and (p.top_p < 1.0 or p.top_k > 0) for p in params):
             return cls.FILTERED
-        if any(p.temperature > 0 for p in params):
+        if any(p.temperature > GREEDY_TEMPERATURE for p in params):
             return cls.SAMPLE
         return cls.GREEDY
 
@@ -148,9 +153,14 @@ class SlotParams:
 
 
 def fold_seed(seed: int) -> int:
-    """Any Python int -> the 32-bit key the hash uses (high bits folded in, so seeds 2**32 apart differ)."""
-    s = seed % (1 << 64)
-    return (s ^ (s >> 32)) & _M32
+    """Any Python int -> the 32-bit key the hash uses: splitmix64 of the seed (mod 2**64), high half.
+
+    Every bit of the seed moves the key, so structured seeds such as `(step << 32) | i` do not collide the way a
+    plain xor-fold would (fold(1) == fold(2**32)); distinct seeds still share a key with probability 2**-32."""
+    z = (seed + 0x9E3779B97F4A7C15) % (1 << 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (z ^ (z >> 31)) >> 32
 
 
 def vocab_keys(vocab_size: int, device: torch.device | str) -> torch.Tensor:
@@ -173,12 +183,13 @@ def sample_tokens(
         tokens_B = greedy_B
     else:
         temperature_B = params.temperature_B
-        scaled_BV = logits_BV / torch.where(temperature_B > 0, temperature_B, 1.0).unsqueeze(1)
+        samples_B = temperature_B > GREEDY_TEMPERATURE
+        scaled_BV = logits_BV / torch.where(samples_B, temperature_B, 1.0).unsqueeze(1)
         if mode is SamplingMode.FILTERED:
             scaled_BV = _mask_top_k_top_p(scaled_BV, params.top_k_B, params.top_p_B)
         noise_BV = _gumbel_BV(params.seed_B, counter_B, vocab_keys_V)
         sampled_B = (scaled_BV + noise_BV).argmax(dim=-1)
-        tokens_B = torch.where(temperature_B > 0, sampled_B, greedy_B)
+        tokens_B = torch.where(samples_B, sampled_B, greedy_B)
     return tokens_B, logprobs_BV.gather(1, tokens_B.unsqueeze(1)).squeeze(1)
 
 
@@ -213,6 +224,7 @@ def _mask_top_k_top_p(scaled_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: t
     k_B = torch.where(top_k_B > 0, top_k_B, V)
     remove_BV = rank_V.unsqueeze(0) >= k_B.unsqueeze(1)
     probs_BV = torch.softmax(sorted_BV.masked_fill(remove_BV, float("-inf")), dim=-1)
-    mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV  # the top token has 0 < top_p: always kept
+    mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV
     remove_BV |= (mass_before_BV >= top_p_B.unsqueeze(1)) & (top_p_B < 1.0).unsqueeze(1)
+    remove_BV[:, 0] = False  # the top token always stays (a top_p that rounds to 0 in float32 would drop it)
     return scaled_BV.masked_fill(torch.zeros_like(remove_BV).scatter(1, order_BV, remove_BV), float("-inf"))

@@ -220,7 +220,8 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
         start = time.perf_counter()
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is
+            # an integer literal over Python's digit limit
             raise ProtocolError(f"request body must be valid JSON: {e}", "body") from None
         batch = parse_generate_request(body)
         reqs = [_engine_request(state, batch, item) for item in batch.items]  # all validated before any runs
