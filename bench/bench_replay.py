@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from r3rl.check import ReplayCheck
+from r3rl.check import ReplayCheck, Stage
+from r3rl.models import find_routers
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model
 from r3rl.replay import RoutingReplay
@@ -56,6 +57,7 @@ def main() -> None:
     replay = RoutingReplay(model)
     with torch.no_grad(), replay.record() as rec:
         model(tokens)
+    recorded = rec.batch()  # on the device, no pads: the R2 path
     traces = rec.traces(lengths=[args.seq] * args.batch, seq_len=args.seq)
     batch = layout_padded(traces, seq_len=args.seq, lengths=[args.seq] * args.batch)
     num_layers, top_k = replay.num_layers, replay.top_k
@@ -77,7 +79,12 @@ def main() -> None:
             _step(model, tokens)
         check.summary()
 
-    modes = {"plain": step_plain, "replay": step_replay, "replay+check": step_check}
+    def step_recorded():
+        with r_replay.replay(recorded):
+            _step(model, tokens)
+
+    modes = {"plain": step_plain, "replay": step_replay, "replay+check": step_check,
+             "replay (R2: device batch, no pads)": step_recorded}
     times: dict[str, list[float]] = {m: [] for m in modes}
     for i in range(args.warmup + args.rounds):
         for name, fn in modes.items():
@@ -92,6 +99,7 @@ def main() -> None:
     r_replay.close()
 
     med = {m: statistics.median(v) for m, v in times.items()}
+    parts = _micro(batch, model, device)
     spread = {m: (min(v), max(v)) for m, v in times.items()}
     trace = traces[0]
     result = {
@@ -101,6 +109,7 @@ def main() -> None:
         "median_ms": {m: 1e3 * v for m, v in med.items()},
         "min_max_ms": {m: [1e3 * a, 1e3 * b] for m, (a, b) in spread.items()},
         "ratio_vs_plain": {m: med[m] / med["plain"] for m in med},
+        "per_call_us": parts,
         "trace_bytes_per_token": trace.nbytes / trace.num_rows,
         "sglang_int32_bytes_per_token": num_layers * top_k * 4,
         "trace_bytes_per_layer_per_k": trace.nbytes / (trace.num_rows * num_layers * top_k),
@@ -112,9 +121,39 @@ def main() -> None:
         print(f"| {m} | {result['median_ms'][m]:.1f} | {result['ratio_vs_plain'][m]:.3f} | {lo:.1f}-{hi:.1f} |")
     print(f"\ntrace: {result['trace_bytes_per_token']:.0f} B/token ({result['trace_bytes_per_layer_per_k']:.0f} B per "
           f"layer per k) vs SGLang int32 {result['sglang_int32_bytes_per_token']} B/token")
+    print("per router call / per step, microseconds (median of 50): " + ", ".join(f"{k}={v:.1f}" for k, v in
+                                                                                  parts.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def _micro(batch, model, device: torch.device) -> dict[str, float]:
+    """Attribute the replay cost: each piece of the replayed router call timed alone on one layer's shapes."""
+    from r3rl.replay import fill_pad_slots
+
+    site = find_routers(model)[0]
+    on_dev = batch.to(device)
+    T, E = on_dev.num_tokens, site.num_experts
+    probs_TE = torch.rand(T, E, device=device).softmax(-1)
+    ids_TK = on_dev.expert_ids[:, 0, :]
+    valid_TK = ids_TK != on_dev.pad_value
+    check = ReplayCheck(1, on_dev.top_k, device=device)
+    live_TK = torch.topk(probs_TE, on_dev.top_k, dim=-1).indices
+    pieces = {
+        "upload_batch_per_step": lambda: batch.to(device),
+        "live_topk": lambda: torch.topk(probs_TE, on_dev.top_k, dim=-1),
+        "pad_fill": lambda: fill_pad_slots(ids_TK, valid_TK, probs_TE),
+        "check_observe": lambda: check.observe(Stage.REPLAY_FORWARD, 0, live_TK, ids_TK, valid_TK),
+    }
+    out = {}
+    for name, fn in pieces.items():
+        samples = []
+        for _ in range(60):
+            samples.append(_timed(fn, device))
+        out[name] = 1e6 * statistics.median(samples[10:])
+    check.summary(raise_on_fail=False)
+    return out
 
 
 def _step(model, tokens) -> None:

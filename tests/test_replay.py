@@ -304,3 +304,27 @@ def test_router_subclass_keeps_its_adapter(qwen3_model):
     qwen3_model.model.layers[0].mlp.gate = router
     sites = find_routers(qwen3_model)
     assert sites[0].router is router and sites[0].adapter.family == "softmax-topk"
+
+
+def test_all_pad_rows_take_the_live_top_k_shortcut_with_the_same_result(qwen3_model, tokens):
+    import dataclasses
+
+    from r3rl.trace import RoutingTrace, layout_padded
+
+    replay = RoutingReplay(qwen3_model)
+    B, S = tokens.shape
+    with replay.record() as rec:
+        ref = qwen3_model(tokens).logits
+    traces = rec.traces(lengths=[S] * B, seq_len=S)
+    batch = layout_padded(traces, seq_len=S, lengths=[S] * B)
+    assert batch.has_pad and not batch.partial_pad  # only each sample's last position lacks a row
+    with replay.replay(batch):
+        fast = qwen3_model(tokens).logits
+    with replay.replay(dataclasses.replace(batch, partial_pad=True)):  # force the deduping fill
+        slow = qwen3_model(tokens).logits
+    assert torch.equal(fast, ref) and torch.equal(slow, ref)
+    ids = traces[0].expert_ids.astype("int64")
+    ids[2, 1, 0] = -1  # one pad slot in a real row
+    partial = [RoutingTrace.from_ids(ids, replay.num_experts), *traces[1:]]
+    assert layout_padded(partial, seq_len=S, lengths=[S] * B).partial_pad
+    replay.close()

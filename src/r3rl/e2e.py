@@ -17,6 +17,7 @@ The experts actually used are read by hooks on the experts modules, not from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -118,8 +119,7 @@ def inject_fault(batch: ReplayBatch, fault: Fault, batch_size: int) -> ReplayBat
             raise ValueError("permute-layers needs at least 2 MoE layers")
         ids_BSLK = ids_BSLK.roll(1, dims=2)
     logger.warning("injecting fault '%s' into the replay trace (negative control: the check must fail)", fault.value)
-    return ReplayBatch(ids_BSLK.reshape(batch.expert_ids.shape).contiguous(), batch.pad_value, batch.has_pad,
-                       batch.num_experts, batch.validated)
+    return dataclasses.replace(batch, expert_ids=ids_BSLK.reshape(batch.expert_ids.shape).contiguous())
 
 
 # --- private ------------------------------------------------------------------------------------------------------

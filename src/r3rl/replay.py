@@ -241,10 +241,19 @@ class RoutingReplay:
         check = self.check
 
         def select(probs_TE: torch.Tensor) -> torch.Tensor:
+            probs_TE = probs_TE.detach()  # selection is not differentiable: keep it out of the autograd graph
+            K = replay_TK.shape[1]
+            # The live top-k reuses the scores the adapter computed (no second router): the check compares with
+            # it, and rows that are all pad take it as is.
+            live_TK = torch.topk(probs_TE, K, dim=-1).indices if check is not None or batch.has_pad else None
             valid_TK = replay_TK != batch.pad_value if batch.has_pad else None
-            ids_TK = replay_TK if valid_TK is None else fill_pad_slots(replay_TK, valid_TK, probs_TE)
+            if valid_TK is None:
+                ids_TK = replay_TK
+            elif batch.partial_pad:
+                ids_TK = fill_pad_slots(replay_TK, valid_TK, probs_TE)
+            else:  # every pad row is all pad: the fill is the live top-k, no dedupe needed
+                ids_TK = torch.where(valid_TK, replay_TK, live_TK)
             if check is not None:
-                live_TK = torch.topk(probs_TE, ids_TK.shape[1], dim=-1).indices  # reuses the scores: no 2nd router
                 check.observe(stage, layer, live_TK, ids_TK, valid_TK)
             return ids_TK
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -307,6 +308,8 @@ class ReplayBatch:
     has_pad: bool
     num_experts: int
     validated: bool = False  # built by a layout from validated traces (or already checked): skip the host check
+    partial_pad: bool = True  # some row mixes real and pad slots (then the pad fill must dedupe); False when every
+    # pad row is all pad (a position without a trace row), where the fill is simply the live top-k
 
     @property
     def num_tokens(self) -> int:
@@ -324,20 +327,21 @@ class ReplayBatch:
         """int64 ids on `device` (no host sync: pinned, non-blocking copy, widened on the device)."""
         ids = self.expert_ids
         device = torch.device(device)
-        has_pad = self.has_pad
+        has_pad, partial_pad = self.has_pad, self.partial_pad
         if ids.device.type == "cpu" and not self.validated:
-            has_pad = self._validate_host(has_pad)
+            has_pad, partial_pad = self._validate_host(has_pad)
         if ids.device != device:
             if device.type == "cuda" and ids.device.type == "cpu" and not ids.is_pinned():
                 ids = ids.pin_memory()
             ids = ids.to(device, non_blocking=True)
-        return ReplayBatch(ids.long(), self.pad_value, has_pad, self.num_experts, validated=True)
+        return dataclasses.replace(self, expert_ids=ids.long(), has_pad=has_pad, validated=True,
+                                   partial_pad=partial_pad)
 
-    def _validate_host(self, has_pad: bool) -> bool:
+    def _validate_host(self, has_pad: bool) -> tuple[bool, bool]:
         """Ids in range on the host, before they reach a device-side index (no device sync: the ids are here)."""
         ids = self.expert_ids
         if ids.numel() == 0:
-            return has_pad
+            return has_pad, self.partial_pad
         is_pad = ids == self.pad_value
         bad = ~is_pad & ((ids < 0) | (ids >= self.num_experts))
         if bad.any():
@@ -346,20 +350,20 @@ class ReplayBatch:
                 f"replay batch id out of range [0, {self.num_experts}) and not the pad {self.pad_value}: "
                 f"got={int(ids[row, layer, slot])} at row={row} layer={layer} slot={slot}"
             )
-        return has_pad or bool(is_pad.any())
+        return has_pad or bool(is_pad.any()), self.partial_pad and _has_partial_rows(is_pad)
 
     def narrow(self, start: int, length: int) -> ReplayBatch:
         """Rows `[start, start + length)`: the micro-batch of a packed layout, or of a flattened padded one."""
         if start < 0 or start + length > self.num_tokens:
             raise TraceError(f"micro-batch rows [{start}, {start + length}) outside the batch of {self.num_tokens}")
-        return ReplayBatch(self.expert_ids.narrow(0, start, length), self.pad_value, self.has_pad, self.num_experts,
-                           self.validated)
+        return dataclasses.replace(self, expert_ids=self.expert_ids.narrow(0, start, length))
 
     @classmethod
     def from_tensor(cls, expert_ids: torch.Tensor, num_experts: int, pad_value: int | None = None) -> ReplayBatch:
         """Wrap ids recorded in-process (R2): the router chose them, so they are valid and have no pads."""
         pad = pad_value_for(num_experts) if pad_value is None else pad_value
-        return cls(expert_ids.long(), pad, pad_value is not None, num_experts, validated=pad_value is None)
+        return cls(expert_ids.long(), pad, pad_value is not None, num_experts, validated=pad_value is None,
+                   partial_pad=pad_value is not None)
 
 
 def layout_padded(
@@ -392,7 +396,8 @@ def layout_padded(
             )
         out[b, start : start + trace.num_rows] = trace.expert_ids
     # Every sample's last token has no row, so a padded layout always has pad rows.
-    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts, validated=True)
+    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts, validated=True,
+                       partial_pad=any(_has_partial_rows(t.pad_mask()) for t in traces))
 
 
 def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> ReplayBatch:
@@ -407,10 +412,16 @@ def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> Rep
         trace.validate(num_tokens=n, sample=b)
         chunks.append(trace.expert_ids)
         chunks.append(np.full((1, num_layers, top_k), pad, dtype=dtype))  # the last token has no row
-    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts, validated=True)
+    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts, validated=True,
+                       partial_pad=any(_has_partial_rows(t.pad_mask()) for t in traces))
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
+def _has_partial_rows(is_pad) -> bool:
+    """Any (row, layer) with some but not all slots padded (numpy or torch bool `[rows, layers, k]`)."""
+    return bool((is_pad.any(-1) & ~is_pad.all(-1)).any()) if is_pad.shape[0] else False
+
+
 def _where(sample: int | str | None) -> str:
     return "" if sample is None else f" (sample {sample})"
 
