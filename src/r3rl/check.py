@@ -1,10 +1,11 @@
 """ReplayCheck: prove that replay happened and that the replayed experts are the ones the live router would pick.
 
 For every replayed router call, `RoutingReplay` hands the check the live top-k (computed from the scores the
-adapter already computed; the router never runs twice) and the replayed ids. The check keeps per-stage, per-layer
-counters on the device: rows checked (all-pad rows excluded), rows with zero overlap, exact-set matches, summed
-overlap fraction and the sum of replayed ids. `summary()` syncs once per step, logs the evidence lines and returns
-a `CheckSummary` (JSON-ready). Above the threshold it logs up to 5 offending tokens with their neighbours, then
+adapter already computed; the router never runs twice) and the replayed ids. The check keeps, on the device, one
+histogram per (stage, layer) of rows by (overlap with the live top-k, valid slots), filled by one `scatter_add_`
+per call, plus the sum of replayed ids. From it `summary()` derives rows checked (all-pad rows excluded), rows with
+zero overlap, exact-set matches and the mean overlap fraction; it syncs once per step, logs the evidence lines and
+returns a `CheckSummary` (JSON-ready). Above the threshold it logs up to 5 offending tokens with their neighbours, then
 raises `AssertionError("R3 mismatch tokens (N) > threshold (M)")`.
 
 Evidence (logger `r3rl`, INFO; byte-for-byte contracts grepped by regression jobs), one wrapper line per (stage,
