@@ -178,3 +178,13 @@ def test_replay_select_and_check_hot_path_has_no_cuda_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert check.summary(raise_on_fail=False).stages["replay_forward"]["calls"] == 2
+
+
+def test_observe_rejects_a_top_k_it_was_not_sized_for_and_keeps_bounded_examples():
+    check = ReplayCheck(1, 4)
+    with pytest.raises(ValueError, match="ReplayCheck\\(top_k=4\\) got a router call with top_k=2 at layer 0"):
+        check.observe(Stage.REPLAY_FORWARD, 0, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long))
+    ids = torch.arange(4).expand(8, 4)
+    for _ in range(50):  # many micro-batches: the failure report keeps the first and the latest call only
+        check.observe(Stage.REPLAY_FORWARD, 0, ids, ids)
+    assert [len(v) for v in check._examples.values()] == [2]

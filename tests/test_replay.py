@@ -328,3 +328,46 @@ def test_all_pad_rows_take_the_live_top_k_shortcut_with_the_same_result(qwen3_mo
     partial = [RoutingTrace.from_ids(ids, replay.num_experts), *traces[1:]]
     assert layout_padded(partial, seq_len=S, lengths=[S] * B).partial_pad
     replay.close()
+
+
+def test_checkpoint_context_fn_replays_each_recompute_with_its_own_batch(qwen3_model):
+    """With context_fn, backward may run after the contexts closed, over several micro-batches, or twice."""
+    qwen3_model.train()
+    tokens = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(5))
+    replay = RoutingReplay(qwen3_model)
+    full = _foreign_batch(replay, tokens.numel(), seed=7)
+    with replay.replay(full):
+        _, ref_grads = _loss_and_grads(qwen3_model, tokens)
+    set_activation_checkpointing(qwen3_model, True, context_fn=replay.checkpoint_context_fn)
+    qwen3_model.zero_grad(set_to_none=True)
+    losses = []
+    for mb in range(2):
+        with replay.replay(full.narrow(mb * 20, 20)):
+            losses.append(qwen3_model(tokens[2 * mb : 2 * mb + 2]).logits.float().logsumexp(-1).sum().div(40))
+    with replay.off():  # e.g. a reference forward in between
+        qwen3_model(tokens)
+    sum(losses).backward(retain_graph=True)  # both micro-batches, outside their contexts
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(dict(qwen3_model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+    sum(losses).backward()  # a second backward through the same graph recomputes again: no false alarm
+    assert replay.calls[Stage.REPLAY_BACKWARD] == [4] * replay.num_layers
+    set_activation_checkpointing(qwen3_model, False)
+    replay.close()
+
+
+def test_no_false_alarm_when_a_replayed_step_did_not_checkpoint(qwen3_model, tokens):
+    qwen3_model.train()
+    replay = RoutingReplay(qwen3_model)
+    with replay.replay(_foreign_batch(replay, tokens.numel())):
+        qwen3_model(tokens).logits.sum().backward()  # no checkpointing: no recompute will ever come
+    set_activation_checkpointing(qwen3_model, True)
+    with replay.off():
+        qwen3_model(tokens).logits.sum().backward()  # a later checkpointed step routes live, legitimately
+    set_activation_checkpointing(qwen3_model, False)
+    replay.close()
+
+
+def test_check_must_fit_the_model(qwen3_model):
+    with pytest.raises(RoutingReplayError, match=r"ReplayCheck does not fit .*got \(layers, top_k\)=\(4, 2\), "
+                                                 r"expected=\(4, 4\)"):
+        RoutingReplay(qwen3_model, check=ReplayCheck(4, 2))

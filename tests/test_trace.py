@@ -181,3 +181,9 @@ def test_replay_batch_is_validated_on_the_host_before_upload():
     ids[2, 0, 1] = 9
     with pytest.raises(TraceError, match=r"out of range \[0, 8\) and not the pad 255: got=9 at row=2 layer=0 slot=1"):
         ReplayBatch(ids, 255, True, num_experts=8).to("cpu")
+
+
+def test_uint8_batch_with_minus_one_pad_is_checked_as_the_device_sees_it():
+    ids = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    with pytest.raises(TraceError, match="not the pad -1: got=255"):
+        ReplayBatch(ids, -1, True, num_experts=16).to("cpu")

@@ -114,8 +114,8 @@ class ReplayCheck:
         self._ones = torch.ones(1, dtype=torch.int64, device=device)
         self.calls = [[0] * num_layers for _ in Stage]  # host-side: known without a sync
         self.replayed_tokens = [[0] * num_layers for _ in Stage]
-        # Per call, for the failure report only: the row codes and the live ids in the compact dtype.
-        self._examples: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (stage, layer) -> [first call, latest call]: row codes, live ids (int16), replayed ids; failure report only.
+        self._examples: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.last_summary: CheckSummary | None = None
 
     # --- hot path (device only, no sync) -------------------------------------------------------------------------
@@ -129,6 +129,8 @@ class ReplayCheck:
     ) -> None:
         """Compare one router call's live top-k with the replayed ids. `valid_TK` masks trace pad slots."""
         s, K = _stage_index(stage), replay_TK.shape[1]
+        if self.top_k != K:  # a host-side shape check: the histogram is sized by top_k
+            raise ValueError(f"ReplayCheck(top_k={self.top_k}) got a router call with top_k={K} at layer {layer}")
         if self.counters.device != live_TK.device:
             self.counters, self._ones = self.counters.to(live_TK.device), self._ones.to(live_TK.device)
         hit_TK = (replay_TK.unsqueeze(-1) == live_TK.unsqueeze(-2)).any(-1)  # replayed slot is in the live top-k
@@ -141,8 +143,15 @@ class ReplayCheck:
         row[self._width :] += replay_TK.sum()
         self.calls[s][layer] += 1
         self.replayed_tokens[s][layer] += replay_TK.shape[0]
-        if self.max_examples:  # ~T * (8 + 2K) bytes per call, dropped at summary(); one cast kernel
-            self._examples.append((s, layer, code_T, live_TK.to(torch.int16), replay_TK))
+        if self.max_examples:
+            # For the failure report: the first and the latest call of each (stage, layer), so memory stays bounded
+            # (T * (8 + 2K) bytes each plus a view of the replayed ids) however many micro-batches a step has.
+            entry = (code_T, live_TK.to(torch.int16), replay_TK)
+            kept = self._examples.setdefault((s, layer), [])
+            if len(kept) < 2:
+                kept.append(entry)
+            else:
+                kept[1] = entry
 
     # --- once per step ---------------------------------------------------------------------------------------------
     def summary(self, *, raise_on_fail: bool = True) -> CheckSummary:
@@ -219,12 +228,13 @@ class ReplayCheck:
         self.counters.zero_()
         self.calls = [[0] * self.num_layers for _ in Stage]
         self.replayed_tokens = [[0] * self.num_layers for _ in Stage]
-        self._examples = []
+        self._examples = {}
 
-    def _warn_examples(self, examples: list) -> None:
+    def _warn_examples(self, examples: dict) -> None:
         """Up to `max_examples` zero-overlap rows with their neighbours (failure path: syncs freely)."""
         shown, K = 0, self.top_k
-        for s, layer, code_T, live_TK, replay_TK in examples:
+        calls = [(s, layer, *entry) for (s, layer), kept in sorted(examples.items()) for entry in kept]
+        for s, layer, code_T, live_TK, replay_TK in calls:
             code = code_T.cpu()
             zero_T = (code // (K + 1) > 0) & (code % (K + 1) == 0)
             live, replay = live_TK.cpu(), replay_TK.cpu()

@@ -175,7 +175,7 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     reason = None
     with torch.no_grad(), replay.replay(batch):
         replayed = _forward(model, tokens_BS, P)
-    set_activation_checkpointing(model, True)
+    set_activation_checkpointing(model, True, context_fn=replay.checkpoint_context_fn)
     model.train()
     try:
         with replay.replay(batch):

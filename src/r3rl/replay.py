@@ -114,9 +114,17 @@ class RoutingReplay:
         self._recording: Recording | None = None
         self.calls: dict[Stage, list[int]] = {s: [0] * self.num_layers for s in Stage}
         self._patched = False
-        # Grad-enabled replayed forward calls per layer whose activation recompute may still come (non-reentrant
-        # checkpointing recomputes during backward). A recompute must run under the same replay batch.
+        if check is not None and (check.num_layers, check.top_k) != (self.num_layers, self.top_k):
+            raise RoutingReplayError(
+                f"ReplayCheck does not fit {type(model).__name__}: got (layers, top_k)="
+                f"{(check.num_layers, check.top_k)}, expected={(self.num_layers, self.top_k)}"
+            )
+        # Checkpointed forwards outside our context_fn: grad-enabled replayed calls per layer whose recompute may
+        # still come, so that a recompute under the wrong batch (or none) is an error instead of silent live routing.
         self._pending_recompute = [0] * self.num_layers
+        self._in_checkpoint_fn = 0  # > 0 while a forward runs inside checkpoint_context_fn's forward context
+        self._restoring = False  # True while a recompute runs under the replay state of its own forward
+        self._model_checkpoints = True
         self._patch()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
@@ -165,6 +173,7 @@ class RoutingReplay:
         before = {s: list(c) for s, c in self.calls.items()}
         with self._in_mode(ReplayMode.REPLAY):
             self._pending_recompute = [0] * self.num_layers  # a new batch: earlier forwards cannot recompute here
+            self._model_checkpoints = self._checkpointing_enabled()
             self._batch = batch.to(device)
             try:
                 yield
@@ -173,12 +182,34 @@ class RoutingReplay:
         if self.strict:
             self._check_consumption(before)
 
+    def checkpoint_context_fn(self):
+        """`context_fn` for `torch.utils.checkpoint` (non-reentrant): the recompute during backward runs under the
+        replay state of its own forward (its batch, or off/record), whatever context is active when backward runs.
+
+        Pass it with `set_activation_checkpointing(model, True, context_fn=replay.checkpoint_context_fn)`. Then
+        micro-batches may backpropagate after their `replay()` context closed, together, or twice (`retain_graph`).
+        """
+        # Class-based context managers: a second backward through the same graph re-enters the recompute one.
+        return _CheckpointedForward(self), _RecomputeAs(self, self._mode, self._batch)  # captured at forward time
+
     def new_step(self) -> None:
         """Reset the per-step counters (the check keeps its own and resets in `summary()`)."""
         self.calls = {s: [0] * self.num_layers for s in Stage}
         self._pending_recompute = [0] * self.num_layers
 
     # --- private ------------------------------------------------------------------------------------------------
+    def _recompute_may_follow(self) -> bool:
+        """A grad-enabled forward outside our context_fn, in a model that checkpoints: its recompute is unguarded."""
+        return (torch.is_grad_enabled() and not self._in_checkpoint_fn and self.model.training
+                and self._model_checkpoints)
+
+    def _checkpointing_enabled(self) -> bool:
+        """Whether the model checkpoints activations (read once per replay() entry, not per router call)."""
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers >= 5.2x, then 5.17
+            if hasattr(type(self.model), name):
+                return bool(getattr(self.model, name))
+        return True  # unknown model: assume it may, so recomputes stay guarded
+
     @contextlib.contextmanager
     def _in_mode(self, mode: ReplayMode) -> Iterator[None]:
         if not self._patched:
@@ -225,17 +256,18 @@ class RoutingReplay:
             )
         stage = current_stage()
         self.calls[stage][layer] += 1
-        if stage is Stage.REPLAY_BACKWARD:
+        if stage is Stage.REPLAY_BACKWARD and not self._restoring:
             if self._pending_recompute[layer] == 0:
                 raise RoutingReplayError(
                     f"activation-checkpoint recompute at MoE layer {layer} ({site.name}) has no matching forward under "
                     "this replay batch: it recomputes a forward that ran under another replay() context (e.g. a "
                     "previous micro-batch), so it would replay the wrong routing. Call backward() inside the replay() "
-                    "context of each micro-batch. (Reentrant checkpointing, use_reentrant=True, is not supported: its "
-                    "first pass runs without grad; transformers' default is non-reentrant.)"
+                    "context of each micro-batch, or checkpoint with context_fn=replay.checkpoint_context_fn. "
+                    "(Reentrant checkpointing, use_reentrant=True, is not supported: its first pass runs without "
+                    "grad; transformers' default is non-reentrant.)"
                 )
             self._pending_recompute[layer] -= 1
-        elif torch.is_grad_enabled():
+        elif stage is Stage.REPLAY_FORWARD and self._recompute_may_follow():
             self._pending_recompute[layer] += 1
         replay_TK = batch.expert_ids[:, layer, :]
         check = self.check
@@ -245,7 +277,8 @@ class RoutingReplay:
             K = replay_TK.shape[1]
             # The live top-k reuses the scores the adapter computed (no second router): the check compares with
             # it, and rows that are all pad take it as is.
-            live_TK = torch.topk(probs_TE, K, dim=-1).indices if check is not None or batch.has_pad else None
+            shortcut = batch.has_pad and not batch.partial_pad
+            live_TK = torch.topk(probs_TE, K, dim=-1).indices if check is not None or shortcut else None
             valid_TK = replay_TK != batch.pad_value if batch.has_pad else None
             if valid_TK is None:
                 ids_TK = replay_TK
@@ -260,11 +293,13 @@ class RoutingReplay:
         return routed_forward(site, hidden, select)
 
     def _no_pending_recompute(self, site: RouterSite, where: str) -> None:
+        if self._restoring:
+            return
         if self._pending_recompute[site.layer] and current_stage() is Stage.REPLAY_BACKWARD:
             raise RoutingReplayError(
                 f"activation-checkpoint recompute at MoE layer {site.layer} ({site.name}) ran {where}, so it would "
                 "route live instead of replaying the forward's experts: call backward() inside "
-                "`with replay.replay(batch):`"
+                "`with replay.replay(batch):`, or checkpoint with context_fn=replay.checkpoint_context_fn"
             )
 
     def _check_consumption(self, before: dict[Stage, list[int]]) -> None:
@@ -278,3 +313,33 @@ class RoutingReplay:
             raise RoutingReplayError(
                 f"ci-test: more recompute calls than forward calls: backward={bwd}, forward={fwd}"
             )
+
+
+class _CheckpointedForward:
+    """Marks forwards whose recompute `_RecomputeAs` will guard (no pending-recompute bookkeeping needed)."""
+
+    def __init__(self, replay: RoutingReplay) -> None:
+        self.replay = replay
+
+    def __enter__(self) -> None:
+        self.replay._in_checkpoint_fn += 1
+
+    def __exit__(self, *exc) -> None:
+        self.replay._in_checkpoint_fn -= 1
+
+
+class _RecomputeAs:
+    """Runs a recompute under the replay mode and batch its forward saw; re-entrant (retain_graph backwards)."""
+
+    def __init__(self, replay: RoutingReplay, mode: ReplayMode, batch: ReplayBatch | None) -> None:
+        self.replay, self.mode, self.batch = replay, mode, batch
+        self.saved: list[tuple] = []
+
+    def __enter__(self) -> None:
+        r = self.replay
+        self.saved.append((r._mode, r._batch, r._restoring))
+        r._mode, r._batch, r._restoring = self.mode, self.batch, True
+
+    def __exit__(self, *exc) -> None:
+        r = self.replay
+        r._mode, r._batch, r._restoring = self.saved.pop()

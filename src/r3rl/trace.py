@@ -339,7 +339,7 @@ class ReplayBatch:
 
     def _validate_host(self, has_pad: bool) -> tuple[bool, bool]:
         """Ids in range on the host, before they reach a device-side index (no device sync: the ids are here)."""
-        ids = self.expert_ids
+        ids = self.expert_ids.long()  # compare as the device will see the ids (a uint8 255 is not a -1 pad)
         if ids.numel() == 0:
             return has_pad, self.partial_pad
         is_pad = ids == self.pad_value

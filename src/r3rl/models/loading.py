@@ -53,13 +53,17 @@ def cache_kwargs(model: PreTrainedModel, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-def set_activation_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer, across transformers 5.x spellings."""
+def set_activation_checkpointing(model: PreTrainedModel, enabled: bool, *, context_fn=None) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, across transformers 5.x spellings.
+
+    `context_fn`: torch.utils.checkpoint's hook; pass `RoutingReplay.checkpoint_context_fn` so that every recompute
+    replays what its own forward replayed."""
     if enabled:
+        kwargs = {"use_reentrant": False} | ({"context_fn": context_fn} if context_fn is not None else {})
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         fn = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         fn()
