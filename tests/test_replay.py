@@ -224,14 +224,20 @@ def test_unknown_router_class_is_named():
         find_routers(nn.Sequential(nn.Linear(8, 8)))
 
 
-def test_micro_batches_each_replay_their_own_rows(qwen3_model):
-    """Gradient accumulation over micro-batches sliced from one batch equals the full-batch replay."""
-    qwen3_model.train()
+def _micro_batch_setup(model):
+    """4 samples x 10 tokens, a foreign trace for all of them, and the full-batch replayed gradients."""
+    model.train()
     tokens = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(5))
-    replay = RoutingReplay(qwen3_model)
+    replay = RoutingReplay(model)
     full = _foreign_batch(replay, tokens.numel(), seed=7)
     with replay.replay(full):
-        _, ref_grads = _loss_and_grads(qwen3_model, tokens)
+        _, ref_grads = _loss_and_grads(model, tokens)
+    return tokens, replay, full, ref_grads
+
+
+def test_micro_batches_each_replay_their_own_rows(qwen3_model):
+    """Gradient accumulation over micro-batches sliced from one batch equals the full-batch replay."""
+    tokens, replay, full, ref_grads = _micro_batch_setup(qwen3_model)
     set_activation_checkpointing(qwen3_model, True)
     qwen3_model.zero_grad(set_to_none=True)
     for mb in range(2):
@@ -332,12 +338,7 @@ def test_all_pad_rows_take_the_live_top_k_shortcut_with_the_same_result(qwen3_mo
 
 def test_checkpoint_context_fn_replays_each_recompute_with_its_own_batch(qwen3_model):
     """With context_fn, backward may run after the contexts closed, over several micro-batches, or twice."""
-    qwen3_model.train()
-    tokens = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(5))
-    replay = RoutingReplay(qwen3_model)
-    full = _foreign_batch(replay, tokens.numel(), seed=7)
-    with replay.replay(full):
-        _, ref_grads = _loss_and_grads(qwen3_model, tokens)
+    tokens, replay, full, ref_grads = _micro_batch_setup(qwen3_model)
     set_activation_checkpointing(qwen3_model, True, context_fn=replay.checkpoint_context_fn)
     qwen3_model.zero_grad(set_to_none=True)
     losses = []
