@@ -211,6 +211,15 @@ class RolloutEngine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._slots)
 
+    def abort_all(self) -> list[str]:
+        """Drop every waiting and running request (e.g. after a failed step); returns their ids. The buffers stay:
+        a slot's cache is rewritten by the next prefill, so the engine is ready for new requests."""
+        dropped = [r.request_id for r in self._waiting] + [r.req.request_id for r in self._slots]
+        self._waiting.clear()
+        self._slots = []
+        self._request_ids.clear()
+        return dropped
+
     def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
         """Run `requests` to completion on an idle engine; outputs in request order."""
         if self.has_work():

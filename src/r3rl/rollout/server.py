@@ -54,6 +54,7 @@ __all__ = ["ServerConfig", "EngineWorker", "EngineUnavailable", "create_app", "s
 logger = logging.getLogger("r3rl.rollout.server")  # not __name__: also "python -m"
 
 _SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "seed")
+MAX_STEP_FAILURES = 3  # consecutive failed engine steps before the worker gives up (a persistent fault)
 
 
 @dataclass(kw_only=True)
@@ -124,7 +125,7 @@ class EngineWorker:
 
     # --- worker thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        steps = tokens = 0
+        steps = tokens = failures = 0
         last_log = time.monotonic()
         while True:
             with self._cond:
@@ -144,10 +145,21 @@ class EngineWorker:
                 continue
             try:
                 outs = self.engine.step()
+                failures = 0
             except Exception as e:
-                logger.exception("engine step failed; failing %d in-flight requests", len(self._inflight))
-                self._fail_all(e)
-                return
+                # Fail what was running, reset the engine and go on: one poisoned step must not take the server
+                # down. A fault that persists (MAX_STEP_FAILURES steps in a row) marks the engine dead.
+                failures += 1
+                logger.exception("engine step failed (%d in a row); failing %d in-flight requests", failures,
+                                 len(self._inflight))
+                if failures >= MAX_STEP_FAILURES:
+                    self._fail_all(e)
+                    return
+                self.engine.abort_all()
+                for fut in self._inflight.values():
+                    _resolve(fut, error=EngineUnavailable(f"engine step failed: {e!r}"))
+                self._inflight.clear()
+                continue
             steps += 1
             for out in outs:
                 fut = self._inflight.pop(out.request_id, None)
