@@ -257,11 +257,62 @@ def test_recompute_under_another_micro_batch_is_an_error(qwen3_model):
     full = _foreign_batch(replay, tokens.numel(), seed=7)
     with replay.replay(full.narrow(0, 20)):
         loss0 = qwen3_model(tokens[:2]).logits.sum()
+    # forward mb0, then forward+backward mb1, then backward mb0: mb0's recompute would replay mb1's rows, or route
+    # live after the contexts closed. Refused when mb1's context opens, whatever happens next.
+    with pytest.raises(RoutingReplayError, match="earlier replay\\(\\) context has not run its backward"):
+        with replay.replay(full.narrow(20, 20)):
+            pass
+    del loss0  # the graph is gone: nothing is pending any more, so no false alarm afterwards
     with replay.replay(full.narrow(20, 20)):
-        loss1 = qwen3_model(tokens[2:]).logits.sum()
-        with pytest.raises(RoutingReplayError, match="has no matching forward under this replay batch"):
-            (loss0 + loss1).backward()  # micro-batch 0's recompute would replay micro-batch 1's rows
+        qwen3_model(tokens[2:]).logits.sum().backward()
     replay.close()
+
+
+def test_new_step_does_not_forget_a_pending_recompute(qwen3_model, tokens):
+    """new_step() used to reset the pending count, so the recompute after it routed live, silently."""
+    qwen3_model.train()
+    set_activation_checkpointing(qwen3_model, True)
+    replay = RoutingReplay(qwen3_model)
+    with replay.replay(_foreign_batch(replay, tokens.numel())):
+        loss = qwen3_model(tokens).logits.sum()
+    replay.new_step()
+    with pytest.raises(RoutingReplayError, match="ran after the replay\\(\\) context closed"):
+        loss.backward()
+    set_activation_checkpointing(qwen3_model, False)
+    replay.close()
+
+
+@pytest.mark.parametrize("context_fn", [False, True])
+def test_checkpoint_wrapper_recompute_replays_or_raises(qwen3_model, tokens, context_fn):
+    """torch's checkpoint_wrapper (the FSDP2 style) leaves HF's is_gradient_checkpointing False: still guarded."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    qwen3_model.train()
+    replay = RoutingReplay(qwen3_model)
+    batch = _foreign_batch(replay, tokens.numel(), seed=3)
+    kwargs = {"context_fn": replay.checkpoint_context_fn} if context_fn else {}
+    apply_activation_checkpointing(qwen3_model, check_fn=lambda m: type(m).__name__.endswith("DecoderLayer"),
+                                   **({"checkpoint_wrapper_fn": _wrapper_with(**kwargs)} if kwargs else {}))
+    flag = "is_activation_checkpointing" if hasattr(type(qwen3_model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    assert not getattr(qwen3_model, flag)
+    with replay.replay(batch):
+        loss = qwen3_model(tokens).logits.sum()
+    if context_fn:  # the recompute runs under its own forward's batch, after the context closed
+        loss.backward()
+        assert sum(replay.calls[Stage.REPLAY_BACKWARD]) == replay.num_layers
+    else:
+        with pytest.raises(RoutingReplayError, match="ran after the replay\\(\\) context closed"):
+            loss.backward()
+    replay.close()
+
+
+def _wrapper_with(**kwargs):
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    return functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kwargs)
 
 
 def test_off_between_forward_and_backward_is_an_error_and_no_false_alarm_after(qwen3_model, tokens):
@@ -275,7 +326,7 @@ def test_off_between_forward_and_backward_is_an_error_and_no_false_alarm_after(q
         qwen3_model(tokens)  # e.g. a reference forward
         with pytest.raises(RoutingReplayError, match="ran after the replay\\(\\) context closed"):
             loss.backward()
-    replay.new_step()
+    del loss  # drop the failed step's graph: its pending recomputes leave with it
     with replay.replay(batch):  # a correct step: backward inside the context
         qwen3_model(tokens).logits.sum().backward()
     qwen3_model(tokens).logits.sum().backward()  # then a plain checkpointed step: no false alarm

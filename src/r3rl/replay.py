@@ -25,6 +25,7 @@ import contextlib
 import enum
 import functools
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -119,9 +120,12 @@ class RoutingReplay:
                 f"ReplayCheck does not fit {type(model).__name__}: got (layers, top_k)="
                 f"{(check.num_layers, check.top_k)}, expected={(self.num_layers, self.top_k)}"
             )
-        # Checkpointed forwards outside our context_fn: grad-enabled replayed calls per layer whose recompute may
-        # still come, so that a recompute under the wrong batch (or none) is an error instead of silent live routing.
-        self._pending_recompute = [0] * self.num_layers
+        # Checkpointed forwards outside our context_fn: per layer, the grad-enabled replayed calls whose recompute may
+        # still come (`_Pending`, one per call, owned by the forward's autograd graph), so that a recompute under the
+        # wrong batch or mode is an error instead of silent live routing. Never reset by hand: an entry leaves when
+        # its recompute runs or when its graph is freed (backward done, or the loss dropped).
+        self._pending: list[weakref.WeakSet[_Pending]] = [weakref.WeakSet() for _ in range(self.num_layers)]
+        self._context_id = 0  # bumped by every replay() entry
         self._in_checkpoint_fn = 0  # > 0 while a forward runs inside checkpoint_context_fn's forward context
         self._restoring = False  # True while a recompute runs under the replay state of its own forward
         self._model_checkpoints = True
@@ -171,8 +175,9 @@ class RoutingReplay:
             )
         device = self.sites[0].router.weight.device
         before = {s: list(c) for s, c in self.calls.items()}
+        self._no_pending_from_earlier_context()
         with self._in_mode(ReplayMode.REPLAY):
-            self._pending_recompute = [0] * self.num_layers  # a new batch: earlier forwards cannot recompute here
+            self._context_id += 1
             self._model_checkpoints = self._checkpointing_enabled()
             self._batch = batch.to(device)
             try:
@@ -193,9 +198,9 @@ class RoutingReplay:
         return _CheckpointedForward(self), _RecomputeAs(self, self._mode, self._batch)  # captured at forward time
 
     def new_step(self) -> None:
-        """Reset the per-step counters (the check keeps its own and resets in `summary()`)."""
+        """Reset the per-step call counters. Pending recomputes are not touched: a forward whose backward has not run
+        yet still recomputes later, whatever step the caller thinks it is."""
         self.calls = {s: [0] * self.num_layers for s in Stage}
-        self._pending_recompute = [0] * self.num_layers
 
     # --- private ------------------------------------------------------------------------------------------------
     def _recompute_may_follow(self) -> bool:
@@ -204,7 +209,10 @@ class RoutingReplay:
                 and self._model_checkpoints)
 
     def _checkpointing_enabled(self) -> bool:
-        """Whether the model checkpoints activations (read once per replay() entry, not per router call)."""
+        """Whether the model checkpoints activations (read once per replay() entry, not per router call): HF's own
+        switch, or torch's `checkpoint_wrapper` around any submodule (the FSDP2 style, which HF's flag misses)."""
+        if any(type(m).__name__ == "CheckpointWrapper" for m in self.model.modules()):
+            return True
         for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers >= 5.2x, then 5.17
             if hasattr(type(self.model), name):
                 return bool(getattr(self.model, name))
@@ -256,8 +264,10 @@ class RoutingReplay:
             )
         stage = current_stage()
         self.calls[stage][layer] += 1
+        track = False
         if stage is Stage.REPLAY_BACKWARD and not self._restoring:
-            if self._pending_recompute[layer] == 0:
+            mine = next((p for p in self._pending[layer] if p.context_id == self._context_id), None)
+            if mine is None:
                 raise RoutingReplayError(
                     f"activation-checkpoint recompute at MoE layer {layer} ({site.name}) has no matching forward under "
                     "this replay batch: it recomputes a forward that ran under another replay() context (e.g. a "
@@ -266,9 +276,9 @@ class RoutingReplay:
                     "(Reentrant checkpointing, use_reentrant=True, is not supported: its first pass runs without "
                     "grad; transformers' default is non-reentrant.)"
                 )
-            self._pending_recompute[layer] -= 1
+            mine.consume()
         elif stage is Stage.REPLAY_FORWARD and self._recompute_may_follow():
-            self._pending_recompute[layer] += 1
+            track = True
         replay_TK = batch.expert_ids[:, layer, :]
         check = self.check
 
@@ -290,12 +300,33 @@ class RoutingReplay:
                 check.observe(stage, layer, live_TK, ids_TK, valid_TK)
             return ids_TK
 
-        return routed_forward(site, hidden, select)
+        out = routed_forward(site, hidden, select)
+        if track:
+            self._track_pending(layer, out[1])
+        return out
+
+    def _track_pending(self, layer: int, weights_TK: torch.Tensor) -> None:
+        """Register a recompute that may come; the entry lives in the forward's graph and leaves with it."""
+        if weights_TK.grad_fn is None:  # nothing here is differentiable: no backward, so no recompute
+            return
+        pending = _Pending(self._pending[layer], self._context_id)
+        weights_TK.grad_fn.metadata.setdefault("r3rl_pending", []).append(pending)
+
+    def _no_pending_from_earlier_context(self) -> None:
+        for layer, entries in enumerate(self._pending):
+            if entries:
+                raise RoutingReplayError(
+                    f"a forward under an earlier replay() context has not run its backward yet ({len(entries)} router "
+                    f"call(s) pending at MoE layer {layer}): its activation-checkpoint recompute would run under the new "
+                    "batch and replay the wrong routing. Run each micro-batch's backward inside its own "
+                    "`with replay.replay(batch):` (or drop the loss you will not backpropagate), or checkpoint with "
+                    "context_fn=replay.checkpoint_context_fn, which replays every recompute with its own batch."
+                )
 
     def _no_pending_recompute(self, site: RouterSite, where: str) -> None:
         if self._restoring:
             return
-        if self._pending_recompute[site.layer] and current_stage() is Stage.REPLAY_BACKWARD:
+        if self._pending[site.layer] and current_stage() is Stage.REPLAY_BACKWARD:
             raise RoutingReplayError(
                 f"activation-checkpoint recompute at MoE layer {site.layer} ({site.name}) ran {where}, so it would "
                 "route live instead of replaying the forward's experts: call backward() inside "
@@ -313,6 +344,19 @@ class RoutingReplay:
             raise RoutingReplayError(
                 f"ci-test: more recompute calls than forward calls: backward={bwd}, forward={fwd}"
             )
+
+
+class _Pending:
+    """One replayed router call whose checkpoint recompute may still come. Only the forward's autograd graph holds
+    it (`grad_fn.metadata`; the replay's set is weak), so it leaves the set when its recompute consumes it or when
+    the graph is freed."""
+
+    def __init__(self, entries: weakref.WeakSet[_Pending], context_id: int) -> None:
+        self.entries, self.context_id = entries, context_id
+        entries.add(self)
+
+    def consume(self) -> None:
+        self.entries.discard(self)
 
 
 class _CheckpointedForward:
