@@ -1,0 +1,210 @@
+"""Batch: rollout samples laid out for training forwards, in micro-batches, with their routing in the same order.
+
+    mbs = make_micro_batches(samples, advantages=adv, layout=Layout.PACKED, max_tokens=4096, pad_id=256)
+    for mb in mbs:
+        with replay.replay(mb.replay):                       # R3: the rollout trace, row for row
+            logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
+            logp_T = token_logprobs(logits_TV, mb.target_ids, temperature)
+
+Only this module knows layouts; replay and the losses never do. Each micro-batch carries the model inputs (token
+ids, position ids, attention mask or packing), the response tokens as flat `[T]` tensors in sample order (where
+their logits sit in the forward, the target ids, the sample each belongs to, rollout log-probs, advantages) and the
+`ReplayBatch` whose rows follow the forward's flattened token order.
+
+Layouts:
+  - PADDED: `[B, S]` right-padded to the longest sample of the micro-batch, with an attention mask;
+  - PACKED: `[1, sum(len)]`, samples back to back, position ids restarting at 0 per sample and no attention mask,
+    so transformers builds a block-diagonal causal mask (`use_cache=False` is required for that).
+Logits at position t predict token t+1: response token j of a sample is predicted at position
+`len(prompt) + j - 1`.
+
+Tensor suffixes: B samples, S positions, T response tokens, V vocabulary, L layers, K top-k.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from r3rl.sample import Sample
+from r3rl.trace import ReplayBatch, RoutingTrace, layout_packed, layout_padded
+
+__all__ = ["Layout", "MicroBatch", "make_micro_batches", "token_logprobs"]
+
+
+class Layout(enum.StrEnum):
+    PADDED = "padded"
+    PACKED = "packed"
+
+
+@dataclass(kw_only=True)
+class MicroBatch:
+    layout: Layout
+    sample_indices: list[int]
+    """Position of each sample in the step's sample list."""
+    lengths: list[int]
+    """Tokens (prompt + response) per sample."""
+    input_ids_BS: torch.Tensor
+    position_ids_BS: torch.Tensor
+    attention_mask_BS: torch.Tensor | None
+    """PADDED: 1 on real tokens. PACKED: None (packing is read from the position ids)."""
+    target_pos_T: torch.Tensor
+    """Flat index into `[B * S]` of the logits that predict each response token."""
+    target_ids_T: torch.Tensor
+    seq_idx_T: torch.Tensor
+    """Micro-batch-local sample index (0..B-1) of each response token."""
+    rollout_logp_T: torch.Tensor
+    advantages_T: torch.Tensor
+    replay: ReplayBatch | None
+    """Routing to replay, rows in the forward's flattened token order; None when the samples have no trace."""
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.sample_indices)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.target_ids_T.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        move = {name: getattr(self, name).to(device, non_blocking=True) for name in
+                ("input_ids_BS", "position_ids_BS", "target_pos_T", "target_ids_T", "seq_idx_T", "rollout_logp_T",
+                 "advantages_T")}
+        mask = None if self.attention_mask_BS is None else self.attention_mask_BS.to(device, non_blocking=True)
+        return replace(self, attention_mask_BS=mask, **move)
+
+    def with_replay(self, traces: Sequence[RoutingTrace]) -> MicroBatch:
+        """The same micro-batch replaying `traces` (one per sample, e.g. R2's recordings) in this layout."""
+        return replace(self, replay=_layout(self.layout, traces, self.lengths, self.input_ids_BS.shape[1]))
+
+    def model_inputs(self) -> dict:
+        kwargs = {"input_ids": self.input_ids_BS, "position_ids": self.position_ids_BS, "use_cache": False}
+        if self.attention_mask_BS is not None:
+            kwargs["attention_mask"] = self.attention_mask_BS
+        return kwargs
+
+    def response_logits(self, logits_BSV: torch.Tensor) -> torch.Tensor:
+        """The logits that predict the response tokens, `[T, V]`, in sample order."""
+        return logits_BSV.reshape(-1, logits_BSV.shape[-1]).index_select(0, self.target_pos_T)
+
+    def split_routing(self, expert_ids_NLK: torch.Tensor, num_experts: int) -> list[RoutingTrace]:
+        """Routing recorded over this micro-batch's forward (`[B * S, L, K]`) back into per-sample traces of
+        `len - 1` rows (R2: the update may repack samples differently, each still replays its own routing)."""
+        ids = expert_ids_NLK.detach().cpu()
+        traces = []
+        offset = 0
+        width = self.input_ids_BS.shape[1]
+        for b, n in enumerate(self.lengths):
+            start = offset if self.layout is Layout.PACKED else b * width
+            traces.append(RoutingTrace.from_ids(ids[start : start + n - 1], num_experts, sample=self.sample_indices[b]))
+            offset += n
+        return traces
+
+
+def make_micro_batches(
+    samples: Sequence[Sample],
+    *,
+    advantages: Sequence[float],
+    layout: Layout = Layout.PADDED,
+    micro_batch_size: int | None = None,
+    max_tokens: int | None = None,
+    pad_id: int = 0,
+    sample_indices: Sequence[int] | None = None,
+    traces: Sequence[RoutingTrace | None] | None = None,
+) -> list[MicroBatch]:
+    """Split samples (in order) into micro-batches of at most `micro_batch_size` samples and/or `max_tokens` tokens
+    (padded: B * longest; packed: sum of lengths). `traces` overrides `Sample.trace` (R2 recordings)."""
+    if len(advantages) != len(samples):
+        raise ValueError(f"one advantage per sample: got {len(advantages)} advantages for {len(samples)} samples")
+    if micro_batch_size is None and max_tokens is None:
+        raise ValueError("micro-batches need micro_batch_size or max_tokens")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1: got {micro_batch_size}")
+    indices = list(range(len(samples))) if sample_indices is None else list(sample_indices)
+    traces = [s.trace for s in samples] if traces is None else list(traces)
+    for i, s in enumerate(samples):
+        if not s.response_ids:
+            raise ValueError(f"sample {indices[i]} has an empty response: nothing to train on")
+        s.validate(index=indices[i])
+    groups: list[list[int]] = []
+    for i, s in enumerate(samples):
+        group = groups[-1] if groups else None
+        if group is not None and _fits(group + [i], samples, layout, micro_batch_size, max_tokens):
+            group.append(i)
+        else:
+            if max_tokens is not None and not _fits([i], samples, layout, None, max_tokens):
+                raise ValueError(f"sample {indices[i]} has {s.num_tokens} tokens: more than the micro-batch token "
+                                 f"budget max_tokens={max_tokens}")
+            groups.append([i])
+    return [_build(layout, [samples[i] for i in g], [float(advantages[i]) for i in g], [indices[i] for i in g],
+                   [traces[i] for i in g], pad_id) for g in groups]
+
+
+def token_logprobs(logits_TV: torch.Tensor, target_ids_T: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) under softmax(logits / temperature), in float32: the distribution the rollout sampled from."""
+    logits = logits_TV.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, target_ids_T[:, None]).squeeze(-1)
+
+
+# --- private ------------------------------------------------------------------------------------------------------
+def _fits(group: list[int], samples, layout: Layout, micro_batch_size: int | None, max_tokens: int | None) -> bool:
+    if micro_batch_size is not None and len(group) > micro_batch_size:
+        return False
+    if max_tokens is None:
+        return True
+    lengths = [samples[i].num_tokens for i in group]
+    used = sum(lengths) if layout is Layout.PACKED else len(lengths) * max(lengths)
+    return used <= max_tokens
+
+
+def _build(layout: Layout, samples: list[Sample], advantages: list[float], indices: list[int],
+           traces: list[RoutingTrace | None], pad_id: int) -> MicroBatch:
+    lengths = [s.num_tokens for s in samples]
+    if layout is Layout.PACKED:
+        ids = torch.tensor([t for s in samples for t in s.tokens]).view(1, -1)
+        pos = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+        mask = None
+        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+    else:
+        S = max(lengths)
+        ids = torch.full((len(samples), S), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(samples), S, dtype=torch.long)
+        for b, s in enumerate(samples):
+            ids[b, : lengths[b]] = torch.tensor(s.tokens)
+            mask[b, : lengths[b]] = 1
+        pos = torch.arange(S).expand(len(samples), S).clone()
+        starts = [b * S for b in range(len(samples))]
+    target_pos, target_ids, seq_idx, rollout_logp, adv = [], [], [], [], []
+    for b, s in enumerate(samples):
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        target_pos.append(torch.arange(R) + starts[b] + P - 1)
+        target_ids.append(torch.tensor(s.response_ids))
+        seq_idx.append(torch.full((R,), b))
+        rollout_logp.append(torch.tensor(s.rollout_logprobs, dtype=torch.float32))
+        adv.append(torch.full((R,), advantages[b], dtype=torch.float32))
+    have = [t is not None for t in traces]
+    if any(have) and not all(have):
+        missing = [indices[b] for b, h in enumerate(have) if not h]
+        raise ValueError(f"some samples have no routing trace (samples {missing[:5]}): replay needs one per sample")
+    replay = _layout(layout, traces, lengths, ids.shape[1]) if all(have) else None
+    return MicroBatch(
+        layout=layout, sample_indices=indices, lengths=lengths, input_ids_BS=ids, position_ids_BS=pos,
+        attention_mask_BS=mask, target_pos_T=torch.cat(target_pos), target_ids_T=torch.cat(target_ids),
+        seq_idx_T=torch.cat(seq_idx), rollout_logp_T=torch.cat(rollout_logp), advantages_T=torch.cat(adv),
+        replay=replay,
+    )
+
+
+def _layout(layout: Layout, traces: Sequence[RoutingTrace], lengths: list[int], width: int) -> ReplayBatch:
+    if layout is Layout.PACKED:
+        return layout_packed(traces, lengths)
+    return layout_padded(traces, seq_len=width, lengths=lengths)
