@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
+    _add_train_parser(sub)
+    _add_report_parsers(sub)
+
     p = sub.add_parser("serve", help="SGLang-compatible /generate server on the built-in rollout engine")
     p.add_argument("--model", required=True, help="local HF MoE checkpoint")
     p.add_argument("--host", default="127.0.0.1")
@@ -97,7 +101,188 @@ def main(argv: list[str] | None = None) -> int:
         serve_main(model=args.model, host=args.host, port=args.port, max_slots=args.max_slots,
                    max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype)
         return 0
+    if args.command == "train":
+        try:
+            cfg = train_config_from_args(args)
+        except ValueError as e:
+            parser.error(str(e))
+        return _train(cfg)
+    if args.command == "plot":
+        from r3rl.commands.plot import plot_runs
+
+        out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "plots"
+        for path in plot_runs([Path(d) for d in args.run_dirs], out):
+            print(path)
+        return 0
+    if args.command == "verify-logs":
+        return _verify_logs(args)
     raise AssertionError(args.command)
+
+
+def _add_train_parser(sub) -> None:
+    from r3rl.models.presets import PRESETS
+
+    p = sub.add_parser("train", help="RL training (GRPO/GSPO/REINFORCE++) with R3/R2 replay, verified every step",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_replay_flags(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="local HF MoE checkpoint (default: make --preset on the fly)")
+    g.add_argument("--preset", default="tiny-qwen3-moe", choices=sorted(PRESETS))
+    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument("--dtype", default=None, help="parameter dtype (default: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data and rewards")
+    g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add)")
+    g.add_argument("--prompt-data", default=None, help="prompts as .jsonl or .parquet")
+    g.add_argument("--input-key", default="prompt", help="prompt field of --prompt-data")
+    g.add_argument("--label-key", default="label", help="label field of --prompt-data")
+    g.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
+    g.add_argument("--custom-rm-path", default=None, help="reward function: module:function or file.py:function")
+    g.add_argument("--reward-fn", default="exact_match", help="built-in reward for --prompt-data (exact_match, math)")
+    g.add_argument("--sft-steps", type=int, default=40, help="supervised warm-up steps on the labels before RL")
+    g.add_argument("--sft-batch-size", type=int, default=64)
+    g.add_argument("--sft-lr", type=float, default=3e-3)
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout-url", nargs="+", default=[], help="r3rl serve / SGLang server (default: in-process "
+                   "engine); weights sync through /update_weights_from_disk")
+    g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per step")
+    g.add_argument("--n-samples-per-prompt", type=int, default=8, help="samples per prompt (a GRPO group)")
+    g.add_argument("--rollout-temperature", type=float, default=1.0)
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--rollout-max-response-len", type=int, default=12)
+    g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
+    g = p.add_argument_group("update")
+    g.add_argument("--num-rollout", type=int, default=60, help="RL steps")
+    g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (default: all)")
+    g.add_argument("--micro-batch-size", type=int, default=64, help="samples per micro-batch")
+    g.add_argument("--max-tokens-per-mb", type=int, default=None, help="token budget per micro-batch")
+    g.add_argument("--layout", default="packed", choices=["packed", "padded"], help="micro-batch layout")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr-warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--no-activation-checkpointing", action="store_true",
+                   help="do not checkpoint decoder layers (no recompute, so no replay_backward)")
+    g.add_argument("--use-rollout-logprobs", action="store_true",
+                   help="old-policy log-probs = the rollout's (default: a training forward before the update)")
+    g = p.add_argument_group("loss (slime/miles names)")
+    g.add_argument("--advantage-estimator", default="grpo", choices=["grpo", "gspo", "reinforce_plus_plus"])
+    g.add_argument("--disable-grpo-std-normalization", action="store_true", help="Dr.GRPO: no std division")
+    g.add_argument("--eps-clip", type=float, default=0.2)
+    g.add_argument("--eps-clip-high", type=float, default=None, help="DAPO clip-higher (default: --eps-clip)")
+    g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip constant (off by default)")
+    g.add_argument("--loss-agg-mode", default="token-mean",
+                   choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    g.add_argument("--use-kl-loss", action="store_true", help="KL(actor || reference) term in the loss")
+    g.add_argument("--kl-loss-type", default="low_var_kl", choices=["k1", "k2", "k3", "low_var_kl"])
+    g.add_argument("--kl-loss-coef", type=float, default=0.0)
+    g.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty subtracted from the reward")
+    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g.add_argument("--use-tis", action="store_true", help="truncated importance sampling on rollout log-probs")
+    g.add_argument("--tis-clip", type=float, default=2.0)
+    g.add_argument("--tis-clip-low", type=float, default=0.0)
+    g.add_argument("--use-rollout-mask", action="store_true",
+                   help="IcePop-style: mask tokens whose train/rollout ratio leaves [--mask-low, --mask-high]")
+    g.add_argument("--mask-low", type=float, default=0.5)
+    g.add_argument("--mask-high", type=float, default=2.0)
+    g.add_argument("--correction-level", default="token", choices=["token", "sequence"],
+                   help="TIS/mask per token or per sequence")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--run-dir", default="runs/r3rl", help="metrics.jsonl, summary.json, TensorBoard, config")
+    g.add_argument("--save", default=None, help="checkpoint directory (HF safetensors + trainer state)")
+    g.add_argument("--save-interval", type=int, default=None, help="save every N steps (the last step always)")
+    g.add_argument("--load", default=None, help="resume from a checkpoint directory")
+    g.add_argument("--inject-fault", default="none", choices=["none", "shift", "permute-layers"],
+                   help="negative control: corrupt the rollout trace at the first step (the check must fail)")
+    g.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+
+def _add_report_parsers(sub) -> None:
+    p = sub.add_parser("plot", help="PNG plots of one or more runs (reward, KL, log-prob diff, routing heatmap)")
+    p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="output directory (default: FIRST_RUN_DIR/plots)")
+    p = sub.add_parser("verify-logs", help="R3 verdict from logs alone (r3rl or miles evidence lines), exit 0/1")
+    p.add_argument("logs", nargs="+", help="log files (one per rank, or one for all)")
+    p.add_argument("--json", default=None, help="write the JSON report here")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="mismatch fraction allowed (default: $R3RL_TEST_R3_THRESHOLD, $MILES_TEST_R3_THRESHOLD, 1e-2)")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from r3rl.config import Fault
+    from r3rl.train.config import LogprobSource, TrainConfig
+    from r3rl.train.data import Layout
+    from r3rl.train.losses import AdvantageEstimator, CorrectionLevel, KLType, LossAggMode, LossConfig
+
+    loss = LossConfig(
+        advantage_estimator=AdvantageEstimator(args.advantage_estimator), eps_clip=args.eps_clip,
+        eps_clip_high=args.eps_clip_high, eps_clip_c=args.eps_clip_c, use_kl_loss=args.use_kl_loss,
+        kl_loss_type=KLType(args.kl_loss_type), kl_loss_coef=args.kl_loss_coef, entropy_coef=args.entropy_coef,
+        use_tis=args.use_tis, tis_clip=args.tis_clip, tis_clip_low=args.tis_clip_low,
+        rollout_mask=args.use_rollout_mask, mask_low=args.mask_low, mask_high=args.mask_high,
+        correction_level=CorrectionLevel(args.correction_level), loss_agg_mode=LossAggMode(args.loss_agg_mode),
+    )
+    _check_device(args.device)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    return TrainConfig(
+        replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
+        dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
+        label_key=args.label_key, apply_chat_template=args.apply_chat_template, custom_rm_path=args.custom_rm_path,
+        reward_fn=args.reward_fn, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
+        n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
+        rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
+        rollout_max_slots=args.rollout_max_slots, num_rollout=args.num_rollout,
+        global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        max_tokens_per_mb=args.max_tokens_per_mb, layout=Layout(args.layout), lr=args.lr,
+        lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+        activation_checkpointing=not args.no_activation_checkpointing,
+        old_logprobs=LogprobSource.ROLLOUT if args.use_rollout_logprobs else LogprobSource.TRAIN,
+        grpo_std_normalization=not args.disable_grpo_std_normalization, kl_coef=args.kl_coef,
+        sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr, run_dir=args.run_dir,
+        save=args.save, save_interval=args.save_interval, load=args.load, inject_fault=Fault(args.inject_fault),
+        progress=not args.no_progress,
+    )
+
+
+def _train(cfg) -> int:
+    import json
+
+    from r3rl.train.trainer import Trainer
+
+    try:
+        summary = Trainer(cfg).run()
+    except AssertionError as e:  # the R3 check failed (the exact "R3 mismatch tokens (N) > threshold (M)" text)
+        logger.error("r3rl train failed: %s", e)
+        print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": cfg.run_dir}, indent=2))
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["verdict"] in ("pass", "not_checked") else 1
+
+
+def _verify_logs(args) -> int:
+    import json
+
+    from r3rl.commands.verify_logs import verify_logs
+
+    report = verify_logs([Path(p) for p in args.logs], threshold=args.threshold)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0 if report["verdict"] == "pass" else 1
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: r3rl runs on cpu or cuda")
 
 
 def replay_config_from_args(args: argparse.Namespace):

@@ -165,8 +165,11 @@ class RoutingReplay:
                 self._recording = None
 
     @contextlib.contextmanager
-    def replay(self, batch: ReplayBatch) -> Iterator[None]:
-        """Replay `batch` (`[N, L, K]` in the forward's token order) in every forward and recompute inside."""
+    def replay(self, batch: ReplayBatch, *, capture: Recording | None = None) -> Iterator[None]:
+        """Replay `batch` (`[N, L, K]` in the forward's token order) in every forward and recompute inside.
+
+        `capture`: also record the experts each first-pass forward used (replayed ids, pad slots filled), e.g. to
+        measure routing mismatch against a trace from what the forward really did."""
         if batch.num_layers != self.num_layers or batch.top_k != self.top_k or batch.num_experts != self.num_experts:
             raise RoutingReplayError(
                 f"replay batch does not fit {type(self.model).__name__}: got (layers, top_k, experts)="
@@ -180,10 +183,12 @@ class RoutingReplay:
             self._context_id += 1
             self._model_checkpoints = self._checkpointing_enabled()
             self._batch = batch.to(device)
+            self._recording = capture
             try:
                 yield
             finally:
                 self._batch = None
+                self._recording = None
         if self.strict:
             self._check_consumption(before)
 
@@ -280,7 +285,7 @@ class RoutingReplay:
         elif stage is Stage.REPLAY_FORWARD and self._recompute_may_follow():
             track = True
         replay_TK = batch.expert_ids[:, layer, :]
-        check = self.check
+        check, capture = self.check, self._recording
 
         def select(probs_TE: torch.Tensor) -> torch.Tensor:
             probs_TE = probs_TE.detach()  # selection is not differentiable: keep it out of the autograd graph
@@ -298,6 +303,8 @@ class RoutingReplay:
                 ids_TK = torch.where(valid_TK, replay_TK, live_TK)
             if check is not None:
                 check.observe(stage, layer, live_TK, ids_TK, valid_TK)
+            if capture is not None and stage is Stage.REPLAY_FORWARD:
+                capture.ids_per_layer[layer].append(ids_TK)
             return ids_TK
 
         out = routed_forward(site, hidden, select)

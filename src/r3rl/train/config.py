@@ -1,0 +1,153 @@
+"""TrainConfig: everything `r3rl train` needs, one documented field each. `cli.py` maps slime/miles flags onto it.
+
+The defaults are the embedded default run: the `reverse` task on the `tiny-qwen3-moe` preset, on CPU, in a few
+minutes (`r3rl train --use-rollout-routing-replay --enable-r3-correctness-check`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from r3rl.config import Fault, ReplayConfig
+from r3rl.train.data import Layout
+from r3rl.train.losses import LossConfig
+
+__all__ = ["TrainConfig", "LogprobSource"]
+
+
+class LogprobSource(enum.StrEnum):
+    ROLLOUT = "rollout"  # old-policy log-probs = the rollout engine's (slime --use-rollout-logprobs)
+    TRAIN = "train"  # old-policy log-probs = a training forward before the update (the default)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    # --- model --------------------------------------------------------------------------------------------------
+    model: str | None = None
+    """Local HF MoE checkpoint to train; None makes `preset` (random init, seeded)."""
+    preset: str = "tiny-qwen3-moe"
+    """Preset used when `model` is None."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    """Parameter dtype of the trained model (and the in-process engine). bfloat16 is pure-bf16 training."""
+    seed: int = 0
+    """Seeds the model init, prompt order and every rollout's sampling seeds."""
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    task: str = "reverse"
+    """Built-in procedural task (prompts and reward) when `prompt_data` is None."""
+    prompt_data: str | None = None
+    """A .jsonl or .parquet file of prompts (slime --prompt-data)."""
+    input_key: str = "prompt"
+    label_key: str = "label"
+    apply_chat_template: bool = False
+    """Render each prompt with the tokenizer's chat template (as one user message) before tokenizing."""
+    custom_rm_path: str | None = None
+    """`module:function` or `file.py:function` reward, called as f(response_text, prompt_item) -> float."""
+    reward_fn: str = "exact_match"
+    """Built-in reward for `prompt_data` when no custom one is given (exact_match, math)."""
+
+    # --- rollout ------------------------------------------------------------------------------------------------
+    rollout_url: list[str] = field(default_factory=list)
+    """SGLang-compatible server(s) (`r3rl serve` or SGLang); empty: the in-process engine."""
+    rollout_batch_size: int = 16
+    """Prompts per step."""
+    n_samples_per_prompt: int = 8
+    """Samples per prompt (a GRPO group), each with its own seed."""
+    rollout_temperature: float = 1.0
+    rollout_top_p: float = 1.0
+    rollout_max_response_len: int = 12
+    rollout_max_slots: int = 128
+    """In-process engine: sequences decoded together."""
+
+    # --- update -------------------------------------------------------------------------------------------------
+    num_rollout: int = 60
+    """RL steps (one rollout each)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step; None: the whole rollout (rollout_batch_size * n_samples_per_prompt)."""
+    micro_batch_size: int | None = 64
+    """Samples per micro-batch (gradient accumulation inside an optimizer step)."""
+    max_tokens_per_mb: int | None = None
+    """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size."""
+    layout: Layout = Layout.PACKED
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    lr_warmup_steps: int = 0
+    """Linear warm-up over this many optimizer steps, then constant."""
+    old_logprobs: LogprobSource = LogprobSource.TRAIN
+    grpo_std_normalization: bool = True
+    """Divide group advantages by the group's reward std (off: Dr.GRPO, slime --disable-grpo-std-normalization)."""
+    kl_coef: float = 0.0
+    """KL(actor || reference) penalty subtracted from each sample's reward (slime --kl-coef)."""
+    activation_checkpointing: bool = True
+    """Checkpoint every decoder layer: the recompute in backward replays too (replay_backward)."""
+    sft_steps: int = 40
+    """Supervised warm-up steps on the task's targets before RL (built-in tasks; 0 to skip)."""
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+
+    # --- outputs ------------------------------------------------------------------------------------------------
+    run_dir: str = "runs/r3rl"
+    """Everything the run writes: config.json, metrics.jsonl, summary.json, TensorBoard events, plots."""
+    save: str | None = None
+    """Checkpoint directory (HF safetensors + trainer state); the last step is always saved when set."""
+    save_interval: int | None = None
+    load: str | None = None
+    """Resume from this checkpoint directory (its latest step) or a step directory in it."""
+    inject_fault: Fault = Fault.NONE
+    """Negative control: corrupt the rollout trace at the first step; the R3 check must fail."""
+    progress: bool = True
+    """Live rich progress display (off when not a terminal)."""
+    ci_logprob_tol: float = 1e-3
+    """--ci-test: step-0 max |actor - reference| log-prob difference under the same routing."""
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len", "num_rollout",
+                     "rollout_max_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1: got {getattr(self, name)}")
+        for name in ("sft_steps", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0: got {getattr(self, name)}")
+        for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0: got {v}")
+        if self.rollout_top_p > 1:
+            raise ValueError(f"rollout_top_p must be in (0, 1]: got {self.rollout_top_p}")
+        if self.micro_batch_size is None and self.max_tokens_per_mb is None:
+            raise ValueError("set micro_batch_size or max_tokens_per_mb")
+        if self.global_batch_size is not None and (
+            self.global_batch_size < 1 or self.num_samples % self.global_batch_size
+        ):
+            raise ValueError(f"global_batch_size must divide rollout_batch_size * n_samples_per_prompt = "
+                             f"{self.num_samples}: got {self.global_batch_size}")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ValueError(f"save_interval must be >= 1: got {self.save_interval}")
+        if self.inject_fault is not Fault.NONE and not self.replay.check_enabled:
+            raise ValueError("--inject-fault is a negative control of the R3 check: it needs a replay mode and "
+                             "--enable-r3-correctness-check (or --ci-test)")
+        if self.kl_coef < 0 or not math.isfinite(self.kl_coef):
+            raise ValueError(f"kl_coef must be a finite number >= 0: got {self.kl_coef}")
+        if self.old_logprobs is LogprobSource.ROLLOUT and self.replay.kind.value == "r2":
+            raise ValueError("R2 records routing in the old-policy training forward: it cannot use rollout "
+                             "log-probs as old log-probs (drop --use-rollout-logprobs)")
+
+    @property
+    def num_samples(self) -> int:
+        return self.rollout_batch_size * self.n_samples_per_prompt
+
+    @property
+    def samples_per_optimizer_step(self) -> int:
+        return self.global_batch_size or self.num_samples
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss.use_kl_loss or self.kl_coef > 0 or self.replay.strict

@@ -1,0 +1,133 @@
+"""Step metrics: train-rollout consistency numbers, the per-layer routing mismatch, and where they are written.
+
+    routing_mismatch_per_layer(rollout_traces, used_traces)  fraction of (token, layer) whose expert *sets* differ
+    train_rollout_metrics(train_logp_T, rollout_logp_T)       |log-prob diff| and the k3 KL estimate
+    MetricsWriter(run_dir)                                   metrics.jsonl (one line per step) + TensorBoard events
+
+The routing mismatch is measured whether or not R3 is on: the experts the training forward used against the ones
+the rollout recorded. It is the number R3 drives to zero.
+
+`train_rollout_k3_kl` estimates KL(rollout || train) per token with k3 = exp(r) - 1 - r, r = log p_train - log
+p_rollout, averaged over response tokens; `train_rollout_logprob_abs_diff` is mean |r| (slime's name).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from r3rl.trace import RoutingTrace
+
+__all__ = ["routing_mismatch_per_layer", "train_rollout_metrics", "MetricsWriter", "RunSummary"]
+
+logger = logging.getLogger(__name__)
+
+
+def routing_mismatch_per_layer(rollout: Sequence[RoutingTrace | None], used: Sequence[RoutingTrace]) -> list[float]:
+    """Per MoE layer, the fraction of traced (token, layer) rows whose expert set differs between the rollout's
+    trace and the experts the training forward used. Rows that are pad in the rollout trace are not counted."""
+    diff = tokens = None
+    for b, (ref, got) in enumerate(zip(rollout, used, strict=True)):
+        if ref is None:
+            continue
+        if ref.expert_ids.shape != got.expert_ids.shape:
+            raise ValueError(f"sample {b}: rollout trace {ref.expert_ids.shape} and training routing "
+                             f"{got.expert_ids.shape} differ in shape")
+        a = np.sort(ref.expert_ids.astype(np.int64), axis=-1)
+        c = np.sort(got.expert_ids.astype(np.int64), axis=-1)
+        counted = ~ref.pad_mask().any(-1)  # [rows, layers]
+        d = ((a != c).any(-1) & counted).sum(0)
+        n = counted.sum(0)
+        diff, tokens = (d, n) if diff is None else (diff + d, tokens + n)
+    if diff is None:
+        return []
+    return [float(x) / max(int(t), 1) for x, t in zip(diff, tokens, strict=True)]
+
+
+def train_rollout_metrics(train_logp_T: torch.Tensor, rollout_logp_T: torch.Tensor) -> dict[str, float]:
+    r = (train_logp_T.double().cpu() - rollout_logp_T.double().cpu())
+    return {"train_rollout_logprob_abs_diff": r.abs().mean().item(),
+            "train_rollout_k3_kl": (r.exp() - 1 - r).mean().item()}
+
+
+class MetricsWriter:
+    """Appends one JSON line per step to RUN_DIR/metrics.jsonl; mirrors scalars to TensorBoard when installed."""
+
+    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after is not None and self.path.exists():  # a resumed run rewrites the steps after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < truncate_after]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif truncate_after is None:
+            self.path.write_text("")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except ImportError:
+            logger.info("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics, default=_jsonable) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "step":
+                    self._tb.add_scalar(k, v, metrics["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class RunSummary:
+    """The R3 check's verdict over a run: every step's tokens, zero-overlap rows and pass/fail per stage."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.tokens: dict[str, int] = {}
+        self.zero_overlap: dict[str, int] = {}
+        self.failed_steps: list[int] = []
+        self.routing_mismatch: list[float] = []
+
+    def add(self, metrics: dict) -> None:
+        self.steps += 1
+        self.routing_mismatch.append(metrics["routing_mismatch"])
+        for key, value in metrics.items():
+            if key.startswith("r3_check_replay_") and key.endswith("_tokens"):
+                stage = key[len("r3_check_"):-len("_tokens")]
+                self.tokens[stage] = self.tokens.get(stage, 0) + value
+        if metrics.get("r3_check_passed") is False:
+            self.failed_steps.append(metrics["step"])
+
+    def to_dict(self, *, check_enabled: bool, error: str | None = None) -> dict:
+        if not check_enabled:
+            verdict = "not_checked"
+        elif error or self.failed_steps:
+            verdict = "fail"
+        elif self.steps and all(self.tokens.get(s, 0) > 0 for s in ("replay_forward", "replay_backward")):
+            verdict = "pass"
+        else:
+            verdict = "fail"
+            error = error or f"the check saw no tokens in some stage: {self.tokens}"
+        return {"verdict": verdict, "error": error, "steps": self.steps, "tokens_checked": self.tokens,
+                "failed_steps": self.failed_steps,
+                "routing_mismatch_mean": float(np.mean(self.routing_mismatch)) if self.routing_mismatch else None}
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)

@@ -1,0 +1,303 @@
+"""One RL step, readable on one screen: `rl_step()`. The stages are the data flow of ARCHITECTURE.md:
+
+  1. rollout through the RolloutBackend (engine in-process, or `--rollout-url`), traces recorded per token and layer;
+  2. rewards and group advantages;
+  3. reference log-probs: replay off (the reference routes freely), only when a KL term needs them;
+  4. old-policy log-probs: R3 replays the rollout trace, R2 records; routing mismatch vs the rollout trace measured;
+  5. update over micro-batches (gradient accumulation), every forward under replay, activation checkpointing on so
+     the recompute in backward replays too (`replay_backward`);
+  6. weight sync to the rollout backend; the next rollout checks that it used the new version.
+
+Log-probs: the trainer's are log_softmax(logits / rollout temperature), the distribution the rollout sampled from;
+the rollout log-probs it compares them with (`train_rollout_*` metrics, TIS and mask corrections) are asked of the
+engine at that same temperature.
+
+Tensor suffixes: T response tokens, V vocabulary, P prompts, N samples per prompt, L layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from r3rl.check import ReplayCheck
+from r3rl.config import Fault, ReplayKind
+from r3rl.replay import Recording, RoutingReplay
+from r3rl.rollout.backend import RolloutBackend
+from r3rl.rollout.sampling import SamplingParams
+from r3rl.sample import Sample
+from r3rl.trace import RoutingTrace
+from r3rl.train.config import LogprobSource, TrainConfig
+from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
+from r3rl.train.losses import entropy_from_logits, group_advantages, kl_penalty, policy_loss
+from r3rl.train.metrics import routing_mismatch_per_layer, train_rollout_metrics
+
+__all__ = ["StepContext", "rl_step", "fault_trace"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class StepContext:
+    """What a step works on; built once by the Trainer."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    replay: RoutingReplay
+    check: ReplayCheck | None
+    rollout: RolloutBackend
+    prompts: object  # r3rl.tasks PromptSource: next_batch / reward / state_dict
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ref_model: nn.Module | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    pad_id: int = 0
+
+
+def rl_step(ctx: StepContext, step: int) -> dict:
+    cfg, replay, timer = ctx.cfg, ctx.replay, _Timer(ctx.cfg.device)
+    replay.new_step()
+    with timer("rollout"):  # 1
+        items = ctx.prompts.next_batch(cfg.rollout_batch_size)
+        samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(cfg, step),
+                                       n_samples_per_prompt=cfg.n_samples_per_prompt)
+        _check_versions(samples, ctx.rollout.weight_version, step)
+        if cfg.inject_fault is not Fault.NONE and step == 0:
+            samples = [_with_trace(s, fault_trace(s.trace, cfg.inject_fault)) for s in samples]
+    with timer("reward"):  # 2
+        texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        rewards = torch.tensor([float(ctx.prompts.reward(texts[i], items[i // cfg.n_samples_per_prompt]))
+                                for i in range(len(samples))])
+    mbs = _micro_batches(ctx, samples, [0.0] * len(samples))
+    with timer("ref_logprobs"):  # 3
+        ref_logp = _ref_logprobs(ctx, mbs) if ctx.ref_model is not None else None
+    with timer("old_logprobs"):  # 4
+        train_logp, used, recorded = _old_logprobs(ctx, mbs)
+    old_logp = train_logp if cfg.old_logprobs is LogprobSource.TRAIN else _rollout_logprobs(mbs)
+    shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, mbs, len(samples)) if cfg.kl_coef else rewards
+    adv_PN = group_advantages(shaped.view(-1, cfg.n_samples_per_prompt), cfg.loss.advantage_estimator,
+                              std_normalization=cfg.grpo_std_normalization)
+    with timer("update"):  # 5
+        update = _update(ctx, samples, adv_PN.flatten().tolist(), old_logp, ref_logp, recorded)
+    summary = ctx.check.summary() if ctx.check is not None else None  # raises above the threshold
+    with timer("weight_sync"):  # 6
+        ctx.rollout.update_weights(ctx.model, version=step + 1)
+    metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+               "lr": ctx.scheduler.get_last_lr()[0], "weight_version": step + 1}
+    metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
+                                     torch.cat([mb.rollout_logp_T for mb in mbs]))
+    per_layer = routing_mismatch_per_layer([s.trace for s in samples], used)
+    metrics |= {"routing_mismatch": sum(per_layer) / len(per_layer), "routing_mismatch_per_layer": per_layer}
+    metrics |= update | _check_metrics(summary) | timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs))
+    if ref_logp is not None and step == 0 and cfg.replay.strict:
+        metrics["ci_ref_logprob_max_abs_diff"] = _ci_compare_reference(ctx, mbs, ref_logp)
+    return metrics
+
+
+def fault_trace(trace: RoutingTrace, fault: Fault) -> RoutingTrace:
+    """Negative control: `shift` gives row i the experts of row i+1; `permute-layers` rolls the layer axis."""
+    ids = trace.expert_ids
+    if fault is Fault.SHIFT:
+        ids = ids[list(range(1, len(ids))) + [len(ids) - 1]]
+    elif fault is Fault.PERMUTE_LAYERS:
+        ids = ids[:, [(i - 1) % ids.shape[1] for i in range(ids.shape[1])]]
+    return RoutingTrace.from_ids(ids, trace.num_experts)
+
+
+# --- stages -------------------------------------------------------------------------------------------------------
+def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[float], indices=None, traces=None):
+    cfg = ctx.cfg
+    use_traces = cfg.replay.kind is not ReplayKind.NONE or traces is not None
+    return [mb.to(cfg.device) for mb in make_micro_batches(
+        samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
+        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices,
+        traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
+
+
+@torch.no_grad()
+def _ref_logprobs(ctx: StepContext, mbs: list[MicroBatch]) -> dict[int, torch.Tensor]:
+    out = {}
+    for mb in mbs:  # the reference model has no replay attached: it routes freely
+        logits_TV = mb.response_logits(ctx.ref_model(**mb.model_inputs()).logits)
+        _scatter(out, mb, token_logprobs(logits_TV, mb.target_ids_T, ctx.cfg.rollout_temperature))
+    return out
+
+
+@torch.no_grad()
+def _old_logprobs(ctx: StepContext, mbs: list[MicroBatch]):
+    """Training-forward log-probs per sample before the update, the experts each sample used, and R2's recordings
+    (per sample, so that the update may lay samples out differently and each still replays its own routing)."""
+    cfg, replay = ctx.cfg, ctx.replay
+    logp, used, recorded = {}, {}, {}
+    for mb in mbs:
+        if cfg.replay.kind is ReplayKind.R3:
+            rec = Recording(replay.num_layers, replay.num_experts)
+            with replay.replay(mb.replay, capture=rec):  # captures the experts used: the trace, pads filled
+                logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
+        else:  # R2 records what the update will replay; without replay we record to measure the mismatch
+            with replay.record() as rec:
+                logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
+        _scatter(logp, mb, token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature))
+        for i, trace in zip(mb.sample_indices, mb.split_routing(rec.batch().expert_ids, replay.num_experts),
+                            strict=True):
+            used[i] = trace
+            if cfg.replay.kind is ReplayKind.R2:
+                recorded[i] = trace
+    return logp, [used[i] for i in range(len(used))], recorded
+
+
+def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded) -> dict:
+    """Optimizer steps over the rollout's samples, each accumulated over micro-batches under replay."""
+    cfg, model = ctx.cfg, ctx.model
+    totals: dict[str, float] = defaultdict(float)
+    per_opt = cfg.samples_per_optimizer_step
+    model.train()
+    for start in range(0, len(samples), per_opt):
+        idx = list(range(start, start + per_opt))
+        traces = [recorded[i] for i in idx] if cfg.replay.kind is ReplayKind.R2 else None
+        mbs = _micro_batches(ctx, [samples[i] for i in idx], [advantages[i] for i in idx], idx, traces)
+        n_tok, n_seq = sum(mb.num_response_tokens for mb in mbs), len(idx)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        for mb in mbs:
+            mode = replay_mode(ctx, mb)
+            with mode:
+                logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
+                logp_T = token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature)
+                loss, m = policy_loss(
+                    logp_T=logp_T, old_logp_T=_gather(old_logp, mb), advantages_T=mb.advantages_T,
+                    seq_idx_T=mb.seq_idx_T, num_seqs=mb.num_seqs, cfg=cfg.loss, num_tokens_total=n_tok,
+                    num_seqs_total=n_seq, rollout_logp_T=mb.rollout_logp_T,
+                    ref_logp_T=_gather(ref_logp, mb) if ref_logp is not None else None,
+                    entropy_T=entropy_from_logits(logits_TV) if cfg.loss.entropy_coef else
+                    entropy_from_logits(logits_TV.detach()))
+                loss.backward()  # the checkpoint recompute replays here (replay_backward)
+            for k, v in m.items():
+                totals[k] += float(v)
+            totals["loss"] += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        if not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at optimizer step {start // per_opt}")
+        ctx.optimizer.step()
+        ctx.scheduler.step()
+        totals["grad_norm"] += float(grad_norm)
+    model.eval()
+    n_opt = len(samples) // per_opt
+    return {k: v / n_opt for k, v in totals.items()} | {"optimizer_steps": n_opt}
+
+
+def replay_mode(ctx: StepContext, mb: MicroBatch):
+    """The update's routing: the rollout trace (R3), the old-policy recording (R2), or the live router."""
+    if ctx.cfg.replay.kind is ReplayKind.NONE:
+        return ctx.replay.off()
+    return ctx.replay.replay(mb.replay)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+def _encode(ctx: StepContext, prompt: str) -> list[int]:
+    if ctx.cfg.apply_chat_template:
+        return list(ctx.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                      add_generation_prompt=True))
+    ids = ctx.tokenizer.encode(prompt, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"prompt {prompt[:60]!r} tokenizes to no tokens: this tokenizer cannot encode it")
+    return ids
+
+
+def _sampling(cfg: TrainConfig, step: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=cfg.rollout_temperature,
+                          top_p=cfg.rollout_top_p, seed=(cfg.seed * 1_000_003 + step) % 2**31)
+
+
+def _check_versions(samples: list[Sample], version: int, step: int) -> None:
+    stale = [i for i, s in enumerate(samples) if s.weight_version != version]
+    if stale:
+        got = samples[stale[0]].weight_version
+        raise RuntimeError(f"step {step}: {len(stale)} sample(s) were generated with weight version {got}, expected "
+                           f"{version} (the weight sync did not reach the rollout engine); first: sample {stale[0]}")
+
+
+def _with_trace(s: Sample, trace: RoutingTrace) -> Sample:
+    from dataclasses import replace
+
+    return replace(s, trace=trace)
+
+
+def _rollout_logprobs(mbs: list[MicroBatch]) -> dict[int, torch.Tensor]:
+    out: dict[int, torch.Tensor] = {}
+    for mb in mbs:
+        _scatter(out, mb, mb.rollout_logp_T)
+    return out
+
+
+def _scatter(out: dict[int, torch.Tensor], mb: MicroBatch, values_T: torch.Tensor) -> None:
+    for b, i in enumerate(mb.sample_indices):
+        out[i] = values_T[mb.seq_idx_T == b].detach()
+
+
+def _gather(per_sample: dict[int, torch.Tensor], mb: MicroBatch) -> torch.Tensor:
+    return torch.cat([per_sample[i] for i in mb.sample_indices])
+
+
+def _per_sample_kl(old_logp, ref_logp, mbs, n: int) -> torch.Tensor:
+    from r3rl.train.losses import KLType
+
+    return torch.tensor([kl_penalty(old_logp[i], ref_logp[i], KLType.K1).sum().item() for i in range(n)])
+
+
+def _check_metrics(summary) -> dict:
+    if summary is None:
+        return {}
+    out = {"r3_check_tokens": summary.tokens_checked, "r3_check_mismatch": summary.zero_overlap,
+           "r3_check_passed": summary.passed}
+    for stage, v in summary.to_dict()["stages"].items():
+        out[f"r3_check_{stage}_tokens"] = v["tokens"]
+        out[f"r3_check_{stage}_calls"] = v["calls"]
+    return out
+
+
+@torch.no_grad()
+def _ci_compare_reference(ctx: StepContext, mbs: list[MicroBatch], ref_logp) -> float:
+    """--ci-test, step 0: actor and reference hold the same weights; under the same (free) routing their log-probs
+    agree within `ci_logprob_tol` (exact equality trips on routine float differences)."""
+    worst = 0.0
+    for mb in mbs:
+        with ctx.replay.off():
+            logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
+        logp = token_logprobs(logits_TV, mb.target_ids_T, ctx.cfg.rollout_temperature)
+        worst = max(worst, (logp - _gather(ref_logp, mb)).abs().max().item())
+    if worst > ctx.cfg.ci_logprob_tol:
+        raise AssertionError(f"ci-test: step-0 actor and reference log-probs differ under the same routing: max |diff| "
+                             f"{worst:.3g} > {ctx.cfg.ci_logprob_tol}")
+    return worst
+
+
+class _Timer:
+    def __init__(self, device: str) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()  # note: a sync point, once per stage, so stage times are real
+        self.times[name] = time.perf_counter() - t0
+
+    def metrics(self, *, update_tokens: int) -> dict:
+        out = {f"time/{k}": v for k, v in self.times.items()} | {"time/step": sum(self.times.values())}
+        out["update_tokens_per_s"] = update_tokens / max(self.times.get("update", 0.0), 1e-9)
+        return out
+

@@ -1,0 +1,263 @@
+"""Trainer: builds the run (model, reference, replay + check, rollout backend, prompts, optimizer), warms the
+policy up with a few supervised steps on the task's targets, runs RL steps (`step.rl_step`), and writes everything
+under the run directory: config.json, metrics.jsonl (+ TensorBoard), summary.json with the R3 check's verdict over
+the run, checkpoints under `--save`.
+
+    summary = Trainer(TrainConfig(replay=ReplayConfig(use_rollout_routing_replay=True,
+                                                      enable_r3_correctness_check=True))).run()
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from r3rl.check import ReplayCheck, resolve_threshold
+from r3rl.models import load_model, resolve_dtype
+from r3rl.models.loading import set_activation_checkpointing
+from r3rl.models.presets import make_model, make_tokenizer
+from r3rl.replay import RoutingReplay
+from r3rl.sample import Sample
+from r3rl.train.checkpoint import (
+    capture_rng,
+    load_trainer_state,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from r3rl.train.config import TrainConfig
+from r3rl.train.data import make_micro_batches, token_logprobs
+from r3rl.train.metrics import MetricsWriter, RunSummary
+from r3rl.train.step import StepContext, rl_step
+
+__all__ = ["Trainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.resume_dir = resolve_checkpoint(cfg.load) if cfg.load else None
+        self.state = load_trainer_state(self.resume_dir) if self.resume_dir else None
+        self.model, self.tokenizer = self._load_policy()
+        self.prompts = _prompt_source(cfg, seed=cfg.seed)
+        self.start_step = 0
+        if self.state is None:
+            self._sft_warmup()
+        else:
+            self.start_step = int(self.state["step"])
+            self.prompts.load_state_dict(self.state["prompts"])
+        self.ref_model = self._reference() if cfg.needs_reference else None
+        rcfg = cfg.replay
+        self.replay = RoutingReplay(self.model, strict=rcfg.strict)
+        self.check = None
+        if rcfg.check_enabled:
+            self.check = ReplayCheck(self.replay.num_layers, self.replay.top_k,
+                                     threshold=resolve_threshold(rcfg.r3_check_threshold), device=cfg.device)
+            self.replay.check = self.check
+        if cfg.activation_checkpointing:
+            set_activation_checkpointing(self.model, True, context_fn=self.replay.checkpoint_context_fn)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay)
+        warmup = cfg.lr_warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
+        if self.state is not None:
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            self.scheduler.load_state_dict(self.state["scheduler"])
+            restore_rng(self.state["rng"])
+        self.rollout = _rollout_backend(cfg, self.model, self.run_dir)
+        self.rollout.update_weights(self.model, version=self.start_step)  # the engine starts from our weights
+        self.ctx = StepContext(
+            cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
+            prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+            ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer))
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        (self.run_dir / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
+        writer = MetricsWriter(self.run_dir, truncate_after=self.start_step if self.state else None)
+        summary, error = RunSummary(), None
+        try:
+            with _Progress(cfg.num_rollout, self.start_step, enabled=cfg.progress) as progress:
+                for step in range(self.start_step, cfg.num_rollout):
+                    metrics = rl_step(self.ctx, step)
+                    writer.write(metrics)
+                    summary.add(metrics)
+                    progress.update(metrics)
+                    logger.info("step %d %s", step, _brief(metrics))
+                    done = step + 1
+                    if cfg.save and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.num_rollout):
+                        self.save(done)
+        except AssertionError as e:  # the R3 check (or a --ci-test invariant) failed: record it, then fail the run
+            error = str(e)
+            raise
+        finally:
+            writer.close()
+            result = summary.to_dict(check_enabled=cfg.replay.check_enabled, error=error)
+            result |= {"replay_mode": cfg.replay.kind.value, "run_dir": str(self.run_dir)}
+            (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.close()
+        return result
+
+    def save(self, step: int) -> Path:
+        state = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": capture_rng(), "prompts": self.prompts.state_dict(), "config": _config_dict(self.cfg)}
+        return save_checkpoint(self.cfg.save, step, model=self.model, tokenizer=self.tokenizer, state=state,
+                               reference=self.ref_model)
+
+    def close(self) -> None:
+        self.replay.close()
+        self.rollout.close()
+
+    # --- construction ---------------------------------------------------------------------------------------------
+    def _load_policy(self):
+        cfg = self.cfg
+        dtype = resolve_dtype(cfg.dtype)
+        source = self.resume_dir or cfg.model
+        if source is not None:
+            model = load_model(source, device=cfg.device, dtype=dtype)
+            tokenizer = _load_tokenizer(Path(source))
+        else:
+            model = make_model(cfg.preset, seed=cfg.seed, device=cfg.device, dtype=dtype)
+            tokenizer = make_tokenizer()
+        return model.eval(), tokenizer
+
+    def _reference(self):
+        """The frozen reference: the policy as RL starts (after the warm-up), saved with every checkpoint."""
+        if self.resume_dir is not None and (self.resume_dir / "reference").is_dir():
+            ref = load_model(self.resume_dir / "reference", device=self.cfg.device, dtype=resolve_dtype(self.cfg.dtype))
+        else:
+            ref = copy.deepcopy(self.model)  # before RoutingReplay patches the policy's routers
+        return ref.eval().requires_grad_(False)
+
+    def _sft_warmup(self) -> None:
+        """A few supervised steps on (prompt, target + EOS): a random policy never reaches a reward to learn from."""
+        cfg = self.cfg
+        if cfg.sft_steps == 0:
+            return
+        source = _prompt_source(cfg, seed=cfg.seed + 7919)  # its own stream: the RL cursor is not touched
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.sft_lr, betas=cfg.adam_betas)
+        eos = _stop_ids(self.tokenizer)
+        self.model.train()
+        t0, loss = time.perf_counter(), None
+        for _ in range(cfg.sft_steps):
+            items = source.next_batch(cfg.sft_batch_size)
+            samples = []
+            for it in items:
+                target = self.tokenizer.encode(source.sft_target(it), add_special_tokens=False) + eos[:1]
+                samples.append(Sample(prompt_ids=self.tokenizer.encode(it.prompt, add_special_tokens=False),
+                                      response_ids=target, rollout_logprobs=[0.0] * len(target)))
+            mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
+                                     micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
+                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples))
+            n_tok = sum(mb.num_response_tokens for mb in mbs)
+            opt.zero_grad(set_to_none=True)
+            for mb in (m.to(cfg.device) for m in mbs):
+                logits_TV = mb.response_logits(self.model(**mb.model_inputs()).logits)
+                loss = -token_logprobs(logits_TV, mb.target_ids_T).sum() / n_tok
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            opt.step()
+        self.model.eval()
+        logger.info("sft warm-up: %d steps in %.1fs, last loss %.4f", cfg.sft_steps, time.perf_counter() - t0,
+                    float(loss) if loss is not None else float("nan"))
+
+
+# --- helpers --------------------------------------------------------------------------------------------------------
+def _prompt_source(cfg: TrainConfig, *, seed: int):
+    from r3rl.tasks import make_prompt_source
+
+    return make_prompt_source(task=cfg.task, prompt_data=cfg.prompt_data, input_key=cfg.input_key,
+                              label_key=cfg.label_key, custom_rm_path=cfg.custom_rm_path, reward_fn=cfg.reward_fn,
+                              seed=seed)
+
+
+def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
+    from r3rl.rollout.backend import EngineBackend, HTTPBackend
+
+    if len(cfg.rollout_url) > 1:
+        raise ValueError(f"--rollout-url: one server is supported by this trainer for now, got {len(cfg.rollout_url)}")
+    if cfg.rollout_url:
+        return HTTPBackend(cfg.rollout_url[0], weights_dir=str(run_dir / "weights"))
+    max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
+    return EngineBackend(model, max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
+                         device=cfg.device, dtype=cfg.dtype)
+
+
+def _max_prompt_len(cfg: TrainConfig) -> int:
+    return 256 if cfg.prompt_data is None else 2048
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} has no tokenizer the trainer can use ({type(e).__name__}: {e}); write one with "
+                         "`r3rl init-model` or save the tokenizer into the checkpoint") from e
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _brief(m: dict) -> str:
+    keys = ("reward_mean", "response_len_mean", "routing_mismatch", "train_rollout_k3_kl",
+            "train_rollout_logprob_abs_diff", "r3_check_mismatch", "grad_norm", "time/step")
+    return " ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
+
+
+class _Progress:
+    """A rich progress bar with reward, response length, step time and the R3 status (off when not a terminal)."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool) -> None:
+        self.total, self.start = total, start
+        self.enabled = enabled and sys.stderr.isatty()
+        self._progress = self._task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]r3rl train"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), TextColumn("{task.description}"))
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total, completed=self.start)
+        return self
+
+    def update(self, m: dict) -> None:
+        if self._progress is None:
+            return
+        r3 = ("R3 ok" if m.get("r3_check_passed") else "R3 FAIL") if "r3_check_passed" in m else "R3 off"
+        self._progress.update(self._task, advance=1, description=(
+            f"reward {m['reward_mean']:.3f}  len {m['response_len_mean']:.1f}  mismatch {m['routing_mismatch']:.3f}  "
+            f"{m['time/step']:.2f}s/step  {r3}"))
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
