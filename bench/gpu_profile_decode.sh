@@ -1,3 +1,4 @@
+# Where one decode step of the engine goes (torch profiler, eager).
 set -x
-export PYTHONPATH=$PWD/src
+. bench/gpu_env.sh
 python3 bench/profile_decode.py --preset probe-qwen3-moe --batch 32 2>&1 | tail -45
