@@ -69,10 +69,31 @@ def test_ci_test_enables_check_and_r2_runs(tmp_path):
     assert "R3 check (rank 0, stage replay_backward)" in proc.stderr
 
 
-def test_check_without_replay_mode_warns_and_fails(tmp_path):
-    proc, rep = _report(tmp_path, "--enable-r3-correctness-check")
-    assert proc.returncode == 1 and rep["verdict"] == "fail" and rep["with_replay"] is None
+def test_check_without_replay_mode_warns_and_fails_at_once(tmp_path):
+    proc = r3rl("check", *SMALL, "--enable-r3-correctness-check", "--report", str(tmp_path / "r.json"))
+    assert proc.returncode == 2 and "nothing to verify" in proc.stderr
     assert proc.stderr.count("--enable-r3-correctness-check has no effect") == 1
+    assert not (tmp_path / "r.json").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--device", "nope"), "--device 'nope' is not a torch device"),
+    (("--temperature", "nan"), "temperature must be > 0"),
+    (("--temperature", "inf"), "temperature must be > 0"),
+    (("--dtype", "int8"), "unknown dtype 'int8'"),
+    (("--report", "{file}/r.json"), "is a file, not a directory"),
+])
+def test_check_flag_values_are_refused_before_work(tmp_path, flags, message):
+    (tmp_path / "f").write_text("")
+    flags = [f.replace("{file}", str(tmp_path / "f")) for f in flags]
+    proc = r3rl("check", "--use-rollout-routing-replay", *flags)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_log_level_is_validated():
+    proc = r3rl("--log-level", "NOPE", "check", "--use-rollout-routing-replay")
+    assert proc.returncode == 2 and "--log-level 'NOPE'" in proc.stderr
 
 
 def test_bad_flags_are_named(tmp_path):

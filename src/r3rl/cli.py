@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        parser.error(f"--log-level {args.log_level!r}: choose one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if args.command == "init-model":
@@ -222,8 +224,14 @@ def train_config_from_args(args: argparse.Namespace):
         rollout_mask=args.use_rollout_mask, mask_low=args.mask_low, mask_high=args.mask_high,
         correction_level=CorrectionLevel(args.correction_level), loss_agg_mode=LossAggMode(args.loss_agg_mode),
     )
+    from r3rl.check import resolve_threshold
+    from r3rl.models import resolve_dtype
+
     _check_device(args.device)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    resolve_dtype(dtype)
+    _check_output_path("--run-dir", str(Path(args.run_dir) / "metrics.jsonl"))
+    resolve_threshold(args.r3_check_threshold)
     return TrainConfig(
         replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
@@ -272,6 +280,19 @@ def _verify_logs(args) -> int:
     return 0 if report["verdict"] == "pass" else 1
 
 
+def _check_output_path(flag: str, path: str | None) -> None:
+    """An output file's folder must be creatable: checked before the work starts, not after it."""
+    if path is None:
+        return
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file path")
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -296,10 +317,20 @@ def replay_config_from_args(args: argparse.Namespace):
 
 
 def _check_config(args: argparse.Namespace):
-    from r3rl.config import CheckRunConfig, Fault, RolloutKind
+    from r3rl.check import resolve_threshold
+    from r3rl.config import CheckRunConfig, Fault, ReplayKind, RolloutKind
+    from r3rl.models import resolve_dtype
 
+    _check_device(args.device)
+    resolve_dtype(args.dtype)
+    _check_output_path("--report", args.report)
+    replay = replay_config_from_args(args)
+    resolve_threshold(replay.r3_check_threshold)  # a bad $R3RL_TEST_R3_THRESHOLD is a flag error too
+    if replay.kind is ReplayKind.NONE:
+        raise ValueError("r3rl check verifies a replay mode: add --use-rollout-routing-replay (R3) or "
+                         "--use-routing-replay (R2); without one there is nothing to verify")
     return CheckRunConfig(
-        replay=replay_config_from_args(args), model=args.model, preset=args.preset, device=args.device,
+        replay=replay, model=args.model, preset=args.preset, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
         inject_fault=Fault(args.inject_fault),

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from dataclasses import dataclass
-
-from r3rl.check import resolve_threshold
 
 __all__ = ["ReplayConfig", "ReplayKind", "CheckRunConfig", "Fault", "RolloutKind"]
 
@@ -38,11 +37,13 @@ class ReplayConfig:
     ci_test: bool = False
     """CI mode: enables the check and strict invariants (every layer consumed once per forward)."""
     r3_check_threshold: float | None = None
-    """Allowed fraction of zero-overlap (token, layer) rows. None: $R3RL_TEST_R3_THRESHOLD,
-    $MILES_TEST_R3_THRESHOLD, else 1e-2."""
+    """Allowed fraction of zero-overlap (token, layer) rows. None: the check resolves it from
+    $R3RL_TEST_R3_THRESHOLD, $MILES_TEST_R3_THRESHOLD, else 1e-2 (`r3rl.check.resolve_threshold`)."""
 
     def __post_init__(self) -> None:
-        self.threshold = resolve_threshold(self.r3_check_threshold)
+        t = self.r3_check_threshold
+        if t is not None and not 0.0 <= t <= 1.0:
+            raise ValueError(f"R3 check threshold (--r3-check-threshold) is a fraction of tokens in [0, 1]: got {t}")
         if self.use_rollout_routing_replay and self.use_routing_replay:
             logger.warning("both --use-rollout-routing-replay and --use-routing-replay are set: running R3 (rollout "
                            "routing replay); R2 is subsumed")
@@ -96,6 +97,7 @@ class CheckRunConfig:
     prompt_len: int = 16
     response_len: int = 32
     temperature: float = 1.0
+    """Rollout sampling temperature (finite, > 0)."""
     seed: int = 0
     rollout: RolloutKind = RolloutKind.ENGINE
     """Who samples the rollouts (see RolloutKind)."""
@@ -108,8 +110,5 @@ class CheckRunConfig:
         for name in ("batch_size", "prompt_len", "response_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive: got {getattr(self, name)}")
-        from r3rl.models.loading import resolve_dtype
-
-        resolve_dtype(self.dtype)  # raises ValueError naming the choices
-        if self.temperature <= 0:
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampled rollouts: got {self.temperature}")

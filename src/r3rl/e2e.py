@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from r3rl.check import CheckSummary, ReplayCheck, Stage
+from r3rl.check import CheckSummary, ReplayCheck, Stage, resolve_threshold
 from r3rl.config import CheckRunConfig, Fault, ReplayKind, RolloutKind
 from r3rl.models import load_model, resolve_dtype
 from r3rl.models.loading import cache_kwargs, set_activation_checkpointing
@@ -53,7 +53,8 @@ def run_check(cfg: CheckRunConfig) -> dict:
     check = None
     replay = RoutingReplay(model, strict=rcfg.strict)
     if rcfg.check_enabled:
-        check = ReplayCheck(replay.num_layers, replay.top_k, threshold=rcfg.threshold, device=device)
+        check = ReplayCheck(replay.num_layers, replay.top_k, threshold=resolve_threshold(rcfg.r3_check_threshold),
+                            device=device)
         replay.check = check
     try:
         return _run(cfg, model, replay, check)
@@ -148,7 +149,8 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     rollout_ids_BSLK = layout_padded(traces, seq_len=P + R, lengths=lengths).expert_ids.view(
         B, P + R, replay.num_layers, -1)
 
-    report: dict = {"verdict": "fail", "threshold": rcfg.threshold, "replay_mode": rcfg.kind.value,
+    threshold = resolve_threshold(rcfg.r3_check_threshold)
+    report: dict = {"verdict": "fail", "threshold": threshold, "replay_mode": rcfg.kind.value,
                     "check_enabled": rcfg.check_enabled, "inject_fault": cfg.inject_fault.value,
                     "model": cfg.model or f"preset:{cfg.preset}", "rollout": cfg.rollout.value,
                     "device": str(cfg.device), "dtype": cfg.dtype,
@@ -232,8 +234,10 @@ def _set_mismatch(a_BSLK: torch.Tensor, b_BSLK: torch.Tensor) -> float:
 
 def _counts(replay: RoutingReplay, summary: CheckSummary | None) -> dict:
     fwd, bwd = sum(replay.calls[Stage.REPLAY_FORWARD]), sum(replay.calls[Stage.REPLAY_BACKWARD])
-    checks = sum(v["calls"] for v in summary.stages.values()) if summary else 0
-    return {"replay_forward": fwd, "replay_backward": bwd, "checks": checks}
+    stages = summary.to_dict()["stages"] if summary else {}
+    checks = sum(v["calls"] for v in stages.values())
+    return {"replay_forward": fwd, "replay_backward": bwd, "checks": checks,
+            "checked_tokens": {stage: stages.get(stage, {}).get("tokens", 0) for stage in Stage}}
 
 
 def _verdict(cfg: CheckRunConfig, report: dict, check_error: str | None) -> tuple[str, str]:
@@ -244,11 +248,14 @@ def _verdict(cfg: CheckRunConfig, report: dict, check_error: str | None) -> tupl
         return "fail", f"replay did not run in both stages: {counts}"
     if rcfg.check_enabled and counts["checks"] == 0:
         return "fail", "the check was enabled but checked no router call"
+    unchecked = [stage for stage, n in counts["checked_tokens"].items() if n == 0]
+    if rcfg.check_enabled and unchecked:
+        return "fail", f"the check saw no token in stage(s) {unchecked}: {counts['checked_tokens']}"
     mismatch = report["replay_target_mismatch"]
-    if mismatch > rcfg.threshold:
+    if mismatch > report["threshold"]:
         target = "rollout's" if rcfg.kind is ReplayKind.R3 else "old-policy forward's"
         return "fail", f"under replay the training routing still differs from the {target}: {mismatch:.4f} > " \
-            f"{rcfg.threshold}"
+            f"{report['threshold']}"
     return "pass", "replay ran in forward and recompute" + (" and the check passed" if rcfg.check_enabled else "")
 
 
