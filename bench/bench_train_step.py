@@ -1,0 +1,116 @@
+"""One RL step of `r3rl train` on a GPU: the time of each stage, update tokens/s and model FLOPs utilisation, and the
+update's cost under R3 and R3 + check against no replay, measured side by side on the same batch in one process.
+
+    python bench/bench_train_step.py --preset probe-qwen3-moe --rounds 7 --out train_step.json
+
+The update (forward + backward with activation checkpointing over the step's micro-batches, optimizer step
+excluded) runs for the same samples under three routings, interleaved round by round so that clock and thermal
+drift hit all three alike: `off` (live router, no replay), `r3` (replay the rollout trace) and `r3+check`. Reported:
+median and range per mode, and the ratios of the medians. Targets: R3 <= 1.02x and R3 + check <= 1.05x of `off`.
+MFU counts 6 * active params * tokens for forward + backward plus 2 * active params * tokens for the recompute,
+against the card's dense bf16 peak (H200: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from r3rl.config import ReplayConfig
+from r3rl.train.config import TrainConfig
+from r3rl.train.data import token_logprobs
+from r3rl.train.step import _micro_batches, rl_step
+from r3rl.train.trainer import Trainer
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="probe-qwen3-moe")
+    ap.add_argument("--rollout-batch-size", type=int, default=16)
+    ap.add_argument("--n-samples-per-prompt", type=int, default=8)
+    ap.add_argument("--response-len", type=int, default=128)
+    ap.add_argument("--micro-batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = TrainConfig(
+        replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True), preset=args.preset,
+        device="cuda", dtype="bfloat16", sft_steps=0, num_rollout=1, rollout_batch_size=args.rollout_batch_size,
+        n_samples_per_prompt=args.n_samples_per_prompt, rollout_max_response_len=args.response_len,
+        micro_batch_size=args.micro_batch_size, progress=False, run_dir="/tmp/r3rl-bench-train")
+    trainer = Trainer(cfg)
+    ctx = trainer.ctx
+    stages = rl_step(ctx, 0)  # a whole step: stage times, and the samples of this step come from its rollout
+    samples = ctx.rollout.generate([[65 + i % 26] * 8 for i in range(cfg.rollout_batch_size)],
+                                   _sampling(cfg), n_samples_per_prompt=cfg.n_samples_per_prompt)
+    mbs = _micro_batches(ctx, samples, [1.0] * len(samples))
+    tokens = sum(mb.num_tokens for mb in mbs)
+    check = ctx.check
+    times: dict[str, list[float]] = {"off": [], "r3": [], "r3+check": []}
+    for _ in range(args.rounds + 1):  # the first round warms up (allocator, autotuning) and is dropped
+        for mode in times:
+            ctx.replay.check = check if mode == "r3+check" else None
+            times[mode].append(_update_time(ctx, mbs, mode))
+        if check is not None:
+            check.summary(raise_on_fail=False)
+    times = {k: v[1:] for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    active = _active_params(trainer.model)
+    flops = 8 * active * tokens  # fwd 2 + bwd 4 + recompute 2, per active parameter and token
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    result = {
+        "card": name, "preset": args.preset, "tokens_per_update": tokens, "micro_batches": len(mbs),
+        "stage_times_s": {k: v for k, v in stages.items() if k.startswith("time/")},
+        "update_median_s": med, "update_range_s": {k: [min(v), max(v)] for k, v in times.items()},
+        "ratio_r3": med["r3"] / med["off"], "ratio_r3_check": med["r3+check"] / med["off"],
+        "update_tokens_per_s": tokens / med["r3"], "active_params": active,
+        "mfu_r3": flops / med["r3"] / peak if peak else None,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def _update_time(ctx, mbs, mode: str) -> float:
+    model = ctx.model
+    model.train()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for mb in mbs:
+        routing = ctx.replay.off() if mode == "off" else ctx.replay.replay(mb.replay)
+        with routing:
+            logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
+            logp = token_logprobs(logits_TV, mb.target_ids_T)
+            (-(logp * mb.advantages_T).sum() / 1e4).backward()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return elapsed
+
+
+def _active_params(model) -> int:
+    """Parameters a token passes through: everything but the experts, plus top_k of each layer's experts."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    per_layer_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    return total - experts + experts * cfg.num_experts_per_tok // per_layer_experts
+
+
+def _sampling(cfg):
+    from r3rl.rollout.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=1.0, seed=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+# `r3rl train` on probe-qwen3-moe (bf16, engine rollout): R3, R2 and no replay for the same steps and seeds, then the
+# one-step benchmark (stage times, update tokens/s, MFU, R3 and R3 + check against no replay).
+set -x
+. bench/gpu_env.sh
+COMMON="--preset probe-qwen3-moe --device cuda --dtype bfloat16 --num-rollout ${STEPS:-8} --rollout-batch-size 16
+  --n-samples-per-prompt 8 --rollout-max-response-len 128 --sft-steps 0 --micro-batch-size 32 --seed 1 --no-progress"
+python3 -m r3rl.cli train $COMMON --use-rollout-routing-replay --enable-r3-correctness-check --run-dir $OUT/r3 \
+  2>$OUT/r3.log | grep -E '"verdict"|"error"'
+python3 -m r3rl.cli train $COMMON --use-routing-replay --enable-r3-correctness-check --run-dir $OUT/r2 \
+  2>$OUT/r2.log | grep -E '"verdict"|"error"'
+python3 -m r3rl.cli train $COMMON --run-dir $OUT/none 2>$OUT/none.log | grep -E '"verdict"|"error"'
+python3 -m r3rl.cli verify-logs $OUT/r3.log | grep -E '"verdict"'
+for m in r3 r2 none; do cp $OUT/$m/metrics.jsonl $OUT/metrics_$m.jsonl; done
+python3 bench/bench_train_step.py --preset probe-qwen3-moe --rounds 7 --out $OUT/train_step.json 2>&1 | tail -30
