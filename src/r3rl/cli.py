@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--max-slots", type=int, default=64, help="concurrent sequences in the engine's KV cache")
     p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per sequence")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None, help="engine device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="bfloat16 | float32 | float16 (default: bfloat16 on cuda, else float32)")
+    p.add_argument("--drain-timeout-s", type=float, default=120.0,
+                   help="on the first SIGTERM/SIGINT, wait this long for in-flight requests")
+    p.add_argument("--keep-alive-timeout-s", type=float, default=75.0, help="close idle keep-alive connections after")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 2**20, help="larger request bodies are answered 413")
     return parser
 
 
@@ -98,11 +103,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         return _check(cfg)
     if args.command == "serve":
-        from r3rl.rollout.server import serve_main
+        from r3rl.rollout.engine import EngineConfig
+        from r3rl.rollout.server import ServerConfig, serve
 
-        serve_main(model=args.model, host=args.host, port=args.port, max_slots=args.max_slots,
-                   max_seq_len=args.max_seq_len, device=args.device, dtype=args.dtype)
-        return 0
+        try:
+            cfg = ServerConfig(
+                model=args.model, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout_s,
+                keep_alive_timeout_s=args.keep_alive_timeout_s, max_body_bytes=args.max_body_bytes,
+                log_level=args.log_level, engine=EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
+                                                              device=args.device, dtype=args.dtype))
+        except ValueError as e:  # bad flag values: exit 2 with one line, before the model loads
+            parser.error(str(e))
+        return serve(cfg)
     if args.command == "train":
         try:
             cfg = train_config_from_args(args)

@@ -1,4 +1,5 @@
-"""Sample: one rollout, as the rollout engine (or a real SGLang server) returned it and the trainer consumes it."""
+"""Sample: one rollout, as the rollout backend (r3rl's engine, `r3rl serve` or a real SGLang server) returned it and
+the trainer consumes it."""
 
 from __future__ import annotations
 
@@ -16,19 +17,30 @@ class Sample:
     response_ids: list[int]
     """Generated token ids (stop token included when generation stopped on one)."""
     rollout_logprobs: list[float]
-    """Log-prob of each response token under the policy itself: log-softmax of the raw logits, before temperature,
-    top-k and top-p (r3rl's engine always returns this; SGLang does with SGLANG_RETURN_ORIGINAL_LOGPROB=1, see
-    docs/protocol.md). It is the quantity the trainer's log-probs are compared with."""
+    """Log-prob of each response token as the rollout computed it, before top-k and top-p, at temperature
+    `logprob_temperature`:
+    - 1.0 (the default): log_softmax of the raw logits, the policy's own log-prob. r3rl's engine returns it unless
+      asked otherwise; SGLang does with SGLANG_RETURN_ORIGINAL_LOGPROB=1.
+    - T (the rollout temperature, `SamplingParams.logprobs_at_temperature=True`): log_softmax(logits / T), the
+      log-prob under the distribution that was sampled. SGLang's default.
+    The trainer compares it with its own log-probs computed at the same `logprob_temperature` (logits / T before
+    log_softmax); see docs/protocol.md, "Log-probs"."""
+    logprob_temperature: float = 1.0
+    """Temperature `rollout_logprobs` were computed at: 1.0 = raw policy log-probs; greedy samples are always 1.0."""
     trace: RoutingTrace | None = None
     """Routing of `prompt_ids + response_ids`: `len(tokens) - 1` rows (None when routing was not requested)."""
     reward: float | None = None
     """Task reward, filled by the task after rollout."""
     finish_reason: str = "length"
     """'length' or 'stop', as SGLang reports `finish_reason.type`."""
+    weight_version_start: int = 0
+    """Weight version when the request was admitted into the engine (the version of its prefill)."""
     weight_version: int = 0
-    """Version of the weights that generated this sample (engine counter, bumped on each weight update)."""
+    """Weight version when the request finished. It differs from `weight_version_start` when a weight update
+    happened while the request ran: its tokens then came from two (or more) policies."""
     metadata: dict = field(default_factory=dict)
-    """Free-form per-sample info (request id, task fields)."""
+    """Free-form per-sample info. Backends set "prompt_index", "sample_index" (index within the prompt's group) and
+    "rid" (request id); tasks add their fields."""
 
     @property
     def tokens(self) -> list[int]:
@@ -38,7 +50,8 @@ class Sample:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
-    def validate(self, *, num_layers: int | None = None, top_k: int | None = None, index: int | None = None) -> Sample:
+    def validate(self, *, num_layers: int | None = None, top_k: int | None = None, num_experts: int | None = None,
+                 index: int | None = None) -> Sample:
         """Check the invariants trainers rely on; errors name the sample."""
         where = f"sample {index}" if index is not None else "sample"
         if len(self.rollout_logprobs) != len(self.response_ids):
@@ -47,5 +60,6 @@ class Sample:
                 f"{len(self.response_ids)}"
             )
         if self.trace is not None:
-            self.trace.validate(num_tokens=self.num_tokens, num_layers=num_layers, top_k=top_k, sample=index)
+            self.trace.validate(num_tokens=self.num_tokens, num_layers=num_layers, top_k=top_k,
+                                num_experts=num_experts, sample=index)
         return self

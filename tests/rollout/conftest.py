@@ -1,4 +1,4 @@
-"""Rollout test fixtures: a tiny random MoE checkpoint and real `python -m r3rl.rollout.server` processes.
+"""Rollout test fixtures: a tiny random MoE checkpoint and real `r3rl serve` processes (`python -m r3rl.cli serve`).
 
     pytest tests/rollout/test_server.py -q
 
@@ -56,11 +56,12 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, log_path: Path, *, max_slots: int = SERVER_MAX_SLOTS,
-                 max_seq_len: int = SERVER_MAX_SEQ_LEN, startup_timeout: float = 120.0) -> ServerProcess:
+                 max_seq_len: int = SERVER_MAX_SEQ_LEN, startup_timeout: float = 120.0, log_level: str = "INFO",
+                 extra_args: tuple[str, ...] = ()) -> ServerProcess:
     port = free_port()
-    cmd = [sys.executable, "-m", "r3rl.rollout.server", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--max-slots", str(max_slots), "--max-seq-len", str(max_seq_len), "--device", "cpu",
-           "--dtype", "float32"]
+    cmd = [sys.executable, "-m", "r3rl.cli", "--log-level", log_level, "serve", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--max-slots", str(max_slots), "--max-seq-len", str(max_seq_len),
+           "--device", "cpu", "--dtype", "float32", *extra_args]
     log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerProcess(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, max_seq_len=max_seq_len)
@@ -85,11 +86,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def server_factory(tiny_model_dir, tmp_path):
-    """Start extra servers inside a test (`server_factory(max_slots=16)`); all are stopped at teardown."""
+    """Start extra servers inside a test (`server_factory(max_slots=16)`, `model_dir=...`); all are stopped at
+    teardown."""
     started: list[ServerProcess] = []
 
-    def start(**kw) -> ServerProcess:
-        started.append(start_server(tiny_model_dir, tmp_path / f"server{len(started)}.log", **kw))
+    def start(model_dir=None, **kw) -> ServerProcess:
+        started.append(start_server(model_dir or tiny_model_dir, tmp_path / f"server{len(started)}.log", **kw))
         return started[-1]
 
     yield start

@@ -36,3 +36,10 @@ def test_mismatched_logprob_ids_are_named():
     bad["meta_info"]["output_token_logprobs"][1][1] = 9
     with pytest.raises(RolloutServerError, match="sample 2: output_token_logprobs token ids must equal output_ids"):
         decode_generate_output(bad, [1, 2, 3], shape=ModelShape(num_layers=2, top_k=2, num_experts=16), index=2)
+
+
+def test_compact_trace_with_bad_base64_is_a_client_error_naming_the_sample():
+    out = _sglang_output(3, [4, 5], np.tile(np.array([0, 1]), (4, 2, 1)))
+    out["meta_info"].update(routed_experts="not base64!", routed_experts_format="compact")
+    with pytest.raises(RolloutServerError, match="sample 1: meta_info.routed_experts .compact. must be valid base64"):
+        decode_generate_output(out, [1, 2, 3], shape=ModelShape(num_layers=2, top_k=2, num_experts=16), index=1)

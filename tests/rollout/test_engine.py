@@ -317,7 +317,8 @@ def _draws(logits_V, n, **params):
     p = SamplingParams(**params)
     slot = SlotParams(torch.full((n,), p.temperature), torch.full((n,), p.top_p),
                       torch.full((n,), p.top_k if p.top_k <= V else -1, dtype=torch.int64),
-                      torch.tensor([fold_seed(s) for s in range(n)], dtype=torch.int64))
+                      torch.tensor([fold_seed(s) for s in range(n)], dtype=torch.int64),
+                      torch.full((n,), p.logprob_temperature))
     tokens, logprobs = sample_tokens(logits_V.expand(n, V), slot, torch.full((n,), 5), SamplingMode.for_params([p]),
                                      vocab_keys(V, "cpu"))
     return tokens, logprobs

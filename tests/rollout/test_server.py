@@ -238,7 +238,7 @@ def test_sigterm_drains_in_flight_request(server_factory):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{srv.url}/health", timeout=2.0)
     worker.join(60)
-    code = srv.stop(timeout=30)
+    code = srv.proc.wait(30)  # the drain ends the process by itself (a second signal would force it: exit 128 + sig)
     assert result["t_done"] > t_sigterm, "request finished before SIGTERM: make it longer to test the drain"
     assert result["resp"].status_code == 200, result["resp"].text
     assert [o["meta_info"]["completion_tokens"] for o in result["resp"].json()] == [240] * 16
@@ -296,3 +296,61 @@ def test_client_retries_connect_errors_and_5xx_not_4xx(responses, n_calls, error
         with pytest.raises(error):
             asyncio.run(run())
     assert len(calls) == n_calls
+
+
+# --- weight updates from disk ---------------------------------------------------------------------------------------
+def _broken_checkpoint(src, dst, edit):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _drop_head_and_router(t):
+    del t["lm_head.weight"], t["model.layers.0.mlp.gate.weight"]
+
+
+def _bad_shape(t):
+    t["model.norm.weight"] = torch.ones(3)
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (_drop_head_and_router, ["missing", "lm_head.weight", "model.layers.0.mlp.gate.weight"]),
+    (_bad_shape, ["shape-mismatched", "model.norm.weight", "(3,)"]),
+    (lambda t: t.update(extra=torch.ones(2)), ["unexpected", "extra"]),
+])
+def test_update_from_a_broken_checkpoint_is_refused_naming_the_tensors(server, tiny_model_dir, tmp_path, edit, named):
+    ckpt = _broken_checkpoint(tiny_model_dir, tmp_path / "ckpt", edit)
+    resp = httpx.post(f"{server.url}/update_weights_from_disk", json={"model_path": str(ckpt)}, timeout=60)
+    assert resp.status_code == 400, resp.text
+    answer = resp.json()
+    assert answer["success"] is False and answer["num_paused_requests"] == 0
+    assert all(n in answer["message"] for n in named), answer["message"]
+    assert httpx.get(f"{server.url}/get_model_info").json()["weight_version"] == 0
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    ({"model_path": "/nonexistent/ckpt"}, "config.json"),
+    ({"model_path": "JUNK"}, "model.safetensors"),
+    ({"model_path": "GOOD", "weight_version": "v2"}, "weight_version"),
+    ({"model_path": "GOOD", "load_format": "dummy"}, "load_format"),
+    ({"model_path": "GOOD", "bogus": 1}, "bogus"),
+    ({"model_path": 3}, "model_path"),
+])
+def test_bad_update_requests_are_refused(server, tiny_model_dir, tmp_path, body, named):
+    import shutil
+
+    junk = tmp_path / "junk"
+    shutil.copytree(tiny_model_dir, junk)
+    (junk / "model.safetensors").write_bytes(b"\x00junk" * 10)
+    body = {k: {"JUNK": str(junk), "GOOD": str(tiny_model_dir)}.get(v, v) if k == "model_path" else v
+            for k, v in body.items()}
+    resp = httpx.post(f"{server.url}/update_weights_from_disk", json=body, timeout=60)
+    assert resp.status_code == 400 and resp.json()["success"] is False, resp.text
+    assert named in resp.json()["message"], resp.json()["message"]
+    assert httpx.get(f"{server.url}/get_model_info").json()["weight_version"] == 0

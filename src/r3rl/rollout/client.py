@@ -11,9 +11,11 @@ Both servers' responses go through ONE decode path, `decode_generate_output`: ou
 (SGLang layout, checked against the ids), `routed_experts` (base64 int32, or r3rl's compact encoding) decoded and
 validated into a `RoutingTrace` of `len(prompt) + len(output) - 1` rows, finish reason and weight version.
 
-Retries: connection failures and 5xx are retried `max_retries` times with exponential backoff (`backoff * 2**i`
-seconds); a 4xx is the caller's bug and raises `RolloutRequestError` at once; a read timeout is not retried (the
-server may still be working on the request).
+Retries (`max_retries` times, exponential backoff `backoff * 2**i` seconds): a request is resent only when it
+provably did not run: it never left (connect errors, pool timeout) or the server answered 503 ServiceUnavailable
+(not admitted to the engine). GETs are read-only and are also resent after other transport errors and 5xx. A 4xx
+is the caller's bug (`RolloutRequestError` at once); a timeout is never resent (the server may still be working).
+Idle pooled connections expire after `KEEPALIVE_EXPIRY_S`, well before the server closes them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from r3rl.rollout.protocol import RoutedExpertsFormat
+from r3rl.rollout.sampling import GREEDY_TEMPERATURE, SamplingParams
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 
@@ -42,8 +46,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_RETRY_EXCEPTIONS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.PoolTimeout)
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # the request provably did not leave
 _SGLANG_NAMES = {"seed": "sampling_seed"}  # r3rl name -> SGLang name, so one payload fits both servers
+KEEPALIVE_EXPIRY_S = 2.0
+"""Idle pooled connections are dropped after this; well below the server's keep-alive (r3rl serve: 75 s, uvicorn's
+default: 5 s), so the client never reuses a connection the server is closing."""
+NOT_RUN_ERROR = "ServiceUnavailable"
+"""Error `type` of a 503 whose request never reached the engine: the only server error a POST is resent after."""
+
+SamplingLike = SamplingParams | dict
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,10 +73,13 @@ class ModelShape:
 class RolloutHTTPError(RuntimeError):
     """The server answered with an error (or could not be reached)."""
 
-    def __init__(self, message: str, *, status: int | None = None, field: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, field: str | None = None,
+                 kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.field = field
+        self.kind = kind
+        """The error body's `type` (e.g. ServiceUnavailable: not run, safe to resend)."""
 
 
 class RolloutRequestError(RolloutHTTPError):
@@ -85,8 +99,10 @@ class RolloutClient:
         max_retries: int = 3,
         backoff: float = 0.5,
         model_shape: ModelShape | None = None,
-        routed_experts_format: str = "base64_int32",
+        routed_experts_format: RoutedExpertsFormat | str = RoutedExpertsFormat.BASE64_INT32,
+        logprobs_at_temperature: bool = False,
         max_connections: int = 512,
+        keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """`timeout` bounds one HTTP attempt (a long generation needs a long one); `max_retries` counts retries
@@ -97,11 +113,14 @@ class RolloutClient:
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.backoff = backoff
-        self.routed_experts_format = routed_experts_format
+        self.routed_experts_format = RoutedExpertsFormat(routed_experts_format)
+        self.logprobs_at_temperature = logprobs_at_temperature
         self._shape = model_shape
+        self._is_r3rl: bool | None = None
         self._http = httpx.AsyncClient(
             base_url=self.base_url, timeout=timeout, transport=transport,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=keepalive_expiry_s),
         )
 
     async def __aenter__(self) -> RolloutClient:
@@ -139,47 +158,103 @@ class RolloutClient:
                                      num_experts=info["num_experts"])
         return self._shape
 
+    async def get_model_info(self) -> dict[str, Any]:
+        """`GET /get_model_info`, which both servers have (SGLang's carries `weight_version`, a string)."""
+        return await self._request("GET", "/get_model_info")
+
+    async def is_r3rl_server(self) -> bool:
+        """True for `r3rl serve` (its model info has the MoE shape), False for SGLang. Asked once, then cached."""
+        if self._is_r3rl is None:
+            try:
+                self._is_r3rl = "num_experts" in await self.model_info()
+            except RolloutRequestError:
+                self._is_r3rl = False
+        return self._is_r3rl
+
+    async def update_weights_from_disk(
+        self,
+        model_path: str,
+        *,
+        weight_version: str | None = None,
+        load_format: str | None = None,
+        abort_all_requests: bool = False,
+        flush_cache: bool = True,
+    ) -> dict[str, Any]:
+        """SGLang's `POST /update_weights_from_disk`: the server loads the HF checkpoint at `model_path` (a path on
+        the server's file system) and serves it from its next engine step on. Raises `RolloutRequestError` when the
+        server answers `success: false` (its message names the bad tensors or field); returns the answer."""
+        payload = {"model_path": str(model_path), "load_format": load_format, "abort_all_requests": abort_all_requests,
+                   "weight_version": weight_version, "flush_cache": flush_cache}
+        try:
+            answer = await self._request("POST", "/update_weights_from_disk", payload)
+        except RolloutRequestError as e:
+            raise RolloutRequestError(f"update_weights_from_disk({model_path}) failed: {e}", status=e.status,
+                                      field=e.field) from e
+        if not isinstance(answer, dict) or answer.get("success") is not True:
+            raise RolloutRequestError(f"update_weights_from_disk({model_path}) failed: {answer}")
+        return answer
+
     async def generate(
         self,
         input_ids_list: Sequence[Sequence[int]],
-        sampling_params: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+        sampling_params: SamplingLike | Sequence[SamplingLike] | None = None,
         *,
         return_routed_experts: bool = True,
         rids: Sequence[str] | None = None,
     ) -> list[Sample]:
-        """Generate one Sample per prompt in one `/generate` call. `sampling_params` is one dict for all prompts
-        or one per prompt (SGLang names; `seed` is sent as SGLang's `sampling_seed`)."""
+        """Generate one Sample per prompt in one `/generate` call. `sampling_params` is one `SamplingParams` (or
+        dict of SGLang names) for all prompts, or one per prompt; `seed` is sent as SGLang's `sampling_seed`.
+
+        Log-probs: with `logprobs_at_temperature` (client option), `r3rl serve` is asked for log-probs at the
+        sampling temperature; a SGLang server returns whatever its SGLANG_RETURN_ORIGINAL_LOGPROB says, and the
+        option must state that (False when it is 1). Each Sample's `logprob_temperature` says which it holds."""
         prompts = [list(map(int, p)) for p in input_ids_list]
         if not prompts:
             return []
+        per_item = sampling_params is not None and not isinstance(sampling_params, dict | SamplingParams)
+        sps = [_wire_sampling(sp) for sp in (sampling_params if per_item else [sampling_params or {}])]
+        if per_item and len(sps) != len(prompts):
+            raise ValueError(f"sampling_params list must have one entry per prompt: got {len(sps)}, expected "
+                             f"{len(prompts)}")
         shape = await self.model_shape() if return_routed_experts else None
         payload: dict[str, Any] = {"input_ids": prompts, "return_logprob": True,
-                                   "return_routed_experts": return_routed_experts}
-        if sampling_params is not None:
-            payload["sampling_params"] = (_sglang_sampling(sampling_params) if isinstance(sampling_params, dict)
-                                          else [_sglang_sampling(sp) for sp in sampling_params])
+                                   "return_routed_experts": return_routed_experts,
+                                   "sampling_params": sps if per_item else sps[0]}
         if rids is not None:
             payload["rid"] = list(rids)
-        if return_routed_experts and self.routed_experts_format != "base64_int32":
-            payload["routed_experts_format"] = self.routed_experts_format
-        outputs = await self._request("POST", "/generate", payload)
+        if return_routed_experts and self.routed_experts_format is not RoutedExpertsFormat.BASE64_INT32:
+            payload["routed_experts_format"] = self.routed_experts_format.value
+        if self.logprobs_at_temperature and await self.is_r3rl_server():
+            payload["logprobs_at_temperature"] = True
+        outputs = await self._request("POST", "/generate", payload, retry_5xx=False)
         if not isinstance(outputs, list) or len(outputs) != len(prompts):
             got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
             raise RolloutServerError(f"/generate must return one output per prompt: got {got}, "
                                      f"expected {len(prompts)}")
-        return [decode_generate_output(out, prompt, shape=shape, index=i, require_trace=return_routed_experts)
-                for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True))]
+        samples = []
+        for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True)):
+            temperature = float(sps[i if per_item else 0].get("temperature", 1.0))
+            assumed = temperature if self.logprobs_at_temperature and temperature > GREEDY_TEMPERATURE else 1.0
+            samples.append(decode_generate_output(out, prompt, shape=shape, index=i,
+                                                  require_trace=return_routed_experts, logprob_temperature=assumed))
+        return samples
 
     # --- private ------------------------------------------------------------------------------------------------
-    async def _request(self, method: str, path: str, payload: Any = None) -> Any:
+    async def _request(self, method: str, path: str, payload: Any = None, *, retry_5xx: bool | None = None) -> Any:
+        """One call with retries. Resent only when the request provably did not run: it was never sent (connect
+        errors, pool timeout), or the server answered 503 ServiceUnavailable (not admitted). GETs are read-only, so
+        they are also resent after other transport errors and 5xx; a timeout is never resent."""
+        idempotent = method == "GET" if retry_5xx is None else retry_5xx
         error: RolloutHTTPError | None = None
         for attempt in range(self.max_retries + 1):
             try:
                 resp = await self._http.request(method, path, json=payload)
-            except _RETRY_EXCEPTIONS as e:
+            except _NEVER_SENT as e:
                 error = RolloutServerError(f"{method} {self.base_url}{path} failed: {type(e).__name__}: {e}")
-            except httpx.HTTPError as e:  # e.g. a read timeout: the server may still be generating; do not resend
-                raise RolloutServerError(f"{method} {self.base_url}{path} failed: {type(e).__name__}: {e}") from e
+            except httpx.HTTPError as e:  # sent, maybe running (a read timeout: the server may still be generating)
+                error = RolloutServerError(f"{method} {self.base_url}{path} failed: {type(e).__name__}: {e}")
+                if not idempotent or isinstance(e, httpx.TimeoutException):
+                    raise error from e
             else:
                 if resp.status_code < 400:
                     try:
@@ -188,7 +263,7 @@ class RolloutClient:
                         raise RolloutServerError(f"{method} {self.base_url}{path}: response is not JSON "
                                                  f"(status {resp.status_code}): {resp.text[:200]!r}") from e
                 error = _http_error(method, self.base_url + path, resp)
-                if resp.status_code < 500:
+                if resp.status_code < 500 or not (idempotent or error.kind == NOT_RUN_ERROR):
                     raise error
             if attempt < self.max_retries:
                 delay = self.backoff * 2**attempt
@@ -204,8 +279,10 @@ def decode_generate_output(
     shape: ModelShape | None,
     index: int | None = None,
     require_trace: bool = True,
+    logprob_temperature: float = 1.0,
 ) -> Sample:
-    """One `/generate` output (r3rl serve or SGLang) -> a validated Sample. Raises naming the sample on mismatch."""
+    """One `/generate` output (r3rl serve or SGLang) -> a validated Sample. Raises naming the sample on mismatch.
+    `logprob_temperature`: what the log-probs are computed at when the server does not say (SGLang)."""
     where = f"sample {index}" if index is not None else "sample"
     meta = output["meta_info"]
     output_ids = [int(t) for t in output["output_ids"]]
@@ -231,7 +308,12 @@ def decode_generate_output(
                                  "return_routed_experts=true; SGLang: start it with --enable-return-routed-experts)")
     if routed is not None and shape is not None:
         if meta.get("routed_experts_format", "base64_int32") == "compact":
-            trace = RoutingTrace.from_bytes(base64.b64decode(routed, validate=True), sample=index)
+            try:
+                blob = base64.b64decode(routed, validate=True)
+            except (ValueError, TypeError) as e:  # binascii.Error is a ValueError
+                raise RolloutServerError(f"{where}: meta_info.routed_experts (compact) must be valid base64: {e}; "
+                                         f"got {str(routed)[:40]!r}...") from None
+            trace = RoutingTrace.from_bytes(blob, sample=index)
         else:
             wire_layers = shape.num_decoder_layers if shape.moe_layers is not None else shape.num_layers
             trace = RoutingTrace.from_sglang(routed, num_layers=wire_layers, top_k=shape.top_k,
@@ -242,11 +324,13 @@ def decode_generate_output(
     version = meta.get("weight_version", 0)
     sample = Sample(
         prompt_ids=list(prompt_ids), response_ids=output_ids, rollout_logprobs=[float(e[0]) for e in lp_entries],
+        logprob_temperature=float(meta.get("logprob_temperature", logprob_temperature)),
         trace=trace, finish_reason=finish, weight_version=_int_version(version),
+        weight_version_start=_int_version(meta.get("weight_version_start", version)),
         metadata={"rid": meta.get("id"), "weight_version_raw": version, "e2e_latency": meta.get("e2e_latency")},
     )
     return sample.validate(num_layers=shape.num_layers if shape else None, top_k=shape.top_k if shape else None,
-                           index=index)
+                           num_experts=shape.num_experts if shape else None, index=index)
 
 
 def generate_sync(
@@ -265,7 +349,11 @@ def generate_sync(
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
-def _sglang_sampling(sp: dict[str, Any]) -> dict[str, Any]:
+def _wire_sampling(sp: SamplingLike) -> dict[str, Any]:
+    """A SamplingParams or dict -> the `sampling_params` JSON both servers take (SGLang names)."""
+    if isinstance(sp, SamplingParams):
+        sp = {"max_new_tokens": sp.max_new_tokens, "temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
+              "stop_token_ids": list(sp.stop_token_ids), **({"seed": sp.seed} if sp.seed is not None else {})}
     return {_SGLANG_NAMES.get(k, k): v for k, v in sp.items()}
 
 
@@ -277,11 +365,15 @@ def _int_version(version: Any) -> int:
 
 
 def _http_error(method: str, url: str, resp: httpx.Response) -> RolloutHTTPError:
+    kind = None
     try:
-        err = resp.json().get("error", {})
+        body = resp.json()
+        err = body.get("error", body if "message" in body else {})  # SGLang's update answers {success, message}
         message, field = (err.get("message"), err.get("field")) if isinstance(err, dict) else (str(err), None)
+        kind = err.get("type") if isinstance(err, dict) else None
     except (ValueError, AttributeError):
         message, field = resp.text[:500], None
     cls = RolloutRequestError if resp.status_code < 500 else RolloutServerError
     where = f" (field {field})" if field else ""
-    return cls(f"{method} {url} -> {resp.status_code}{where}: {message}", status=resp.status_code, field=field)
+    return cls(f"{method} {url} -> {resp.status_code}{where}: {message}", status=resp.status_code, field=field,
+               kind=kind)

@@ -35,6 +35,7 @@ E experts, K top-k, I intermediate, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -78,33 +79,29 @@ class EngineConfig:
     """Row-wise kernels, so a request's tokens do not depend on its batch (slow); None = on for CPU."""
     prefill_token_budget: int = 16384
     """Max padded tokens (requests x longest prompt) in one batched prefill."""
+    device: str | torch.device | None = None
+    """Engine device; None = the model's device (a checkpoint path: cuda when available, else cpu)."""
+    dtype: str | torch.dtype | None = None
+    """Engine dtype name ('bfloat16', 'float32'); None = the model's (a checkpoint path: bfloat16 on cuda, else
+    float32)."""
 
     def __post_init__(self) -> None:
         for name in ("max_slots", "max_seq_len", "prefill_token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1: got {getattr(self, name)}")
+        if self.dtype is not None:
+            resolve_dtype(self.dtype)  # raises naming the choices, before any model is loaded
 
 
 class RolloutEngine:
     """Continuous-batching MoE generation with routing capture. See the module docstring."""
 
-    def __init__(
-        self,
-        model_or_path: PreTrainedModel | str | os.PathLike,
-        *,
-        max_slots: int = 64,
-        max_seq_len: int = 1024,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | str | None = None,
-        use_cuda_graph: bool | None = None,
-        capture_routing: bool = True,
-        batch_invariant: bool | None = None,
-        prefill_token_budget: int = 16384,
-    ) -> None:
-        self.config = cfg = EngineConfig(
-            max_slots=max_slots, max_seq_len=max_seq_len, use_cuda_graph=use_cuda_graph,
-            capture_routing=capture_routing, batch_invariant=batch_invariant, prefill_token_budget=prefill_token_budget,
-        )
+    def __init__(self, model_or_path: PreTrainedModel | str | os.PathLike, config: EngineConfig | None = None,
+                 **overrides) -> None:
+        """`config` (default EngineConfig()); `overrides` replace some of its fields: `RolloutEngine(model,
+        max_slots=8)`. The engine keeps its resolved copy as `self.config`."""
+        self.config = cfg = dataclasses.replace(config or EngineConfig(), **overrides)
+        device, dtype = cfg.device, cfg.dtype
         if isinstance(model_or_path, str | os.PathLike):
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             dtype = resolve_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -139,7 +136,7 @@ class RolloutEngine:
         self._pos_S = torch.zeros(S, dtype=torch.int64, device=device)  # where that token's K/V goes
         self._params = SlotParams(torch.zeros(S, device=device), torch.ones(S, device=device),
                                   torch.full((S,), -1, dtype=torch.int64, device=device),
-                                  torch.zeros(S, dtype=torch.int64, device=device))
+                                  torch.zeros(S, dtype=torch.int64, device=device), torch.ones(S, device=device))
         self._next_tokens_S = torch.zeros(S, dtype=torch.int64, device=device)
         self._next_logprobs_S = torch.zeros(S, dtype=torch.float32, device=device)
         self._arange_P = torch.arange(max(S, cfg.max_seq_len), device=device)
@@ -163,9 +160,9 @@ class RolloutEngine:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> RolloutEngine:
-        """Load a local HF MoE checkpoint directory (see `r3rl init-model`); kwargs as for the constructor."""
-        return cls(path, **kwargs)
+    def from_pretrained(cls, path: str | os.PathLike, config: EngineConfig | None = None, **overrides) -> RolloutEngine:
+        """Load a local HF MoE checkpoint directory (see `r3rl init-model`); arguments as for the constructor."""
+        return cls(path, config, **overrides)
 
     # --- properties -----------------------------------------------------------------------------------------------
     @property
@@ -220,6 +217,19 @@ class RolloutEngine:
         self._request_ids.clear()
         return dropped
 
+    def abort(self, request_ids: list[str]) -> list[str]:
+        """Drop these requests, waiting or running, and free their slots (e.g. their client went away); returns the
+        ids found. Unknown ids are ignored (the request may have finished already)."""
+        wanted = set(request_ids)
+        found = [r.request_id for r in self._waiting if r.request_id in wanted]
+        self._waiting = deque(r for r in self._waiting if r.request_id not in wanted)
+        running = [i for i, r in enumerate(self._slots) if r.req.request_id in wanted]
+        found += [self._slots[i].req.request_id for i in running]
+        if running:
+            self._remove_slots(running)
+        self._request_ids.difference_update(found)
+        return found
+
     def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
         """Run `requests` to completion on an idle engine; outputs in request order."""
         if self.has_work():
@@ -245,7 +255,8 @@ class RolloutEngine:
         while self._waiting and len(self._slots) + len(admitted) < self.config.max_slots:
             req = self._waiting.popleft()
             seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(64)
-            admitted.append(_Running(req=req, seed32=fold_seed(seed), stop_ids=frozenset(req.sampling.stop_token_ids)))
+            admitted.append(_Running(req=req, seed32=fold_seed(seed), stop_ids=frozenset(req.sampling.stop_token_ids),
+                                     version_start=self._weight_version))
         if admitted:
             admitted.sort(key=lambda r: len(r.req.input_ids))  # less padding in batched prefills
             self._slots += admitted
@@ -258,8 +269,10 @@ class RolloutEngine:
 
     # --- weights --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> int:
-        """Copy HF-named tensors into the engine's weights in place; returns the new weight version.
+    def update_weights(self, named_tensors: dict[str, torch.Tensor], *, version: int | None = None,
+                       strict: bool = False) -> int:
+        """Copy HF-named tensors into the engine's weights in place; returns the new weight version (`version`
+        when given, else the current one + 1). `strict`: every engine weight must be in `named_tensors`.
 
         All names and shapes are checked before anything is copied, so a bad update changes nothing. Buffers are
         not reallocated: the KV cache and captured CUDA graphs stay valid.
@@ -270,13 +283,17 @@ class RolloutEngine:
             raise ValueError(f"update_weights: every name must be a parameter of the rollout model: got unknown "
                              f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (expected HF state-dict names, e.g. "
                              f"{next(iter(views))!r})")
+        missing = sorted(n for n in views if n not in named_tensors) if strict else []
+        if missing:
+            raise ValueError(f"update_weights: a strict update must cover every weight of the rollout model: missing "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(views)})")
         for name, t in named_tensors.items():
             if tuple(t.shape) != self.model.shapes[name]:
                 raise ValueError(f"update_weights: shape of {name!r} must match the model: got {tuple(t.shape)}, "
                                  f"expected {self.model.shapes[name]}")
         for name, t in named_tensors.items():
             views[name].copy_(t)
-        self._weight_version += 1
+        self._weight_version = self._weight_version + 1 if version is None else int(version)
         return self._weight_version
 
     # --- private: requests ----------------------------------------------------------------------------------------
@@ -306,13 +323,20 @@ class RolloutEngine:
             r = self._slots[i]
             outputs.append(EngineOutput(
                 request_id=r.req.request_id, prompt_ids=list(r.req.input_ids), output_ids=r.output_ids,
-                output_logprobs=r.logprobs, finish_reason=r.finish_reason, trace=traces.get(i),
-                weight_version=self._weight_version,
+                output_logprobs=r.logprobs, logprob_temperature=r.req.sampling.logprob_temperature,
+                finish_reason=r.finish_reason, trace=traces.get(i), weight_version=self._weight_version,
+                weight_version_start=r.version_start,
             ))
             self._request_ids.discard(r.req.request_id)
+        self._remove_slots(done)
+        return outputs
+
+    def _remove_slots(self, done: list[int]) -> None:
+        """Free slots `done` (sorted): refill the holes below the new end by moving the last live requests in."""
+        gone = set(done)
         keep = len(self._slots) - len(done)
         holes = [i for i in done if i < keep]
-        movers = [j for j in range(keep, len(self._slots)) if not self._slots[j].finish_reason]
+        movers = [j for j in range(keep, len(self._slots)) if j not in gone]
         slots = self._slots[:keep]
         for dst, src in zip(holes, movers, strict=True):
             self.kv.move(src, dst, self._slots[src].next_pos)
@@ -324,14 +348,13 @@ class RolloutEngine:
             for buf in (self._tokens_S, self._pos_S, *vars(self._params).values()):
                 buf[dst_M] = buf[src_M]
         self._slots = slots
-        return outputs
 
     # --- private: prefill and decode ------------------------------------------------------------------------------
     def _prefill(self, slot0: int, new: list[_Running]) -> None:
         V = self.vocab_size  # a top_k of the vocabulary or more keeps every token (and must fit an int64 buffer)
         columns = zip(*((r.req.sampling.temperature, r.req.sampling.top_p,
-                         r.req.sampling.top_k if r.req.sampling.top_k <= V else -1, r.seed32) for r in new),
-                      strict=True)
+                         r.req.sampling.top_k if r.req.sampling.top_k <= V else -1, r.seed32,
+                         r.req.sampling.logprob_temperature) for r in new), strict=True)
         for dst, values in zip(vars(self._params.narrow(slot0, len(new))).values(), columns, strict=True):
             dst.copy_(torch.tensor(values, dtype=dst.dtype))
         start = 0
@@ -420,6 +443,7 @@ class _Running:
     req: EngineRequest
     seed32: int
     stop_ids: frozenset[int]
+    version_start: int  # weight version at admission (prefill)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None

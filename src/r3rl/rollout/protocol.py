@@ -32,13 +32,17 @@ __all__ = [
     "MetaInfo",
     "GenerateResponse",
     "ModelInfo",
+    "UpdateWeightsFromDiskRequest",
+    "UpdateWeightsFromDiskResponse",
     "ErrorBody",
     "ErrorResponse",
     "parse_generate_request",
+    "validation_error",
     "format_field",
 ]
 
 MAX_BATCH = 4096  # items in one /generate call; larger batches should be split by the client
+MAX_TEMPERATURE = 1e6  # beyond this, logits / T is uniform to float32 precision anyway (and 1e300 would be inf)
 _SEED_MAX = 2**63 - 1
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -46,10 +50,11 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 class ProtocolError(ValueError):
     """A request breaks the protocol. `field` is the path of the offending field as the client wrote it."""
 
-    def __init__(self, message: str, field: str) -> None:
+    def __init__(self, message: str, field: str, *, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.status = status
 
 
 class RoutedExpertsFormat(enum.StrEnum):
@@ -65,7 +70,7 @@ class SamplingParamsMessage(BaseModel):
 
     max_new_tokens: int = Field(128, ge=1)
     """Tokens to generate at most (>= 1; SGLang also allows 0, r3rl does not)."""
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     """Softmax temperature; 0 means greedy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass, in (0, 1]."""
@@ -117,6 +122,9 @@ class GenerateRequest(BaseModel):
     """Return `meta_info.routed_experts`: the experts of every token at every MoE layer."""
     routed_experts_format: RoutedExpertsFormat = Field(RoutedExpertsFormat.BASE64_INT32, strict=False)
     """Encoding of `routed_experts` (r3rl only; SGLang always sends base64_int32). Lax: accepts the string value."""
+    logprobs_at_temperature: bool = False
+    """r3rl only: `output_token_logprobs` at each item's sampling temperature (log_softmax(logits / T), before
+    top-k/top-p) instead of the raw temperature-1 log-probs. SGLang chooses by its SGLANG_RETURN_ORIGINAL_LOGPROB."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +148,7 @@ class GenerateBatch:
     return_logprob: bool
     return_routed_experts: bool
     routed_experts_format: RoutedExpertsFormat
+    logprobs_at_temperature: bool
 
 
 # --- response -------------------------------------------------------------------------------------------------------
@@ -162,7 +171,12 @@ class MetaInfo(BaseModel):
     finish_reason: FinishReason
     """Why generation ended."""
     weight_version: int
-    """Engine weight counter, bumped by each weight update (SGLang: a string, 'default' until set)."""
+    """Engine weight version when the request finished (SGLang: a string, 'default' until set)."""
+    weight_version_start: int | None = None
+    """Engine weight version when the request was admitted (r3rl only); < weight_version if an update happened
+    while it ran."""
+    logprob_temperature: float | None = None
+    """Temperature `output_token_logprobs` were computed at: 1.0 = raw policy log-probs (r3rl only)."""
     e2e_latency: float
     """Seconds from request receipt to response (the whole batch for a batch request)."""
     output_token_logprobs: list[tuple[float, int, None]] | None = None
@@ -207,6 +221,36 @@ class ModelInfo(BaseModel):
     """Device the engine runs on."""
 
 
+class UpdateWeightsFromDiskRequest(BaseModel):
+    """Body of `POST /update_weights_from_disk` (SGLang's fields; its others are rejected)."""
+
+    model_config = _STRICT
+
+    model_path: str
+    """HF checkpoint directory on the server's file system, same architecture and shapes as the served model."""
+    load_format: str | None = None
+    """None, "auto" or "safetensors" (the loader reads HF safetensors checkpoints only)."""
+    abort_all_requests: bool = False
+    """Abort the requests in flight (their clients get a 503 RequestAborted) instead of letting them continue on
+    the new weights."""
+    weight_version: str | None = None
+    """New version: a decimal integer string (r3rl's versions are ints); None = the current version + 1."""
+    flush_cache: bool = True
+    """Accepted for SGLang compatibility; r3rl has no prefix cache to flush."""
+
+
+class UpdateWeightsFromDiskResponse(BaseModel):
+    """Answer of `POST /update_weights_from_disk`: HTTP 200 with success true, or 400 with success false."""
+
+    success: bool
+    message: str
+    """What was loaded, or what was wrong (the missing, unexpected or mismatched tensors, or the field)."""
+    num_paused_requests: int = 0
+    """Requests paused for the update: always 0 (r3rl applies an update between two engine steps)."""
+    weight_version: int | None = None
+    """The version now served (r3rl only)."""
+
+
 class ErrorBody(BaseModel):
     message: str
     """The broken invariant, then got/expected."""
@@ -223,11 +267,19 @@ class ErrorResponse(BaseModel):
 
 
 # --- parsing --------------------------------------------------------------------------------------------------------
-def parse_generate_request(body: Any) -> GenerateBatch:
-    """Expand the single-item shorthand, validate, and return one `GenerateItem` per prompt (or raise)."""
+def parse_generate_request(body: Any, *, max_seq_len: int | None = None,
+                           max_text_chars: int | None = None) -> GenerateBatch:
+    """Expand the single-item shorthand, validate, and return one `GenerateItem` per prompt (or raise).
+
+    A `null` field means the field is absent (its default), at every level. Sizes are checked before any per-token
+    work: the batch size, each `input_ids` prompt against `max_seq_len`, each `text` against `max_text_chars`."""
     if not isinstance(body, dict):
         raise ProtocolError(f"request body must be a JSON object: got {type(body).__name__}", "body")
-    body = dict(body)
+    body = _drop_nulls(body)
+    if isinstance(body.get("sampling_params"), dict):
+        body["sampling_params"] = _drop_nulls(body["sampling_params"])
+    elif isinstance(body.get("sampling_params"), list):
+        body["sampling_params"] = [_drop_nulls(sp) if isinstance(sp, dict) else sp for sp in body["sampling_params"]]
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         got = "neither" if text is None else "both"
@@ -235,6 +287,7 @@ def parse_generate_request(body: Any) -> GenerateBatch:
     is_batch = isinstance(text, list) if text is not None else bool(ids) and isinstance(ids, list) and all(
         isinstance(x, list) for x in ids
     )
+    _check_sizes(text, ids, is_batch, max_seq_len=max_seq_len, max_text_chars=max_text_chars)
     wrapped = {"text", "input_ids", "rid"}
     if not is_batch:
         for key in wrapped:
@@ -265,6 +318,14 @@ def parse_generate_request(body: Any) -> GenerateBatch:
                             "sampling_params")
     if req.rid is not None and len(req.rid) != n:
         raise ProtocolError(f"rid list must have one entry per prompt: got {len(req.rid)}, expected {n}", "rid")
+    for i, rid in enumerate(req.rid or []):
+        field = format_field(["rid", i] if is_batch else ["rid"])
+        _check_unicode(rid, field)
+        if rid in req.rid[:i]:
+            raise ProtocolError(f"rid must be unique within a request: got {rid!r} twice (first at index "
+                                f"{req.rid.index(rid)})", field)
+    for i, t in enumerate(req.text or []):
+        _check_unicode(t, format_field(["text", i] if is_batch else ["text"]))
     items = []
     for i, prompt in enumerate(prompts):
         sp = sps[i] if sp_is_list else sps[0]
@@ -282,7 +343,15 @@ def parse_generate_request(body: Any) -> GenerateBatch:
     return GenerateBatch(
         items=items, is_batch=is_batch, return_logprob=req.return_logprob,
         return_routed_experts=req.return_routed_experts, routed_experts_format=req.routed_experts_format,
+        logprobs_at_temperature=req.logprobs_at_temperature,
     )
+
+
+def validation_error(e: ValidationError) -> ProtocolError:
+    """A pydantic ValidationError -> ProtocolError naming the first offending field."""
+    err = e.errors()[0]
+    field = format_field(list(err["loc"]))
+    return ProtocolError(_error_message(err, field), field)
 
 
 def format_field(loc: Any) -> str:
@@ -293,6 +362,35 @@ def format_field(loc: Any) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
+
+
+def _drop_nulls(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _check_unicode(s: str, field: str) -> None:
+    """JSON allows lone surrogates (\\ud800); they cannot be tokenized nor echoed back as UTF-8."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProtocolError(f"{field} must be valid Unicode: got a lone surrogate {s[e.start]!r} at index {e.start}",
+                            field) from None
+
+
+def _check_sizes(text: Any, ids: Any, is_batch: bool, *, max_seq_len: int | None, max_text_chars: int | None) -> None:
+    """Cheap size checks on the raw JSON, before any per-token validation or tokenization."""
+    prompts = (text if is_batch else [text]) if text is not None else (ids if is_batch else [ids])
+    name = "text" if text is not None else "input_ids"
+    if isinstance(prompts, list) and len(prompts) > MAX_BATCH:
+        raise ProtocolError(f"batch size must be in [1, {MAX_BATCH}]: got {len(prompts)}", name)
+    for i, p in enumerate(prompts if isinstance(prompts, list) else []):
+        field = format_field([name, i] if is_batch else [name])
+        if name == "input_ids" and max_seq_len is not None and isinstance(p, list) and len(p) >= max_seq_len:
+            raise ProtocolError(f"prompt must be shorter than the context (max_seq_len) to leave room for a generated "
+                                f"token: got prompt_tokens={len(p)}, max_seq_len={max_seq_len}", field)
+        if name == "text" and max_text_chars is not None and isinstance(p, str) and len(p) > max_text_chars:
+            raise ProtocolError(f"text is too long to fit the context: got {len(p)} characters, at most "
+                                f"{max_text_chars} are tokenized (16 per context token)", field)
 
 
 def _error_message(err: dict, field: str) -> str:

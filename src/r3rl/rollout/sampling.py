@@ -12,9 +12,10 @@ a fixed sequence of tensor ops with no generator state (it runs inside a CUDA gr
 Temperature 0 is greedy (argmax of the raw logits). Top-k is applied first, then top-p on the renormalized top-k
 distribution at the request's temperature (SGLang's and vLLM's order).
 
-Logprobs: the returned log-prob of a token is log_softmax of the raw logits at temperature 1, before temperature,
-top-k and top-p: the policy's log-prob, what the trainer recomputes (SGLang returns it with
-SGLANG_RETURN_ORIGINAL_LOGPROB=1).
+Logprobs: by default the returned log-prob of a token is log_softmax of the raw logits (temperature 1), before
+top-k and top-p: the policy's own log-prob (SGLang returns it with SGLANG_RETURN_ORIGINAL_LOGPROB=1). With
+`SamplingParams.logprobs_at_temperature` it is log_softmax(logits / temperature), still before top-k/top-p: the
+log-prob under the distribution that was sampled (SGLang's default). Greedy rows always return the raw one.
 
 Tensor suffixes: B batch rows, V vocabulary.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from r3rl.rollout.protocol import MAX_TEMPERATURE, ProtocolError
 from r3rl.trace import RoutingTrace
 
 __all__ = ["SamplingParams", "EngineRequest", "EngineOutput", "SamplingMode", "SlotParams", "sample_tokens"]
@@ -49,23 +51,37 @@ class SamplingParams:
     """Generation stops after emitting one of these (the stop token is part of the output, finish_reason 'stop')."""
     seed: int | None = None
     """Same seed, same prompt, same weights -> same tokens, regardless of batching. None draws a random seed."""
+    logprobs_at_temperature: bool = False
+    """Return log_softmax(logits / temperature) (the distribution sampled, before top-k/top-p) instead of the raw
+    temperature-1 log-prob. Greedy requests (temperature <= GREEDY_TEMPERATURE) always return the raw one."""
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the returned log-probs are computed at: 1.0 (raw) or `temperature`."""
+        return self.temperature if self.logprobs_at_temperature and self.temperature > GREEDY_TEMPERATURE else 1.0
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the field whose value breaks its invariant."""
+        """Raise ProtocolError carrying the field (`sampling.top_p`) whose value breaks its invariant."""
+        def bad(name: str, message: str) -> ProtocolError:
+            return ProtocolError(f"{name} {message}", f"sampling.{name}")
+
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1: got {self.max_new_tokens!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0: got {self.temperature!r}")
+            raise bad("max_new_tokens", f"must be an integer >= 1: got {self.max_new_tokens!r}")
+        if (not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0
+                or self.temperature > MAX_TEMPERATURE):
+            raise bad("temperature", f"must be a finite number in [0, {MAX_TEMPERATURE:g}]: got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1]: got {self.top_p!r}")
+            raise bad("top_p", f"must be in (0, 1]: got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or (self.top_k != -1 and self.top_k < 1):
-            raise ValueError(f"top_k must be -1 (all tokens) or an integer >= 1: got {self.top_k!r}")
-        bad = [t for t in self.stop_token_ids
-               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}): got {bad[:5]}")
+            raise bad("top_k", f"must be -1 (all tokens) or an integer >= 1: got {self.top_k!r}")
+        for i, t in enumerate(self.stop_token_ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ProtocolError(f"stop_token_ids must be token ids in [0, {vocab_size}): got {t!r} at index {i}",
+                                    f"sampling.stop_token_ids[{i}]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None: got {self.seed!r}")
+            raise bad("seed", f"must be an integer or None: got {self.seed!r}")
+        if not isinstance(self.logprobs_at_temperature, bool):
+            raise bad("logprobs_at_temperature", f"must be a bool: got {self.logprobs_at_temperature!r}")
 
 
 @dataclass(kw_only=True)
@@ -79,26 +95,34 @@ class EngineRequest:
     """Return the routing trace of prompt + output (ignored when the engine does not capture routing)."""
 
     def validate(self, *, vocab_size: int, max_seq_len: int) -> None:
-        """Raise ValueError naming the field that breaks its invariant. Normalizes input_ids to a list of ints."""
+        """Raise ProtocolError carrying the field (`input_ids[3]`, `sampling.top_p`) that breaks its invariant.
+        Normalizes input_ids to a list of ints. Lengths are checked before any per-token work."""
         if not isinstance(self.request_id, str) or not self.request_id:
-            raise ValueError(f"request_id must be a non-empty string: got {self.request_id!r}")
+            raise ProtocolError(f"request_id must be a non-empty string: got {self.request_id!r}", "request_id")
+        if not isinstance(self.input_ids, list | tuple):
+            raise ProtocolError(f"input_ids must be a list of integer token ids: got {self.input_ids!r:.80}",
+                                "input_ids")
+        n = len(self.input_ids)
+        if not n:
+            raise ProtocolError("input_ids must hold at least one token: got an empty prompt", "input_ids")
+        if n >= max_seq_len:
+            raise ProtocolError(f"input_ids must be shorter than the context (max_seq_len={max_seq_len}) to leave room "
+                                f"for a generated token: got len(input_ids)={n}", "input_ids")
         try:
             ids = [operator.index(t) for t in self.input_ids]
         except TypeError:
-            raise ValueError(f"input_ids must be a list of integer token ids: got {self.input_ids!r:.80}") from None
-        if not ids:
-            raise ValueError("input_ids must hold at least one token: got an empty prompt")
+            raise ProtocolError(f"input_ids must be a list of integer token ids: got {self.input_ids!r:.80}",
+                                "input_ids") from None
         bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise ValueError(f"input_ids must be token ids in [0, {vocab_size}): got {ids[bad]} at index {bad}")
+            raise ProtocolError(f"input_ids must be token ids in [0, {vocab_size}): got {ids[bad]} at index {bad}",
+                                f"input_ids[{bad}]")
         self.input_ids = ids
         self.sampling.validate(vocab_size)
-        if len(ids) >= max_seq_len:
-            raise ValueError(f"input_ids must be shorter than the context (max_seq_len={max_seq_len}): got "
-                             f"len(input_ids)={len(ids)}")
-        if len(ids) + self.sampling.max_new_tokens > max_seq_len:
-            raise ValueError(f"max_new_tokens must fit the context, len(input_ids) + max_new_tokens <= max_seq_len="
-                             f"{max_seq_len}: got {len(ids)} + {self.sampling.max_new_tokens}")
+        if n + self.sampling.max_new_tokens > max_seq_len:
+            raise ProtocolError(f"max_new_tokens must fit the context, len(input_ids) + max_new_tokens <= "
+                                f"max_seq_len={max_seq_len}: got {n} + {self.sampling.max_new_tokens}",
+                                "sampling.max_new_tokens")
 
 
 @dataclass(kw_only=True)
@@ -108,13 +132,19 @@ class EngineOutput:
     output_ids: list[int]
     """Generated ids; ends with the stop token when finish_reason is 'stop'."""
     output_logprobs: list[float]
-    """log_softmax of the raw logits (temperature 1, before top-k/top-p) at each output token."""
+    """log_softmax of the logits at each output token, before top-k/top-p: at temperature 1 (raw), or at
+    `logprob_temperature` when the request asked for `logprobs_at_temperature`."""
+    logprob_temperature: float
+    """Temperature `output_logprobs` were computed at (1.0 = the policy's raw log-probs)."""
     finish_reason: str
     """'stop' (emitted a stop token) or 'length' (max_new_tokens reached), as SGLang's finish_reason.type."""
     trace: RoutingTrace | None
     """Routing of prompt_ids + output_ids: len(prompt) + len(output) - 1 rows; None if not requested/captured."""
     weight_version: int
     """Engine weight version when the request finished (bumped by every update_weights)."""
+    weight_version_start: int
+    """Engine weight version when the request was admitted (its prefill); differs from `weight_version` when an
+    update happened while it ran (later tokens then came from the newer weights)."""
 
 
 # At or below this temperature a request is greedy (as in vLLM): logits / T would overflow float32 to inf, and argmax
@@ -146,10 +176,18 @@ class SlotParams:
     top_p_B: torch.Tensor  # float32
     top_k_B: torch.Tensor  # int64, <= 0 disables
     seed_B: torch.Tensor  # int64 in [0, 2**32)
+    logprob_temperature_B: torch.Tensor  # float32: 1.0 = raw log-probs, else log_softmax(logits / this)
 
     def narrow(self, start: int, length: int) -> SlotParams:
-        return SlotParams(*(t.narrow(0, start, length) for t in (self.temperature_B, self.top_p_B, self.top_k_B,
-                                                                   self.seed_B)))
+        return SlotParams(*(t.narrow(0, start, length) for t in vars(self).values()))
+
+
+def splitmix64(x: int) -> int:
+    """splitmix64 finalizer of x mod 2**64: a bijection on 64-bit ints where every input bit moves every output bit."""
+    z = (x + 0x9E3779B97F4A7C15) % (1 << 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return z ^ (z >> 31)
 
 
 def fold_seed(seed: int) -> int:
@@ -157,10 +195,15 @@ def fold_seed(seed: int) -> int:
 
     Every bit of the seed moves the key, so structured seeds such as `(step << 32) | i` do not collide the way a
     plain xor-fold would (fold(1) == fold(2**32)); distinct seeds still share a key with probability 2**-32."""
-    z = (seed + 0x9E3779B97F4A7C15) % (1 << 64)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
-    return (z ^ (z >> 31)) >> 32
+    return splitmix64(seed) >> 32
+
+
+def group_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of sample `sample_index` of prompt `prompt_index` in a generate call seeded with `base_seed`:
+    splitmix64 folded over the three, in [0, 2**63) (a valid wire seed). Distinct indices give distinct seeds
+    (splitmix64 is a bijection; collisions only through the final 63-bit truncation)."""
+    z = splitmix64(splitmix64(splitmix64(base_seed) ^ prompt_index) ^ sample_index)
+    return z >> 1
 
 
 def vocab_keys(vocab_size: int, device: torch.device | str) -> torch.Tensor:
@@ -177,7 +220,8 @@ def sample_tokens(
     other rows.
     """
     logits_BV = logits_BV.float()
-    logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
+    # x / 1.0 == x exactly: rows with raw log-probs are bitwise what log_softmax(logits) gives
+    logprobs_BV = torch.log_softmax(logits_BV / params.logprob_temperature_B.unsqueeze(1), dim=-1)
     greedy_B = logits_BV.argmax(dim=-1)
     if mode is SamplingMode.GREEDY:
         tokens_B = greedy_B

@@ -1,19 +1,19 @@
 """`r3rl serve`: the rollout engine behind SGLang's `/generate` protocol (FastAPI + uvicorn).
 
-    r3rl serve --model /tmp/tiny --port 30000                       # the CLI calls serve_main()
-    python -m r3rl.rollout.server --model /tmp/tiny --port 30000    # same, without the CLI (tests use this)
+    r3rl serve --model /tmp/tiny --port 30000             # cli.py builds the ServerConfig and calls serve(config)
     curl -s localhost:30000/generate -d '{"input_ids": [72, 105], "sampling_params": {"max_new_tokens": 4}}'
 
-Endpoints: `POST /generate` (messages in `r3rl.rollout.protocol`, docs in docs/protocol.md), `GET /health`,
-`GET /model_info` (also at SGLang's `/get_model_info`).
+Endpoints (docs/protocol.md): `POST /generate`, `POST /update_weights_from_disk`, `GET|HEAD /health`,
+`GET /model_info` (also at SGLang's `/get_model_info`), `GET /server_info`.
 
-Threading: the engine is not thread-safe, so one `EngineWorker` thread owns it and loops
-`add pending requests -> step() -> resolve futures` (via `loop.call_soon_threadsafe`), sleeping on a condition when
-idle. HTTP handlers only validate, submit and await. Continuous batching happens inside `engine.step()`.
+Threading: one `EngineWorker` thread owns the engine (worker.py). The event loop only reads bodies, awaits and
+answers: parsing, validation and tokenization run in a thread pool, so a big body never stalls `/health`. A request
+whose client disconnects is cancelled in the engine (its slot is freed). A weight update is loaded from disk in the
+thread pool, checked strictly, then copied by the worker between two engine steps.
 
 Errors: a bad request is a 400 `{"error": {"message", "field", "type", "code"}}` naming the field; the server stays
-up. Shutdown on SIGTERM/SIGINT: uvicorn stops accepting, waits for in-flight requests (the worker keeps stepping
-them), then the lifespan stops the worker and the process exits.
+up. Signals: the first SIGTERM/SIGINT drains (no new connections, in-flight requests finish, exit 0); a second one
+answers every in-flight request with a JSON 503 RequestAborted and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ import signal
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from r3rl.rollout.engine import EngineOutput, EngineRequest, RolloutEngine, SamplingParams
+from r3rl.rollout.engine import EngineConfig, RolloutEngine
 from r3rl.rollout.protocol import (
     ErrorBody,
     ErrorResponse,
@@ -46,15 +45,21 @@ from r3rl.rollout.protocol import (
     ModelInfo,
     ProtocolError,
     RoutedExpertsFormat,
+    UpdateWeightsFromDiskRequest,
+    UpdateWeightsFromDiskResponse,
     parse_generate_request,
+    validation_error,
 )
+from r3rl.rollout.sampling import EngineOutput, EngineRequest, SamplingParams
+from r3rl.rollout.weights import WeightLoadError, load_checkpoint_tensors
+from r3rl.rollout.worker import EngineStepFailed, EngineUnavailable, EngineWorker, RequestAborted
 
-__all__ = ["ServerConfig", "EngineWorker", "EngineUnavailable", "create_app", "serve", "serve_main"]
+__all__ = ["ServerConfig", "create_app", "serve", "load_tokenizer"]
 
-logger = logging.getLogger("r3rl.rollout.server")  # not __name__: also "python -m"
+logger = logging.getLogger("r3rl.rollout.server")
 
-_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "seed")
-MAX_STEP_FAILURES = 3  # consecutive failed engine steps before the worker gives up (a persistent fault)
+TEXT_CHARS_PER_TOKEN = 16  # `text` longer than max_seq_len * this is rejected before tokenization
+_DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(kw_only=True)
@@ -65,125 +70,28 @@ class ServerConfig:
     """Interface to bind; 0.0.0.0 exposes the server to the network."""
     port: int = 30000
     """TCP port (SGLang's default)."""
-    max_slots: int = 64
-    """Sequences decoded together by the engine (continuous batching)."""
-    max_seq_len: int = 1024
-    """Prompt + completion tokens per sequence at most."""
-    device: str | None = None
-    """Engine device; None lets the engine choose (cuda if available)."""
-    dtype: str | None = None
-    """Engine dtype name ('bfloat16', 'float32'); None lets the engine choose."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The rollout engine: slots, context length, device, dtype (see EngineConfig)."""
     drain_timeout_s: float = 120.0
-    """On SIGTERM/SIGINT, seconds to wait for in-flight requests before exiting anyway."""
+    """On the first SIGTERM/SIGINT, seconds to wait for in-flight requests before exiting anyway."""
+    keep_alive_timeout_s: float = 75.0
+    """Idle keep-alive connections are closed after this. Longer than any client's pool expiry (RolloutClient: 2 s,
+    httpx: 5 s), so a client never sends on a connection the server is closing."""
+    max_body_bytes: int = 64 * 2**20
+    """Larger request bodies are answered 413 without being parsed."""
     log_level: str = "info"
     """Python/uvicorn log level."""
 
-
-class EngineUnavailable(RuntimeError):
-    """The engine worker is stopping or has failed; the request was not run (HTTP 503)."""
-
-
-class EngineWorker:
-    """Owns the engine and the one thread that touches it. `submit` is called from the event loop."""
-
-    def __init__(self, engine: RolloutEngine, *, stats_every_s: float = 30.0) -> None:
-        self.engine = engine
-        self.error: BaseException | None = None
-        self.weight_version = int(engine.weight_version)
-        self._cond = threading.Condition()
-        self._pending: deque[tuple[EngineRequest, asyncio.Future]] = deque()
-        self._inflight: dict[str, asyncio.Future] = {}  # touched by the worker thread only
-        self._stopping = False
-        self._stats_every_s = stats_every_s
-        self._thread = threading.Thread(target=self._run, name="r3rl-engine", daemon=True)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, req: EngineRequest) -> asyncio.Future[EngineOutput]:
-        fut = asyncio.get_running_loop().create_future()
-        with self._cond:
-            if self._stopping or self.error is not None:
-                raise EngineUnavailable(f"engine is not accepting requests: stopping={self._stopping}, "
-                                        f"error={self.error!r}")
-            self._pending.append((req, fut))
-            self._cond.notify()
-        return fut
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish what was submitted, then end the thread (waits at most `timeout` seconds)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            logger.warning("engine worker still running after %.1fs; exiting without it", timeout or 0.0)
-
-    # --- worker thread ------------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        steps = tokens = failures = 0
-        last_log = time.monotonic()
-        while True:
-            with self._cond:
-                while not self._pending and not self._inflight and not self._stopping:
-                    self._cond.wait()
-                if self._stopping and not self._pending and not self._inflight:
-                    return
-                new, self._pending = list(self._pending), deque()
-            for req, fut in new:
-                try:
-                    self.engine.add_request(req)
-                except Exception as e:  # engine validation (ValueError naming the field) -> that request only
-                    _resolve(fut, error=e)
-                    continue
-                self._inflight[req.request_id] = fut
-            if not self._inflight:
-                continue
-            try:
-                outs = self.engine.step()
-                failures = 0
-            except Exception as e:
-                # Fail what was running, reset the engine and go on: one poisoned step must not take the server
-                # down. A fault that persists (MAX_STEP_FAILURES steps in a row) marks the engine dead.
-                failures += 1
-                logger.exception("engine step failed (%d in a row); failing %d in-flight requests", failures,
-                                 len(self._inflight))
-                if failures >= MAX_STEP_FAILURES:
-                    self._fail_all(e)
-                    return
-                self.engine.abort_all()
-                for fut in self._inflight.values():
-                    _resolve(fut, error=EngineUnavailable(f"engine step failed: {e!r}"))
-                self._inflight.clear()
-                continue
-            steps += 1
-            for out in outs:
-                fut = self._inflight.pop(out.request_id, None)
-                if fut is None:
-                    logger.error("engine returned an unknown request_id=%s (not in flight)", out.request_id)
-                    continue
-                self.weight_version = int(out.weight_version)
-                tokens += len(out.output_ids)
-                _resolve(fut, result=out)
-            if self._inflight and not self.engine.has_work():
-                self._fail_all(RuntimeError(
-                    f"engine has no work but {len(self._inflight)} requests are in flight (lost by the engine)"))
-                return
-            if time.monotonic() - last_log > self._stats_every_s:
-                logger.info("engine steps=%d generated_tokens=%d running=%d", steps, tokens, len(self._inflight))
-                last_log = time.monotonic()
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            self.error = error
-            pending, self._pending = list(self._pending), deque()
-        for fut in [*self._inflight.values(), *(f for _, f in pending)]:
-            _resolve(fut, error=EngineUnavailable(f"engine failed: {error!r}"))
-        self._inflight.clear()
+    def __post_init__(self) -> None:
+        self.log_level = {"warn": "warning", "fatal": "critical"}.get(self.log_level.lower(), self.log_level.lower())
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError(f"log_level must be one of critical, error, warning, info, debug, trace: got "
+                             f"{self.log_level!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535]: got {self.port}")
+        for name in ("drain_timeout_s", "keep_alive_timeout_s", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0: got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -192,31 +100,33 @@ class _ServerState:
     worker: EngineWorker
     tokenizer: object | None
     info: ModelInfo
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> FastAPI:
     """The FastAPI app serving `engine`. The worker thread starts and stops with the app's lifespan."""
-    device, dtype = str(engine.device), str(engine.dtype)
     info = ModelInfo(
         model_path=str(config.model), num_layers=engine.num_layers, top_k=engine.top_k,
         num_experts=engine.num_experts, vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
-        weight_version=engine.weight_version, dtype=dtype, device=device,
+        weight_version=engine.weight_version, dtype=str(engine.dtype), device=str(engine.device),
     )
     state = _ServerState(config=config, worker=EngineWorker(engine), tokenizer=tokenizer, info=info)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         state.worker.start()
         logger.info("serving %s: layers=%d top_k=%d experts=%d vocab=%d max_seq_len=%d device=%s dtype=%s",
                     info.model_path, info.num_layers, info.top_k, info.num_experts, info.vocab_size,
-                    info.max_seq_len, device, dtype)
+                    info.max_seq_len, info.device, info.dtype)
         yield
         logger.info("shutting down: in-flight HTTP requests are drained, stopping the engine worker")
         await asyncio.to_thread(state.worker.stop, config.drain_timeout_s)
 
     app = FastAPI(title="r3rl rollout server", lifespan=lifespan)
+    app.state.r3rl = state
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         if not state.worker.alive:
             return _error(503, f"engine worker is down: {state.worker.error!r}", None, "ServiceUnavailable")
@@ -227,20 +137,28 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
     async def model_info() -> ModelInfo:
         return info.model_copy(update={"weight_version": state.worker.weight_version})
 
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info() -> JSONResponse:
+        return JSONResponse({**_jsonable(asdict(config)), "num_running": state.worker.num_running,
+                             "weight_version": state.worker.weight_version})
+
     @app.post("/generate")
-    async def generate(request: Request) -> JSONResponse:
+    async def generate(request: Request) -> Response:
         start = time.perf_counter()
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is
-            # an integer literal over Python's digit limit
-            raise ProtocolError(f"request body must be valid JSON: {e}", "body") from None
-        batch = parse_generate_request(body)
-        reqs = [_engine_request(state, batch, item) for item in batch.items]  # all validated before any runs
-        results = await asyncio.gather(*(state.worker.submit(r) for r in reqs), return_exceptions=True)
-        for item, res in zip(batch.items, results, strict=True):
-            if isinstance(res, ValueError):  # engine-side validation: name the field it mentions
-                raise ProtocolError(str(res), _guess_field(str(res), item)) from res
+        body = await _read_body(request, config.max_body_bytes)
+        batch, reqs = await asyncio.to_thread(_prepare, state, body)  # off the loop: /health stays responsive
+        futures = state.worker.submit_all(reqs)  # all queued, or none
+        gathered = asyncio.gather(*futures, return_exceptions=True)
+        while not gathered.done():
+            await asyncio.wait([gathered], timeout=_DISCONNECT_POLL_S)
+            if not gathered.done() and await request.is_disconnected():
+                state.worker.cancel([r.request_id for r in reqs])
+                gathered.cancel()
+                logger.info("client went away: cancelled %d requests", len(reqs))
+                return Response(status_code=499)
+        results = gathered.result()
+        for res in results:
             if isinstance(res, BaseException):
                 raise res
         latency = time.perf_counter() - start
@@ -248,14 +166,56 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
                for item, res in zip(batch.items, results, strict=True)]
         return JSONResponse(out if batch.is_batch else out[0])
 
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request) -> JSONResponse:
+        try:
+            req = UpdateWeightsFromDiskRequest.model_validate(_json(await _read_body(request, config.max_body_bytes)))
+        except ProtocolError as e:
+            return _update_answer(False, f"{e.field}: {e.message}", status=400)
+        except Exception as e:  # pydantic ValidationError
+            err = validation_error(e)
+            return _update_answer(False, f"{err.field}: {err.message}", status=400)
+        if req.load_format not in (None, "auto", "safetensors"):
+            return _update_answer(False, f"load_format: only HF checkpoints load (null, 'auto' or 'safetensors'): "
+                                         f"got {req.load_format!r}", status=400)
+        if req.weight_version is not None and not req.weight_version.isdigit():
+            return _update_answer(False, f"weight_version: r3rl's versions are integers, send a decimal string: got "
+                                         f"{req.weight_version!r}", status=400)
+        engine = state.worker.engine
+        try:
+            tensors = await asyncio.to_thread(load_checkpoint_tensors, req.model_path, dtype=engine.dtype,
+                                              expected_shapes=engine.model.shapes)
+        except WeightLoadError as e:
+            return _update_answer(False, str(e), status=400)
+        version = int(req.weight_version) if req.weight_version is not None else None
+
+        def apply(engine: RolloutEngine) -> tuple[int, int]:
+            aborted = state.worker.abort_inflight("weight update with abort_all_requests") \
+                if req.abort_all_requests else 0
+            return engine.update_weights(tensors, version=version, strict=True), aborted
+
+        new_version, aborted = await state.worker.call(apply)
+        logger.info("weights updated from %s: weight_version=%d (aborted %d requests)", req.model_path, new_version,
+                    aborted)
+        return _update_answer(True, f"loaded {req.model_path}: weight_version={new_version}, aborted {aborted} "
+                                    f"requests", weight_version=new_version)
+
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
-        logger.info("400 %s: field=%s %s", request.url.path, e.field, e.message)
-        return _error(400, e.message, e.field)
+        logger.info("%d %s: field=%s %s", e.status, request.url.path, e.field, e.message[:200])
+        return _error(e.status, e.message, e.field)
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, e: EngineUnavailable) -> JSONResponse:
         return _error(503, str(e), None, "ServiceUnavailable")
+
+    @app.exception_handler(EngineStepFailed)
+    async def _step_failed(request: Request, e: EngineStepFailed) -> JSONResponse:
+        return _error(503, str(e), None, "EngineStepFailed")
+
+    @app.exception_handler(RequestAborted)
+    async def _aborted(request: Request, e: RequestAborted) -> JSONResponse:
+        return _error(503, str(e), None, "RequestAborted")
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -268,29 +228,95 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
     return app
 
 
-def serve(config: ServerConfig) -> None:
-    """Load the engine and tokenizer, then serve until SIGTERM/SIGINT (graceful: in-flight requests finish)."""
+def serve(config: ServerConfig) -> int:
+    """Load the engine and tokenizer, then serve until a signal. Returns the exit code: 0 after a graceful drain,
+    128 + signal number when a second signal forced the stop."""
     import uvicorn
 
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = RolloutEngine.from_pretrained(config.model, max_slots=config.max_slots, max_seq_len=config.max_seq_len,
-                                           device=config.device, dtype=config.dtype)
-    app = create_app(config, engine, _load_tokenizer(config.model))
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                        timeout_graceful_shutdown=config.drain_timeout_s)
+    engine = RolloutEngine.from_pretrained(config.model, config.engine)
+    app = create_app(config, engine, load_tokenizer(config.model))
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+                        access_log=False, timeout_graceful_shutdown=config.drain_timeout_s,
+                        timeout_keep_alive=config.keep_alive_timeout_s)
+    server = _Server(uv, app.state.r3rl)
     with _quiet_signals_after_drain():
-        uvicorn.Server(uv).run()  # its own SIGTERM/SIGINT handlers: first = drain and exit, second SIGINT = now
-    logger.info("server stopped")
+        server.run()
+    logger.info("server stopped%s", f" (forced by a second {signal.Signals(server.forced_by).name})"
+                if server.forced_by else "")
+    return 128 + server.forced_by if server.forced_by else 0
 
 
-def serve_main(model: str, host: str, port: int, max_slots: int, max_seq_len: int, device: str | None,
-               dtype: str | None) -> None:
-    """Entry point of `r3rl serve` (the CLI maps its flags onto these arguments)."""
-    serve(ServerConfig(model=model, host=host, port=port, max_slots=max_slots, max_seq_len=max_seq_len,
-                       device=device, dtype=dtype))
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer, or None (warned once) when it has none: then `text` requests get a 400."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        tok, why = None, f"{type(e).__name__}: {e}"
+    else:  # transformers may hand back an empty tokenizer that encodes everything to []
+        why = f"{type(tok).__name__} with {len(tok)} tokens encodes 'a' to []"
+        if len(tok) > 0 and tok.encode("a"):
+            return tok
+        tok = None
+    logger.warning("checkpoint %s has no usable tokenizer (%s): text requests are answered 400, send input_ids",
+                   path, why)
+    return None
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
+class _Server:
+    """uvicorn.Server whose second signal aborts the in-flight requests (JSON 503) instead of killing the process
+    mid-step (uvicorn's own force-exit skips the lifespan, and torch threads die with SIGABRT)."""
+
+    def __new__(cls, uv_config, state: _ServerState):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            forced_by = 0
+
+            def handle_exit(self, sig: int, frame) -> None:
+                if self.should_exit and not self.forced_by:
+                    self.forced_by = sig
+                    logger.warning("second %s: aborting in-flight requests", signal.Signals(sig).name)
+                    if state.loop is not None:
+                        state.loop.call_soon_threadsafe(state.worker.abort_now, f"second {signal.Signals(sig).name}")
+                    return
+                self.should_exit = True
+
+        return Server(uv_config)
+
+
+def _prepare(state: _ServerState, body: bytes) -> tuple[GenerateBatch, list[EngineRequest]]:
+    """Parse, validate and tokenize a /generate body (runs in the thread pool). Raises ProtocolError."""
+    max_seq_len = state.info.max_seq_len
+    batch = parse_generate_request(_json(body), max_seq_len=max_seq_len,
+                                   max_text_chars=max_seq_len * TEXT_CHARS_PER_TOKEN)
+    return batch, [_engine_request(state, batch, item) for item in batch.items]  # all validated before any runs
+
+
+def _json(body: bytes):
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is
+        # an integer literal over Python's digit limit
+        raise ProtocolError(f"request body must be valid JSON: {e}", "body") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 ProtocolError once it passes `limit` bytes (the rest is read and dropped, not kept)."""
+    declared = request.headers.get("content-length", "")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise ProtocolError(f"request body must be at most {limit} bytes (max_body_bytes): got {size} "
+                            f"(content-length {declared or 'absent'})", "body", status=413)
+    return b"".join(chunks)
+
+
 def _engine_request(state: _ServerState, batch: GenerateBatch, item: GenerateItem) -> EngineRequest:
     """Tokenize and check one item against the model; raise ProtocolError naming the field."""
     info, sp = state.info, item.sampling
@@ -300,31 +326,26 @@ def _engine_request(state: _ServerState, batch: GenerateBatch, item: GenerateIte
         raise ProtocolError(f"this checkpoint has no tokenizer ({info.model_path}): send input_ids", item.prompt_field)
     else:
         ids = list(state.tokenizer.encode(item.text))
-    if not ids:
-        raise ProtocolError("prompt must have at least one token: got 0", item.prompt_field)
-    bad = next((j for j, t in enumerate(ids) if not 0 <= t < info.vocab_size), None)
-    if bad is not None:
-        field = f"{item.prompt_field}[{bad}]" if item.input_ids is not None else item.prompt_field
-        raise ProtocolError(f"token id must be in [0, vocab_size={info.vocab_size}): got {ids[bad]}", field)
-    if len(ids) >= info.max_seq_len:
-        raise ProtocolError(f"prompt must be shorter than the context (max_seq_len) to leave room for a generated "
-                            f"token: got prompt_tokens={len(ids)}, max_seq_len={info.max_seq_len}", item.prompt_field)
-    if len(ids) + sp.max_new_tokens > info.max_seq_len:
-        raise ProtocolError(f"prompt_tokens + max_new_tokens must be <= max_seq_len: got {len(ids)} + "
-                            f"{sp.max_new_tokens} = {len(ids) + sp.max_new_tokens}, expected <= {info.max_seq_len}",
-                            f"{item.sampling_field}.max_new_tokens")
-    bad = next((j for j, t in enumerate(sp.stop_token_ids) if not 0 <= t < info.vocab_size), None)
-    if bad is not None:
-        raise ProtocolError(f"stop token id must be in [0, vocab_size={info.vocab_size}): got "
-                            f"{sp.stop_token_ids[bad]}", f"{item.sampling_field}.stop_token_ids[{bad}]")
     sampling = SamplingParams(max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
-                              top_k=sp.top_k, stop_token_ids=list(sp.stop_token_ids), seed=item.seed)
+                              top_k=sp.top_k, stop_token_ids=list(sp.stop_token_ids), seed=item.seed,
+                              logprobs_at_temperature=batch.logprobs_at_temperature)
+    req = EngineRequest(request_id=uuid.uuid4().hex, input_ids=list(ids), sampling=sampling,
+                        return_routed_experts=batch.return_routed_experts)
     try:
-        sampling.validate(info.vocab_size)
-    except ValueError as e:
-        raise ProtocolError(str(e), _guess_field(str(e), item)) from None
-    return EngineRequest(request_id=uuid.uuid4().hex, input_ids=list(ids), sampling=sampling,
-                         return_routed_experts=batch.return_routed_experts)
+        req.validate(vocab_size=info.vocab_size, max_seq_len=info.max_seq_len)
+    except ProtocolError as e:  # the engine's field path, under this item's path
+        raise ProtocolError(e.message, _item_field(item, e.field)) from None
+    return req
+
+
+def _item_field(item: GenerateItem, engine_field: str) -> str:
+    """Engine field path ('input_ids[3]', 'sampling.top_p') -> the client's ('input_ids[1][3]',
+    'sampling_params.top_p')."""
+    if engine_field.startswith("sampling."):
+        return item.sampling_field + engine_field[len("sampling"):]
+    if engine_field.startswith("input_ids"):
+        return item.prompt_field + (engine_field[len("input_ids"):] if item.input_ids is not None else "")
+    return item.prompt_field
 
 
 def _response(state: _ServerState, batch: GenerateBatch, item: GenerateItem, out: EngineOutput,
@@ -335,14 +356,16 @@ def _response(state: _ServerState, batch: GenerateBatch, item: GenerateItem, out
         finish = FinishReason(type="stop", matched=out.output_ids[-1])
     else:
         finish = FinishReason(type=out.finish_reason, length=n_out)
-    meta = MetaInfo(id=item.rid or out.request_id, prompt_tokens=n_prompt, completion_tokens=n_out,
-                    finish_reason=finish, weight_version=out.weight_version, e2e_latency=round(latency, 6))
+    meta = MetaInfo(id=item.rid if item.rid is not None else out.request_id, prompt_tokens=n_prompt,
+                    completion_tokens=n_out, finish_reason=finish, weight_version=out.weight_version,
+                    weight_version_start=out.weight_version_start, e2e_latency=round(latency, 6))
     if batch.return_logprob:
         if len(out.output_logprobs) != n_out:
             raise RuntimeError(f"engine must return one logprob per output token: got {len(out.output_logprobs)}, "
                                f"expected {n_out}")
         meta.output_token_logprobs = [(float(lp), int(t), None) for lp, t in zip(out.output_logprobs, out.output_ids,
                                                                                  strict=True)]
+        meta.logprob_temperature = out.logprob_temperature
     if batch.return_routed_experts:
         if out.trace is None:
             raise RuntimeError("engine returned no routing trace for a request with return_routed_experts")
@@ -357,22 +380,11 @@ def _response(state: _ServerState, batch: GenerateBatch, item: GenerateItem, out
     return GenerateResponse(text=text, output_ids=list(out.output_ids), meta_info=meta)
 
 
-def _resolve(fut: asyncio.Future, *, result=None, error: BaseException | None = None) -> None:
-    """Complete `fut` on its own event loop, from any thread; a cancelled future (client gone) is skipped."""
-
-    def done() -> None:
-        if not fut.done():
-            fut.set_exception(error) if error is not None else fut.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-        fut.get_loop().call_soon_threadsafe(done)
-
-
-def _guess_field(message: str, item: GenerateItem) -> str:
-    for name in _SAMPLING_FIELDS:
-        if name in message:
-            return f"{item.sampling_field}.{name}"
-    return item.prompt_field if "input_ids" in message or "prompt" in message else item.sampling_field
+def _update_answer(success: bool, message: str, *, status: int = 200, weight_version: int | None = None):
+    body = UpdateWeightsFromDiskResponse(success=success, message=message, weight_version=weight_version)
+    if not success:
+        logger.info("update_weights_from_disk refused: %s", message[:300])
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 
 def _error(status: int, message: str, field: str | None, kind: str = "BadRequestError") -> JSONResponse:
@@ -380,14 +392,9 @@ def _error(status: int, message: str, field: str | None, kind: str = "BadRequest
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def _load_tokenizer(path: str):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # a checkpoint without a tokenizer still serves input_ids
-        logger.warning("no tokenizer loaded from %s (%s): text input is rejected, text output is empty", path, e)
-        return None
+def _jsonable(d: dict) -> dict:
+    return {k: (_jsonable(v) if isinstance(v, dict) else v if isinstance(v, int | float | str | bool | None)
+                else str(v)) for k, v in d.items()}
 
 
 @contextlib.contextmanager
@@ -403,25 +410,3 @@ def _quiet_signals_after_drain():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m r3rl.rollout.server", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--max-slots", type=int, default=64)
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--drain-timeout-s", type=float, default=120.0)
-    p.add_argument("--log-level", default="info")
-    a = p.parse_args(argv)
-    serve(ServerConfig(model=a.model, host=a.host, port=a.port, max_slots=a.max_slots, max_seq_len=a.max_seq_len,
-                       device=a.device, dtype=a.dtype, drain_timeout_s=a.drain_timeout_s, log_level=a.log_level))
-
-
-if __name__ == "__main__":
-    _main()
