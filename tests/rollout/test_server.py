@@ -2,7 +2,7 @@
 
     pytest tests/rollout/test_server.py -q          # about a minute on 2 CPU cores
 
-Every test talks to a real `python -m r3rl.rollout.server` process on 127.0.0.1 (conftest.py) serving a tiny random
+Every test talks to a real `r3rl serve` process on 127.0.0.1 (conftest.py) serving a tiny random
 Qwen3-MoE checkpoint; the client tests at the end also use httpx.MockTransport for retry behaviour.
 """
 

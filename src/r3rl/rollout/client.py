@@ -226,7 +226,7 @@ class RolloutClient:
             payload["routed_experts_format"] = self.routed_experts_format.value
         if self.logprobs_at_temperature and await self.is_r3rl_server():
             payload["logprobs_at_temperature"] = True
-        outputs = await self._request("POST", "/generate", payload, retry_5xx=False)
+        outputs = await self._request("POST", "/generate", payload)
         if not isinstance(outputs, list) or len(outputs) != len(prompts):
             got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
             raise RolloutServerError(f"/generate must return one output per prompt: got {got}, "
@@ -240,11 +240,11 @@ class RolloutClient:
         return samples
 
     # --- private ------------------------------------------------------------------------------------------------
-    async def _request(self, method: str, path: str, payload: Any = None, *, retry_5xx: bool | None = None) -> Any:
+    async def _request(self, method: str, path: str, payload: Any = None, *, idempotent: bool | None = None) -> Any:
         """One call with retries. Resent only when the request provably did not run: it was never sent (connect
         errors, pool timeout), or the server answered 503 ServiceUnavailable (not admitted). GETs are read-only, so
         they are also resent after other transport errors and 5xx; a timeout is never resent."""
-        idempotent = method == "GET" if retry_5xx is None else retry_5xx
+        idempotent = method == "GET" if idempotent is None else idempotent
         error: RolloutHTTPError | None = None
         for attempt in range(self.max_retries + 1):
             try:
