@@ -32,7 +32,7 @@ from r3rl.check import ReplayCheck
 from r3rl.config import Fault, ReplayKind
 from r3rl.replay import Recording, RoutingReplay
 from r3rl.rollout.backend import RolloutBackend
-from r3rl.rollout.sampling import SamplingParams
+from r3rl.rollout.protocol import SamplingParams
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 from r3rl.train.config import LogprobSource, TrainConfig
@@ -68,9 +68,9 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     replay.new_step()
     with timer("rollout"):  # 1
         items = ctx.prompts.next_batch(cfg.rollout_batch_size)
-        samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(cfg, step),
+        samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
                                        n_samples_per_prompt=cfg.n_samples_per_prompt)
-        _check_versions(samples, ctx.rollout.weight_version, step)
+        _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature)
         if cfg.inject_fault is not Fault.NONE and step == 0:
             samples = [_with_trace(s, fault_trace(s.trace, cfg.inject_fault)) for s in samples]
     with timer("reward"):  # 2
@@ -213,17 +213,26 @@ def _encode(ctx: StepContext, prompt: str) -> list[int]:
     return ids
 
 
-def _sampling(cfg: TrainConfig, step: int) -> SamplingParams:
+def _sampling(ctx: StepContext, step: int) -> SamplingParams:
+    cfg = ctx.cfg
     return SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=cfg.rollout_temperature,
-                          top_p=cfg.rollout_top_p, seed=(cfg.seed * 1_000_003 + step) % 2**31)
+                          top_p=cfg.rollout_top_p, stop_token_ids=list(ctx.stop_token_ids),
+                          seed=(cfg.seed * 1_000_003 + step) % 2**31)
 
 
-def _check_versions(samples: list[Sample], version: int, step: int) -> None:
-    stale = [i for i, s in enumerate(samples) if s.weight_version != version]
+def _check_samples(samples: list[Sample], version: int, step: int, temperature: float) -> None:
+    """The rollout used the weights of the last sync, and its log-probs are of the distribution the trainer scores."""
+    stale = [i for i, s in enumerate(samples) if s.weight_version_start != version or s.weight_version != version]
     if stale:
-        got = samples[stale[0]].weight_version
-        raise RuntimeError(f"step {step}: {len(stale)} sample(s) were generated with weight version {got}, expected "
-                           f"{version} (the weight sync did not reach the rollout engine); first: sample {stale[0]}")
+        s = samples[stale[0]]
+        raise RuntimeError(f"step {step}: {len(stale)} sample(s) were generated with weight version "
+                           f"{s.weight_version_start}..{s.weight_version}, expected {version} (the weight sync did not "
+                           f"reach the rollout engine); first: sample {stale[0]}")
+    odd = [i for i, s in enumerate(samples) if not math.isclose(s.logprob_temperature, temperature, rel_tol=1e-6)]
+    if odd:
+        raise ValueError(f"step {step}: sample {odd[0]} carries rollout log-probs at temperature "
+                         f"{samples[odd[0]].logprob_temperature}, the trainer scores temperature {temperature}: ask "
+                         "the backend for log-probs at the sampling temperature (logprobs_at_temperature)")
 
 
 def _with_trace(s: Sample, trace: RoutingTrace) -> Sample:
