@@ -350,7 +350,7 @@ def _check_config(args: argparse.Namespace):
 
 
 def _check(cfg) -> int:
-    from r3rl.e2e import run_check
+    from r3rl.commands.check import run_check
 
     report = run_check(cfg)
     brief = {k: report.get(k) for k in ("verdict", "reason", "counts", "tokens_checked", "without_replay",

@@ -63,24 +63,18 @@ def run_check(cfg: CheckRunConfig) -> dict:
 
 
 def rollout_engine(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
-    """Sample with r3rl's rollout engine (a copy of the weights; its own forward and KV cache)."""
-    from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
+    """Sample with r3rl's rollout engine through the RolloutBackend the trainer uses (a copy of the weights; its own
+    forward and KV cache). Each rollout is its own prompt with its own seed."""
+    from r3rl.rollout.backend import EngineBackend
+    from r3rl.rollout.protocol import SamplingParams
 
-    engine = RolloutEngine(model, max_slots=cfg.batch_size, max_seq_len=cfg.prompt_len + cfg.response_len,
-                           device=cfg.device, dtype=cfg.dtype)
-    requests = [
-        EngineRequest(request_id=str(b), input_ids=prompt, sampling=SamplingParams(
-            max_new_tokens=cfg.response_len, temperature=cfg.temperature, seed=cfg.seed * 100_003 + b))
-        for b, prompt in enumerate(_prompts(model, cfg).tolist())
-    ]
-    outputs = engine.generate(requests)
-    del engine  # free its weights and cache before training
-    return [
-        Sample(prompt_ids=o.prompt_ids, response_ids=o.output_ids, rollout_logprobs=o.output_logprobs, trace=o.trace,
-               finish_reason=o.finish_reason, weight_version=o.weight_version)
-        .validate(num_layers=replay.num_layers, top_k=replay.top_k, index=b)
-        for b, o in enumerate(outputs)
-    ]
+    backend = EngineBackend(model, max_slots=cfg.batch_size, max_seq_len=cfg.prompt_len + cfg.response_len,
+                            device=cfg.device, dtype=cfg.dtype)
+    try:
+        return backend.generate(_prompts(model, cfg).tolist(), SamplingParams(
+            max_new_tokens=cfg.response_len, temperature=cfg.temperature, seed=cfg.seed))
+    finally:
+        backend.close()  # free its weights and cache before training
 
 
 def rollout_hf_kv_cache(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
