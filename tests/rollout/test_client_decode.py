@@ -11,7 +11,7 @@ from r3rl.rollout.client import ModelShape, RolloutServerError, decode_generate_
 def _sglang_output(prompt_len, output_ids, wire):
     return {
         "text": "", "output_ids": output_ids,
-        "meta_info": {"prompt_tokens": prompt_len, "completion_tokens": len(output_ids),
+        "meta_info": {"id": "sglang-1", "prompt_tokens": prompt_len, "completion_tokens": len(output_ids),
                       "finish_reason": {"type": "length", "length": len(output_ids)}, "weight_version": "default",
                       "output_token_logprobs": [[-1.0, t, None] for t in output_ids],
                       "routed_experts": base64.b64encode(wire.astype("<i4").tobytes()).decode()},

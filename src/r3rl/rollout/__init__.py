@@ -3,13 +3,14 @@ server and client."""
 
 from r3rl.rollout.backend import EngineBackend, HTTPBackend, RolloutBackend
 from r3rl.rollout.engine import EngineConfig, RolloutEngine
-from r3rl.rollout.sampling import EngineOutput, EngineRequest, SamplingParams
+from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason, SamplingParams
 
 __all__ = [
     "EngineBackend",
     "EngineConfig",
     "EngineOutput",
     "EngineRequest",
+    "FinishReason",
     "HTTPBackend",
     "RolloutBackend",
     "RolloutEngine",

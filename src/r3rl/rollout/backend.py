@@ -34,8 +34,8 @@ from torch import nn
 
 from r3rl.rollout.client import ModelShape, RolloutClient
 from r3rl.rollout.engine import EngineConfig, RolloutEngine
-from r3rl.rollout.protocol import RoutedExpertsFormat
-from r3rl.rollout.sampling import EngineOutput, EngineRequest, SamplingParams, group_seed
+from r3rl.rollout.protocol import EngineOutput, EngineRequest, RoutedExpertsFormat, SamplingParams
+from r3rl.rollout.sampling import group_seed
 from r3rl.rollout.weights import model_tensors
 from r3rl.sample import Sample
 

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from r3rl.rollout.protocol import RoutedExpertsFormat
-from r3rl.rollout.sampling import GREEDY_TEMPERATURE, SamplingParams
+from r3rl.rollout.protocol import GREEDY_TEMPERATURE, GenerateResponse, ModelInfo, RoutedExpertsFormat, SamplingParams
+from r3rl.rollout.wire import validation_error
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 
@@ -147,15 +148,14 @@ class RolloutClient:
     async def model_shape(self) -> ModelShape:
         if self._shape is None:
             try:
-                info = await self.model_info()
-            except RolloutRequestError as e:
+                info = ModelInfo.model_validate(await self.model_info())
+            except (RolloutRequestError, ValidationError) as e:
                 raise RolloutRequestError(
-                    f"{self.base_url}/model_info is unavailable ({e}): for a real SGLang server pass "
-                    "RolloutClient(..., model_shape=ModelShape(num_layers=..., top_k=..., num_experts=...))",
-                    status=e.status,
+                    f"{self.base_url}/model_info is unavailable or lacks the MoE shape ({e}): for a real SGLang "
+                    "server pass RolloutClient(..., model_shape=ModelShape(num_layers=, top_k=, num_experts=))",
+                    status=getattr(e, "status", None),
                 ) from e
-            self._shape = ModelShape(num_layers=info["num_layers"], top_k=info["top_k"],
-                                     num_experts=info["num_experts"])
+            self._shape = ModelShape(num_layers=info.num_layers, top_k=info.top_k, num_experts=info.num_experts)
         return self._shape
 
     async def get_model_info(self) -> dict[str, Any]:
@@ -284,53 +284,38 @@ def decode_generate_output(
     """One `/generate` output (r3rl serve or SGLang) -> a validated Sample. Raises naming the sample on mismatch.
     `logprob_temperature`: what the log-probs are computed at when the server does not say (SGLang)."""
     where = f"sample {index}" if index is not None else "sample"
-    meta = output["meta_info"]
-    output_ids = [int(t) for t in output["output_ids"]]
-    finish = (meta.get("finish_reason") or {}).get("type")
-    if finish not in ("length", "stop"):
-        raise RolloutServerError(f"{where}: finish_reason.type must be 'length' or 'stop': got {finish!r} "
-                                 f"({meta.get('finish_reason')})")
-    if meta.get("prompt_tokens", len(prompt_ids)) != len(prompt_ids):
+    try:
+        response = GenerateResponse.model_validate(output)
+    except ValidationError as e:
+        err = validation_error(e)
+        raise RolloutServerError(f"{where}: the /generate response breaks the protocol: {err.message}") from None
+    meta, output_ids = response.meta_info, response.output_ids
+    if meta.prompt_tokens != len(prompt_ids):
         raise RolloutServerError(f"{where}: server prompt length differs from the request: "
-                                 f"got prompt_tokens={meta['prompt_tokens']}, expected={len(prompt_ids)}")
-    lp_entries = meta.get("output_token_logprobs")
-    if lp_entries is None:
+                                 f"got prompt_tokens={meta.prompt_tokens}, expected={len(prompt_ids)}")
+    if meta.output_token_logprobs is None:
         raise RolloutServerError(f"{where}: meta_info.output_token_logprobs is missing (send return_logprob=true)")
-    lp_ids = [int(e[1]) for e in lp_entries]
+    lp_ids = [e[1] for e in meta.output_token_logprobs]
     if lp_ids != output_ids:
         raise RolloutServerError(f"{where}: output_token_logprobs token ids must equal output_ids: got "
                                  f"{lp_ids[:8]}... ({len(lp_ids)}), expected {output_ids[:8]}... ({len(output_ids)})")
     trace = None
-    routed = meta.get("routed_experts")
     num_tokens = len(prompt_ids) + len(output_ids)
-    if routed is None and require_trace:
+    if meta.routed_experts is None and require_trace:
         raise RolloutServerError(f"{where}: meta_info.routed_experts is missing (r3rl serve: send "
                                  "return_routed_experts=true; SGLang: start it with --enable-return-routed-experts)")
-    if routed is not None and shape is not None:
-        if meta.get("routed_experts_format", "base64_int32") == "compact":
-            try:
-                blob = base64.b64decode(routed, validate=True)
-            except (ValueError, TypeError) as e:  # binascii.Error is a ValueError
-                raise RolloutServerError(f"{where}: meta_info.routed_experts (compact) must be valid base64: {e}; "
-                                         f"got {str(routed)[:40]!r}...") from None
-            trace = RoutingTrace.from_bytes(blob, sample=index)
-        else:
-            wire_layers = shape.num_decoder_layers if shape.moe_layers is not None else shape.num_layers
-            trace = RoutingTrace.from_sglang(routed, num_layers=wire_layers, top_k=shape.top_k,
-                                             num_experts=shape.num_experts, num_tokens=num_tokens,
-                                             layers=shape.moe_layers, sample=index)
-        trace.validate(num_tokens=num_tokens, num_layers=shape.num_layers, top_k=shape.top_k,
-                       num_experts=shape.num_experts, sample=index)
-    version = meta.get("weight_version", 0)
-    sample = Sample(
-        prompt_ids=list(prompt_ids), response_ids=output_ids, rollout_logprobs=[float(e[0]) for e in lp_entries],
-        logprob_temperature=float(meta.get("logprob_temperature", logprob_temperature)),
-        trace=trace, finish_reason=finish, weight_version=_int_version(version),
-        weight_version_start=_int_version(meta.get("weight_version_start", version)),
-        metadata={"rid": meta.get("id"), "weight_version_raw": version, "e2e_latency": meta.get("e2e_latency")},
-    )
-    return sample.validate(num_layers=shape.num_layers if shape else None, top_k=shape.top_k if shape else None,
-                           num_experts=shape.num_experts if shape else None, index=index)
+    if meta.routed_experts is not None and shape is not None:
+        trace = _decode_trace(meta.routed_experts, meta.routed_experts_format, shape, num_tokens, index, where)
+    return Sample(
+        prompt_ids=list(prompt_ids), response_ids=output_ids,
+        rollout_logprobs=[e[0] for e in meta.output_token_logprobs],
+        logprob_temperature=meta.logprob_temperature if meta.logprob_temperature is not None else logprob_temperature,
+        trace=trace, finish_reason=meta.finish_reason.type, weight_version=_int_version(meta.weight_version),
+        weight_version_start=_int_version(meta.weight_version_start if meta.weight_version_start is not None
+                                          else meta.weight_version),
+        metadata={"rid": meta.id, "weight_version_raw": meta.weight_version, "e2e_latency": meta.e2e_latency},
+    ).validate(num_layers=shape.num_layers if shape else None, top_k=shape.top_k if shape else None,
+               num_experts=shape.num_experts if shape else None, index=index)
 
 
 def generate_sync(
@@ -355,6 +340,24 @@ def _wire_sampling(sp: SamplingLike) -> dict[str, Any]:
         sp = {"max_new_tokens": sp.max_new_tokens, "temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
               "stop_token_ids": list(sp.stop_token_ids), **({"seed": sp.seed} if sp.seed is not None else {})}
     return {_SGLANG_NAMES.get(k, k): v for k, v in sp.items()}
+
+
+def _decode_trace(routed: str, fmt: RoutedExpertsFormat | None, shape: ModelShape, num_tokens: int,
+                  index: int | None, where: str) -> RoutingTrace:
+    if fmt is RoutedExpertsFormat.COMPACT:
+        try:
+            blob = base64.b64decode(routed, validate=True)
+        except ValueError as e:  # binascii.Error is a ValueError
+            raise RolloutServerError(f"{where}: meta_info.routed_experts (compact) must be valid base64: {e}; "
+                                     f"got {routed[:40]!r}...") from None
+        trace = RoutingTrace.from_bytes(blob, sample=index)
+    else:  # SGLang's base64 int32, one column per decoder layer when the model has dense layers
+        wire_layers = shape.num_decoder_layers if shape.moe_layers is not None else shape.num_layers
+        trace = RoutingTrace.from_sglang(routed, num_layers=wire_layers, top_k=shape.top_k,
+                                         num_experts=shape.num_experts, num_tokens=num_tokens,
+                                         layers=shape.moe_layers, sample=index)
+    return trace.validate(num_tokens=num_tokens, num_layers=shape.num_layers, top_k=shape.top_k,
+                          num_experts=shape.num_experts, sample=index)
 
 
 def _int_version(version: Any) -> int:

@@ -20,13 +20,14 @@ batch-invariant (every row goes through kernels whose shapes do not depend on th
 attention over the whole context, one prefill per request), so a seed gives bitwise the same tokens whatever else
 is in the batch.
 
-Outputs: tokens sampled on the device with per-request counter-based seeds, the log-prob of each at temperature 1
-before top-k/top-p (the policy's own; see sampling.py), and the routing trace: every (token, MoE layer) top-k is
-written into a device buffer inside the forward and copied to the host once, when the request finishes.
+Outputs: tokens sampled on the device with per-request counter-based seeds, the log-prob of each before
+top-k/top-p, at temperature 1 (the policy's own) or at the request's temperature (`logprobs_at_temperature`; see
+sampling.py), and the routing trace: every (token, MoE layer) top-k is written into a device buffer inside the
+forward and copied to the host once, when the request finishes.
 
-Weights: `update_weights` copies HF-named tensors in place (no cache or graph reallocation) and bumps
-`weight_version`; an output carries the version current when it finished (requests in flight during an update
-continue on the new weights). The engine is not thread-safe: one thread owns it.
+Weights: `update_weights` copies HF-named tensors in place (no cache or graph reallocation) and sets
+`weight_version`; an output carries the version at admission and at finish (requests in flight during an update
+continue on the new weights). The engine is not thread-safe: one thread owns it (in `r3rl serve`: worker.py).
 
 Tensor suffixes: S slots, T tokens, B decode rows, N prefill requests, P positions, H hidden, Q fused qkv width,
 D head dim, X q + k heads, R rows of a flattened (token, k) or (row, kv head) product, G q heads per kv head,
@@ -48,19 +49,13 @@ from transformers import PreTrainedModel
 
 from r3rl.models.loading import load_model, resolve_dtype
 from r3rl.rollout.forward import MoEForward, MoEKernel
+from r3rl.rollout.graphs import DecodeGraphs, graph_safe, next_power_of_two
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
-from r3rl.rollout.sampling import (
-    EngineOutput,
-    EngineRequest,
-    SamplingMode,
-    SamplingParams,
-    SlotParams,
-    fold_seed,
-    sample_tokens,
-    vocab_keys,
-)
+from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason
+from r3rl.rollout.sampling import SamplingMode, SlotParams, fold_seed, sample_tokens, vocab_keys
+from r3rl.rollout.weights import check_tensor_names
 
-__all__ = ["EngineConfig", "MoEKernel", "RolloutEngine", "SamplingParams", "EngineRequest", "EngineOutput"]
+__all__ = ["EngineConfig", "MoEKernel", "RolloutEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +115,7 @@ class RolloutEngine:
         self.model = m = MoEForward(model, device=device, dtype=dtype, max_seq_len=cfg.max_seq_len,
                                      max_slots=cfg.max_slots, batch_invariant=cfg.batch_invariant)
         del model  # the engine owns copies; a model passed in stays the caller's
-        if cfg.use_cuda_graph and not _graph_safe(m.moe_kernel, device, dtype):
+        if cfg.use_cuda_graph and not graph_safe(m.moe_kernel, device, dtype):
             logger.warning("CUDA graphs off: the %s experts kernel syncs with the host for %s on %s (grouped_mm is "
                            "capturable for bfloat16 on sm90+)", m.moe_kernel.value, dtype, device)
             cfg.use_cuda_graph = False
@@ -149,9 +144,7 @@ class RolloutEngine:
         self._request_ids: set[str] = set()
         self._seed_rng = random.Random()  # seeds of requests that bring none
         self._weight_version = 0
-        self._graphs: dict[tuple[int, int, SamplingMode, bool], torch.cuda.CUDAGraph] = {}
-        self._graph_pool = None
-        self._batch_buckets = _batch_buckets(S)
+        self._graphs = DecodeGraphs(S, device)
         logger.info(
             "rollout engine: %s, %d MoE layers, %d experts, top-%d, slots=%d, max_seq_len=%d, device=%s, dtype=%s, "
             "moe=%s, cuda_graph=%s, batch_invariant=%s, kv_cache=%.1f MiB, routing=%.1f MiB", m.family,
@@ -278,19 +271,7 @@ class RolloutEngine:
         not reallocated: the KV cache and captured CUDA graphs stay valid.
         """
         views = self.model.views
-        unknown = sorted(n for n in named_tensors if n not in views)
-        if unknown:
-            raise ValueError(f"update_weights: every name must be a parameter of the rollout model: got unknown "
-                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (expected HF state-dict names, e.g. "
-                             f"{next(iter(views))!r})")
-        missing = sorted(n for n in views if n not in named_tensors) if strict else []
-        if missing:
-            raise ValueError(f"update_weights: a strict update must cover every weight of the rollout model: missing "
-                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(views)})")
-        for name, t in named_tensors.items():
-            if tuple(t.shape) != self.model.shapes[name]:
-                raise ValueError(f"update_weights: shape of {name!r} must match the model: got {tuple(t.shape)}, "
-                                 f"expected {self.model.shapes[name]}")
+        check_tensor_names(named_tensors, self.model.shapes, where="update_weights", require_all=strict)
         for name, t in named_tensors.items():
             views[name].copy_(t)
         self._weight_version = self._weight_version + 1 if version is None else int(version)
@@ -307,9 +288,9 @@ class RolloutEngine:
             r.output_ids.append(tok)
             r.logprobs.append(lp)
             if tok in r.stop_ids:
-                r.finish_reason = "stop"
+                r.finish_reason = FinishReason.STOP
             elif len(r.output_ids) >= r.req.sampling.max_new_tokens:
-                r.finish_reason = "length"
+                r.finish_reason = FinishReason.LENGTH
 
     def _release_finished(self) -> list[EngineOutput]:
         """Outputs of finished slots (traces read before any move), then refill their slots from the tail."""
@@ -394,9 +375,9 @@ class RolloutEngine:
         if cfg.batch_invariant:
             T = cfg.max_seq_len  # attention over the whole context: its shape must not depend on other rows
         else:
-            T = _next_power_of_two(max(r.next_pos for r in self._slots) + 1, minimum=64, maximum=cfg.max_seq_len)
+            T = next_power_of_two(max(r.next_pos for r in self._slots) + 1, minimum=64, maximum=cfg.max_seq_len)
         if cfg.use_cuda_graph:
-            B = next(b for b in self._batch_buckets if b >= n)
+            B = self._graphs.bucket(n)
             if n < B:
                 self._n_active.fill_(n)
             self._graph(B, T, mode, masked=n < B).replay()
@@ -420,22 +401,7 @@ class RolloutEngine:
         self._next_logprobs_S[:B] = lp_B
 
     def _graph(self, B: int, T: int, mode: SamplingMode, *, masked: bool) -> torch.cuda.CUDAGraph:
-        key = (B, T, mode, masked)
-        if key not in self._graphs:
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()  # shared: graphs never run concurrently
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._decode_rows(B, T, mode, masked=masked)  # warm-up (cuBLAS, allocator), harmless: idempotent
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._decode_rows(B, T, mode, masked=masked)
-            self._graphs[key] = graph
-            logger.info("captured decode CUDA graph: batch=%d kv_len=%d mode=%s masked=%s (%d graphs)", B, T,
-                        mode.value, masked, len(self._graphs))
-        return self._graphs[key]
+        return self._graphs.get((B, T, mode, masked), lambda: self._decode_rows(B, T, mode, masked=masked))
 
 
 @dataclass(eq=False)
@@ -446,33 +412,9 @@ class _Running:
     version_start: int  # weight version at admission (prefill)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
     @property
     def next_pos(self) -> int:
         """Position of the last token (the next decode input); also the number of positions cached so far."""
         return len(self.req.input_ids) + len(self.output_ids) - 1
-
-
-def _batch_buckets(max_slots: int) -> list[int]:
-    """CUDA-graph batch sizes: 1, 2, 4, 8, then steps of 1.5x/2x (16, 24, 32, 48, ...), and max_slots itself."""
-    buckets, b = [], 1
-    while b < max_slots:
-        buckets.append(b)
-        b = b * 2 if b < 16 else (b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3)
-    return [*buckets, max_slots]
-
-
-def _graph_safe(kernel: MoEKernel, device: torch.device, dtype: torch.dtype) -> bool:
-    """torch's grouped_mm takes a host-syncing fallback below sm90 or outside bfloat16; the loop always syncs."""
-    if kernel is MoEKernel.GATHER:
-        return True
-    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-    return kernel is MoEKernel.GROUPED_MM and dtype == torch.bfloat16 and sm90
-
-
-def _next_power_of_two(n: int, *, minimum: int, maximum: int) -> int:
-    p = minimum
-    while p < n:
-        p *= 2
-    return min(p, maximum)

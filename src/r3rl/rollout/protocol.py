@@ -1,34 +1,40 @@
-"""Rollout protocol: every request and response message of `r3rl serve`, typed in one file.
+"""Rollout messages: every request and response type of the engine and of `r3rl serve`, typed in one file.
 
-The names and semantics follow SGLang's native `/generate` endpoint, so a real SGLang server started with
-`--enable-return-routed-experts` can replace `r3rl serve` by URL (see docs/protocol.md for every difference):
+Engine messages (dataclasses, in-process): `SamplingParams`, `EngineRequest`, `EngineOutput`, with the enums
+`FinishReason` and `RoutedExpertsFormat`. Wire messages (pydantic, JSON): the `/generate` request and response,
+`/model_info`, `/update_weights_from_disk`, errors. The names and semantics follow SGLang's native endpoints, so a
+real SGLang server started with `--enable-return-routed-experts` can replace `r3rl serve` by URL (docs/protocol.md
+lists every difference). `wire.py` converts between the two families.
 
-    curl -s localhost:30000/generate -d '{"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4},
-                                          "return_logprob": true, "return_routed_experts": true}'
-
-Parsing is two-phase. `parse_generate_request` first turns SGLang's "single item or list" shorthand into lists
-(remembering which form was sent, since a list request gets a list response), then validates the `GenerateRequest`
-model, whose fields are lists only. The rest of the server never sees a union of single and batch. Every failure is
-a `ProtocolError` carrying the field path as the client wrote it (`input_ids[3]`, `sampling_params.top_p`).
+Validation happens once: the wire models check JSON types only (strict), and `EngineRequest.validate` checks every
+value, raising the one error type `ProtocolError`, which carries the field path (`input_ids[3]`,
+`sampling.top_p`); the server rewrites the path into the client's (`input_ids[1][3]`, `sampling_params.top_p`).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+import math
+import operator
+from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from r3rl.trace import RoutingTrace
 
 __all__ = [
     "MAX_BATCH",
+    "MAX_TEMPERATURE",
+    "GREEDY_TEMPERATURE",
     "ProtocolError",
+    "FinishReason",
     "RoutedExpertsFormat",
+    "SamplingParams",
+    "EngineRequest",
+    "EngineOutput",
     "SamplingParamsMessage",
     "GenerateRequest",
-    "GenerateItem",
-    "GenerateBatch",
-    "FinishReason",
+    "FinishInfo",
     "MetaInfo",
     "GenerateResponse",
     "ModelInfo",
@@ -36,13 +42,15 @@ __all__ = [
     "UpdateWeightsFromDiskResponse",
     "ErrorBody",
     "ErrorResponse",
-    "parse_generate_request",
-    "validation_error",
-    "format_field",
 ]
 
 MAX_BATCH = 4096  # items in one /generate call; larger batches should be split by the client
 MAX_TEMPERATURE = 1e6  # beyond this, logits / T is uniform to float32 precision anyway (and 1e300 would be inf)
+# At or below this temperature a request is greedy (as in vLLM): logits / T would overflow float32 to inf, and argmax
+# over several +inf would pick the first, not the largest, logit.
+GREEDY_TEMPERATURE = 1e-5
+
+
 _SEED_MAX = 2**63 - 1
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -57,22 +65,139 @@ class ProtocolError(ValueError):
         self.status = status
 
 
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # emitted one of stop_token_ids (the stop token is the last output token)
+    LENGTH = "length"  # max_new_tokens reached
+
+
 class RoutedExpertsFormat(enum.StrEnum):
     BASE64_INT32 = "base64_int32"  # SGLang's: base64 of little-endian int32 [rows * num_layers * top_k], pad -1
     COMPACT = "compact"  # base64 of `RoutingTrace.to_bytes()`: 24-byte header + uint8/int16 ids (4x smaller)
 
 
-# --- request --------------------------------------------------------------------------------------------------------
+# --- engine messages ------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    """Generate at most this many tokens (finish_reason 'length'). Must be >= 1."""
+    temperature: float = 1.0
+    """0 = greedy; otherwise logits are divided by it before top-k/top-p and sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 keeps all (SGLang's convention)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Generation stops after emitting one of these (the stop token is part of the output, finish_reason 'stop')."""
+    seed: int | None = None
+    """Same seed, same prompt, same weights -> same tokens, regardless of batching. None draws a random seed."""
+    logprobs_at_temperature: bool = False
+    """Return log_softmax(logits / temperature) (the distribution sampled, before top-k/top-p) instead of the raw
+    temperature-1 log-prob. Greedy requests (temperature <= GREEDY_TEMPERATURE) always return the raw one."""
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the returned log-probs are computed at: 1.0 (raw) or `temperature`."""
+        return self.temperature if self.logprobs_at_temperature and self.temperature > GREEDY_TEMPERATURE else 1.0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ProtocolError carrying the field (`sampling.top_p`) whose value breaks its invariant."""
+        def bad(name: str, message: str) -> ProtocolError:
+            return ProtocolError(f"{name} {message}", f"sampling.{name}")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", f"must be an integer >= 1: got {self.max_new_tokens!r}")
+        if (not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0
+                or self.temperature > MAX_TEMPERATURE):
+            raise bad("temperature", f"must be a finite number in [0, {MAX_TEMPERATURE:g}]: got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", f"must be in (0, 1]: got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or (self.top_k != -1 and self.top_k < 1):
+            raise bad("top_k", f"must be -1 (all tokens) or an integer >= 1: got {self.top_k!r}")
+        for i, t in enumerate(self.stop_token_ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ProtocolError(f"stop_token_ids must be token ids in [0, {vocab_size}): got {t!r} at index {i}",
+                                    f"sampling.stop_token_ids[{i}]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", f"must be an integer or None: got {self.seed!r}")
+        if not isinstance(self.logprobs_at_temperature, bool):
+            raise bad("logprobs_at_temperature", f"must be a bool: got {self.logprobs_at_temperature!r}")
+
+
+@dataclass(kw_only=True)
+class EngineRequest:
+    request_id: str
+    """Unique among the requests the engine holds; outputs carry it back."""
+    input_ids: list[int]
+    """Prompt token ids (non-empty, each in [0, vocab_size))."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    return_routed_experts: bool = True
+    """Return the routing trace of prompt + output (ignored when the engine does not capture routing)."""
+
+    def validate(self, *, vocab_size: int, max_seq_len: int) -> None:
+        """Raise ProtocolError carrying the field (`input_ids[3]`, `sampling.top_p`) that breaks its invariant.
+        Normalizes input_ids to a list of ints. Lengths are checked before any per-token work."""
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ProtocolError(f"request_id must be a non-empty string: got {self.request_id!r}", "request_id")
+        if not isinstance(self.input_ids, list | tuple):
+            raise ProtocolError(f"input_ids must be a list of integer token ids: got {self.input_ids!r:.80}",
+                                "input_ids")
+        n = len(self.input_ids)
+        if not n:
+            raise ProtocolError("input_ids must hold at least one token: got an empty prompt", "input_ids")
+        if n >= max_seq_len:
+            raise ProtocolError(f"input_ids must be shorter than the context (max_seq_len={max_seq_len}) to leave room "
+                                f"for a generated token: got len(input_ids)={n}", "input_ids")
+        try:
+            ids = [operator.index(t) for t in self.input_ids]
+        except TypeError:
+            raise ProtocolError(f"input_ids must be a list of integer token ids: got {self.input_ids!r:.80}",
+                                "input_ids") from None
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ProtocolError(f"input_ids must be token ids in [0, {vocab_size}): got {ids[bad]} at index {bad}",
+                                f"input_ids[{bad}]")
+        self.input_ids = ids
+        self.sampling.validate(vocab_size)
+        if n + self.sampling.max_new_tokens > max_seq_len:
+            raise ProtocolError(f"max_new_tokens must fit the context, len(input_ids) + max_new_tokens <= "
+                                f"max_seq_len={max_seq_len}: got {n} + {self.sampling.max_new_tokens}",
+                                "sampling.max_new_tokens")
+
+
+@dataclass(kw_only=True)
+class EngineOutput:
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    """Generated ids; ends with the stop token when finish_reason is 'stop'."""
+    output_logprobs: list[float]
+    """log_softmax of the logits at each output token, before top-k/top-p: at temperature 1 (raw), or at
+    `logprob_temperature` when the request asked for `logprobs_at_temperature`."""
+    logprob_temperature: float
+    """Temperature `output_logprobs` were computed at (1.0 = the policy's raw log-probs)."""
+    finish_reason: FinishReason
+    """Why generation ended (SGLang's finish_reason.type)."""
+    trace: RoutingTrace | None
+    """Routing of prompt_ids + output_ids: len(prompt) + len(output) - 1 rows; None if not requested/captured."""
+    weight_version: int
+    """Engine weight version when the request finished (bumped by every update_weights)."""
+    weight_version_start: int
+    """Engine weight version when the request was admitted (its prefill); differs from `weight_version` when an
+    update happened while it ran (later tokens then came from the newer weights)."""
+
+
+# --- wire: /generate request ------------------------------------------------------------------------------------------
 class SamplingParamsMessage(BaseModel):
-    """`sampling_params` of one item. Unknown fields are rejected (SGLang's other knobs are not implemented)."""
+    """`sampling_params` of one item: types only; the values are checked once, by `SamplingParams.validate`.
+    Unknown fields are rejected (SGLang's other knobs are not implemented)."""
 
     model_config = _STRICT
 
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = 128
     """Tokens to generate at most (>= 1; SGLang also allows 0, r3rl does not)."""
-    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
-    """Softmax temperature; 0 means greedy."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = 1.0
+    """Softmax temperature in [0, MAX_TEMPERATURE]; at most GREEDY_TEMPERATURE means greedy."""
+    top_p: float = 1.0
     """Nucleus sampling mass, in (0, 1]."""
     top_k: int = -1
     """Keep the k most likely tokens; -1 disables. 0 and values below -1 are rejected."""
@@ -82,13 +207,6 @@ class SamplingParamsMessage(BaseModel):
     """Per-request sampling seed: the same seed, prompt and weights give the same tokens. r3rl's name."""
     sampling_seed: int | None = Field(None, ge=0, le=_SEED_MAX)
     """SGLang's name for `seed`. Give at most one of the two (they must agree if both are given)."""
-
-    @field_validator("top_k")
-    @classmethod
-    def _check_top_k(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or >= 1: got {v}")
-        return v
 
     def resolved_seed(self) -> int | None:
         if self.seed is not None and self.sampling_seed is not None and self.seed != self.sampling_seed:
@@ -127,36 +245,14 @@ class GenerateRequest(BaseModel):
     top-k/top-p) instead of the raw temperature-1 log-probs. SGLang chooses by its SGLANG_RETURN_ORIGINAL_LOGPROB."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class GenerateItem:
-    """One prompt of a validated request; the server turns it into an engine request."""
+# --- wire: responses --------------------------------------------------------------------------------------------------
+class FinishInfo(BaseModel):
+    """`meta_info.finish_reason`."""
 
-    index: int  # position in the batch
-    input_ids: list[int] | None  # None when the item came as text (the server tokenizes it)
-    text: str | None
-    sampling: SamplingParamsMessage
-    seed: int | None  # `seed` or `sampling_seed`
-    rid: str | None
-    prompt_field: str  # path of this item's prompt as the client wrote it: 'input_ids', 'text[2]'
-    sampling_field: str  # path of its sampling params: 'sampling_params', 'sampling_params[2]'
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerateBatch:
-    items: list[GenerateItem]
-    is_batch: bool  # the client sent list form: answer with a list
-    return_logprob: bool
-    return_routed_experts: bool
-    routed_experts_format: RoutedExpertsFormat
-    logprobs_at_temperature: bool
-
-
-# --- response -------------------------------------------------------------------------------------------------------
-class FinishReason(BaseModel):
-    type: str
-    """'length' (hit max_new_tokens or the context) or 'stop' (emitted a stop token)."""
-    matched: int | None = None
-    """The stop token id that ended generation (type 'stop' only)."""
+    type: FinishReason
+    """'length' (hit max_new_tokens) or 'stop' (emitted a stop token)."""
+    matched: int | str | None = None
+    """The stop token id that ended generation (type 'stop' only; SGLang may send a stop string)."""
     length: int | None = None
     """Completion length when type is 'length' (SGLang reports this too)."""
 
@@ -168,19 +264,20 @@ class MetaInfo(BaseModel):
     """Prompt length in tokens."""
     completion_tokens: int
     """Generated tokens (stop token included)."""
-    finish_reason: FinishReason
+    finish_reason: FinishInfo
     """Why generation ended."""
-    weight_version: int
-    """Engine weight version when the request finished (SGLang: a string, 'default' until set)."""
+    weight_version: int | str = 0
+    """Engine weight version when the request finished (an int; SGLang: a string, 'default' until set)."""
     weight_version_start: int | None = None
     """Engine weight version when the request was admitted (r3rl only); < weight_version if an update happened
     while it ran."""
     logprob_temperature: float | None = None
     """Temperature `output_token_logprobs` were computed at: 1.0 = raw policy log-probs (r3rl only)."""
-    e2e_latency: float
+    e2e_latency: float | None = None
     """Seconds from request receipt to response (the whole batch for a batch request)."""
-    output_token_logprobs: list[tuple[float, int, None]] | None = None
-    """SGLang layout: one [logprob, token_id, null] per output token; only with `return_logprob`."""
+    output_token_logprobs: list[tuple[float, int, str | None]] | None = None
+    """SGLang layout: one [logprob, token_id, null] per output token (SGLang may put the token text third); only
+    with `return_logprob`."""
     routed_experts: str | None = None
     """Base64 routing of prompt+completion, shape [prompt+completion-1, num_layers, top_k]; only with
     `return_routed_experts`. Encoding per `routed_experts_format`."""
@@ -266,139 +363,6 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-# --- parsing --------------------------------------------------------------------------------------------------------
-def parse_generate_request(body: Any, *, max_seq_len: int | None = None,
-                           max_text_chars: int | None = None) -> GenerateBatch:
-    """Expand the single-item shorthand, validate, and return one `GenerateItem` per prompt (or raise).
-
-    A `null` field means the field is absent (its default), at every level. Sizes are checked before any per-token
-    work: the batch size, each `input_ids` prompt against `max_seq_len`, each `text` against `max_text_chars`."""
-    if not isinstance(body, dict):
-        raise ProtocolError(f"request body must be a JSON object: got {type(body).__name__}", "body")
-    body = _drop_nulls(body)
-    if isinstance(body.get("sampling_params"), dict):
-        body["sampling_params"] = _drop_nulls(body["sampling_params"])
-    elif isinstance(body.get("sampling_params"), list):
-        body["sampling_params"] = [_drop_nulls(sp) if isinstance(sp, dict) else sp for sp in body["sampling_params"]]
-    text, ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (ids is None):
-        got = "neither" if text is None else "both"
-        raise ProtocolError(f"exactly one of text or input_ids is required: got {got}", "input_ids")
-    is_batch = isinstance(text, list) if text is not None else bool(ids) and isinstance(ids, list) and all(
-        isinstance(x, list) for x in ids
-    )
-    _check_sizes(text, ids, is_batch, max_seq_len=max_seq_len, max_text_chars=max_text_chars)
-    wrapped = {"text", "input_ids", "rid"}
-    if not is_batch:
-        for key in wrapped:
-            if body.get(key) is not None:
-                body[key] = [body[key]]
-    sp_is_list = isinstance(body.get("sampling_params"), list)
-    if body.get("sampling_params") is not None and not sp_is_list:
-        body["sampling_params"] = [body["sampling_params"]]
-
-    try:
-        req = GenerateRequest.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = list(err["loc"])
-        if loc and ((not is_batch and loc[0] in wrapped) or (loc[0] == "sampling_params" and not sp_is_list)):
-            loc = loc[:1] + loc[2:]  # drop the index the shorthand expansion added
-        field = format_field(loc)
-        raise ProtocolError(_error_message(err, field), field) from None
-
-    prompts: list = req.text if req.text is not None else req.input_ids
-    prompt_name = "text" if req.text is not None else "input_ids"
-    n = len(prompts)
-    if not 1 <= n <= MAX_BATCH:
-        raise ProtocolError(f"batch size must be in [1, {MAX_BATCH}]: got {n}", prompt_name)
-    sps = req.sampling_params if req.sampling_params is not None else [SamplingParamsMessage()]
-    if sp_is_list and len(sps) != n:
-        raise ProtocolError(f"sampling_params list must have one entry per prompt: got {len(sps)}, expected {n}",
-                            "sampling_params")
-    if req.rid is not None and len(req.rid) != n:
-        raise ProtocolError(f"rid list must have one entry per prompt: got {len(req.rid)}, expected {n}", "rid")
-    for i, rid in enumerate(req.rid or []):
-        field = format_field(["rid", i] if is_batch else ["rid"])
-        _check_unicode(rid, field)
-        if rid in req.rid[:i]:
-            raise ProtocolError(f"rid must be unique within a request: got {rid!r} twice (first at index "
-                                f"{req.rid.index(rid)})", field)
-    for i, t in enumerate(req.text or []):
-        _check_unicode(t, format_field(["text", i] if is_batch else ["text"]))
-    items = []
-    for i, prompt in enumerate(prompts):
-        sp = sps[i] if sp_is_list else sps[0]
-        sampling_field = format_field(["sampling_params", i] if sp_is_list else ["sampling_params"])
-        try:
-            seed = sp.resolved_seed()
-        except ProtocolError as e:
-            raise ProtocolError(e.message, f"{sampling_field}.{e.field}") from None
-        items.append(GenerateItem(
-            index=i, input_ids=prompt if req.input_ids is not None else None,
-            text=prompt if req.text is not None else None, sampling=sp, seed=seed,
-            rid=req.rid[i] if req.rid is not None else None,
-            prompt_field=format_field([prompt_name, i] if is_batch else [prompt_name]), sampling_field=sampling_field,
-        ))
-    return GenerateBatch(
-        items=items, is_batch=is_batch, return_logprob=req.return_logprob,
-        return_routed_experts=req.return_routed_experts, routed_experts_format=req.routed_experts_format,
-        logprobs_at_temperature=req.logprobs_at_temperature,
-    )
-
-
-def validation_error(e: ValidationError) -> ProtocolError:
-    """A pydantic ValidationError -> ProtocolError naming the first offending field."""
-    err = e.errors()[0]
-    field = format_field(list(err["loc"]))
-    return ProtocolError(_error_message(err, field), field)
-
-
-def format_field(loc: Any) -> str:
-    """('sampling_params', 0, 'top_p') -> 'sampling_params[0].top_p'; a string passes through."""
-    if isinstance(loc, str):
-        return loc
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
-def _drop_nulls(d: dict) -> dict:
-    return {k: v for k, v in d.items() if v is not None}
-
-
-def _check_unicode(s: str, field: str) -> None:
-    """JSON allows lone surrogates (\\ud800); they cannot be tokenized nor echoed back as UTF-8."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ProtocolError(f"{field} must be valid Unicode: got a lone surrogate {s[e.start]!r} at index {e.start}",
-                            field) from None
-
-
-def _check_sizes(text: Any, ids: Any, is_batch: bool, *, max_seq_len: int | None, max_text_chars: int | None) -> None:
-    """Cheap size checks on the raw JSON, before any per-token validation or tokenization."""
-    prompts = (text if is_batch else [text]) if text is not None else (ids if is_batch else [ids])
-    name = "text" if text is not None else "input_ids"
-    if isinstance(prompts, list) and len(prompts) > MAX_BATCH:
-        raise ProtocolError(f"batch size must be in [1, {MAX_BATCH}]: got {len(prompts)}", name)
-    for i, p in enumerate(prompts if isinstance(prompts, list) else []):
-        field = format_field([name, i] if is_batch else [name])
-        if name == "input_ids" and max_seq_len is not None and isinstance(p, list) and len(p) >= max_seq_len:
-            raise ProtocolError(f"prompt must be shorter than the context (max_seq_len) to leave room for a generated "
-                                f"token: got prompt_tokens={len(p)}, max_seq_len={max_seq_len}", field)
-        if name == "text" and max_text_chars is not None and isinstance(p, str) and len(p) > max_text_chars:
-            raise ProtocolError(f"text is too long to fit the context: got {len(p)} characters, at most "
-                                f"{max_text_chars} are tokenized (16 per context token)", field)
-
-
-def _error_message(err: dict, field: str) -> str:
-    got = repr(err.get("input"))[:80]
-    if err["type"] == "extra_forbidden":
-        return f"{field}: unknown field (not part of the protocol, see docs/protocol.md): got {field}={got}"
-    if err["type"] == "missing":
-        return f"{field}: missing required field"
-    if err["type"] == "value_error":  # our own validator: its message already says what it got
-        return f"{field}: {err['ctx']['error']}"
-    return f"{field}: {err['msg']}: got {got}"
+# --- private helpers ------------------------------------------------------------------------------------------------
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)

@@ -1,7 +1,7 @@
-"""Rollout engine request/response types, and sampling on the device with per-request counter-based seeds.
+"""Sampling on the device with per-request counter-based seeds, and the seed folding of the rollout engine.
 
-    params = SamplingParams(max_new_tokens=64, temperature=1.0, top_p=0.9, seed=7)
-    tokens_B, logprobs_B = sample_tokens(logits_BV, params_B, counter_B, SamplingMode.for_params([params]))
+    mode = SamplingMode.for_params([r.sampling for r in requests])
+    tokens_B, logprobs_B = sample_tokens(logits_BV, slot_params, counter_B, mode, vocab_keys_V)
 
 Sampling is Gumbel-max: token = argmax(logits / temperature + g) over the tokens that top-k/top-p keep, where the
 noise g[v] is a pure function of (request seed, position of the sampled token, token id v): a counter-based hash,
@@ -23,133 +23,15 @@ Tensor suffixes: B batch rows, V vocabulary.
 from __future__ import annotations
 
 import enum
-import math
-import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from r3rl.rollout.protocol import MAX_TEMPERATURE, ProtocolError
-from r3rl.trace import RoutingTrace
+from r3rl.rollout.protocol import GREEDY_TEMPERATURE, SamplingParams
 
-__all__ = ["SamplingParams", "EngineRequest", "EngineOutput", "SamplingMode", "SlotParams", "sample_tokens"]
+__all__ = ["SamplingMode", "SlotParams", "sample_tokens", "fold_seed", "group_seed", "splitmix64", "vocab_keys"]
 
 _M32 = 0xFFFFFFFF
-
-
-@dataclass(kw_only=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    """Generate at most this many tokens (finish_reason 'length'). Must be >= 1."""
-    temperature: float = 1.0
-    """0 = greedy; otherwise logits are divided by it before top-k/top-p and sampling."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; in (0, 1]."""
-    top_k: int = -1
-    """Keep the k most likely tokens; -1 keeps all (SGLang's convention)."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    """Generation stops after emitting one of these (the stop token is part of the output, finish_reason 'stop')."""
-    seed: int | None = None
-    """Same seed, same prompt, same weights -> same tokens, regardless of batching. None draws a random seed."""
-    logprobs_at_temperature: bool = False
-    """Return log_softmax(logits / temperature) (the distribution sampled, before top-k/top-p) instead of the raw
-    temperature-1 log-prob. Greedy requests (temperature <= GREEDY_TEMPERATURE) always return the raw one."""
-
-    @property
-    def logprob_temperature(self) -> float:
-        """The temperature the returned log-probs are computed at: 1.0 (raw) or `temperature`."""
-        return self.temperature if self.logprobs_at_temperature and self.temperature > GREEDY_TEMPERATURE else 1.0
-
-    def validate(self, vocab_size: int) -> None:
-        """Raise ProtocolError carrying the field (`sampling.top_p`) whose value breaks its invariant."""
-        def bad(name: str, message: str) -> ProtocolError:
-            return ProtocolError(f"{name} {message}", f"sampling.{name}")
-
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", f"must be an integer >= 1: got {self.max_new_tokens!r}")
-        if (not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0
-                or self.temperature > MAX_TEMPERATURE):
-            raise bad("temperature", f"must be a finite number in [0, {MAX_TEMPERATURE:g}]: got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be in (0, 1]: got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or (self.top_k != -1 and self.top_k < 1):
-            raise bad("top_k", f"must be -1 (all tokens) or an integer >= 1: got {self.top_k!r}")
-        for i, t in enumerate(self.stop_token_ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                raise ProtocolError(f"stop_token_ids must be token ids in [0, {vocab_size}): got {t!r} at index {i}",
-                                    f"sampling.stop_token_ids[{i}]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", f"must be an integer or None: got {self.seed!r}")
-        if not isinstance(self.logprobs_at_temperature, bool):
-            raise bad("logprobs_at_temperature", f"must be a bool: got {self.logprobs_at_temperature!r}")
-
-
-@dataclass(kw_only=True)
-class EngineRequest:
-    request_id: str
-    """Unique among the requests the engine holds; outputs carry it back."""
-    input_ids: list[int]
-    """Prompt token ids (non-empty, each in [0, vocab_size))."""
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    return_routed_experts: bool = True
-    """Return the routing trace of prompt + output (ignored when the engine does not capture routing)."""
-
-    def validate(self, *, vocab_size: int, max_seq_len: int) -> None:
-        """Raise ProtocolError carrying the field (`input_ids[3]`, `sampling.top_p`) that breaks its invariant.
-        Normalizes input_ids to a list of ints. Lengths are checked before any per-token work."""
-        if not isinstance(self.request_id, str) or not self.request_id:
-            raise ProtocolError(f"request_id must be a non-empty string: got {self.request_id!r}", "request_id")
-        if not isinstance(self.input_ids, list | tuple):
-            raise ProtocolError(f"input_ids must be a list of integer token ids: got {self.input_ids!r:.80}",
-                                "input_ids")
-        n = len(self.input_ids)
-        if not n:
-            raise ProtocolError("input_ids must hold at least one token: got an empty prompt", "input_ids")
-        if n >= max_seq_len:
-            raise ProtocolError(f"input_ids must be shorter than the context (max_seq_len={max_seq_len}) to leave room "
-                                f"for a generated token: got len(input_ids)={n}", "input_ids")
-        try:
-            ids = [operator.index(t) for t in self.input_ids]
-        except TypeError:
-            raise ProtocolError(f"input_ids must be a list of integer token ids: got {self.input_ids!r:.80}",
-                                "input_ids") from None
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise ProtocolError(f"input_ids must be token ids in [0, {vocab_size}): got {ids[bad]} at index {bad}",
-                                f"input_ids[{bad}]")
-        self.input_ids = ids
-        self.sampling.validate(vocab_size)
-        if n + self.sampling.max_new_tokens > max_seq_len:
-            raise ProtocolError(f"max_new_tokens must fit the context, len(input_ids) + max_new_tokens <= "
-                                f"max_seq_len={max_seq_len}: got {n} + {self.sampling.max_new_tokens}",
-                                "sampling.max_new_tokens")
-
-
-@dataclass(kw_only=True)
-class EngineOutput:
-    request_id: str
-    prompt_ids: list[int]
-    output_ids: list[int]
-    """Generated ids; ends with the stop token when finish_reason is 'stop'."""
-    output_logprobs: list[float]
-    """log_softmax of the logits at each output token, before top-k/top-p: at temperature 1 (raw), or at
-    `logprob_temperature` when the request asked for `logprobs_at_temperature`."""
-    logprob_temperature: float
-    """Temperature `output_logprobs` were computed at (1.0 = the policy's raw log-probs)."""
-    finish_reason: str
-    """'stop' (emitted a stop token) or 'length' (max_new_tokens reached), as SGLang's finish_reason.type."""
-    trace: RoutingTrace | None
-    """Routing of prompt_ids + output_ids: len(prompt) + len(output) - 1 rows; None if not requested/captured."""
-    weight_version: int
-    """Engine weight version when the request finished (bumped by every update_weights)."""
-    weight_version_start: int
-    """Engine weight version when the request was admitted (its prefill); differs from `weight_version` when an
-    update happened while it ran (later tokens then came from the newer weights)."""
-
-
-# At or below this temperature a request is greedy (as in vLLM): logits / T would overflow float32 to inf, and argmax
-# over several +inf would pick the first, not the largest, logit.
-GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingMode(enum.Enum):
@@ -238,10 +120,6 @@ def sample_tokens(
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
-def _is_number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """32-bit integer mixer on int64 tensors holding values in [0, 2**32). Multipliers < 2**31 keep every product
     below 2**63, so no signed overflow happens on any backend."""

@@ -19,14 +19,12 @@ answers every in-flight request with a JSON 503 RequestAborted and exits with 12
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import signal
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 
 from fastapi import FastAPI, Request
@@ -35,23 +33,16 @@ from starlette.exceptions import HTTPException
 
 from r3rl.rollout.engine import EngineConfig, RolloutEngine
 from r3rl.rollout.protocol import (
+    EngineRequest,
     ErrorBody,
     ErrorResponse,
-    FinishReason,
-    GenerateBatch,
-    GenerateItem,
-    GenerateResponse,
-    MetaInfo,
     ModelInfo,
     ProtocolError,
-    RoutedExpertsFormat,
     UpdateWeightsFromDiskRequest,
     UpdateWeightsFromDiskResponse,
-    parse_generate_request,
-    validation_error,
 )
-from r3rl.rollout.sampling import EngineOutput, EngineRequest, SamplingParams
 from r3rl.rollout.weights import WeightLoadError, load_checkpoint_tensors
+from r3rl.rollout.wire import GenerateBatch, engine_request, generate_response, parse_generate_request, validation_error
 from r3rl.rollout.worker import EngineStepFailed, EngineUnavailable, EngineWorker, RequestAborted
 
 __all__ = ["ServerConfig", "create_app", "serve", "load_tokenizer"]
@@ -162,8 +153,8 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
             if isinstance(res, BaseException):
                 raise res
         latency = time.perf_counter() - start
-        out = [_response(state, batch, item, res, latency).model_dump(exclude_none=True)
-               for item, res in zip(batch.items, results, strict=True)]
+        out = [generate_response(batch, item, res, info=info, tokenizer=state.tokenizer, latency=latency)
+               .model_dump(exclude_none=True) for item, res in zip(batch.items, results, strict=True)]
         return JSONResponse(out if batch.is_batch else out[0])
 
     @app.post("/update_weights_from_disk")
@@ -292,7 +283,9 @@ def _prepare(state: _ServerState, body: bytes) -> tuple[GenerateBatch, list[Engi
     max_seq_len = state.info.max_seq_len
     batch = parse_generate_request(_json(body), max_seq_len=max_seq_len,
                                    max_text_chars=max_seq_len * TEXT_CHARS_PER_TOKEN)
-    return batch, [_engine_request(state, batch, item) for item in batch.items]  # all validated before any runs
+    items = [engine_request(batch, item, tokenizer=state.tokenizer, vocab_size=state.info.vocab_size,
+                            max_seq_len=max_seq_len) for item in batch.items]
+    return batch, items  # all validated before any runs
 
 
 def _json(body: bytes):
@@ -315,69 +308,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise ProtocolError(f"request body must be at most {limit} bytes (max_body_bytes): got {size} "
                             f"(content-length {declared or 'absent'})", "body", status=413)
     return b"".join(chunks)
-
-
-def _engine_request(state: _ServerState, batch: GenerateBatch, item: GenerateItem) -> EngineRequest:
-    """Tokenize and check one item against the model; raise ProtocolError naming the field."""
-    info, sp = state.info, item.sampling
-    if item.input_ids is not None:
-        ids = item.input_ids
-    elif state.tokenizer is None:
-        raise ProtocolError(f"this checkpoint has no tokenizer ({info.model_path}): send input_ids", item.prompt_field)
-    else:
-        ids = list(state.tokenizer.encode(item.text))
-    sampling = SamplingParams(max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
-                              top_k=sp.top_k, stop_token_ids=list(sp.stop_token_ids), seed=item.seed,
-                              logprobs_at_temperature=batch.logprobs_at_temperature)
-    req = EngineRequest(request_id=uuid.uuid4().hex, input_ids=list(ids), sampling=sampling,
-                        return_routed_experts=batch.return_routed_experts)
-    try:
-        req.validate(vocab_size=info.vocab_size, max_seq_len=info.max_seq_len)
-    except ProtocolError as e:  # the engine's field path, under this item's path
-        raise ProtocolError(e.message, _item_field(item, e.field)) from None
-    return req
-
-
-def _item_field(item: GenerateItem, engine_field: str) -> str:
-    """Engine field path ('input_ids[3]', 'sampling.top_p') -> the client's ('input_ids[1][3]',
-    'sampling_params.top_p')."""
-    if engine_field.startswith("sampling."):
-        return item.sampling_field + engine_field[len("sampling"):]
-    if engine_field.startswith("input_ids"):
-        return item.prompt_field + (engine_field[len("input_ids"):] if item.input_ids is not None else "")
-    return item.prompt_field
-
-
-def _response(state: _ServerState, batch: GenerateBatch, item: GenerateItem, out: EngineOutput,
-              latency: float) -> GenerateResponse:
-    info = state.info
-    n_prompt, n_out = len(out.prompt_ids), len(out.output_ids)
-    if out.finish_reason == "stop":
-        finish = FinishReason(type="stop", matched=out.output_ids[-1])
-    else:
-        finish = FinishReason(type=out.finish_reason, length=n_out)
-    meta = MetaInfo(id=item.rid if item.rid is not None else out.request_id, prompt_tokens=n_prompt,
-                    completion_tokens=n_out, finish_reason=finish, weight_version=out.weight_version,
-                    weight_version_start=out.weight_version_start, e2e_latency=round(latency, 6))
-    if batch.return_logprob:
-        if len(out.output_logprobs) != n_out:
-            raise RuntimeError(f"engine must return one logprob per output token: got {len(out.output_logprobs)}, "
-                               f"expected {n_out}")
-        meta.output_token_logprobs = [(float(lp), int(t), None) for lp, t in zip(out.output_logprobs, out.output_ids,
-                                                                                 strict=True)]
-        meta.logprob_temperature = out.logprob_temperature
-    if batch.return_routed_experts:
-        if out.trace is None:
-            raise RuntimeError("engine returned no routing trace for a request with return_routed_experts")
-        trace = out.trace.validate(num_tokens=n_prompt + n_out, num_layers=info.num_layers, top_k=info.top_k,
-                                   num_experts=info.num_experts, sample=meta.id)
-        if batch.routed_experts_format is RoutedExpertsFormat.COMPACT:
-            meta.routed_experts = base64.b64encode(trace.to_bytes()).decode("ascii")
-        else:
-            meta.routed_experts = trace.to_sglang()
-        meta.routed_experts_format = batch.routed_experts_format
-    text = state.tokenizer.decode(out.output_ids, skip_special_tokens=True) if state.tokenizer is not None else ""
-    return GenerateResponse(text=text, output_ids=list(out.output_ids), meta_info=meta)
 
 
 def _update_answer(success: bool, message: str, *, status: int = 200, weight_version: int | None = None):

@@ -45,9 +45,9 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_tensor_names(tensors: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple[int, ...]],
-                       *, where: str) -> None:
-    """Raise WeightLoadError naming every missing, unexpected and shape-mismatched tensor."""
-    missing = sorted(set(expected_shapes) - set(tensors))
+                       *, where: str, require_all: bool = True) -> None:
+    """Raise WeightLoadError naming every missing (when `require_all`), unexpected and shape-mismatched tensor."""
+    missing = sorted(set(expected_shapes) - set(tensors)) if require_all else []
     unexpected = sorted(set(tensors) - set(expected_shapes))
     mismatched = sorted(f"{n} (got {tuple(t.shape)}, expected {expected_shapes[n]})" for n, t in tensors.items()
                         if n in expected_shapes and tuple(t.shape) != tuple(expected_shapes[n]))
@@ -83,5 +83,5 @@ def _raise_if(where: str, *, missing: list[str], unexpected: list[str], mismatch
              for kind, names in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
              if names]
     if parts:
-        raise WeightLoadError(f"{where}: every tensor of the model must be loaded, with its shape, and nothing else: "
-                              f"got {'; '.join(parts)}")
+        raise WeightLoadError(f"{where}: every tensor must be a weight of the model, with its shape (and, for a full "
+                              f"update, every weight must be there): got {'; '.join(parts)}")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from r3rl.rollout.engine import RolloutEngine
-from r3rl.rollout.sampling import EngineOutput, EngineRequest
+from r3rl.rollout.protocol import EngineOutput, EngineRequest
 
 __all__ = ["MAX_STEP_FAILURES", "EngineWorker", "EngineUnavailable", "EngineStepFailed", "RequestAborted"]
 
