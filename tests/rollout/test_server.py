@@ -354,3 +354,29 @@ def test_bad_update_requests_are_refused(server, tiny_model_dir, tmp_path, body,
     assert resp.status_code == 400 and resp.json()["success"] is False, resp.text
     assert named in resp.json()["message"], resp.json()["message"]
     assert httpx.get(f"{server.url}/get_model_info").json()["weight_version"] == 0
+
+
+def test_update_between_steps_keeps_or_aborts_requests_in_flight(server_factory, tiny_model_dir):
+    srv = server_factory(max_slots=4, max_seq_len=2048)
+    long = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1500}}
+
+    def in_flight(update: dict) -> tuple[httpx.Response, httpx.Response]:
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.setdefault("r", httpx.post(f"{srv.url}/generate", json=long,
+                                                                                   timeout=120)))
+        thread.start()
+        while httpx.get(f"{srv.url}/server_info").json()["num_running"] == 0:
+            time.sleep(0.02)
+        answer = httpx.post(f"{srv.url}/update_weights_from_disk", json={"model_path": str(tiny_model_dir), **update},
+                            timeout=60)
+        thread.join(120)
+        return answer, result["r"]
+
+    answer, resp = in_flight({"weight_version": "1"})
+    assert answer.status_code == 200 and answer.json()["success"] and answer.json()["weight_version"] == 1
+    meta = resp.json()["meta_info"]  # it went on with the new weights: its tokens come from two versions
+    assert (meta["weight_version_start"], meta["weight_version"], meta["completion_tokens"]) == (0, 1, 1500)
+    answer, resp = in_flight({"abort_all_requests": True})
+    assert answer.json()["success"] and answer.json()["weight_version"] == 2
+    assert resp.status_code == 503 and resp.json()["error"]["type"] == "RequestAborted", resp.text
+    assert httpx.get(f"{srv.url}/get_model_info").json()["weight_version"] == 2
