@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         return _check(cfg)
     if args.command == "serve":
-        from r3rl.rollout.engine import EngineConfig
-        from r3rl.rollout.server import ServerConfig, serve
+        from r3rl.rollout.config import EngineConfig, ServerConfig
+        from r3rl.rollout.server import serve
 
         try:
             cfg = ServerConfig(

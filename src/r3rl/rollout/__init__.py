@@ -2,7 +2,8 @@
 server and client."""
 
 from r3rl.rollout.backend import EngineBackend, HTTPBackend, RolloutBackend
-from r3rl.rollout.engine import EngineConfig, RolloutEngine
+from r3rl.rollout.config import EngineConfig, ServerConfig
+from r3rl.rollout.engine import RolloutEngine
 from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason, SamplingParams
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "HTTPBackend",
     "RolloutBackend",
     "RolloutEngine",
+    "ServerConfig",
     "SamplingParams",
 ]

@@ -32,8 +32,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from r3rl.rollout.client import ModelShape, RolloutClient
-from r3rl.rollout.engine import EngineConfig, RolloutEngine
+from r3rl.rollout.client import ModelShape, RolloutClient, weight_version_int
+from r3rl.rollout.config import EngineConfig
+from r3rl.rollout.engine import RolloutEngine
 from r3rl.rollout.protocol import EngineOutput, EngineRequest, RoutedExpertsFormat, SamplingParams
 from r3rl.rollout.sampling import group_seed
 from r3rl.rollout.weights import model_tensors
@@ -179,8 +180,9 @@ class HTTPBackend:
                                  logprobs_at_temperature=logprobs_at_temperature)
 
         self.client = self._run(make())
-        self._version = _version_of(self._run(self.client.get_model_info()))
+        self._version = weight_version_int(self._run(self.client.get_model_info()).get("weight_version"))
         self._saved: list[Path] = []
+        self._unverified: int | None = None  # a version the server did not report back yet: check the next samples
 
     @property
     def weight_version(self) -> int:
@@ -196,6 +198,13 @@ class HTTPBackend:
                                                  rids=rids))
         for (i, j, _), s in zip(plan, samples, strict=True):
             s.metadata.update(prompt_index=i, sample_index=j)
+        if self._unverified is not None:
+            stale = [k for k, s in enumerate(samples) if s.weight_version_start != self._unverified]
+            if stale:
+                raise WeightSyncError(f"sample {stale[0]} was generated with weight_version="
+                                      f"{samples[stale[0]].metadata.get('weight_version_raw')!r} after the update to "
+                                      f"{self._unverified}: the server did not apply it")
+            self._unverified = None
         return samples
 
     def update_weights(self, model: nn.Module, *, version: int) -> None:
@@ -213,6 +222,7 @@ class HTTPBackend:
         if reported is not None and str(reported) != str(version):
             raise WeightSyncError(f"the server reports weight_version={reported!r} after the update, expected "
                                   f"{version} (answer: {answer})")
+        self._unverified = version if reported is None else None  # an older SGLang: check the next response
         self._version = version
         for old in self._saved:  # the server has loaded the new one: older checkpoints are no longer needed
             shutil.rmtree(old, ignore_errors=True)
@@ -229,9 +239,3 @@ class HTTPBackend:
 
     def _run(self, coro: Coroutine):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-
-def _version_of(info: dict[str, Any]) -> int:
-    """r3rl reports an int; SGLang a string ('default' until an update names one)."""
-    v = info.get("weight_version", 0)
-    return v if isinstance(v, int) else int(v) if isinstance(v, str) and v.isdigit() else 0

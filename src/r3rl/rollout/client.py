@@ -42,6 +42,7 @@ __all__ = [
     "RolloutRequestError",
     "RolloutServerError",
     "decode_generate_output",
+    "weight_version_int",
     "generate_sync",
 ]
 
@@ -310,8 +311,8 @@ def decode_generate_output(
         prompt_ids=list(prompt_ids), response_ids=output_ids,
         rollout_logprobs=[e[0] for e in meta.output_token_logprobs],
         logprob_temperature=meta.logprob_temperature if meta.logprob_temperature is not None else logprob_temperature,
-        trace=trace, finish_reason=meta.finish_reason.type, weight_version=_int_version(meta.weight_version),
-        weight_version_start=_int_version(meta.weight_version_start if meta.weight_version_start is not None
+        trace=trace, finish_reason=meta.finish_reason.type, weight_version=weight_version_int(meta.weight_version),
+        weight_version_start=weight_version_int(meta.weight_version_start if meta.weight_version_start is not None
                                           else meta.weight_version),
         metadata={"rid": meta.id, "weight_version_raw": meta.weight_version, "e2e_latency": meta.e2e_latency},
     ).validate(num_layers=shape.num_layers if shape else None, top_k=shape.top_k if shape else None,
@@ -360,8 +361,9 @@ def _decode_trace(routed: str, fmt: RoutedExpertsFormat | None, shape: ModelShap
                           num_experts=shape.num_experts, sample=index)
 
 
-def _int_version(version: Any) -> int:
-    """r3rl sends an int; SGLang a string ('default' until a weight update sets one)."""
+def weight_version_int(version: Any) -> int:
+    """A weight version as an int: r3rl sends an int; SGLang a string ('default' until a weight update sets one,
+    which counts as 0)."""
     if isinstance(version, int):
         return version
     return int(version) if isinstance(version, str) and version.isdigit() else 0

@@ -48,44 +48,17 @@ import torch
 from transformers import PreTrainedModel
 
 from r3rl.models.loading import load_model, resolve_dtype
-from r3rl.rollout.forward import MoEForward, MoEKernel
+from r3rl.rollout.config import EngineConfig
+from r3rl.rollout.forward import MoEForward
 from r3rl.rollout.graphs import DecodeGraphs, graph_safe, next_power_of_two
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
 from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason
 from r3rl.rollout.sampling import SamplingMode, SlotParams, fold_seed, sample_tokens, vocab_keys
 from r3rl.rollout.weights import check_tensor_names
 
-__all__ = ["EngineConfig", "MoEKernel", "RolloutEngine"]
+__all__ = ["RolloutEngine"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class EngineConfig:
-    max_slots: int = 64
-    """Requests decoded together (KV cache slots)."""
-    max_seq_len: int = 1024
-    """Context per slot: len(prompt) + max_new_tokens must fit."""
-    use_cuda_graph: bool | None = None
-    """Replay decode steps as CUDA graphs; None = on for CUDA devices."""
-    capture_routing: bool = True
-    """Record every token's experts; off holds a no-op capture (no trace is returned)."""
-    batch_invariant: bool | None = None
-    """Row-wise kernels, so a request's tokens do not depend on its batch (slow); None = on for CPU."""
-    prefill_token_budget: int = 16384
-    """Max padded tokens (requests x longest prompt) in one batched prefill."""
-    device: str | torch.device | None = None
-    """Engine device; None = the model's device (a checkpoint path: cuda when available, else cpu)."""
-    dtype: str | torch.dtype | None = None
-    """Engine dtype name ('bfloat16', 'float32'); None = the model's (a checkpoint path: bfloat16 on cuda, else
-    float32)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_slots", "max_seq_len", "prefill_token_budget"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1: got {getattr(self, name)}")
-        if self.dtype is not None:
-            resolve_dtype(self.dtype)  # raises naming the choices, before any model is loaded
 
 
 class RolloutEngine:

@@ -23,15 +23,16 @@ import contextlib
 import json
 import logging
 import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from r3rl.rollout.engine import EngineConfig, RolloutEngine
+from r3rl.rollout.config import TEXT_CHARS_PER_TOKEN, ServerConfig
+from r3rl.rollout.engine import RolloutEngine
 from r3rl.rollout.protocol import (
     EngineRequest,
     ErrorBody,
@@ -45,44 +46,11 @@ from r3rl.rollout.weights import WeightLoadError, load_checkpoint_tensors
 from r3rl.rollout.wire import GenerateBatch, engine_request, generate_response, parse_generate_request, validation_error
 from r3rl.rollout.worker import EngineStepFailed, EngineUnavailable, EngineWorker, RequestAborted
 
-__all__ = ["ServerConfig", "create_app", "serve", "load_tokenizer"]
+__all__ = ["create_app", "serve", "load_tokenizer"]
 
 logger = logging.getLogger("r3rl.rollout.server")
 
-TEXT_CHARS_PER_TOKEN = 16  # `text` longer than max_seq_len * this is rejected before tokenization
 _DISCONNECT_POLL_S = 0.25
-
-
-@dataclass(kw_only=True)
-class ServerConfig:
-    model: str
-    """Local HF checkpoint directory (see `r3rl init-model`)."""
-    host: str = "127.0.0.1"
-    """Interface to bind; 0.0.0.0 exposes the server to the network."""
-    port: int = 30000
-    """TCP port (SGLang's default)."""
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    """The rollout engine: slots, context length, device, dtype (see EngineConfig)."""
-    drain_timeout_s: float = 120.0
-    """On the first SIGTERM/SIGINT, seconds to wait for in-flight requests before exiting anyway."""
-    keep_alive_timeout_s: float = 75.0
-    """Idle keep-alive connections are closed after this. Longer than any client's pool expiry (RolloutClient: 2 s,
-    httpx: 5 s), so a client never sends on a connection the server is closing."""
-    max_body_bytes: int = 64 * 2**20
-    """Larger request bodies are answered 413 without being parsed."""
-    log_level: str = "info"
-    """Python/uvicorn log level."""
-
-    def __post_init__(self) -> None:
-        self.log_level = {"warn": "warning", "fatal": "critical"}.get(self.log_level.lower(), self.log_level.lower())
-        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
-            raise ValueError(f"log_level must be one of critical, error, warning, info, debug, trace: got "
-                             f"{self.log_level!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535]: got {self.port}")
-        for name in ("drain_timeout_s", "keep_alive_timeout_s", "max_body_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0: got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -222,16 +190,13 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
 def serve(config: ServerConfig) -> int:
     """Load the engine and tokenizer, then serve until a signal. Returns the exit code: 0 after a graceful drain,
     128 + signal number when a second signal forced the stop."""
-    import uvicorn
-
     engine = RolloutEngine.from_pretrained(config.model, config.engine)
     app = create_app(config, engine, load_tokenizer(config.model))
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                         access_log=False, timeout_graceful_shutdown=config.drain_timeout_s,
                         timeout_keep_alive=config.keep_alive_timeout_s)
     server = _Server(uv, app.state.r3rl)
-    with _quiet_signals_after_drain():
-        server.run()
+    server.run()
     logger.info("server stopped%s", f" (forced by a second {signal.Signals(server.forced_by).name})"
                 if server.forced_by else "")
     return 128 + server.forced_by if server.forced_by else 0
@@ -256,26 +221,24 @@ def load_tokenizer(path: str):
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
-class _Server:
-    """uvicorn.Server whose second signal aborts the in-flight requests (JSON 503) instead of killing the process
-    mid-step (uvicorn's own force-exit skips the lifespan, and torch threads die with SIGABRT)."""
+class _Server(uvicorn.Server):
+    """uvicorn's server whose second signal aborts the in-flight requests (JSON 503) instead of killing the process
+    mid-step (uvicorn's own force-exit skips the lifespan, and torch threads then die with SIGABRT)."""
 
-    def __new__(cls, uv_config, state: _ServerState):
-        import uvicorn
+    def __init__(self, config: uvicorn.Config, state: _ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.forced_by = 0  # the second signal, if one came
 
-        class Server(uvicorn.Server):
-            forced_by = 0
-
-            def handle_exit(self, sig: int, frame) -> None:
-                if self.should_exit and not self.forced_by:
-                    self.forced_by = sig
-                    logger.warning("second %s: aborting in-flight requests", signal.Signals(sig).name)
-                    if state.loop is not None:
-                        state.loop.call_soon_threadsafe(state.worker.abort_now, f"second {signal.Signals(sig).name}")
-                    return
-                self.should_exit = True
-
-        return Server(uv_config)
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit and not self.forced_by:
+            self.forced_by = sig
+            name = signal.Signals(sig).name
+            logger.warning("second %s: aborting in-flight requests", name)
+            if self.state.loop is not None:  # from the signal handler: let the loop call the worker
+                self.state.loop.call_soon_threadsafe(self.state.worker.abort_now, f"second {name}")
+            return
+        self.should_exit = True  # uvicorn's own handler would also re-raise the signal after the drain: not here
 
 
 def _prepare(state: _ServerState, body: bytes) -> tuple[GenerateBatch, list[EngineRequest]]:
@@ -325,18 +288,3 @@ def _error(status: int, message: str, field: str | None, kind: str = "BadRequest
 def _jsonable(d: dict) -> dict:
     return {k: (_jsonable(v) if isinstance(v, dict) else v if isinstance(v, int | float | str | bool | None)
                 else str(v)) for k, v in d.items()}
-
-
-@contextlib.contextmanager
-def _quiet_signals_after_drain():
-    """uvicorn re-raises the stop signal after its graceful shutdown, into the handlers it found. Let it find
-    no-op handlers, so a drained server logs its last line and exits 0 instead of dying by the signal."""
-    if threading.current_thread() is not threading.main_thread():  # uvicorn handles no signals there either
-        yield
-        return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

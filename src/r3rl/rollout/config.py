@@ -1,0 +1,80 @@
+"""Configuration of the rollout side: the engine and the server. Only cli.py knows argparse; it builds these.
+
+    ServerConfig(model="/tmp/tiny", port=30000, engine=EngineConfig(max_slots=64, max_seq_len=1024))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from r3rl.models.loading import resolve_dtype
+
+__all__ = ["EngineConfig", "ServerConfig", "TEXT_CHARS_PER_TOKEN"]
+
+TEXT_CHARS_PER_TOKEN = 16  # `text` longer than max_seq_len * this is rejected before tokenization
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """The rollout engine (`RolloutEngine(model, config)`)."""
+
+    max_slots: int = 64
+    """Requests decoded together (KV cache slots)."""
+    max_seq_len: int = 1024
+    """Context per slot: len(prompt) + max_new_tokens must fit."""
+    use_cuda_graph: bool | None = None
+    """Replay decode steps as CUDA graphs; None = on for CUDA devices."""
+    capture_routing: bool = True
+    """Record every token's experts; off holds a no-op capture (no trace is returned)."""
+    batch_invariant: bool | None = None
+    """Row-wise kernels, so a request's tokens do not depend on its batch (slow); None = on for CPU."""
+    prefill_token_budget: int = 16384
+    """Max padded tokens (requests x longest prompt) in one batched prefill."""
+    device: str | torch.device | None = None
+    """Engine device; None = the model's device (a checkpoint path: cuda when available, else cpu)."""
+    dtype: str | torch.dtype | None = None
+    """Engine dtype name ('bfloat16', 'float32'); None = the model's (a checkpoint path: bfloat16 on cuda, else
+    float32)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "max_seq_len", "prefill_token_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1: got {getattr(self, name)}")
+        if self.dtype is not None:
+            resolve_dtype(self.dtype)  # raises naming the choices, before any model is loaded
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """`r3rl serve` (`serve(config)`; cli.py maps the flags onto it)."""
+
+    model: str
+    """Local HF checkpoint directory (see `r3rl init-model`)."""
+    host: str = "127.0.0.1"
+    """Interface to bind; 0.0.0.0 exposes the server to the network."""
+    port: int = 30000
+    """TCP port (SGLang's default)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The rollout engine: slots, context length, device, dtype (see EngineConfig)."""
+    drain_timeout_s: float = 120.0
+    """On the first SIGTERM/SIGINT, seconds to wait for in-flight requests before exiting anyway."""
+    keep_alive_timeout_s: float = 75.0
+    """Idle keep-alive connections are closed after this. Longer than any client's pool expiry (RolloutClient: 2 s,
+    httpx: 5 s), so a client never sends on a connection the server is closing."""
+    max_body_bytes: int = 64 * 2**20
+    """Larger request bodies are answered 413 without being parsed."""
+    log_level: str = "info"
+    """Python/uvicorn log level."""
+
+    def __post_init__(self) -> None:
+        self.log_level = {"warn": "warning", "fatal": "critical"}.get(self.log_level.lower(), self.log_level.lower())
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError(f"log_level must be one of critical, error, warning, info, debug, trace: got "
+                             f"{self.log_level!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535]: got {self.port}")
+        for name in ("drain_timeout_s", "keep_alive_timeout_s", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0: got {getattr(self, name)}")
