@@ -226,3 +226,21 @@ def test_global_log_level_is_honoured_by_serve(server_factory):
     srv.stop()
     log = srv.log()
     assert " INFO " not in log and "INFO:" not in log, log[-2000:]
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--port", "99999"], "port"),
+    (["--max-slots", "0"], "max_slots"),
+    (["--dtype", "int8"], "int8"),
+    (["--device", "nope"], "device"),
+    (["--max-body-bytes", "0"], "max_body_bytes"),
+    ([], "config.json"),
+])
+def test_bad_serve_flags_exit_2_before_loading(tmp_path, flags, named):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "r3rl.cli", "serve", "--model", str(tmp_path / "absent"), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

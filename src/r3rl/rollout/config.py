@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,14 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1: got {getattr(self, name)}")
         if self.dtype is not None:
             resolve_dtype(self.dtype)  # raises naming the choices, before any model is loaded
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device must be a torch device such as 'cpu', 'cuda', 'cuda:1': got "
+                                 f"{self.device!r} ({e})") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} needs CUDA, which this machine does not have")
 
 
 @dataclass(kw_only=True)
@@ -78,3 +87,6 @@ class ServerConfig:
         for name in ("drain_timeout_s", "keep_alive_timeout_s", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0: got {getattr(self, name)}")
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model must be a local HF checkpoint directory with a config.json (see `r3rl "
+                             f"init-model`): got {self.model!r}")
