@@ -35,7 +35,7 @@ from torch import nn
 from r3rl.rollout.client import ModelShape, RolloutClient, weight_version_int
 from r3rl.rollout.config import EngineConfig
 from r3rl.rollout.engine import RolloutEngine
-from r3rl.rollout.protocol import EngineOutput, EngineRequest, RoutedExpertsFormat, SamplingParams
+from r3rl.rollout.protocol import MAX_BATCH, EngineOutput, EngineRequest, RoutedExpertsFormat, SamplingParams
 from r3rl.rollout.sampling import group_seed
 from r3rl.rollout.weights import model_tensors
 from r3rl.sample import Sample
@@ -194,8 +194,11 @@ class HTTPBackend:
         plan = group_requests(len(prompts), sampling, n_samples_per_prompt,
                               logprobs_at_temperature=self.logprobs_at_temperature, rng=self._rng)
         rids = [f"c{call}-p{i}-s{j}-{self._rng.getrandbits(32):08x}" for i, j, _ in plan]
-        samples = self._run(self.client.generate([prompts[i] for i, _, _ in plan], [sp for _, _, sp in plan],
-                                                 rids=rids))
+        samples = []
+        for start in range(0, len(plan), MAX_BATCH):  # the server takes at most MAX_BATCH prompts per request
+            part = plan[start : start + MAX_BATCH]
+            samples += self._run(self.client.generate([prompts[i] for i, _, _ in part], [sp for _, _, sp in part],
+                                                      rids=rids[start : start + MAX_BATCH]))
         for (i, j, _), s in zip(plan, samples, strict=True):
             s.metadata.update(prompt_index=i, sample_index=j)
         if self._unverified is not None:
