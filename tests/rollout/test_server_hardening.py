@@ -45,6 +45,7 @@ class HealthProbe:
 
 
 # --- 1. big bodies: bounded, length-checked before per-token work, off the loop that answers /health ------------
+# (before the fix: a 10 MB text body stalled /health for 15-19 s; the thresholds leave room for a busy CI machine)
 @pytest.mark.parametrize(("body", "field"), [
     (b'{"text": "' + b"ab " * 3_500_000 + b'"}', "text"),  # 10.5 MB of text
     (b'{"input_ids": [' + b"1, " * 3_500_000 + b'1]}', "input_ids"),  # 3.5M tokens
@@ -57,8 +58,8 @@ def test_huge_prompts_are_refused_fast_and_health_stays_responsive(server, body,
         elapsed = time.monotonic() - t0
         time.sleep(0.2)
     assert resp.status_code == 400 and resp.json()["error"]["field"] == field, resp.text[:300]
-    assert elapsed < 5, f"refusing a {len(body) >> 20} MB prompt took {elapsed:.1f}s"
-    assert max(probe.latencies) < 1.0, f"/health stalled {max(probe.latencies):.2f}s"
+    assert elapsed < 10, f"refusing a {len(body) >> 20} MB prompt took {elapsed:.1f}s"
+    assert max(probe.latencies) < 2.0, f"/health stalled {max(probe.latencies):.2f}s"
 
 
 def test_bodies_over_the_limit_are_413(server_factory):
@@ -82,7 +83,7 @@ def test_disconnected_clients_requests_are_cancelled(server_factory):
     assert "cancelled 4 requests whose client went away" in srv.log()
     t0 = time.monotonic()
     resp = httpx.post(f"{srv.url}/generate", json={"input_ids": [5], "sampling_params": {"max_new_tokens": 4}})
-    assert resp.status_code == 200 and time.monotonic() - t0 < 2
+    assert resp.status_code == 200 and time.monotonic() - t0 < 5
 
 
 # --- 3. a lone surrogate is a 400 naming the field, and the connection survives ----------------------------------
