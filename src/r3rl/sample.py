@@ -4,8 +4,12 @@ the trainer consumes it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from r3rl.trace import RoutingTrace
+
+if TYPE_CHECKING:  # not at run time: r3rl.rollout imports this module
+    from r3rl.rollout.protocol import FinishReason
 
 __all__ = ["Sample"]
 
@@ -31,8 +35,9 @@ class Sample:
     """Routing of `prompt_ids + response_ids`: `len(tokens) - 1` rows (None when routing was not requested)."""
     reward: float | None = None
     """Task reward, filled by the task after rollout."""
-    finish_reason: str = "length"
-    """'length' or 'stop', as SGLang reports `finish_reason.type`."""
+    finish_reason: FinishReason | str = "length"
+    """Why generation ended: a `FinishReason` from the backends (a StrEnum, equal to 'stop' / 'length', SGLang's
+    `finish_reason.type`)."""
     weight_version_start: int = 0
     """Weight version when the request was admitted into the engine (the version of its prefill)."""
     weight_version: int = 0
