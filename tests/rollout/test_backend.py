@@ -13,6 +13,8 @@ import torch
 from r3rl.models import load_model
 from r3rl.models.presets import make_model
 from r3rl.rollout import EngineBackend, EngineRequest, HTTPBackend, RolloutBackend, RolloutEngine, SamplingParams
+from r3rl.rollout.backend import WeightSyncError
+from r3rl.rollout.client import RolloutRequestError
 from r3rl.rollout.sampling import group_seed
 
 LAYERS, TOP_K, EXPERTS = 4, 4, 16  # tiny-qwen3-moe
@@ -138,6 +140,13 @@ def test_http_backend_syncs_weights_by_disk_end_to_end(server_factory, tiny_mode
         [ref] = EngineBackend(model, max_slots=2, max_seq_len=64, logprobs_at_temperature=True).generate([[3, 3]], warm)
         assert s.logprob_temperature == 0.5 and s.response_ids == ref.response_ids
         np.testing.assert_array_equal(s.rollout_logprobs, ref.rollout_logprobs)
+        with pytest.raises(WeightSyncError, match="weights_dir"):
+            hot.update_weights(model, version=6)
         hot.close()
+
+        other_family = make_model("tiny-mixtral", seed=0)  # another architecture: the server must refuse it
+        with pytest.raises(RolloutRequestError, match="update_weights_from_disk.*(missing|unexpected|mismatched)"):
+            backend.update_weights(other_family, version=6)
+        assert backend.weight_version == 5 and backend.generate([[7, 8, 9]], sampling)[0].weight_version == 5
     finally:
         backend.close()
