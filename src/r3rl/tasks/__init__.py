@@ -1,0 +1,20 @@
+"""Built-in verifiable tasks, reward functions and prompt data loading (see base.py for the response rule)."""
+
+from r3rl.tasks.base import EOS_TEXT, PromptItem, PromptSource, Task, clean_response
+from r3rl.tasks.builtin import BUILTIN_TASKS, AddTask, ReverseTask, SortTask, get_task
+from r3rl.tasks.data import PromptDataset, TaskPromptSource, make_prompt_source
+from r3rl.tasks.rewards import (
+    BUILTIN_REWARDS,
+    exact_match,
+    extract_math_answer,
+    get_reward,
+    load_reward_fn,
+    math_answer_reward,
+    position_match,
+)
+
+__all__ = [
+    "EOS_TEXT", "PromptItem", "PromptSource", "Task", "clean_response", "BUILTIN_TASKS", "AddTask", "ReverseTask",
+    "SortTask", "get_task", "PromptDataset", "TaskPromptSource", "make_prompt_source", "BUILTIN_REWARDS",
+    "exact_match", "extract_math_answer", "get_reward", "load_reward_fn", "math_answer_reward", "position_match",
+]

@@ -1,0 +1,183 @@
+"""Prompt sources with a resumable cursor: `PromptDataset` (a .jsonl or .parquet file) and `TaskPromptSource` (a
+built-in task), so the trainer draws prompts, rewards and supervised targets from both alike.
+
+    source = make_prompt_source(task="reverse", seed=0)                       # built-in task
+    source = make_prompt_source(prompt_data="p.jsonl", reward_fn="math", seed=0)
+    items = source.next_batch(16); r = source.reward(text, items[0])
+    state = source.state_dict()   # plain ints/strings; load_state_dict(state) continues exactly there
+
+Order: a dataset is read in epochs, each a shuffle seeded by (seed, epoch); a batch may span an epoch boundary. A
+task draws item i from an rng seeded by (seed, i), so the stream does not depend on batch sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from r3rl.tasks.base import PromptItem, Task
+from r3rl.tasks.builtin import get_task
+from r3rl.tasks.rewards import get_reward, load_reward_fn
+
+__all__ = ["PromptDataset", "TaskPromptSource", "make_prompt_source"]
+
+RewardFn = Callable[[str, PromptItem], float]
+
+
+class PromptDataset:
+    """Prompts and labels from a file, iterated in seeded shuffled epochs with a resumable cursor."""
+
+    def __init__(self, items: list[PromptItem], *, reward_fn: RewardFn | None = None, seed: int = 0,
+                 name: str = "prompts") -> None:
+        if not items:
+            raise ValueError(f"{name}: no prompts")
+        self.items, self.name, self.seed = items, name, seed
+        self.reward_fn = reward_fn or _label_reward(get_reward("exact_match"))
+        self.epoch, self.pos = 0, 0
+        self._order = self._epoch_order(0)
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, input_key: str = "prompt", label_key: str = "label",
+                  reward_fn: RewardFn | None = None, seed: int = 0) -> PromptDataset:
+        """Read a .jsonl (one JSON object a line; blank lines skipped) or .parquet file. A bad line (not JSON, not an
+        object, a missing key, a non-string value) is a ValueError naming the file and the line (parquet: row + 1)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"prompt data {path}: file not found")
+        if path.suffix == ".jsonl":
+            rows = _read_jsonl(path)
+        elif path.suffix == ".parquet":
+            rows = _read_parquet(path)
+        else:
+            raise ValueError(f"prompt data {path}: expected a .jsonl or .parquet file, got '{path.suffix}'")
+        items = []
+        for line, row in rows:
+            where = f"{path}:{line}"
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            values = []
+            for key, flag in ((input_key, "--input-key"), (label_key, "--label-key")):
+                if key not in row:
+                    raise ValueError(f"{where}: missing key '{key}' ({flag}); keys present: {sorted(row)}")
+                if not isinstance(row[key], str):
+                    raise ValueError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__} "
+                                     f"{row[key]!r}")
+                values.append(row[key])
+            items.append(PromptItem(prompt=values[0], label=values[1], metadata={"source": where}))
+        if not items:
+            raise ValueError(f"prompt data {path}: no prompts in the file")
+        return cls(items, reward_fn=reward_fn, seed=seed, name=str(path))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def next_batch(self, n: int) -> list[PromptItem]:
+        out = []
+        for _ in range(n):
+            if self.pos == len(self.items):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            out.append(self.items[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def reward(self, response: str, item: PromptItem) -> float:
+        return self.reward_fn(response, item)
+
+    def sft_target(self, item: PromptItem) -> str:
+        return item.label
+
+    def state_dict(self) -> dict:
+        return {"kind": "dataset", "name": self.name, "num_items": len(self.items), "seed": self.seed,
+                "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "dataset":
+            raise ValueError(f"{self.name}: the saved prompt cursor is a {state.get('kind')!r} source, not a dataset")
+        if state["num_items"] != len(self.items):
+            raise ValueError(f"{self.name}: the saved cursor is for {state['num_items']} prompts "
+                             f"({state.get('name')}), this file has {len(self.items)}")
+        if not 0 <= state["pos"] <= len(self.items):
+            raise ValueError(f"{self.name}: saved cursor position {state['pos']} outside [0, {len(self.items)}]")
+        self.seed, self.epoch, self.pos = int(state["seed"]), int(state["epoch"]), int(state["pos"])
+        self._order = self._epoch_order(self.epoch)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        random.Random(f"r3rl-prompts/{self.seed}/{epoch}").shuffle(order)
+        return order
+
+
+class TaskPromptSource:
+    """A built-in task behind the `PromptSource` cursor interface: item i comes from an rng seeded by (seed, i)."""
+
+    def __init__(self, task: Task, *, seed: int = 0, reward_fn: RewardFn | None = None) -> None:
+        self.task, self.seed, self.cursor = task, seed, 0
+        self.reward_fn = reward_fn
+
+    def next_batch(self, n: int) -> list[PromptItem]:
+        out = []
+        for i in range(self.cursor, self.cursor + n):
+            (item,) = self.task.sample_prompts(1, random.Random(f"r3rl-task/{self.task.name}/{self.seed}/{i}"))
+            out.append(PromptItem(prompt=item.prompt, label=item.label, metadata={**item.metadata, "index": i}))
+        self.cursor += n
+        return out
+
+    def reward(self, response: str, item: PromptItem) -> float:
+        if self.reward_fn is not None:
+            return self.reward_fn(response, item)
+        return self.task.reward(response, item.label)
+
+    def sft_target(self, item: PromptItem) -> str:
+        return self.task.sft_target(item)
+
+    def state_dict(self) -> dict:
+        return {"kind": "task", "task": self.task.name, "seed": self.seed, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "task" or state.get("task") != self.task.name:
+            raise ValueError(f"task '{self.task.name}': the saved prompt cursor is for "
+                             f"{state.get('kind')!r} {state.get('task', state.get('name'))!r}")
+        if state["cursor"] < 0:
+            raise ValueError(f"task '{self.task.name}': saved cursor {state['cursor']} is negative")
+        self.seed, self.cursor = int(state["seed"]), int(state["cursor"])
+
+
+def make_prompt_source(*, task: str = "reverse", prompt_data: str | None = None, input_key: str = "prompt",
+                       label_key: str = "label", custom_rm_path: str | None = None, reward_fn: str = "exact_match",
+                       seed: int = 0, task_kwargs: dict | None = None):
+    """The trainer's prompt source: `prompt_data` when given (rewarded by `custom_rm_path`, else the built-in
+    `reward_fn` against the label), else the built-in `task` (rewarded by `custom_rm_path`, else its own reward)."""
+    custom = load_reward_fn(custom_rm_path) if custom_rm_path else None
+    if prompt_data is not None:
+        reward = custom or _label_reward(get_reward(reward_fn))
+        return PromptDataset.from_file(prompt_data, input_key=input_key, label_key=label_key, reward_fn=reward,
+                                       seed=seed)
+    return TaskPromptSource(get_task(task, **(task_kwargs or {})), seed=seed, reward_fn=custom)
+
+
+# --- private -------------------------------------------------------------------------------------------------------
+def _label_reward(fn: Callable[[str, str], float]) -> RewardFn:
+    return lambda response, item: fn(response, item.label)
+
+
+def _read_jsonl(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _read_parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError(f"prompt data {path}: reading .parquet needs pyarrow (pip install pyarrow), which is not "
+                         f"installed ({e})") from e
+    return list(enumerate(pq.read_table(path).to_pylist(), 1))
