@@ -116,6 +116,7 @@ def test_http_backend_syncs_weights_by_disk_end_to_end(server_factory, tiny_mode
     backend = HTTPBackend(srv.url, weights_dir=tmp_path / "weights")
     try:
         assert isinstance(backend, RolloutBackend) and backend.weight_version == 0
+        assert backend.model_shape == EngineBackend(load_model(tiny_model_dir), max_slots=1, max_seq_len=8).model_shape
         sampling = SamplingParams(max_new_tokens=6, temperature=1.0, seed=11)
         before = backend.generate([[7, 8, 9], [1, 2]], sampling, n_samples_per_prompt=3)
         assert [s.weight_version for s in before] == [0] * 6

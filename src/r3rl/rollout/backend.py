@@ -188,6 +188,11 @@ class HTTPBackend:
     def weight_version(self) -> int:
         return self._version
 
+    @property
+    def model_shape(self) -> ModelShape:
+        """The served model's MoE shape (r3rl serve reports it; for SGLang, the one given to the constructor)."""
+        return self._run(self.client.model_shape())
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  n_samples_per_prompt: int = 1) -> list[Sample]:
         call = next(self._calls)
