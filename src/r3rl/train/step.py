@@ -80,6 +80,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     mbs = _micro_batches(ctx, samples, [0.0] * len(samples))
     with timer("ref_logprobs"):  # 3
         ref_logp = _ref_logprobs(ctx, mbs) if ctx.ref_model is not None else None
+    ci_diff = _ci_compare_reference(ctx, mbs, ref_logp) if ref_logp is not None and step == 0 and cfg.replay.strict \
+        else None
     with timer("old_logprobs"):  # 4
         train_logp, used, recorded = _old_logprobs(ctx, mbs)
     old_logp = train_logp if cfg.old_logprobs is LogprobSource.TRAIN else _rollout_logprobs(mbs)
@@ -92,6 +94,7 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     with timer("weight_sync"):  # 6
         ctx.rollout.update_weights(ctx.model, version=step + 1)
     metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "solved_frac": (rewards >= 1.0).float().mean().item(),  # full-credit samples (exact match)
                "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
                "lr": ctx.scheduler.get_last_lr()[0], "weight_version": step + 1}
     metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
@@ -99,8 +102,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     per_layer = routing_mismatch_per_layer([s.trace for s in samples], used)
     metrics |= {"routing_mismatch": sum(per_layer) / len(per_layer), "routing_mismatch_per_layer": per_layer}
     metrics |= update | _check_metrics(summary) | timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs))
-    if ref_logp is not None and step == 0 and cfg.replay.strict:
-        metrics["ci_ref_logprob_max_abs_diff"] = _ci_compare_reference(ctx, mbs, ref_logp)
+    if ci_diff is not None:
+        metrics["ci_ref_logprob_max_abs_diff"] = ci_diff
     return metrics
 
 
