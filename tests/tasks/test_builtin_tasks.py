@@ -48,6 +48,17 @@ def test_hand_computed_labels():
     assert AddTask().sample_prompts(1, FixedRng("123459"))[0].label == "572"  # 1+4, 2+5, (3+9) mod 10
     assert AddTask(carry=True).sample_prompts(1, FixedRng("123459"))[0].label == "0582"
     assert ReverseTask(length=2, alphabet="xy").sample_prompts(1, FixedRng("xy"))[0].label == "yx"
+    assert AddTask(digits=2, max_digit=9).sample_prompts(1, FixedRng("7968"))[0].label == "37"  # (7+6)%10, (9+8)%10
+
+
+def test_add_default_digits_never_carry():
+    """Default operand digits are 0..4: the digit-wise sum is the ordinary sum (no wrap-around to learn)."""
+    items = AddTask().sample_prompts(300, random.Random(0))
+    assert {c for it in items for c in it.prompt[4:-1]} == set("01234+")
+    for it in items:
+        a, b = it.prompt[4:-1].split("+")
+        assert int(it.label) == int(a) + int(b)
+    assert {c for it in AddTask(max_digit=9).sample_prompts(300, random.Random(0)) for c in it.prompt} >= set("9")
 
 
 def test_partial_credit_reward():
@@ -64,6 +75,7 @@ def test_partial_credit_reward():
     ("reverse", {"length": 0}, r"length must be an int in \[1, 7\]"),
     ("sort", {"length": 7}, r"length must be an int in \[1, 6\]"),
     ("add", {"digits": 4}, r"digits must be an int in \[1, 3\]"),
+    ("add", {"max_digit": 10}, r"max_digit must be an int in \[1, 9\]"),
     ("reverse", {"alphabet": "aa"}, r"alphabet must be >= 2 distinct"),
     ("reverse", {"alphabet": "a=b"}, r"alphabet must be >= 2 distinct"),
     ("reverse", {"size": 3}, r"task 'reverse': bad parameters"),

@@ -21,14 +21,14 @@ def jsonl(tmp_path):
 def test_jsonl_loads_items_with_source(jsonl):
     ds = PromptDataset.from_file(jsonl)
     assert len(ds) == 7 and isinstance(ds, PromptSource)
-    assert ds.items[2] == PromptItem(prompt="q2=", label="2", metadata={"source": f"{jsonl}:3"})
+    assert ds.items[2] == PromptItem(prompt="q2=", label="2", metadata={"source": f"{jsonl}:3", "fields": {"extra": 2}})
 
 
 def test_custom_keys_and_blank_lines(tmp_path):
     path = _write_jsonl(tmp_path / "k.jsonl", [{"question": "a", "answer": "b"}, "", {"question": "c", "answer": "d"}])
     ds = PromptDataset.from_file(path, input_key="question", label_key="answer")
-    assert [(it.prompt, it.label, it.metadata["source"]) for it in ds.items] == [
-        ("a", "b", f"{path}:1"), ("c", "d", f"{path}:3")]
+    assert [(it.prompt, it.label, it.metadata) for it in ds.items] == [
+        ("a", "b", {"source": f"{path}:1"}), ("c", "d", {"source": f"{path}:3"})]
 
 
 @pytest.mark.parametrize(("bad", "match"), [

@@ -217,7 +217,7 @@ def _log_y(ax, values: list[float]) -> None:
 
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110, format="png")
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)
     return path
 
 

@@ -26,7 +26,8 @@ class PromptItem:
     label: str
     """The reference answer the reward compares against (and the supervised warm-up target)."""
     metadata: dict = field(default_factory=dict)
-    """Where the item came from: {"source": "file.jsonl:LINE"} or {"source": "task:NAME", "index": I}."""
+    """Where the item came from: {"source": "file.jsonl:LINE", "fields": {other keys of the row}} or
+    {"source": "task:NAME", "index": I}."""
 
 
 @runtime_checkable

@@ -4,8 +4,8 @@ right, 0 for an empty response, 1 on an exact match; responses cut at the first 
 
     reverse   "rev:abcd="      -> "dcba"   (length=4, alphabet="abcdef")
     sort      "sort:dbca="     -> "abcd"   (length=4, alphabet="abcdef")
-    add       "add:123+456="   -> "579"    (digits=3, digit-wise: each digit (a_i + b_i) mod 10, no carry;
-                                            carry=True: the ordinary sum, zero-padded to digits + 1)
+    add       "add:123+421="   -> "544"    (digits=3, max_digit=4: digit-wise (a_i + b_i) mod 10, and with digits
+                                            0..4 no pair carries; carry=True: the ordinary sum, digits + 1 long)
 
     task = get_task("reverse", length=5)
     items = task.sample_prompts(8, random.Random(0))
@@ -24,6 +24,7 @@ __all__ = ["ReverseTask", "SortTask", "AddTask", "BUILTIN_TASKS", "get_task"]
 
 MAX_PROMPT_BYTES = 12
 MAX_LABEL_BYTES = 8
+_DIGITS = "0123456789"
 
 
 class _PositionRewardTask:
@@ -88,23 +89,32 @@ class SortTask(_PositionRewardTask):
 
 @dataclass(frozen=True, kw_only=True)
 class AddTask(_PositionRewardTask):
-    """Digit-wise addition of two numbers with `digits` digits: "add:123+459=" -> "572" (no carry), or the
-    ordinary sum zero-padded to digits + 1 with `carry=True` ("add:123+459=" -> "0582")."""
+    """Digit-wise addition of two `digits`-digit numbers: label digit i is (a_i + b_i) mod 10, "add:123+421=" ->
+    "544". By default operand digits are 0..4, so no digit pair carries and the label is also the ordinary sum.
+    `carry=True`: the ordinary sum, zero-padded to digits + 1 ("add:123+459=" -> "0582").
+
+    Why 0..4 by default: (a + b) mod 10 over all digits is uncorrelated with either digit alone, so a tiny model gets
+    no gradient signal from one operand and plateaus at chance (measured: 800 SFT steps, 3 digits, reward 0.11);
+    without the wrap-around each output digit grows with each input digit and it learns."""
 
     digits: int = 3
     """Digits per operand (1..3: the prompt stays within 12 bytes)."""
+    max_digit: int = 4
+    """Operand digits are drawn from 0..max_digit (1..9); <= 4 means no digit pair reaches 10."""
     carry: bool = False
-    """False: each digit is (a_i + b_i) mod 10 (position-local, the easy task); True: the ordinary sum."""
+    """False: label digit i is (a_i + b_i) mod 10; True: the ordinary sum with carries, digits + 1 long."""
     name: str = "add"
 
     def __post_init__(self) -> None:
         _check_size("add", "digits", self.digits, 1, (MAX_PROMPT_BYTES - len("add:+=")) // 2)
+        _check_size("add", "max_digit", self.max_digit, 1, 9)
 
     def sample_prompts(self, n: int, rng: random.Random) -> list[PromptItem]:
+        digits = _DIGITS[: self.max_digit + 1]
         out = []
         for _ in range(n):
-            a = "".join(rng.choice("0123456789") for _ in range(self.digits))
-            b = "".join(rng.choice("0123456789") for _ in range(self.digits))
+            a = "".join(rng.choice(digits) for _ in range(self.digits))
+            b = "".join(rng.choice(digits) for _ in range(self.digits))
             if self.carry:
                 label = str(int(a) + int(b)).zfill(self.digits + 1)
             else:
@@ -114,7 +124,7 @@ class AddTask(_PositionRewardTask):
 
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"reverse": ReverseTask, "sort": SortTask, "add": AddTask}
-"""Built-in tasks by name (`--task`); keyword arguments set the size (length/alphabet, digits/carry)."""
+"""Built-in tasks by name (`--task`); keyword arguments set the size (length/alphabet, digits/max_digit/carry)."""
 
 
 def get_task(name: str, **kwargs) -> Task:

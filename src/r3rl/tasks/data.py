@@ -42,7 +42,9 @@ class PromptDataset:
     def from_file(cls, path: str | Path, *, input_key: str = "prompt", label_key: str = "label",
                   reward_fn: RewardFn | None = None, seed: int = 0) -> PromptDataset:
         """Read a .jsonl (one JSON object a line; blank lines skipped) or .parquet file. A bad line (not JSON, not an
-        object, a missing key, a non-string value) is a ValueError naming the file and the line (parquet: row + 1)."""
+        object, a missing key, a non-string value) is a ValueError naming the file and the line (parquet: row + 1).
+        Each item's metadata holds "source" (FILE:LINE) and, when the row has other keys, "fields" (those keys), which
+        a custom reward can read."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"prompt data {path}: file not found")
@@ -65,7 +67,9 @@ class PromptDataset:
                     raise ValueError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__} "
                                      f"{row[key]!r}")
                 values.append(row[key])
-            items.append(PromptItem(prompt=values[0], label=values[1], metadata={"source": where}))
+            extra = {k: v for k, v in row.items() if k not in (input_key, label_key)}
+            metadata = {"source": where} | ({"fields": extra} if extra else {})  # for custom rewards
+            items.append(PromptItem(prompt=values[0], label=values[1], metadata=metadata))
         if not items:
             raise ValueError(f"prompt data {path}: no prompts in the file")
         return cls(items, reward_fn=reward_fn, seed=seed, name=str(path))
