@@ -113,3 +113,20 @@ def test_bad_config_json(tmp_path):
     (run / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"config.json: not a JSON object"):
         plot_runs([run], tmp_path / "out")
+
+
+def test_reads_what_the_trainers_metrics_writer_writes(tmp_path):
+    """The trainer's own writer (numpy and tensor values included) produces files plot_runs reads."""
+    import numpy as np
+    import torch
+
+    from r3rl.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "run")
+    for s in range(5):
+        writer.write({"step": s, "reward_mean": np.float64(0.1 * s), "train_rollout_k3_kl": torch.tensor(1e-3).item(),
+                      "routing_mismatch": 0.05, "routing_mismatch_per_layer": torch.tensor([0.04, 0.06]),
+                      "r3_check_passed": True})
+    writer.close()
+    names = sorted(p.name for p in plot_runs([tmp_path / "run"], tmp_path / "out"))
+    assert names == ["kl.png", "reward.png", "routing_mismatch.png", "routing_mismatch_heatmap_run.png"]
