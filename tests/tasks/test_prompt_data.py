@@ -154,3 +154,10 @@ def test_make_prompt_source_rewards(jsonl, tmp_path):
     with pytest.raises(ValueError, match=r"unknown task 'nope'"):
         make_prompt_source(task="nope")
     assert make_prompt_source(task="reverse", task_kwargs={"length": 6}).next_batch(1)[0].prompt.startswith("rev:")
+
+
+def test_negative_batch_size_is_an_error(jsonl):
+    for source in (PromptDataset.from_file(jsonl), TaskPromptSource(get_task("add"))):
+        with pytest.raises(ValueError, match=r"n must be an int >= 0, got -1"):
+            source.next_batch(-1)
+        assert source.next_batch(0) == []

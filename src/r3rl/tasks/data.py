@@ -78,6 +78,7 @@ class PromptDataset:
         return len(self.items)
 
     def next_batch(self, n: int) -> list[PromptItem]:
+        _check_batch(n)
         out = []
         for _ in range(n):
             if self.pos == len(self.items):
@@ -122,6 +123,7 @@ class TaskPromptSource:
         self.reward_fn = reward_fn
 
     def next_batch(self, n: int) -> list[PromptItem]:
+        _check_batch(n)
         out = []
         for i in range(self.cursor, self.cursor + n):
             (item,) = self.task.sample_prompts(1, random.Random(f"r3rl-task/{self.task.name}/{self.seed}/{i}"))
@@ -163,6 +165,11 @@ def make_prompt_source(*, task: str = "reverse", prompt_data: str | None = None,
 
 
 # --- private -------------------------------------------------------------------------------------------------------
+def _check_batch(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"next_batch: n must be an int >= 0, got {n!r}")
+
+
 def _label_reward(fn: Callable[[str, str], float]) -> RewardFn:
     return lambda response, item: fn(response, item.label)
 
