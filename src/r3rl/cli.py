@@ -186,7 +186,7 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--eps-clip-high", type=float, default=None, help="DAPO clip-higher (default: --eps-clip)")
     g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip constant (off by default)")
     g.add_argument("--loss-agg-mode", default="token-mean",
-                   choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+                   choices=["token-mean", "seq-mean-token-mean"])
     g.add_argument("--use-kl-loss", action="store_true", help="KL(actor || reference) term in the loss")
     g.add_argument("--kl-loss-type", default="low_var_kl", choices=["k1", "k2", "k3", "low_var_kl"])
     g.add_argument("--kl-loss-coef", type=float, default=0.0)
