@@ -120,16 +120,26 @@ def main(argv: list[str] | None = None) -> int:
             cfg = train_config_from_args(args)
         except ValueError as e:
             parser.error(str(e))
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except (ValueError, FileNotFoundError) as e:  # bad data line, reward spec, checkpoint: one line, exit 2
+            parser.error(str(e))
     if args.command == "plot":
         from r3rl.commands.plot import plot_runs
 
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "plots"
-        for path in plot_runs([Path(d) for d in args.run_dirs], out):
+        try:
+            paths = plot_runs([Path(d) for d in args.run_dirs], out)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
+        for path in paths:
             print(path)
         return 0
     if args.command == "verify-logs":
-        return _verify_logs(args)
+        try:
+            return _verify_logs(args)
+        except ValueError as e:
+            parser.error(str(e))
     raise AssertionError(args.command)
 
 

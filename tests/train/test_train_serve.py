@@ -3,6 +3,7 @@ synced by disk (`/update_weights_from_disk`) after every step, R3 replay and the
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from r3rl.config import ReplayConfig
@@ -12,6 +13,7 @@ from r3rl.train.trainer import Trainer
 
 _spec = importlib.util.spec_from_file_location("rollout_conftest", Path(__file__).parents[1] / "rollout/conftest.py")
 _rollout = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _rollout
 _spec.loader.exec_module(_rollout)  # the rollout tests' server launcher (free port, /health wait, SIGTERM drain)
 
 

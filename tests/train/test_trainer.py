@@ -55,7 +55,8 @@ def test_r3_run_replays_every_step_and_logs_the_evidence(tmp_path, caplog):
 
 def test_injected_shift_fails_with_the_exact_error(tmp_path):
     with pytest.raises(AssertionError, match=r"^R3 mismatch tokens \(\d+\) > threshold \(\d+\.\d\d\)$"):
-        Trainer(small(tmp_path, inject_fault=Fault.SHIFT, num_rollout=1)).run()
+        # a warmed-up policy: at random init adjacent tokens share most experts, and a one-token shift hides
+        Trainer(small(tmp_path, inject_fault=Fault.SHIFT, num_rollout=1, sft_steps=40, sft_batch_size=16)).run()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["verdict"] == "fail" and summary["error"].startswith("R3 mismatch tokens")
 

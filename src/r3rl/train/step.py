@@ -100,7 +100,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
                                      torch.cat([mb.rollout_logp_T for mb in mbs]))
     per_layer = routing_mismatch_per_layer([s.trace for s in samples], used)
-    metrics |= {"routing_mismatch": sum(per_layer) / len(per_layer), "routing_mismatch_per_layer": per_layer}
+    metrics |= {"routing_mismatch": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+                "routing_mismatch_per_layer": per_layer}
     metrics |= update | _check_metrics(summary) | timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs))
     if ci_diff is not None:
         metrics["ci_ref_logprob_max_abs_diff"] = ci_diff

@@ -176,7 +176,7 @@ class Trainer:
             opt.step()
         self.model.eval()
         logger.info("sft warm-up: %d steps in %.1fs, last loss %.4f", cfg.sft_steps, time.perf_counter() - t0,
-                    float(loss) if loss is not None else float("nan"))
+                    loss.item() if loss is not None else float("nan"))
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
