@@ -3,7 +3,7 @@
 set -x
 . bench/gpu_env.sh
 COMMON="--preset probe-qwen3-moe --device cuda --dtype bfloat16 --num-rollout ${STEPS:-8} --rollout-batch-size 16
-  --n-samples-per-prompt 8 --rollout-max-response-len 128 --sft-steps 0 --micro-batch-size 32 --seed 1 --no-progress"
+  --n-samples-per-prompt 8 --rollout-max-response-len 128 --sft-steps 20 --sft-lr 5e-4 --lr 1e-5 --micro-batch-size 32 --seed 1 --no-progress"
 python3 -m r3rl.cli train $COMMON --use-rollout-routing-replay --enable-r3-correctness-check --run-dir /tmp/runs/r3 \
   2>$OUT/r3.log | grep -E '"verdict"|"error"'
 python3 -m r3rl.cli train $COMMON --use-routing-replay --enable-r3-correctness-check --run-dir /tmp/runs/r2 \
@@ -11,4 +11,4 @@ python3 -m r3rl.cli train $COMMON --use-routing-replay --enable-r3-correctness-c
 python3 -m r3rl.cli train $COMMON --run-dir /tmp/runs/none 2>$OUT/none.log | grep -E '"verdict"|"error"'
 python3 -m r3rl.cli verify-logs $OUT/r3.log | grep -E '"verdict"'
 for m in r3 r2 none; do cp /tmp/runs/$m/metrics.jsonl $OUT/metrics_$m.jsonl; done
-python3 bench/bench_train_step.py --preset probe-qwen3-moe --rounds 7 --out $OUT/train_step.json 2>&1 | tail -30
+[ -n "$SKIP_BENCH" ] || python3 bench/bench_train_step.py --preset probe-qwen3-moe --rounds 7 --out $OUT/train_step.json 2>&1 | tail -30
