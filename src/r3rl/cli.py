@@ -211,6 +211,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--mask-high", type=float, default=2.0)
     g.add_argument("--correction-level", default="token", choices=["token", "sequence"],
                    help="TIS/mask per token or per sequence")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-interval", type=int, default=10,
+                   help="greedy evaluation on held-out prompts every N steps and after the last (0: off)")
+    g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
     g = p.add_argument_group("outputs")
     g.add_argument("--run-dir", default="runs/r3rl", help="metrics.jsonl, summary.json, TensorBoard, config")
     g.add_argument("--save", default=None, help="checkpoint directory (HF safetensors + trainer state)")
@@ -270,7 +274,7 @@ def train_config_from_args(args: argparse.Namespace):
         grpo_std_normalization=not args.disable_grpo_std_normalization, kl_coef=args.kl_coef,
         sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr, run_dir=args.run_dir,
         save=args.save, save_interval=args.save_interval, load=args.load, inject_fault=Fault(args.inject_fault),
-        progress=not args.no_progress,
+        progress=not args.no_progress, eval_interval=args.eval_interval or None, eval_prompts=args.eval_prompts,
     )
 
 

@@ -83,8 +83,10 @@ def test_resume_gives_the_same_metrics_as_the_uninterrupted_run(tmp_path):
     a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
     assert [r["step"] for r in b] == [0, 1, 2, 3]
     for ra, rb in zip(a, b, strict=True):
-        timeless = lambda r: {k: v for k, v in r.items() if not k.startswith("time/") and k != "update_tokens_per_s"}
-        assert timeless(ra) == timeless(rb), ra["step"]
+        # the 2-step run evaluates after its last step (1) where the 4-step run does not: compare shared keys
+        keys = {k for k in ra.keys() & rb.keys() if not k.startswith("time/") and k != "update_tokens_per_s"}
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}, ra["step"]
+        assert len(keys) > 20
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "step_000004"
     from transformers import AutoModelForCausalLM

@@ -93,6 +93,11 @@ class TrainConfig:
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
 
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    eval_interval: int | None = 10
+    """Greedy evaluation on `eval_prompts` held-out prompts every this many steps (and after the last); None: off."""
+    eval_prompts: int = 64
+
     # --- outputs ------------------------------------------------------------------------------------------------
     run_dir: str = "runs/r3rl"
     """Everything the run writes: config.json, metrics.jsonl, summary.json, TensorBoard events, plots."""
@@ -129,6 +134,9 @@ class TrainConfig:
         ):
             raise ValueError(f"global_batch_size must divide rollout_batch_size * n_samples_per_prompt = "
                              f"{self.num_samples}: got {self.global_batch_size}")
+        if self.eval_interval is not None and (self.eval_interval < 1 or self.eval_prompts < 1):
+            raise ValueError(f"eval_interval and eval_prompts must be >= 1: got {self.eval_interval}, "
+                             f"{self.eval_prompts}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"save_interval must be >= 1: got {self.save_interval}")
         if self.inject_fault is not Fault.NONE and not self.replay.check_enabled:

@@ -97,6 +97,8 @@ class Trainer:
             with _Progress(cfg.num_rollout, self.start_step, enabled=cfg.progress) as progress:
                 for step in range(self.start_step, cfg.num_rollout):
                     metrics = rl_step(self.ctx, step)
+                    if cfg.eval_interval and (step % cfg.eval_interval == 0 or step + 1 == cfg.num_rollout):
+                        metrics |= self.evaluate()
                     writer.write(metrics)
                     summary.add(metrics)
                     progress.update(metrics)
@@ -114,6 +116,23 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
             self.close()
         return result
+
+    def evaluate(self) -> dict:
+        """Greedy decoding of a fixed held-out prompt set with the current weights: `eval_reward`, `eval_solved_frac`
+        (the sampled rollouts' reward is noisier: temperature sampling over the whole vocabulary)."""
+        from r3rl.rollout.protocol import SamplingParams
+
+        cfg = self.cfg
+        source = _prompt_source(cfg, seed=cfg.seed + 104729)  # the same prompts at every evaluation, and on resume
+        items = source.next_batch(cfg.eval_prompts)
+        prompts = [self.tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
+        samples = self.rollout.generate(prompts, SamplingParams(
+            max_new_tokens=cfg.rollout_max_response_len, temperature=0.0, stop_token_ids=_stop_ids(self.tokenizer),
+            seed=0))
+        rewards = [float(source.reward(self.tokenizer.decode(s.response_ids, skip_special_tokens=True), it))
+                   for s, it in zip(samples, items, strict=True)]
+        return {"eval_reward": sum(rewards) / len(rewards),
+                "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
 
     def save(self, step: int) -> Path:
         state = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -229,7 +248,7 @@ def _config_dict(cfg: TrainConfig) -> dict:
 
 
 def _brief(m: dict) -> str:
-    keys = ("reward_mean", "response_len_mean", "routing_mismatch", "train_rollout_k3_kl",
+    keys = ("reward_mean", "eval_solved_frac", "response_len_mean", "routing_mismatch", "train_rollout_k3_kl",
             "train_rollout_logprob_abs_diff", "r3_check_mismatch", "grad_norm", "time/step")
     return " ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
 
