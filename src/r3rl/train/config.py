@@ -66,7 +66,7 @@ class TrainConfig:
     """In-process engine: sequences decoded together."""
 
     # --- update -------------------------------------------------------------------------------------------------
-    num_rollout: int = 60
+    num_rollout: int = 100
     """RL steps (one rollout each)."""
     global_batch_size: int | None = None
     """Samples per optimizer step; None: the whole rollout (rollout_batch_size * n_samples_per_prompt)."""
@@ -75,7 +75,7 @@ class TrainConfig:
     max_tokens_per_mb: int | None = None
     """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size."""
     layout: Layout = Layout.PACKED
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
