@@ -38,11 +38,36 @@ def load_model(
     kwargs = {"dtype": resolve_dtype(dtype), "local_files_only": True}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as e:  # truncated, empty or junk safetensors (SafetensorError); a broken config
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        raise CheckpointError(f"cannot load the checkpoint {str(path)!r} (weight files {files}): "
+                              f"{type(e).__name__}: {e}") from None
+    check_loading_info(f"checkpoint {str(path)!r}", info)
+    model = model.to(device)
     sites = find_routers(model)
     logger.info("loaded %s from %s: %d MoE layers, %d experts, top-%d", type(model).__name__, path, len(sites),
                 sites[0].num_experts, sites[0].top_k)
     return model.eval()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not hold exactly the model's weights, or cannot be read; the message names them."""
+
+
+def check_loading_info(where: str, info: dict) -> None:
+    """Refuse what transformers only reports: missing tensors (it would initialise them at random), unexpected ones
+    and shape mismatches. `info` is `from_pretrained(..., output_loading_info=True)`'s second value."""
+    parts = []
+    for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                      ("shape-mismatched", "mismatched_keys")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key, []) or [])
+        if names:
+            parts.append(f"{kind} {names[:8]}{' ...' if len(names) > 8 else ''} ({len(names)})")
+    if parts:
+        raise CheckpointError(f"{where} does not hold exactly the model's weights: {'; '.join(parts)} (a missing "
+                              "tensor would be initialised at random and trained or served silently)")
 
 
 def cache_kwargs(model: PreTrainedModel, cache) -> dict:
