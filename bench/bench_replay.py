@@ -30,7 +30,7 @@ from r3rl.models import find_routers
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model
 from r3rl.replay import RoutingReplay
-from r3rl.trace import layout_padded
+from r3rl.train.data import layout_padded
 
 
 def main() -> None:

@@ -335,7 +335,8 @@ def test_off_between_forward_and_backward_is_an_error_and_no_false_alarm_after(q
 
 def test_int16_trace_path_with_more_than_255_experts():
     from r3rl.models.presets import make_model
-    from r3rl.trace import RoutingTrace, layout_padded
+    from r3rl.trace import RoutingTrace
+    from r3rl.train.data import layout_padded
 
     model = make_model("tiny-qwen3-moe", num_experts=300, num_experts_per_tok=4)
     tokens = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -366,7 +367,8 @@ def test_router_subclass_keeps_its_adapter(qwen3_model):
 def test_all_pad_rows_take_the_live_top_k_shortcut_with_the_same_result(qwen3_model, tokens):
     import dataclasses
 
-    from r3rl.trace import RoutingTrace, layout_padded
+    from r3rl.trace import RoutingTrace
+    from r3rl.train.data import layout_padded
 
     replay = RoutingReplay(qwen3_model)
     B, S = tokens.shape

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from r3rl.trace import ReplayBatch, RoutingTrace, TraceError, compact_dtype, layout_packed, layout_padded
+from r3rl.trace import ReplayBatch, RoutingTrace, TraceError, compact_dtype
+from r3rl.train.data import layout_packed, layout_padded
 
 
 def _random_trace(rows=7, layers=3, k=4, experts=16, seed=0):

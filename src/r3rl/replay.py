@@ -324,9 +324,10 @@ class RoutingReplay:
             if entries:
                 raise RoutingReplayError(
                     f"a forward under an earlier replay() context has not run its backward yet ({len(entries)} router "
-                    f"call(s) pending at MoE layer {layer}): its activation-checkpoint recompute would run under the new "
-                    "batch and replay the wrong routing. Run each micro-batch's backward inside its own "
-                    "`with replay.replay(batch):` (or drop the loss you will not backpropagate), or checkpoint with "
+                    f"call(s) pending at MoE layer {layer}): its activation-checkpoint recompute would run under the "
+                    "new batch and replay the wrong routing. Run each micro-batch's backward inside its own "
+                    "`with replay.replay(batch):` (or drop the loss you will not backpropagate), or checkpoint "
+                    "with "
                     "context_fn=replay.checkpoint_context_fn, which replays every recompute with its own batch."
                 )
 

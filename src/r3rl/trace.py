@@ -12,13 +12,14 @@ Codecs:
   - vLLM: `prompt_routed_experts` + `routed_experts`, int16 arrays `[n, layers, top_k]`.
   - compact bytes: a 24-byte header (magic, version, dtype, rows, layers, top_k, num_experts) + raw ids.
 
-Batch layout for a training forward (`layout_padded`, `layout_packed`) produces a `ReplayBatch`: int64 ids
-`[N, layers, top_k]` in the forward's flattened token order, with pad rows where no trace row exists.
+A `ReplayBatch` holds int64 ids `[N, layers, top_k]` in a forward's flattened token order, with pad rows where no
+trace row exists; the trainer's data module lays traces out into one (`r3rl.train.data.layout_padded`,
+`layout_packed`).
 
 Example:
     trace = RoutingTrace.from_sglang(meta["routed_experts"], num_tokens=len(ids), num_layers=48, top_k=8,
                                      num_experts=128)
-    batch = layout_padded([trace], seq_len=len(ids))
+    batch = r3rl.train.data.layout_padded([trace], seq_len=len(ids))
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ __all__ = [
     "ReplayBatch",
     "compact_dtype",
     "pad_value_for",
-    "layout_padded",
-    "layout_packed",
+    "has_partial_rows",
 ]
 
 _MAGIC = b"R3TR"
@@ -350,7 +350,7 @@ class ReplayBatch:
                 f"replay batch id out of range [0, {self.num_experts}) and not the pad {self.pad_value}: "
                 f"got={int(ids[row, layer, slot])} at row={row} layer={layer} slot={slot}"
             )
-        return has_pad or bool(is_pad.any()), self.partial_pad and _has_partial_rows(is_pad)
+        return has_pad or bool(is_pad.any()), self.partial_pad and has_partial_rows(is_pad)
 
     def narrow(self, start: int, length: int) -> ReplayBatch:
         """Rows `[start, start + length)`: the micro-batch of a packed layout, or of a flattened padded one."""
@@ -366,75 +366,11 @@ class ReplayBatch:
                    partial_pad=pad_value is not None)
 
 
-def layout_padded(
-    traces: Sequence[RoutingTrace],
-    seq_len: int,
-    *,
-    lengths: Sequence[int] | None = None,
-    left_pad: Sequence[int] | None = None,
-) -> ReplayBatch:
-    """Lay out traces for a padded `[B, seq_len]` forward, flattened to `[B * seq_len, L, K]`.
-
-    Sample b's row i lands at position `left_pad[b] + i`. Positions without a row (padding, and the last token of
-    each sample) are pad rows; replay lets the live router choose there. With `lengths` (tokens per sample), each
-    trace is validated against its sample: `rows == lengths[b] - 1`.
-    """
-    num_layers, top_k, num_experts = _common_shape(traces)
-    for name, seq in (("lengths", lengths), ("left_pad", left_pad)):
-        if seq is not None and len(seq) != len(traces):
-            raise TraceError(f"padded layout needs one {name} entry per trace: got {len(seq)}, expected {len(traces)}")
-    pad = pad_value_for(num_experts)
-    out = np.full((len(traces), seq_len, num_layers, top_k), pad, dtype=compact_dtype(num_experts))
-    for b, trace in enumerate(traces):
-        if lengths is not None:
-            trace.validate(num_tokens=lengths[b], sample=b)
-        start = 0 if left_pad is None else left_pad[b]
-        if start + trace.num_rows + 1 > seq_len:
-            raise TraceError(
-                f"sample does not fit the padded forward (sample {b}): left_pad={start} + tokens={trace.num_rows + 1}"
-                f" > seq_len={seq_len}"
-            )
-        out[b, start : start + trace.num_rows] = trace.expert_ids
-    # Every sample's last token has no row, so a padded layout always has pad rows.
-    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts, validated=True,
-                       partial_pad=any(_has_partial_rows(t.pad_mask()) for t in traces))
-
-
-def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> ReplayBatch:
-    """Lay out traces for a packed forward: sample b occupies `lengths[b]` consecutive tokens (`rows + 1`)."""
-    num_layers, top_k, num_experts = _common_shape(traces)
-    pad = pad_value_for(num_experts)
-    if len(lengths) != len(traces):
-        raise TraceError(f"packed layout needs one length per trace: got {len(lengths)} lengths, {len(traces)} traces")
-    dtype = compact_dtype(num_experts)
-    chunks = []
-    for b, (trace, n) in enumerate(zip(traces, lengths, strict=True)):
-        trace.validate(num_tokens=n, sample=b)
-        chunks.append(trace.expert_ids)
-        chunks.append(np.full((1, num_layers, top_k), pad, dtype=dtype))  # the last token has no row
-    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts, validated=True,
-                       partial_pad=any(_has_partial_rows(t.pad_mask()) for t in traces))
-
-
 # --- private helpers ------------------------------------------------------------------------------------------------
-def _has_partial_rows(is_pad) -> bool:
+def has_partial_rows(is_pad) -> bool:
     """Any (row, layer) with some but not all slots padded (numpy or torch bool `[rows, layers, k]`)."""
     return bool((is_pad.any(-1) & ~is_pad.all(-1)).any()) if is_pad.shape[0] else False
 
 
 def _where(sample: int | str | None) -> str:
     return "" if sample is None else f" (sample {sample})"
-
-
-def _common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:
-    if not traces:
-        raise TraceError("cannot lay out an empty list of traces")
-    first = traces[0]
-    for b, t in enumerate(traces):
-        if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
-            raise TraceError(
-                f"traces in one batch disagree (sample {b}): got (layers, top_k, experts)="
-                f"{(t.num_layers, t.top_k, t.num_experts)}, "
-                f"expected={(first.num_layers, first.top_k, first.num_experts)}"
-            )
-    return first.num_layers, first.top_k, first.num_experts

@@ -22,7 +22,8 @@ from r3rl.replay import RoutingReplay
 from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
 from r3rl.rollout.forward import MoEKernel
 from r3rl.rollout.graphs import batch_buckets
-from r3rl.trace import RoutingTrace, layout_padded
+from r3rl.trace import RoutingTrace
+from r3rl.train.data import layout_padded
 
 FAMILIES = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe"]
 # float32 on both sides, different kernels (fused qkv, row-wise matmuls, own attention, gathered experts): observed

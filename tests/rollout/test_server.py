@@ -25,7 +25,8 @@ from r3rl.check import ReplayCheck
 from r3rl.models import load_model
 from r3rl.replay import RoutingReplay
 from r3rl.rollout.client import ModelShape, RolloutClient, RolloutRequestError, RolloutServerError
-from r3rl.trace import RoutingTrace, layout_padded
+from r3rl.trace import RoutingTrace
+from r3rl.train.data import layout_padded
 
 LAYERS, TOP_K, EXPERTS, VOCAB = 4, 4, 16, 320  # tiny-qwen3-moe
 MAX_SEQ_LEN = 256  # the `server` fixture's --max-seq-len

@@ -97,3 +97,12 @@ def test_bad_inputs_name_the_sample():
         make_micro_batches([good, bad], advantages=[0.0, 0.0], micro_batch_size=2)
     with pytest.raises(ValueError, match="one advantage per sample"):
         make_micro_batches([good], advantages=[], micro_batch_size=1)
+
+
+def test_layout_padded_refuses_a_negative_left_pad():
+    from r3rl.trace import RoutingTrace, TraceError
+    from r3rl.train.data import layout_padded
+
+    trace = RoutingTrace.from_ids([[[0, 1]]], 4)
+    with pytest.raises(TraceError, match="left_pad must be >= 0 \\(sample 0\\): got -1"):
+        layout_padded([trace], seq_len=4, left_pad=[-1])

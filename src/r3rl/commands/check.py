@@ -35,7 +35,8 @@ from r3rl.models.loading import cache_kwargs, set_activation_checkpointing
 from r3rl.models.presets import make_model
 from r3rl.replay import RoutingReplay
 from r3rl.sample import Sample
-from r3rl.trace import ReplayBatch, RoutingTrace, layout_padded
+from r3rl.trace import ReplayBatch, RoutingTrace
+from r3rl.train.data import layout_padded
 
 __all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_hf_kv_cache"]
 

@@ -27,12 +27,13 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from r3rl.sample import Sample
-from r3rl.trace import ReplayBatch, RoutingTrace, layout_packed, layout_padded
+from r3rl.trace import ReplayBatch, RoutingTrace, TraceError, compact_dtype, has_partial_rows, pad_value_for
 
-__all__ = ["Layout", "MicroBatch", "make_micro_batches", "token_logprobs"]
+__all__ = ["Layout", "MicroBatch", "make_micro_batches", "token_logprobs", "layout_padded", "layout_packed"]
 
 
 class Layout(enum.StrEnum):
@@ -153,6 +154,73 @@ def token_logprobs(logits_TV: torch.Tensor, target_ids_T: torch.Tensor, temperat
     if temperature != 1.0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, target_ids_T[:, None]).squeeze(-1)
+
+
+# --- trace layouts: the ReplayBatch of one forward ---------------------------------------------------------------
+def layout_padded(
+    traces: Sequence[RoutingTrace],
+    seq_len: int,
+    *,
+    lengths: Sequence[int] | None = None,
+    left_pad: Sequence[int] | None = None,
+) -> ReplayBatch:
+    """Lay out traces for a padded `[B, seq_len]` forward, flattened to `[B * seq_len, L, K]`.
+
+    Sample b's row i lands at position `left_pad[b] + i`. Positions without a row (padding, and the last token of
+    each sample) are pad rows; replay lets the live router choose there. With `lengths` (tokens per sample), each
+    trace is validated against its sample: `rows == lengths[b] - 1`.
+    """
+    num_layers, top_k, num_experts = _common_shape(traces)
+    for name, seq in (("lengths", lengths), ("left_pad", left_pad)):
+        if seq is not None and len(seq) != len(traces):
+            raise TraceError(f"padded layout needs one {name} entry per trace: got {len(seq)}, expected {len(traces)}")
+    pad = pad_value_for(num_experts)
+    out = np.full((len(traces), seq_len, num_layers, top_k), pad, dtype=compact_dtype(num_experts))
+    for b, trace in enumerate(traces):
+        if lengths is not None:
+            trace.validate(num_tokens=lengths[b], sample=b)
+        start = 0 if left_pad is None else left_pad[b]
+        if start < 0:
+            raise TraceError(f"left_pad must be >= 0 (sample {b}): got {start}")
+        if start + trace.num_rows + 1 > seq_len:
+            raise TraceError(
+                f"sample does not fit the padded forward (sample {b}): left_pad={start} + tokens={trace.num_rows + 1}"
+                f" > seq_len={seq_len}"
+            )
+        out[b, start : start + trace.num_rows] = trace.expert_ids
+    # Every sample's last token has no row, so a padded layout always has pad rows.
+    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts, validated=True,
+                       partial_pad=any(has_partial_rows(t.pad_mask()) for t in traces))
+
+
+def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> ReplayBatch:
+    """Lay out traces for a packed forward: sample b occupies `lengths[b]` consecutive tokens (`rows + 1`)."""
+    num_layers, top_k, num_experts = _common_shape(traces)
+    pad = pad_value_for(num_experts)
+    if len(lengths) != len(traces):
+        raise TraceError(f"packed layout needs one length per trace: got {len(lengths)} lengths, {len(traces)} traces")
+    dtype = compact_dtype(num_experts)
+    chunks = []
+    for b, (trace, n) in enumerate(zip(traces, lengths, strict=True)):
+        trace.validate(num_tokens=n, sample=b)
+        chunks.append(trace.expert_ids)
+        chunks.append(np.full((1, num_layers, top_k), pad, dtype=dtype))  # the last token has no row
+    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts, validated=True,
+                       partial_pad=any(has_partial_rows(t.pad_mask()) for t in traces))
+
+
+def _common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:
+    if not traces:
+        raise TraceError("cannot lay out an empty list of traces")
+    first = traces[0]
+    for b, t in enumerate(traces):
+        if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
+            raise TraceError(
+                f"traces in one batch disagree (sample {b}): got (layers, top_k, experts)="
+                f"{(t.num_layers, t.top_k, t.num_experts)}, "
+                f"expected={(first.num_layers, first.top_k, first.num_experts)}"
+            )
+    return first.num_layers, first.top_k, first.num_experts
 
 
 # --- private ------------------------------------------------------------------------------------------------------

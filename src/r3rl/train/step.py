@@ -190,7 +190,8 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded)
             totals["loss"] += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         if not math.isfinite(float(grad_norm)):
-            raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at optimizer step {start // per_opt}")
+            raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at optimizer step "
+                                     f"{start // per_opt}")
         ctx.optimizer.step()
         ctx.scheduler.step()
         totals["grad_norm"] += float(grad_norm)
