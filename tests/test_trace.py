@@ -188,3 +188,19 @@ def test_uint8_batch_with_minus_one_pad_is_checked_as_the_device_sees_it():
     ids = torch.tensor([[[0, 255]]], dtype=torch.uint8)
     with pytest.raises(TraceError, match="not the pad -1: got=255"):
         ReplayBatch(ids, -1, True, num_experts=16).to("cpu")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: RoutingTrace.from_vllm(np.full((2, 3, 4), 1.5), None, num_experts=16),
+     "must hold integer expert ids.*float64"),
+    (lambda: RoutingTrace.from_sglang(_random_trace(layers=3).to_sglang(), num_layers=3, top_k=4, num_experts=16,
+                                      layers=[0, 0]), "must be distinct.*duplicates \\[0\\]"),
+    (lambda: RoutingTrace.from_ids(np.zeros((2, 3, 0), dtype=np.int64), 16), "top_k >= 1.*got shape=\\(2, 3, 0\\)"),
+    (lambda: RoutingTrace.from_ids(np.zeros((2, 0, 4), dtype=np.int64), 16), "at least one layer"),
+    (lambda: RoutingTrace.from_ids([[[1, 2]], [[1, 2, 3]]], 16), "ragged list"),
+    (lambda: RoutingTrace.from_ids(np.array([[["a", "b"]]]), 16), "strings or objects"),
+    (lambda: RoutingTrace.from_bytes("R3TR..."), "must be bytes.*got str"),
+])
+def test_bad_trace_inputs_raise_trace_error_with_got_and_expected(make, message):
+    with pytest.raises(TraceError, match=message):
+        make()

@@ -83,12 +83,15 @@ class RoutingTrace:
         -1 marks a pad slot. 255 is a pad only in an input that is already uint8 (the compact form); in any wider
         integer input with fewer than 255 experts it is an out-of-range id.
         """
-        arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         where = _where(sample)
+        arr = _as_array(ids, where)
         if arr.ndim != 3:
             raise TraceError(f"trace must be [rows, layers, top_k]{where}: got shape={tuple(arr.shape)}")
         if not np.issubdtype(arr.dtype, np.integer):
             raise TraceError(f"trace ids must be integers{where}: got dtype={arr.dtype}")
+        if arr.shape[1] == 0 or arr.shape[2] == 0:
+            raise TraceError(f"trace must have at least one layer and top_k >= 1{where}: got shape={tuple(arr.shape)}"
+                             f", expected [rows, layers >= 1, top_k >= 1]")
         dtype = compact_dtype(num_experts)
         pad = pad_value_for(num_experts)
         wide = arr.astype(np.int64)
@@ -228,6 +231,10 @@ class RoutingTrace:
             bad = [i for i in layers if not 0 <= i < num_layers]
             if bad:
                 raise TraceError(f"MoE layer indices out of range [0, {num_layers}){where}: got={bad}")
+            dup = sorted({i for i in layers if list(layers).count(i) > 1})
+            if dup:
+                raise TraceError(f"MoE layer indices must be distinct{where}: got duplicates {dup} in layers="
+                                 f"{list(layers)}")
             ids = ids[:, list(layers)]
         return cls.from_ids(ids, num_experts, sample=sample)
 
@@ -242,7 +249,15 @@ class RoutingTrace:
     def from_vllm(
         cls, prompt_routed_experts, routed_experts, *, num_experts: int, sample: int | str | None = None
     ) -> RoutingTrace:
-        parts = [np.asarray(p, dtype=np.int64) for p in (prompt_routed_experts, routed_experts) if p is not None]
+        parts = []
+        for name, p in (("prompt_routed_experts", prompt_routed_experts), ("routed_experts", routed_experts)):
+            if p is None:
+                continue
+            arr = _as_array(p, f" ({name}){_where(sample)}")
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise TraceError(f"vLLM {name} must hold integer expert ids{_where(sample)}: got dtype={arr.dtype}, "
+                                 "expected int16/int32 (floats would be truncated)")
+            parts.append(arr.astype(np.int64))
         if not parts:
             raise TraceError(f"vLLM trace has neither prompt_routed_experts nor routed_experts{_where(sample)}")
         shapes = {p.shape[1:] for p in parts if p.ndim == 3}
@@ -263,6 +278,9 @@ class RoutingTrace:
     @classmethod
     def from_bytes(cls, data: bytes, *, sample: int | str | None = None) -> RoutingTrace:
         where = _where(sample)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TraceError(f"compact trace must be bytes{where}: got {type(data).__name__} (a str is not the compact "
+                             "form; SGLang's base64 string goes to from_sglang)")
         if len(data) < _HEADER.size:
             raise TraceError(f"compact trace is shorter than its {_HEADER.size}-byte header{where}: got={len(data)}")
         magic, version, code, rows, layers, top_k, num_experts = _HEADER.unpack_from(data)
@@ -370,6 +388,21 @@ class ReplayBatch:
 def has_partial_rows(is_pad) -> bool:
     """Any (row, layer) with some but not all slots padded (numpy or torch bool `[rows, layers, k]`)."""
     return bool((is_pad.any(-1) & ~is_pad.all(-1)).any()) if is_pad.shape[0] else False
+
+
+def _as_array(ids, where: str) -> np.ndarray:
+    """ids as a numpy array, with a TraceError (not numpy's) for ragged nesting and strings."""
+    if isinstance(ids, torch.Tensor):
+        return ids.detach().cpu().numpy()
+    try:
+        arr = np.asarray(ids)
+    except ValueError as e:  # ragged nesting
+        raise TraceError(f"trace must be a rectangular [rows, layers, top_k] array{where}: got a ragged list "
+                         f"({e})") from None
+    if arr.dtype.kind in "USO":
+        raise TraceError(f"trace ids must be integers{where}: got an array of {arr.dtype} (strings or objects), "
+                         "expected integers")
+    return arr
 
 
 def _where(sample: int | str | None) -> str:
