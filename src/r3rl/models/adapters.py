@@ -39,6 +39,10 @@ __all__ = [
 _ROUTER_NAME = re.compile(r"(Router|MoeGate|MoEGate|TopkGate|TopKGate)$")
 
 
+class RouterOrderError(RuntimeError):
+    """The routers of a model were not found in decoder-layer order, so trace layer l would not be MoE layer l."""
+
+
 class UnsupportedRouterError(TypeError):
     """The model has an MoE router class that no r3rl adapter supports."""
 
@@ -181,7 +185,8 @@ def _looks_like_router(module: nn.Module) -> bool:
 def _check_layer_order(sites: list[RouterSite]) -> None:
     layer_numbers = [s.decoder_layer for s in sites if s.decoder_layer is not None]
     if len(layer_numbers) == len(sites) and layer_numbers != sorted(layer_numbers):
-        raise AssertionError(f"routers not discovered in layer order: {[s.name for s in sites]}")
+        raise RouterOrderError(f"routers must be found in decoder-layer order (the trace's layer axis follows it): got "
+                               f"decoder layers {layer_numbers} for {[s.name for s in sites]}")
 
 
 def load_known_router_classes() -> list[type]:

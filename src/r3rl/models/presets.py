@@ -111,9 +111,12 @@ def make_model(
     `overrides` replace config fields (e.g. `num_experts=300` for the int16 trace path).
     """
     config = make_config(preset, **overrides)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dev = torch.device(device)
+    # A private RNG stream: the caller's global RNG state is the same after this call as before it.
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with dev:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _peak_routers(model, seed)
     return model.eval()
 
