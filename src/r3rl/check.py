@@ -119,6 +119,14 @@ class ReplayCheck:
         self.last_summary: CheckSummary | None = None
 
     # --- hot path (device only, no sync) -------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> ReplayCheck:
+        """Keep the counters on `device` (the model's): every rank's counters are then all-reducible, also a rank's
+        that observed nothing. RoutingReplay calls it when a replay() context opens."""
+        device = torch.device(device)
+        if self.counters.device != device:
+            self.counters, self._ones = self.counters.to(device), self._ones.to(device)
+        return self
+
     def observe(
         self,
         stage: Stage,

@@ -184,6 +184,8 @@ class RoutingReplay:
             self._model_checkpoints = self._checkpointing_enabled()
             self._batch = batch.to(device)
             self._recording = capture
+            if self.check is not None:
+                self.check.to(device)  # counters on the model's device before any call: all-reducible on every rank
             try:
                 yield
             finally:
