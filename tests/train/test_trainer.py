@@ -92,3 +92,19 @@ def test_resume_gives_the_same_metrics_as_the_uninterrupted_run(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(ckpt / "step_000004")  # an HF checkpoint, as r3rl serve loads it
+
+
+def test_kl_tis_gspo_padded_and_several_optimizer_steps_run_together(tmp_path):
+    from r3rl.train.data import Layout
+    from r3rl.train.losses import AdvantageEstimator, LossConfig
+
+    loss = LossConfig(advantage_estimator=AdvantageEstimator.GSPO, use_kl_loss=True, kl_loss_coef=0.1, use_tis=True,
+                      rollout_mask=True)
+    cfg = small(tmp_path, num_rollout=2, loss=loss, kl_coef=0.05, layout=Layout.PADDED, global_batch_size=8,
+                micro_batch_size=3)
+    assert Trainer(cfg).run()["verdict"] == "pass"
+    rows = _metrics(tmp_path / "run")
+    for r in rows:
+        assert r["optimizer_steps"] == 2 and r["kl_loss"] >= 0 and 0 <= r["tis_clipfrac"] <= 1
+        assert 0 <= r["mask_frac"] <= 1 and r["tis_mean"] > 0
+    assert rows[1]["kl_loss"] > 0  # the policy moved away from the reference after one step

@@ -37,7 +37,7 @@ from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 from r3rl.train.config import LogprobSource, TrainConfig
 from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
-from r3rl.train.losses import entropy_from_logits, group_advantages, kl_penalty, policy_loss
+from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
 from r3rl.train.metrics import routing_mismatch_per_layer, train_rollout_metrics
 
 __all__ = ["StepContext", "rl_step", "fault_trace"]
@@ -85,7 +85,7 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     with timer("old_logprobs"):  # 4
         train_logp, used, recorded = _old_logprobs(ctx, mbs)
     old_logp = train_logp if cfg.old_logprobs is LogprobSource.TRAIN else _rollout_logprobs(mbs)
-    shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, mbs, len(samples)) if cfg.kl_coef else rewards
+    shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, len(samples)) if cfg.kl_coef else rewards
     adv_PN = group_advantages(shaped.view(-1, cfg.n_samples_per_prompt), cfg.loss.advantage_estimator,
                               std_normalization=cfg.grpo_std_normalization)
     with timer("update"):  # 5
@@ -262,9 +262,8 @@ def _gather(per_sample: dict[int, torch.Tensor], mb: MicroBatch) -> torch.Tensor
     return torch.cat([per_sample[i] for i in mb.sample_indices])
 
 
-def _per_sample_kl(old_logp, ref_logp, mbs, n: int) -> torch.Tensor:
-    from r3rl.train.losses import KLType
-
+def _per_sample_kl(old_logp, ref_logp, n: int) -> torch.Tensor:
+    """Each sample's summed k1 KL(actor || reference), for the reward penalty (--kl-coef)."""
     return torch.tensor([kl_penalty(old_logp[i], ref_logp[i], KLType.K1).sum().item() for i in range(n)])
 
 
