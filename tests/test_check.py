@@ -26,7 +26,8 @@ def _recorded(model, tokens):
 def _shift(batch, batch_size):
     ids = batch.expert_ids.view(batch_size, -1, *batch.expert_ids.shape[1:])
     shifted = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1).reshape(batch.expert_ids.shape)
-    return type(batch)(shifted, batch.pad_value, batch.has_pad, batch.num_experts)
+    return type(batch)(expert_ids=shifted, pad_value=batch.pad_value, has_pad=batch.has_pad,
+                       num_experts=batch.num_experts)
 
 
 def test_check_passes_on_correct_trace_and_logs_evidence(qwen3_model, tokens, caplog):

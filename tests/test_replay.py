@@ -138,7 +138,7 @@ def test_replayed_router_call_never_syncs_to_host(qwen3_model, monkeypatch):
     hidden = torch.randn(12, 64)
     ids = _foreign_batch(replay, 12).expert_ids.clone()
     ids[::3, :, 1:] = 255
-    with replay.replay(ReplayBatch(ids, 255, True, replay.num_experts)):
+    with replay.replay(ReplayBatch(expert_ids=ids, pad_value=255, has_pad=True, num_experts=replay.num_experts)):
         def boom(*a, **k):
             raise AssertionError("host sync in the replay hot path")
 
@@ -175,7 +175,7 @@ def test_pad_rows_route_live_in_the_model(qwen3_model, tokens):
     ids = batch.expert_ids.clone()
     ids[::2] = 255  # every other token: no replayed experts -> the live router decides, as without replay
     seen, hooks = _experts_inputs(qwen3_model)
-    with replay.replay(ReplayBatch(ids, 255, True, replay.num_experts)):
+    with replay.replay(ReplayBatch(expert_ids=ids, pad_value=255, has_pad=True, num_experts=replay.num_experts)):
         out = qwen3_model(tokens).logits
     for h in hooks:
         h.remove()

@@ -80,3 +80,28 @@ def test_routers_out_of_layer_order_are_refused(qwen3_model):
                for i, s in enumerate([sites[1], sites[0], *sites[2:]])]
     with pytest.raises(RouterOrderError, match=r"decoder layers \[1, 0, 2, 3\]"):
         _check_layer_order(swapped)
+
+
+def test_adapter_registry_is_explicit_not_global():
+    """A custom router class is known to the registry it was added to, and nowhere else."""
+    from r3rl.models import BUILTIN_ADAPTERS, UnsupportedRouterError, find_routers
+
+    class MyRouter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4, 8))
+            self.top_k, self.num_experts, self.norm_topk_prob = 2, 4, True
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Module() for _ in range(2)])
+            for layer in self.layers:
+                layer.mlp = torch.nn.Module()
+                layer.mlp.gate = MyRouter()
+
+    adapter = BUILTIN_ADAPTERS.adapter_for(type(make_model("tiny-qwen3-moe").model.layers[0].mlp.gate))
+    mine = BUILTIN_ADAPTERS.with_adapter(MyRouter, adapter)
+    assert [s.layer for s in find_routers(Toy(), mine)] == [0, 1]
+    with pytest.raises(UnsupportedRouterError, match="MyRouter"):
+        find_routers(Toy())  # the built-in registry was not changed

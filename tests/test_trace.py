@@ -177,17 +177,17 @@ def test_replay_batch_is_validated_on_the_host_before_upload():
     ids = torch.zeros(3, 2, 2, dtype=torch.int64)
     ids[:, :, 1] = 1
     ids[1, 1, 0] = 255  # a pad the caller did not declare
-    moved = ReplayBatch(ids, 255, False, num_experts=8).to("cpu")
+    moved = ReplayBatch(expert_ids=ids, pad_value=255, has_pad=False, num_experts=8).to("cpu")
     assert moved.has_pad  # found on the host, so replay fills it instead of indexing expert 255
     ids[2, 0, 1] = 9
     with pytest.raises(TraceError, match=r"out of range \[0, 8\) and not the pad 255: got=9 at row=2 layer=0 slot=1"):
-        ReplayBatch(ids, 255, True, num_experts=8).to("cpu")
+        ReplayBatch(expert_ids=ids, pad_value=255, has_pad=True, num_experts=8).to("cpu")
 
 
 def test_uint8_batch_with_minus_one_pad_is_checked_as_the_device_sees_it():
     ids = torch.tensor([[[0, 255]]], dtype=torch.uint8)
     with pytest.raises(TraceError, match="not the pad -1: got=255"):
-        ReplayBatch(ids, -1, True, num_experts=16).to("cpu")
+        ReplayBatch(expert_ids=ids, pad_value=-1, has_pad=True, num_experts=16).to("cpu")
 
 
 @pytest.mark.parametrize("make, message", [

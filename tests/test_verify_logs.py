@@ -1,6 +1,7 @@
 """`verify_logs`: a real replayed forward + recomputed backward logs evidence that passes; each failure reason,
 as a negative control, fails with its reason; miles-style prefixed lines parse."""
 
+import dataclasses
 import json
 import logging
 
@@ -37,7 +38,7 @@ def _real_log(model, tokens, path, *, shift: bool) -> None:
         if shift:
             ids = batch.expert_ids.view(tokens.shape[0], -1, *batch.expert_ids.shape[1:])
             shifted = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1).reshape(batch.expert_ids.shape)
-            batch = type(batch)(shifted, batch.pad_value, batch.has_pad, batch.num_experts)
+            batch = dataclasses.replace(batch, expert_ids=shifted)
         set_activation_checkpointing(model, True, context_fn=replay.checkpoint_context_fn)
         with replay.replay(batch):
             model(tokens).logits.float().logsumexp(-1).mean().backward()

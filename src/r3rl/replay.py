@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from r3rl.check import ReplayCheck, Stage
-from r3rl.models.adapters import RouterSite, find_routers, routed_forward
+from r3rl.models.adapters import BUILTIN_ADAPTERS, AdapterRegistry, RouterSite, find_routers, routed_forward
 from r3rl.trace import ReplayBatch, RoutingTrace
 
 __all__ = ["ReplayMode", "RoutingReplay", "RoutingReplayError", "Recording", "current_stage", "fill_pad_slots"]
@@ -101,9 +101,10 @@ class Recording:
 class RoutingReplay:
     """Off / record / replay for the routers of one model. Patches live in this object and are undone by close()."""
 
-    def __init__(self, model: nn.Module, *, check: ReplayCheck | None = None, strict: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, check: ReplayCheck | None = None, strict: bool = False,
+                 adapters: AdapterRegistry = BUILTIN_ADAPTERS) -> None:
         self.model = model
-        self.sites: list[RouterSite] = find_routers(model)
+        self.sites: list[RouterSite] = find_routers(model, adapters)
         self.check = check
         self.strict = strict  # --ci-test: every layer replayed the same number of times, recompute never exceeds it
         self.num_layers = len(self.sites)

@@ -311,7 +311,7 @@ class RoutingTrace:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReplayBatch:
     """Replay input for one forward: expert ids `[N, layers, top_k]` in the forward's token order.
 
@@ -380,8 +380,8 @@ class ReplayBatch:
     def from_tensor(cls, expert_ids: torch.Tensor, num_experts: int, pad_value: int | None = None) -> ReplayBatch:
         """Wrap ids recorded in-process (R2): the router chose them, so they are valid and have no pads."""
         pad = pad_value_for(num_experts) if pad_value is None else pad_value
-        return cls(expert_ids.long(), pad, pad_value is not None, num_experts, validated=pad_value is None,
-                   partial_pad=pad_value is not None)
+        return cls(expert_ids=expert_ids.long(), pad_value=pad, has_pad=pad_value is not None, num_experts=num_experts,
+                   validated=pad_value is None, partial_pad=pad_value is not None)
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------

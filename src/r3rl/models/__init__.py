@@ -1,11 +1,12 @@
 """Router adapters per transformers MoE family, model presets and loading."""
 
 from r3rl.models.adapters import (
+    BUILTIN_ADAPTERS,
+    AdapterRegistry,
     RouterAdapter,
     RouterSite,
     UnsupportedRouterError,
     find_routers,
-    register_adapter,
     routed_forward,
 )
 from r3rl.models.loading import load_model, resolve_dtype
@@ -16,7 +17,8 @@ __all__ = [
     "UnsupportedRouterError",
     "find_routers",
     "load_model",
-    "register_adapter",
+    "AdapterRegistry",
+    "BUILTIN_ADAPTERS",
     "resolve_dtype",
     "routed_forward",
 ]

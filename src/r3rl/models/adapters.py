@@ -32,7 +32,9 @@ __all__ = [
     "UnsupportedRouterError",
     "find_routers",
     "routed_forward",
-    "register_adapter",
+    "AdapterRegistry",
+    "BUILTIN_ADAPTERS",
+    "RouterOrderError",
 ]
 
 # A module whose class name matches this and that no adapter knows is treated as an unknown MoE router.
@@ -127,26 +129,45 @@ _KNOWN: dict[tuple[str, str], RouterAdapter] = {
     ("transformers.models.olmoe.modeling_olmoe", "OlmoeTopKRouter"): _BY_NORM_TOPK,
     ("transformers.models.mixtral.modeling_mixtral", "MixtralTopKRouter"): _MIXTRAL,
 }
-_EXTRA: dict[type, RouterAdapter] = {}
 
 
-def register_adapter(router_cls: type, adapter: RouterAdapter) -> None:
-    """Teach r3rl a new router class (e.g. a family outside transformers)."""
-    _EXTRA[router_cls] = adapter
+@dataclass(frozen=True)
+class AdapterRegistry:
+    """Which adapter routes which router class: the built-in families by (module, class name), resolved lazily so
+    that importing r3rl imports no model code, plus classes registered explicitly. Immutable: `with_adapter`
+    returns a new registry, which the caller passes to `find_routers` / `RoutingReplay(adapters=...)`."""
+
+    known: tuple[tuple[tuple[str, str], RouterAdapter], ...] = tuple(_KNOWN.items())
+    extra: tuple[tuple[type, RouterAdapter], ...] = ()
+
+    def with_adapter(self, router_cls: type, adapter: RouterAdapter) -> AdapterRegistry:
+        """A registry that also knows `router_cls` (e.g. a family outside transformers)."""
+        return AdapterRegistry(self.known, (*[(c, a) for c, a in self.extra if c is not router_cls],
+                                            (router_cls, adapter)))
+
+    def adapter_for(self, router_cls: type) -> RouterAdapter | None:
+        """The adapter of `router_cls` or of its nearest known base class (FSDP2 and user subclasses keep theirs)."""
+        extra, known = dict(self.extra), dict(self.known)
+        for cls in router_cls.__mro__:
+            if cls in extra:
+                return extra[cls]
+            adapter = known.get((cls.__module__, cls.__name__))
+            if adapter is not None:
+                return adapter
+        return None
+
+    def class_names(self) -> list[str]:
+        return sorted([c for (_, c), _ in self.known] + [c.__name__ for c, _ in self.extra])
 
 
-def adapter_for(router_cls: type) -> RouterAdapter | None:
-    """The adapter of `router_cls` or of its nearest known base class (FSDP2 and user subclasses keep theirs)."""
-    for cls in router_cls.__mro__:
-        if cls in _EXTRA:
-            return _EXTRA[cls]
-        adapter = _KNOWN.get((cls.__module__, cls.__name__))
-        if adapter is not None:
-            return adapter
-    return None
+BUILTIN_ADAPTERS = AdapterRegistry()
 
 
-def find_routers(model: nn.Module) -> list[RouterSite]:
+def adapter_for(router_cls: type, adapters: AdapterRegistry = BUILTIN_ADAPTERS) -> RouterAdapter | None:
+    return adapters.adapter_for(router_cls)
+
+
+def find_routers(model: nn.Module, adapters: AdapterRegistry = BUILTIN_ADAPTERS) -> list[RouterSite]:
     """All MoE routers of `model`, in layer order, with their MoE layer index.
 
     Raises `UnsupportedRouterError` naming the class if a router-like module has no adapter, or if the model has no
@@ -155,7 +176,7 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
     sites: list[RouterSite] = []
     for name, module in model.named_modules():
         cls = type(module)
-        adapter = adapter_for(cls)
+        adapter = adapters.adapter_for(cls)
         if adapter is not None:
             m = re.search(r"layers\.(\d+)\.", name)
             sites.append(RouterSite(layer=len(sites), name=name, router=module, adapter=adapter,
@@ -164,12 +185,13 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
             raise UnsupportedRouterError(
                 f"unsupported MoE router class {cls.__module__}.{cls.__name__} at '{name}' in "
                 f"{type(model).__name__}: r3rl has no adapter for it, so routing cannot be recorded or replayed. "
-                f"Supported: {sorted(c for _, c in _KNOWN)}; add one with r3rl.models.register_adapter()."
+                f"Supported: {adapters.class_names()}; add one with AdapterRegistry.with_adapter() and pass the "
+                f"registry (find_routers(model, adapters) / RoutingReplay(model, adapters=...))."
             )
     if not sites:
         raise UnsupportedRouterError(
             f"no MoE router found in {type(model).__name__}: r3rl replays routing of MoE models only "
-            f"(supported router classes: {sorted(c for _, c in _KNOWN)})"
+            f"(supported router classes: {adapters.class_names()})"
         )
     _check_layer_order(sites)
     return sites

@@ -189,7 +189,8 @@ def layout_padded(
             )
         out[b, start : start + trace.num_rows] = trace.expert_ids
     # Every sample's last token has no row, so a padded layout always has pad rows.
-    return ReplayBatch(torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad, True, num_experts, validated=True,
+    return ReplayBatch(expert_ids=torch.from_numpy(out.reshape(-1, num_layers, top_k)), pad_value=pad, has_pad=True,
+                       num_experts=num_experts, validated=True,
                        partial_pad=any(has_partial_rows(t.pad_mask()) for t in traces))
 
 
@@ -205,7 +206,8 @@ def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> Rep
         trace.validate(num_tokens=n, sample=b)
         chunks.append(trace.expert_ids)
         chunks.append(np.full((1, num_layers, top_k), pad, dtype=dtype))  # the last token has no row
-    return ReplayBatch(torch.from_numpy(np.concatenate(chunks)), pad, True, num_experts, validated=True,
+    return ReplayBatch(expert_ids=torch.from_numpy(np.concatenate(chunks)), pad_value=pad, has_pad=True,
+                       num_experts=num_experts, validated=True,
                        partial_pad=any(has_partial_rows(t.pad_mask()) for t in traces))
 
 
