@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from r3rl.check import ReplayCheck, Stage, resolve_threshold
+from r3rl.check import ReplayCheck, Stage, StageStats, resolve_threshold
 from r3rl.config import ReplayConfig, ReplayKind
 from r3rl.replay import RoutingReplay
 
@@ -94,7 +94,7 @@ def test_observe_never_syncs_to_host(monkeypatch):
     check.observe(Stage.REPLAY_FORWARD, 1, live, replay, None)
     check.observe(Stage.REPLAY_BACKWARD, 1, live, replay, replay != 255)
     monkeypatch.undo()
-    assert check.summary(raise_on_fail=False).stages["replay_backward"]["tokens"] == 32
+    assert check.summary(raise_on_fail=False).stages["replay_backward"].tokens == 32
 
 
 def test_threshold_sources(monkeypatch):
@@ -154,7 +154,7 @@ def test_all_reduce_makes_counters_global(tmp_path):
         check.observe(Stage.REPLAY_FORWARD, 1, torch.tensor([[0, 1]]), torch.tensor([[2, 3]]))
         check.all_reduce()
         s = check.summary(raise_on_fail=False)
-        assert s.rank == 0 and s.stages["replay_forward"] == {"tokens": 1, "zero_overlap": 1, "calls": 1}
+        assert s.rank == 0 and s.stages["replay_forward"] == StageStats(tokens=1, zero_overlap=1, calls=1)
     finally:
         dist.destroy_process_group()
 
@@ -178,7 +178,7 @@ def test_replay_select_and_check_hot_path_has_no_cuda_sync():
             check.observe(Stage.REPLAY_FORWARD, 1, live, filled, valid)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert check.summary(raise_on_fail=False).stages["replay_forward"]["calls"] == 2
+    assert check.summary(raise_on_fail=False).stages["replay_forward"].calls == 2
 
 
 def test_observe_rejects_a_top_k_it_was_not_sized_for_and_keeps_bounded_examples():

@@ -104,7 +104,7 @@ def test_checkpoint_recompute_is_replay_backward_with_identical_grads(family_mod
     for name in plain_grads:
         torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=0, atol=0, msg=name)
     summary = replay.check.summary(raise_on_fail=False)
-    assert summary.stages["replay_backward"]["calls"] == replay.num_layers
+    assert summary.stages["replay_backward"].calls == replay.num_layers
     replay.close()
 
 
@@ -147,7 +147,7 @@ def test_replayed_router_call_never_syncs_to_host(qwen3_model, monkeypatch):
         logits, weights, used = site.router(hidden)
         monkeypatch.undo()
     assert used.shape == (12, 4) and (used.sort(-1).values.diff(dim=-1) != 0).all()
-    assert replay.check.summary(raise_on_fail=False).stages["replay_forward"]["calls"] == 1
+    assert replay.check.summary(raise_on_fail=False).stages["replay_forward"].calls == 1
     replay.close()
 
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["Stage", "ReplayCheck", "CheckSummary", "LayerStats", "resolve_threshold", "DEFAULT_THRESHOLD"]
+__all__ = ["Stage", "ReplayCheck", "CheckSummary", "LayerStats", "StageStats", "resolve_threshold", "DEFAULT_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 evidence_logger = logging.getLogger("r3rl")
@@ -74,15 +74,24 @@ class LayerStats:
 
 
 @dataclass
+class StageStats:
+    """One stage of one step: (token, layer) rows checked, those with zero overlap, replayed router calls."""
+
+    tokens: int
+    zero_overlap: int
+    calls: int
+
+
+@dataclass
 class CheckSummary:
-    """One step of the check. `stages` maps stage -> {tokens, zero_overlap, calls}; `layers` aggregates stages."""
+    """One step of the check. `stages` maps a stage name to its StageStats; `layers` aggregates stages."""
 
     rank: int
     threshold: float
     tokens_checked: int
     zero_overlap: int
     passed: bool
-    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+    stages: dict[str, StageStats] = field(default_factory=dict)
     layers: list[LayerStats] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -176,7 +185,7 @@ class ReplayCheck:
         overlap_SL = (checked * (o / n[1:, None].clamp_min(1))).sum((-1, -2))
         idx_sum_SL = counts[..., self._width]
 
-        stages: dict[str, dict[str, int]] = {}
+        stages: dict[str, StageStats] = {}
         for stage in Stage:
             s = _stage_index(stage)
             if not any(self.calls[s]):
@@ -192,7 +201,7 @@ class ReplayCheck:
                 "R3 check (rank %d, stage %s): n_tokens=%d mismatch=%d (%.2f%%)",
                 self.rank, stage.value, tokens, zero, 100.0 * zero / max(tokens, 1),
             )
-            stages[stage.value] = {"tokens": tokens, "zero_overlap": zero, "calls": sum(self.calls[s])}
+            stages[stage.value] = StageStats(tokens=tokens, zero_overlap=zero, calls=sum(self.calls[s]))
 
         layers = [
             LayerStats(
@@ -203,11 +212,11 @@ class ReplayCheck:
             for i in range(self.num_layers)
         ]
         # The verdict is per stage: a recompute that diverged must not hide behind a clean forward.
-        failing = {st: v for st, v in stages.items() if v["zero_overlap"] > self.threshold * v["tokens"]}
+        failing = {st: v for st, v in stages.items() if v.zero_overlap > self.threshold * v.tokens}
         summary = CheckSummary(
             rank=self.rank, threshold=self.threshold,
-            tokens_checked=sum(v["tokens"] for v in stages.values()),
-            zero_overlap=sum(v["zero_overlap"] for v in stages.values()),
+            tokens_checked=sum(v.tokens for v in stages.values()),
+            zero_overlap=sum(v.zero_overlap for v in stages.values()),
             passed=not failing, stages=stages, layers=layers,
         )
         examples = self._examples
@@ -216,9 +225,9 @@ class ReplayCheck:
         if failing:
             self._warn_examples(examples)
             if raise_on_fail:
-                worst = max(failing.values(), key=lambda v: v["zero_overlap"] / max(v["tokens"], 1))
+                worst = max(failing.values(), key=lambda v: v.zero_overlap / max(v.tokens, 1))
                 raise AssertionError(
-                    f"R3 mismatch tokens ({worst['zero_overlap']}) > threshold ({self.threshold * worst['tokens']:.2f})"
+                    f"R3 mismatch tokens ({worst.zero_overlap}) > threshold ({self.threshold * worst.tokens:.2f})"
                 )
         return summary
 
