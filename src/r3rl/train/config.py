@@ -75,7 +75,7 @@ class TrainConfig:
     max_tokens_per_mb: int | None = None
     """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size."""
     layout: Layout = Layout.PACKED
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
@@ -88,7 +88,7 @@ class TrainConfig:
     """KL(actor || reference) penalty subtracted from each sample's reward (slime --kl-coef)."""
     activation_checkpointing: bool = True
     """Checkpoint every decoder layer: the recompute in backward replays too (replay_backward)."""
-    sft_steps: int = 40
+    sft_steps: int = 50
     """Supervised warm-up steps on the task's targets before RL (built-in tasks; 0 to skip)."""
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
