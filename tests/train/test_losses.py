@@ -136,7 +136,6 @@ def test_advantages_by_hand():
     (dict(eps_clip_c=0.5), "eps_clip_c \\(dual clip\\) must be > 1"),
     (dict(tis_clip=0.1, tis_clip_low=0.2), "tis_clip must be > tis_clip_low"),
     (dict(mask_low=2.0, mask_high=1.0), "mask_high must be > mask_low"),
-    (dict(use_kl_loss=True), "use_kl_loss needs kl_loss_coef > 0"),
     (dict(advantage_estimator="ppo"), "'ppo' is not a valid AdvantageEstimator"),
 ])
 def test_config_errors_name_the_field(kwargs, message):

@@ -70,21 +70,29 @@ class LossConfig:
     eps_clip_c: float | None = None
     """Dual-clip constant (> 1) bounding the loss of negative-advantage tokens (slime --eps-clip-c); None: off."""
     use_kl_loss: bool = False
-    """Add kl_loss_coef * KL(actor || reference) to the loss (needs reference log-probs)."""
+    """Compute KL(actor || reference) and add kl_loss_coef * KL to the loss (0: logged only, as slime does)."""
     kl_loss_type: KLType = KLType.LOW_VAR_KL
+    """Estimator of the KL term (k1, k2, k3, low_var_kl = k3 clamped as verl does)."""
     kl_loss_coef: float = 0.0
+    """Weight of the KL term in the loss (slime --kl-loss-coef)."""
     entropy_coef: float = 0.0
     """Entropy bonus: loss -= entropy_coef * entropy."""
     use_tis: bool = False
     """Truncated importance sampling on old/rollout ratios (slime --use-tis)."""
     tis_clip: float = 2.0
+    """Upper bound of the TIS weight (slime --tis-clip)."""
     tis_clip_low: float = 0.0
+    """Lower bound of the TIS weight (slime --tis-clip-low); tis_clipfrac counts weights clipped at either bound."""
     rollout_mask: bool = False
     """IcePop-style mask: tokens (or samples) whose old/rollout ratio leaves [mask_low, mask_high] get no gradient."""
     mask_low: float = 0.5
+    """Lowest old/rollout ratio kept by the mask."""
     mask_high: float = 2.0
+    """Highest old/rollout ratio kept by the mask."""
     correction_level: CorrectionLevel = CorrectionLevel.TOKEN
+    """TIS and mask per token, or per sample on its geometric-mean ratio."""
     loss_agg_mode: LossAggMode = LossAggMode.TOKEN_MEAN
+    """How token terms become the loss: mean over all tokens, or mean of per-sample token means."""
 
     def __post_init__(self) -> None:
         self.advantage_estimator = AdvantageEstimator(self.advantage_estimator)
@@ -102,8 +110,6 @@ class LossConfig:
                              f"tis_clip_low={self.tis_clip_low}")
         if not self.mask_high > self.mask_low:
             raise ValueError(f"mask_high must be > mask_low: got [{self.mask_low}, {self.mask_high}]")
-        if self.use_kl_loss and self.kl_loss_coef == 0:
-            raise ValueError("use_kl_loss needs kl_loss_coef > 0 (--kl-loss-coef)")
 
     @property
     def clip_high(self) -> float:
