@@ -40,7 +40,7 @@ from r3rl.rollout.sampling import group_seed
 from r3rl.rollout.weights import model_tensors
 from r3rl.sample import Sample
 
-__all__ = ["RolloutBackend", "EngineBackend", "HTTPBackend", "WeightSyncError", "group_requests",
+__all__ = ["RolloutBackend", "EngineBackend", "HTTPBackend", "WeightSyncError", "drop_stale", "group_requests",
            "sample_from_output"]
 
 logger = logging.getLogger(__name__)
@@ -247,3 +247,16 @@ class HTTPBackend:
 
     def _run(self, coro: Coroutine):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+def drop_stale(samples: Sequence[Sample], current_version: int,
+               max_staleness: int | None) -> tuple[list[Sample], int]:
+    """(kept samples, number of stale samples). A sample is stale when `current_version -
+    sample.weight_version_start > max_staleness` (it started on weights that old); `max_staleness=None` keeps all
+    samples and still counts those behind `current_version` at all (staleness > 0) for the `stale_samples` metric."""
+    if max_staleness is not None and max_staleness < 0:
+        raise ValueError(f"max_staleness must be >= 0 or None: got {max_staleness}")
+    limit = 0 if max_staleness is None else max_staleness
+    stale = [current_version - s.weight_version_start > limit for s in samples]
+    kept = list(samples) if max_staleness is None else [s for s, st in zip(samples, stale, strict=True) if not st]
+    return kept, sum(stale)

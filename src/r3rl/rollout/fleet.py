@@ -1,0 +1,176 @@
+"""FleetBackend: one RolloutBackend over several `r3rl serve` / SGLang servers (disaggregated rollout).
+
+    backend = make_backend(["http://h1:30000", "http://h2:30000"], weights_dir="/shared/w",
+                           logprobs_at_temperature=False)        # HTTPBackend for one URL, FleetBackend for several
+
+Load spreading: each request (one sample) goes to the live server with the fewest requests in flight.
+
+Exactly once: every request is tracked by its index in the plan (and its rid). A request whose server fails (a
+transport error or a 5xx: it may or may not have run there) is taken back and re-sent to another live server with
+the SAME SamplingParams, seed included; the failed server is taken out of rotation with a warning. A result is stored
+only once per index, so every sample returns exactly once, none lost or duplicated, and a re-sent sample is the one
+the dead server would have produced (bitwise on CPU with the batch-invariant engine). If no live server is left,
+`generate` raises.
+
+Weights: `update_weights` saves one checkpoint (disk path) and has each live server load it and report the version;
+a server that fails the sync is dropped from rotation with a warning (never silently). All servers failing raises.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import shutil
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from torch import nn
+
+from r3rl.rollout.backend import HTTPBackend, RolloutBackend, WeightSyncError, group_requests
+from r3rl.rollout.client import RolloutRequestError
+from r3rl.rollout.protocol import SamplingParams
+from r3rl.sample import Sample
+
+__all__ = ["FleetBackend", "FleetError", "make_backend"]
+
+logger = logging.getLogger(__name__)
+
+
+class FleetError(RuntimeError):
+    """No live rollout server is left."""
+
+
+class FleetBackend:
+    """Several HTTPBackends behind one RolloutBackend; see the module docstring for load and failure semantics."""
+
+    def __init__(self, urls: Sequence[str], *, weights_dir: str | Path | None = None,
+                 logprobs_at_temperature: bool = False, timeout_s: float = 600.0, max_retries: int = 1,
+                 max_workers: int = 32) -> None:
+        if len(urls) < 1:
+            raise ValueError("FleetBackend needs at least one server URL")
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        self.logprobs_at_temperature = logprobs_at_temperature
+        self.servers = [HTTPBackend(u, weights_dir=weights_dir, timeout_s=timeout_s, max_retries=max_retries,
+                                    logprobs_at_temperature=logprobs_at_temperature) for u in urls]
+        self.live = [True] * len(self.servers)
+        self.in_flight = [0] * len(self.servers)
+        self.served = [0] * len(self.servers)  # requests completed per server (load-spread evidence)
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+        self._calls = itertools.count()
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="r3rl-fleet")
+        self._version = max(s.weight_version for s in self.servers)
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @property
+    def live_urls(self) -> list[str]:
+        return [s.url for s, ok in zip(self.servers, self.live, strict=True) if ok]
+
+    def _pick(self, exclude: set[int]) -> int:
+        with self._lock:
+            choices = [k for k in range(len(self.servers)) if self.live[k] and k not in exclude]
+            if not choices:
+                choices = [k for k in range(len(self.servers)) if self.live[k]]
+            if not choices:
+                raise FleetError("no live rollout server left: " + ", ".join(s.url for s in self.servers))
+            k = min(choices, key=lambda c: self.in_flight[c])
+            self.in_flight[k] += 1
+            return k
+
+    def _drop(self, k: int, why: str) -> None:
+        with self._lock:
+            if self.live[k]:
+                self.live[k] = False
+                logger.warning("rollout server %s taken out of rotation: %s", self.servers[k].url, why)
+
+    def _one(self, prompt: Sequence[int], sp: SamplingParams, rid: str) -> Sample:
+        tried: set[int] = set()
+        while True:
+            k = self._pick(tried)
+            srv = self.servers[k]
+            try:
+                (sample,) = srv._run(srv.client.generate([prompt], [sp], rids=[rid]))
+            except Exception as e:  # noqa: BLE001 - any failure of that server: re-send elsewhere, same seed
+                if isinstance(e, RolloutRequestError):
+                    raise  # the caller's bug (4xx): the same on every server
+                self._drop(k, f"request {rid} failed ({type(e).__name__}: {e}); re-sending it with the same seed")
+                tried.add(k)
+                continue
+            finally:
+                with self._lock:
+                    self.in_flight[k] -= 1
+            with self._lock:
+                self.served[k] += 1
+            sample.metadata["server"] = srv.url
+            return sample
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 n_samples_per_prompt: int = 1) -> list[Sample]:
+        call = next(self._calls)
+        plan = group_requests(len(prompts), sampling, n_samples_per_prompt,
+                              logprobs_at_temperature=self.logprobs_at_temperature, rng=self._rng)
+        rids = [f"f{call}-p{i}-s{j}-{self._rng.getrandbits(32):08x}" for i, j, _ in plan]
+        futures = [self._pool.submit(self._one, prompts[i], sp, rid)
+                   for (i, _, sp), rid in zip(plan, rids, strict=True)]
+        results: dict[int, Sample] = {}
+        for k, f in enumerate(futures):
+            s = f.result()
+            if k in results:
+                raise AssertionError(f"sample {k} returned twice")
+            results[k] = s
+        samples = [results[k] for k in range(len(plan))]
+        for (i, j, _), s in zip(plan, samples, strict=True):
+            s.metadata.update(prompt_index=i, sample_index=j)
+        return samples
+
+    def update_weights(self, model: nn.Module, *, version: int) -> None:
+        if self.weights_dir is None:
+            raise WeightSyncError("FleetBackend.update_weights needs weights_dir (shared by every server)")
+        target = self.weights_dir / f"v{version}"
+        tmp = self.weights_dir / f".v{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)  # saved once; every server loads it
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        ok = 0
+        for k, srv in enumerate(self.servers):
+            if not self.live[k]:
+                continue
+            try:
+                srv._run(srv.client.update_weights_from_disk(str(target.resolve()), weight_version=str(version)))
+                reported = srv._run(srv.client.get_model_info()).get("weight_version")
+                if reported is not None and str(reported) != str(version):
+                    raise WeightSyncError(f"reports weight_version={reported!r}, expected {version}")
+                srv._version = version
+                ok += 1
+            except Exception as e:  # noqa: BLE001
+                self._drop(k, f"weight sync to version {version} failed ({type(e).__name__}: {e})")
+        if ok == 0:
+            raise WeightSyncError(f"weight sync to version {version} failed on every server")
+        self._version = version
+        logger.info("rollout weights synced by disk: %s -> %d servers, weight_version=%d", target, ok, version)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for srv in self.servers:
+            try:
+                srv.close()
+            except Exception:  # noqa: BLE001 - a dead server's connections
+                logger.debug("closing %s failed", srv.url, exc_info=True)
+
+
+def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None,
+                 logprobs_at_temperature: bool = False) -> RolloutBackend:
+    """HTTPBackend for one URL, FleetBackend for several: the one call the trainer makes for `--rollout-url`."""
+    urls = list(urls)
+    if not urls:
+        raise ValueError("make_backend needs at least one --rollout-url")
+    if len(urls) == 1:
+        return HTTPBackend(urls[0], weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature)
+    return FleetBackend(urls, weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature)
