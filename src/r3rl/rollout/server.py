@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from r3rl.rollout.config import TEXT_CHARS_PER_TOKEN, ServerConfig
+from r3rl.rollout.dist_sync import DistReceiver, InitWeightsUpdateGroupRequest, UpdateWeightsFromDistributedRequest
 from r3rl.rollout.engine import RolloutEngine
 from r3rl.rollout.protocol import (
     EngineRequest,
@@ -158,6 +159,34 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
                     aborted)
         return _update_answer(True, f"loaded {req.model_path}: weight_version={new_version}, aborted {aborted} "
                                     f"requests", weight_version=new_version)
+
+    receiver = DistReceiver(device=engine.device)
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request) -> JSONResponse:
+        try:
+            req = InitWeightsUpdateGroupRequest.model_validate(_json(await _read_body(request, config.max_body_bytes)))
+            await receiver.init_group(req)
+        except Exception as e:  # a bad body, a second group, a failed rendezvous: refused with the reason
+            return _update_answer(False, f"init_weights_update_group: {e}", status=400)
+        return _update_answer(True, f"joined update group {req.group_name!r} as rank {req.rank_offset}")
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request) -> JSONResponse:
+        try:
+            req = UpdateWeightsFromDistributedRequest.model_validate(
+                _json(await _read_body(request, config.max_body_bytes)))
+            if req.weight_version is not None and not req.weight_version.isdigit():
+                raise ValueError(f"weight_version: send a decimal string: got {req.weight_version!r}")
+            plan = receiver.check(req, state.worker.engine.model.shapes)
+        except Exception as e:
+            return _update_answer(False, f"update_weights_from_distributed: {e}", status=400)
+        tensors = await receiver.receive(plan)
+        version = int(req.weight_version) if req.weight_version is not None else None
+        new_version = await state.worker.call(lambda e: e.update_weights(tensors, version=version, strict=True))
+        logger.info("weights updated from distributed group %r: weight_version=%d", req.group_name, new_version)
+        return _update_answer(True, f"received {len(tensors)} tensors: weight_version={new_version}",
+                              weight_version=new_version)
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
