@@ -208,14 +208,13 @@ def _prompt_source(cfg: TrainConfig, *, seed: int):
 
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
-    from r3rl.rollout.backend import EngineBackend, HTTPBackend
+    from r3rl.rollout.backend import EngineBackend
+    from r3rl.rollout.fleet import make_backend
 
-    if len(cfg.rollout_url) > 1:
-        raise ValueError(f"--rollout-url: one server is supported by this trainer for now, got {len(cfg.rollout_url)}")
     at_temperature = cfg.rollout_temperature != 1.0  # log-probs of the distribution sampled (see step.py)
-    if cfg.rollout_url:
-        return HTTPBackend(cfg.rollout_url[0], weights_dir=str(run_dir / "weights"),
-                           logprobs_at_temperature=at_temperature)
+    if cfg.rollout_url:  # one server: HTTPBackend; several: FleetBackend (load spread, exactly-once re-send)
+        return make_backend(cfg.rollout_url, weights_dir=str(run_dir / "weights"),
+                            logprobs_at_temperature=at_temperature)
     max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
     return EngineBackend(model, max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
                          device=cfg.device, dtype=cfg.dtype, logprobs_at_temperature=at_temperature)
