@@ -108,3 +108,27 @@ def test_kl_tis_gspo_padded_and_several_optimizer_steps_run_together(tmp_path):
         assert r["optimizer_steps"] == 2 and r["kl_loss"] >= 0 and 0 <= r["tis_clipfrac"] <= 1
         assert 0 <= r["mask_frac"] <= 1 and r["tis_mean"] > 0
     assert rows[1]["kl_loss"] > 0  # the policy moved away from the reference after one step
+
+
+def test_samples_from_a_stale_weight_version_or_another_temperature_are_refused():
+    from r3rl.sample import Sample
+    from r3rl.train.step import _check_samples
+
+    ok = Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[-1.0], weight_version_start=3, weight_version=3)
+    _check_samples([ok], 3, step=3, temperature=1.0)
+    stale = Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[-1.0], weight_version_start=2,
+                   weight_version=3)
+    with pytest.raises(RuntimeError, match="weight version 2..3, expected 3"):
+        _check_samples([ok, stale], 3, step=3, temperature=1.0)
+    with pytest.raises(ValueError, match="log-probs at temperature 1.0, the trainer scores temperature 0.7"):
+        _check_samples([ok], 3, step=3, temperature=0.7)
+
+
+def test_ci_test_reference_comparison_fails_when_the_reference_differs(tmp_path):
+    import torch
+
+    trainer = Trainer(small(tmp_path, num_rollout=1, replay=ReplayConfig(use_routing_replay=True, ci_test=True)))
+    with torch.no_grad():
+        trainer.ref_model.lm_head.weight.mul_(1.5)  # no longer the actor's weights
+    with pytest.raises(AssertionError, match="ci-test: step-0 actor and reference log-probs differ"):
+        trainer.run()
