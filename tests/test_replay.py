@@ -268,14 +268,17 @@ def test_recompute_under_another_micro_batch_is_an_error(qwen3_model):
     replay.close()
 
 
-def test_new_step_does_not_forget_a_pending_recompute(qwen3_model, tokens):
-    """new_step() used to reset the pending count, so the recompute after it routed live, silently."""
+def test_a_step_boundary_does_not_forget_a_pending_recompute(qwen3_model, tokens):
+    """The step's check summary resets the call counts, never the pending recomputes (a reset of those once made
+    the recompute after it route live, silently)."""
     qwen3_model.train()
     set_activation_checkpointing(qwen3_model, True)
-    replay = RoutingReplay(qwen3_model)
+    cfg = qwen3_model.config
+    replay = RoutingReplay(qwen3_model, check=ReplayCheck(cfg.num_hidden_layers, cfg.num_experts_per_tok))
     with replay.replay(_foreign_batch(replay, tokens.numel())):
         loss = qwen3_model(tokens).logits.sum()
-    replay.new_step()
+    replay.check.summary(raise_on_fail=False)  # the step ends: counts reset
+    assert sum(replay.calls[Stage.REPLAY_FORWARD]) == 0
     with pytest.raises(RoutingReplayError, match="ran after the replay\\(\\) context closed"):
         loss.backward()
     set_activation_checkpointing(qwen3_model, False)

@@ -204,3 +204,22 @@ def test_uint8_batch_with_minus_one_pad_is_checked_as_the_device_sees_it():
 def test_bad_trace_inputs_raise_trace_error_with_got_and_expected(make, message):
     with pytest.raises(TraceError, match=message):
         make()
+
+
+def test_faults_corrupt_every_row_or_layer_the_same_way_for_traces_and_batches():
+    """One fault definition: the per-sample trace (r3rl train) and the laid-out batch (r3rl check) agree."""
+    import torch
+
+    from r3rl.config import Fault
+    from r3rl.faults import corrupt_ids, corrupt_trace
+
+    ids = np.arange(5 * 3 * 2).reshape(5, 3, 2) % 16
+    trace = RoutingTrace.from_ids(ids, 16)
+    for fault in (Fault.SHIFT, Fault.PERMUTE_LAYERS):
+        batched = corrupt_ids(torch.from_numpy(ids)[None].repeat(2, 1, 1, 1), fault)
+        single = corrupt_trace(trace, fault).expert_ids
+        assert (batched[1].numpy() == single).all() and not (single == ids).all()
+    assert (corrupt_trace(trace, Fault.SHIFT).expert_ids[:-1] == ids[1:]).all()
+    assert (corrupt_trace(trace, Fault.PERMUTE_LAYERS).expert_ids[:, 1] == ids[:, 0]).all()
+    with pytest.raises(ValueError, match="at least 2 MoE layers"):
+        corrupt_trace(RoutingTrace.from_ids(ids[:, :1], 16), Fault.PERMUTE_LAYERS)

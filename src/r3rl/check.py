@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["Stage", "ReplayCheck", "CheckSummary", "LayerStats", "StageStats", "resolve_threshold", "DEFAULT_THRESHOLD"]
+__all__ = ["Stage", "CallCounts", "ReplayCheck", "CheckSummary", "LayerStats", "StageStats", "resolve_threshold",
+           "DEFAULT_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 evidence_logger = logging.getLogger("r3rl")
@@ -44,6 +45,42 @@ _NEIGHBOURS = 3
 class Stage(enum.StrEnum):
     REPLAY_FORWARD = "replay_forward"
     REPLAY_BACKWARD = "replay_backward"
+
+
+class CallCounts:
+    """Replayed router calls and the tokens they replayed, per (stage, MoE layer): host-side, known without a sync.
+
+    One object per replay, one increment site and one reset: `RoutingReplay` adds every replayed call, and a
+    `ReplayCheck` attached to it shares the object (`RoutingReplay(check=...)` adopts `check.calls`), reads it for
+    the wrapper evidence lines and resets it with the step's `summary()`."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: dict[Stage, list[int]] = {s: [0] * self.num_layers for s in Stage}
+        self.tokens: dict[Stage, list[int]] = {s: [0] * self.num_layers for s in Stage}
+
+    def add(self, stage: Stage, layer: int, n_tokens: int) -> None:
+        self.calls[stage][layer] += 1
+        self.tokens[stage][layer] += n_tokens
+
+    def __getitem__(self, stage: Stage) -> list[int]:
+        """Calls per layer in `stage`."""
+        return self.calls[stage]
+
+    def snapshot(self) -> dict[Stage, list[int]]:
+        return {s: list(c) for s, c in self.calls.items()}
+
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum over ranks (collective: every rank calls it)."""
+        host = torch.tensor([[self.calls[s] for s in Stage], [self.tokens[s] for s in Stage]], dtype=torch.int64,
+                            device=device)
+        torch.distributed.all_reduce(host)
+        calls, tokens = host.tolist()
+        self.calls = dict(zip(Stage, calls, strict=True))
+        self.tokens = dict(zip(Stage, tokens, strict=True))
 
 
 def resolve_threshold(flag_value: float | None = None) -> float:
@@ -121,8 +158,7 @@ class ReplayCheck:
         self._width = (top_k + 1) ** 2
         self.counters = torch.zeros(len(Stage), num_layers, self._width + 1, dtype=torch.int64, device=device)
         self._ones = torch.ones(1, dtype=torch.int64, device=device)
-        self.calls = [[0] * num_layers for _ in Stage]  # host-side: known without a sync
-        self.replayed_tokens = [[0] * num_layers for _ in Stage]
+        self.calls = CallCounts(num_layers)  # incremented by the RoutingReplay this check is attached to
         # (stage, layer) -> [first call, latest call]: row codes, live ids (int16), replayed ids; failure report only.
         self._examples: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.last_summary: CheckSummary | None = None
@@ -158,8 +194,6 @@ class ReplayCheck:
         row = self.counters[s, layer]
         row[: self._width].scatter_add_(0, code_T, self._ones.expand_as(code_T))
         row[self._width :] += replay_TK.sum()
-        self.calls[s][layer] += 1
-        self.replayed_tokens[s][layer] += replay_TK.shape[0]
         if self.max_examples:
             # For the failure report: the first and the latest call of each (stage, layer), so memory stays bounded
             # (T * (8 + 2K) bytes each plus a view of the replayed ids) however many micro-batches a step has.
@@ -187,21 +221,21 @@ class ReplayCheck:
 
         stages: dict[str, StageStats] = {}
         for stage in Stage:
-            s = _stage_index(stage)
-            if not any(self.calls[s]):
+            s, calls_L = _stage_index(stage), self.calls[stage]
+            if not any(calls_L) and not tokens_SL[s].any():
                 continue
             for layer in range(self.num_layers):
-                if self.calls[s][layer]:
+                if calls_L[layer]:
                     evidence_logger.info(
                         "R3 wrapper: %s branch taken (rank %d, n_tokens=%d, topk=%d, replay_idx_sum=%d)",
-                        stage.value, self.rank, self.replayed_tokens[s][layer], K, int(idx_sum_SL[s, layer]),
+                        stage.value, self.rank, self.calls.tokens[stage][layer], K, int(idx_sum_SL[s, layer]),
                     )
             tokens, zero = int(tokens_SL[s].sum()), int(zero_SL[s].sum())
             evidence_logger.info(
                 "R3 check (rank %d, stage %s): n_tokens=%d mismatch=%d (%.2f%%)",
                 self.rank, stage.value, tokens, zero, 100.0 * zero / max(tokens, 1),
             )
-            stages[stage.value] = StageStats(tokens=tokens, zero_overlap=zero, calls=sum(self.calls[s]))
+            stages[stage.value] = StageStats(tokens=tokens, zero_overlap=zero, calls=sum(calls_L))
 
         layers = [
             LayerStats(
@@ -236,15 +270,12 @@ class ReplayCheck:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         torch.distributed.all_reduce(self.counters)
-        host = torch.tensor([self.calls, self.replayed_tokens], dtype=torch.int64, device=self.counters.device)
-        torch.distributed.all_reduce(host)
-        self.calls, self.replayed_tokens = host.tolist()
+        self.calls.all_reduce(self.counters.device)
 
     # --- private -----------------------------------------------------------------------------------------------
     def _reset(self) -> None:
         self.counters.zero_()
-        self.calls = [[0] * self.num_layers for _ in Stage]
-        self.replayed_tokens = [[0] * self.num_layers for _ in Stage]
+        self.calls.reset()
         self._examples = {}
 
     def _warn_examples(self, examples: dict) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from r3rl.check import ReplayCheck, Stage
+from r3rl.check import CallCounts, ReplayCheck, Stage
 from r3rl.models.adapters import BUILTIN_ADAPTERS, AdapterRegistry, RouterSite, find_routers, routed_forward
 from r3rl.trace import ReplayBatch, RoutingTrace
 
@@ -105,7 +105,6 @@ class RoutingReplay:
                  adapters: AdapterRegistry = BUILTIN_ADAPTERS) -> None:
         self.model = model
         self.sites: list[RouterSite] = find_routers(model, adapters)
-        self.check = check
         self.strict = strict  # --ci-test: every layer replayed the same number of times, recompute never exceeds it
         self.num_layers = len(self.sites)
         self.top_k = self.sites[0].top_k
@@ -114,13 +113,8 @@ class RoutingReplay:
         self._mode = ReplayMode.OFF
         self._batch: ReplayBatch | None = None
         self._recording: Recording | None = None
-        self.calls: dict[Stage, list[int]] = {s: [0] * self.num_layers for s in Stage}
         self._patched = False
-        if check is not None and (check.num_layers, check.top_k) != (self.num_layers, self.top_k):
-            raise RoutingReplayError(
-                f"ReplayCheck does not fit {type(model).__name__}: got (layers, top_k)="
-                f"{(check.num_layers, check.top_k)}, expected={(self.num_layers, self.top_k)}"
-            )
+        self.check = check  # validated; shares its call counts
         # Checkpointed forwards outside our context_fn: per layer, the grad-enabled replayed calls whose recompute may
         # still come (`_Pending`, one per call, owned by the forward's autograd graph), so that a recompute under the
         # wrong batch or mode is an error instead of silent live routing. Never reset by hand: an entry leaves when
@@ -144,6 +138,22 @@ class RoutingReplay:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def check(self) -> ReplayCheck | None:
+        return self._check
+
+    @check.setter
+    def check(self, check: ReplayCheck | None) -> None:
+        """Attach (or detach) a check. Replayed calls per (stage, layer) are then the check's own counts, which its
+        step summary resets: each call is counted once, in `_replayed_forward`, with one reset."""
+        if check is not None and (check.num_layers, check.top_k) != (self.num_layers, self.top_k):
+            raise RoutingReplayError(
+                f"ReplayCheck does not fit {type(self.model).__name__}: got (layers, top_k)="
+                f"{(check.num_layers, check.top_k)}, expected={(self.num_layers, self.top_k)}"
+            )
+        self._check = check
+        self.calls: CallCounts = check.calls if check is not None else CallCounts(self.num_layers)
 
     @property
     def mode(self) -> ReplayMode:
@@ -178,7 +188,7 @@ class RoutingReplay:
                 f"{(self.num_layers, self.top_k, self.num_experts)}"
             )
         device = self.sites[0].router.weight.device
-        before = {s: list(c) for s, c in self.calls.items()}
+        before = self.calls.snapshot()
         self._no_pending_from_earlier_context()
         with self._in_mode(ReplayMode.REPLAY):
             self._context_id += 1
@@ -204,11 +214,6 @@ class RoutingReplay:
         """
         # Class-based context managers: a second backward through the same graph re-enters the recompute one.
         return _CheckpointedForward(self), _RecomputeAs(self, self._mode, self._batch)  # captured at forward time
-
-    def new_step(self) -> None:
-        """Reset the per-step call counters. Pending recomputes are not touched: a forward whose backward has not run
-        yet still recomputes later, whatever step the caller thinks it is."""
-        self.calls = {s: [0] * self.num_layers for s in Stage}
 
     # --- private ------------------------------------------------------------------------------------------------
     def _recompute_may_follow(self) -> bool:
@@ -271,7 +276,7 @@ class RoutingReplay:
                 f"rows in the active micro-batch, actual={n_tokens} tokens in this forward"
             )
         stage = current_stage()
-        self.calls[stage][layer] += 1
+        self.calls.add(stage, layer, n_tokens)
         track = False
         if stage is Stage.REPLAY_BACKWARD and not self._restoring:
             mine = next((p for p in self._pending[layer] if p.context_id == self._context_id), None)

@@ -30,6 +30,7 @@ from transformers import DynamicCache
 
 from r3rl.check import CheckSummary, ReplayCheck, Stage, resolve_threshold
 from r3rl.config import CheckRunConfig, Fault, ReplayKind, RolloutKind
+from r3rl.faults import corrupt_ids
 from r3rl.models import load_model, resolve_dtype
 from r3rl.models.loading import cache_kwargs, set_activation_checkpointing
 from r3rl.models.presets import make_model
@@ -104,18 +105,12 @@ def rollout_hf_kv_cache(model: nn.Module, replay: RoutingReplay, cfg: CheckRunCo
 
 
 def inject_fault(batch: ReplayBatch, fault: Fault, batch_size: int) -> ReplayBatch:
-    """Corrupt a replay batch: `shift` gives token i the routing of token i+1; `permute-layers` rolls layers."""
+    """Corrupt the laid-out replay batch of each of the `batch_size` samples (`r3rl.faults`)."""
     if fault is Fault.NONE:
         return batch
     ids_BSLK = batch.expert_ids.view(batch_size, -1, batch.num_layers, batch.top_k)
-    if fault is Fault.SHIFT:
-        ids_BSLK = torch.cat([ids_BSLK[:, 1:], ids_BSLK[:, -1:]], dim=1)
-    elif fault is Fault.PERMUTE_LAYERS:
-        if batch.num_layers < 2:
-            raise ValueError("permute-layers needs at least 2 MoE layers")
-        ids_BSLK = ids_BSLK.roll(1, dims=2)
     logger.warning("injecting fault '%s' into the replay trace (negative control: the check must fail)", fault.value)
-    return dataclasses.replace(batch, expert_ids=ids_BSLK.reshape(batch.expert_ids.shape).contiguous())
+    return dataclasses.replace(batch, expert_ids=corrupt_ids(ids_BSLK, fault).reshape(batch.expert_ids.shape))
 
 
 # --- private ------------------------------------------------------------------------------------------------------
@@ -182,7 +177,7 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     finally:
         set_activation_checkpointing(model, False)
         model.eval()
-    summary = None
+    summary, calls = None, replay.calls.snapshot()  # before the summary, which ends the step and resets them
     if check is not None:
         try:
             summary = check.summary()
@@ -191,7 +186,7 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
             logger.error("R3 check failed: %s", e)
     report["with_replay"] = _metrics(replayed, rollout_ids_BSLK, rollout_logp_BR, P)
     report["replay_target_mismatch"] = _set_mismatch(replayed.used_BSLK[:, :target_rows], target_BSLK[:, :target_rows])
-    report["counts"] = _counts(replay, summary)
+    report["counts"] = _counts(calls, summary)
     report["tokens_checked"] = summary.tokens_checked if summary else 0
     report["layers"] = [vars(layer) for layer in summary.layers] if summary else []
     report["verdict"], report["reason"] = _verdict(cfg, report, reason)
@@ -227,8 +222,8 @@ def _set_mismatch(a_BSLK: torch.Tensor, b_BSLK: torch.Tensor) -> float:
     return (a != b).any(-1).double().mean().item()
 
 
-def _counts(replay: RoutingReplay, summary: CheckSummary | None) -> dict:
-    fwd, bwd = sum(replay.calls[Stage.REPLAY_FORWARD]), sum(replay.calls[Stage.REPLAY_BACKWARD])
+def _counts(calls: dict[Stage, list[int]], summary: CheckSummary | None) -> dict:
+    fwd, bwd = sum(calls[Stage.REPLAY_FORWARD]), sum(calls[Stage.REPLAY_BACKWARD])
     stages = summary.to_dict()["stages"] if summary else {}
     checks = sum(v["calls"] for v in stages.values())
     return {"replay_forward": fwd, "replay_backward": bwd, "checks": checks,

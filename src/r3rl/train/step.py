@@ -30,6 +30,7 @@ from torch import nn
 
 from r3rl.check import ReplayCheck
 from r3rl.config import Fault, ReplayKind
+from r3rl.faults import corrupt_trace
 from r3rl.replay import Recording, RoutingReplay
 from r3rl.rollout.backend import RolloutBackend
 from r3rl.rollout.protocol import SamplingParams
@@ -40,7 +41,7 @@ from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
 from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
 from r3rl.train.metrics import routing_mismatch_per_layer, train_rollout_metrics
 
-__all__ = ["StepContext", "rl_step", "fault_trace"]
+__all__ = ["StepContext", "rl_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +65,14 @@ class StepContext:
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
-    cfg, replay, timer = ctx.cfg, ctx.replay, _Timer(ctx.cfg.device)
-    replay.new_step()
+    cfg, timer = ctx.cfg, _Timer(ctx.cfg.device)
     with timer("rollout"):  # 1
         items = ctx.prompts.next_batch(cfg.rollout_batch_size)
         samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
                                        n_samples_per_prompt=cfg.n_samples_per_prompt)
         _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature)
         if cfg.inject_fault is not Fault.NONE and step == 0:
-            samples = [_with_trace(s, fault_trace(s.trace, cfg.inject_fault)) for s in samples]
+            samples = [_with_trace(s, corrupt_trace(s.trace, cfg.inject_fault)) for s in samples]
     with timer("reward"):  # 2
         texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         rewards = torch.tensor([float(ctx.prompts.reward(texts[i], items[i // cfg.n_samples_per_prompt]))
@@ -106,16 +106,6 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     if ci_diff is not None:
         metrics["ci_ref_logprob_max_abs_diff"] = ci_diff
     return metrics
-
-
-def fault_trace(trace: RoutingTrace, fault: Fault) -> RoutingTrace:
-    """Negative control: `shift` gives row i the experts of row i+1; `permute-layers` rolls the layer axis."""
-    ids = trace.expert_ids
-    if fault is Fault.SHIFT:
-        ids = ids[list(range(1, len(ids))) + [len(ids) - 1]]
-    elif fault is Fault.PERMUTE_LAYERS:
-        ids = ids[:, [(i - 1) % ids.shape[1] for i in range(ids.shape[1])]]
-    return RoutingTrace.from_ids(ids, trace.num_experts)
 
 
 # --- stages -------------------------------------------------------------------------------------------------------
