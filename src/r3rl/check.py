@@ -205,46 +205,17 @@ class ReplayCheck:
                 kept[1] = entry
 
     # --- once per step ---------------------------------------------------------------------------------------------
-    def summary(self, *, raise_on_fail: bool = True) -> CheckSummary:
-        """Sync once, log the evidence lines, reset, and raise AssertionError above the threshold."""
+    def summary(self, *, raise_on_fail: bool = True, over_ranks: bool = False) -> CheckSummary:
+        """Sync once, log the evidence lines, reset, and raise AssertionError above the threshold.
+
+        `over_ranks` (multi-process runs; a collective, every rank calls it): the evidence lines carry this rank's
+        own counts, then the counters are summed over ranks and the verdict is taken on the sums, so every rank
+        reaches the same verdict and raises together."""
         counts = self.counters.cpu()  # note: the one host sync of the step
-        K = self.top_k
-        hist = counts[..., : self._width].view(len(Stage), self.num_layers, K + 1, K + 1).double()  # [S, L, n, o]
-        o = torch.arange(K + 1, dtype=torch.float64)
-        n = torch.arange(K + 1, dtype=torch.float64)
-        checked = hist[:, :, 1:, :]  # rows with at least one valid slot
-        tokens_SL = checked.sum((-1, -2))
-        zero_SL = checked[..., 0].sum(-1)
-        exact_SL = torch.stack([hist[:, :, i, i] for i in range(1, K + 1)], -1).sum(-1)
-        overlap_SL = (checked * (o / n[1:, None].clamp_min(1))).sum((-1, -2))
-        idx_sum_SL = counts[..., self._width]
-
-        stages: dict[str, StageStats] = {}
-        for stage in Stage:
-            s, calls_L = _stage_index(stage), self.calls[stage]
-            if not any(calls_L) and not tokens_SL[s].any():
-                continue
-            for layer in range(self.num_layers):
-                if calls_L[layer]:
-                    evidence_logger.info(
-                        "R3 wrapper: %s branch taken (rank %d, n_tokens=%d, topk=%d, replay_idx_sum=%d)",
-                        stage.value, self.rank, self.calls.tokens[stage][layer], K, int(idx_sum_SL[s, layer]),
-                    )
-            tokens, zero = int(tokens_SL[s].sum()), int(zero_SL[s].sum())
-            evidence_logger.info(
-                "R3 check (rank %d, stage %s): n_tokens=%d mismatch=%d (%.2f%%)",
-                self.rank, stage.value, tokens, zero, 100.0 * zero / max(tokens, 1),
-            )
-            stages[stage.value] = StageStats(tokens=tokens, zero_overlap=zero, calls=sum(calls_L))
-
-        layers = [
-            LayerStats(
-                layer=i, tokens=int(tokens_SL[:, i].sum()), zero_overlap=int(zero_SL[:, i].sum()),
-                exact_match=int(exact_SL[:, i].sum()),
-                mean_overlap=float(overlap_SL[:, i].sum() / tokens_SL[:, i].sum()) if tokens_SL[:, i].sum() else 0.0,
-            )
-            for i in range(self.num_layers)
-        ]
+        stages, layers = self._stats(counts, log=True)
+        if over_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.all_reduce()
+            stages, layers = self._stats(self.counters.cpu(), log=False)
         # The verdict is per stage: a recompute that diverged must not hide behind a clean forward.
         failing = {st: v for st, v in stages.items() if v.zero_overlap > self.threshold * v.tokens}
         summary = CheckSummary(
@@ -264,6 +235,48 @@ class ReplayCheck:
                     f"R3 mismatch tokens ({worst.zero_overlap}) > threshold ({self.threshold * worst.tokens:.2f})"
                 )
         return summary
+
+    def _stats(self, counts: torch.Tensor, *, log: bool) -> tuple[dict[str, StageStats], list[LayerStats]]:
+        """Per-stage and per-layer statistics of host `counts`; `log`: emit the evidence lines."""
+        K = self.top_k
+        hist = counts[..., : self._width].view(len(Stage), self.num_layers, K + 1, K + 1).double()  # [S, L, n, o]
+        o = torch.arange(K + 1, dtype=torch.float64)
+        n = torch.arange(K + 1, dtype=torch.float64)
+        checked = hist[:, :, 1:, :]  # rows with at least one valid slot
+        tokens_SL = checked.sum((-1, -2))
+        zero_SL = checked[..., 0].sum(-1)
+        exact_SL = torch.stack([hist[:, :, i, i] for i in range(1, K + 1)], -1).sum(-1)
+        overlap_SL = (checked * (o / n[1:, None].clamp_min(1))).sum((-1, -2))
+        idx_sum_SL = counts[..., self._width]
+
+        stages: dict[str, StageStats] = {}
+        for stage in Stage:
+            s, calls_L = _stage_index(stage), self.calls[stage]
+            if not any(calls_L) and not tokens_SL[s].any():
+                continue
+            tokens, zero = int(tokens_SL[s].sum()), int(zero_SL[s].sum())
+            if log:
+                for layer in range(self.num_layers):
+                    if calls_L[layer]:
+                        evidence_logger.info(
+                            "R3 wrapper: %s branch taken (rank %d, n_tokens=%d, topk=%d, replay_idx_sum=%d)",
+                            stage.value, self.rank, self.calls.tokens[stage][layer], K, int(idx_sum_SL[s, layer]),
+                        )
+                evidence_logger.info(
+                    "R3 check (rank %d, stage %s): n_tokens=%d mismatch=%d (%.2f%%)",
+                    self.rank, stage.value, tokens, zero, 100.0 * zero / max(tokens, 1),
+                )
+            stages[stage.value] = StageStats(tokens=tokens, zero_overlap=zero, calls=sum(calls_L))
+
+        layers = [
+            LayerStats(
+                layer=i, tokens=int(tokens_SL[:, i].sum()), zero_overlap=int(zero_SL[:, i].sum()),
+                exact_match=int(exact_SL[:, i].sum()),
+                mean_overlap=float(overlap_SL[:, i].sum() / tokens_SL[:, i].sum()) if tokens_SL[:, i].sum() else 0.0,
+            )
+            for i in range(self.num_layers)
+        ]
+        return stages, layers
 
     def all_reduce(self) -> None:
         """Sum the counters over ranks (every rank calls it before `summary()` for a global verdict)."""

@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         parser.error(f"--log-level {args.log_level!r}: choose one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None  # torchrun: every line says its rank
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank is not None else "") +
+                        "%(name)s: %(message)s")
     if args.command == "init-model":
         from r3rl.models import resolve_dtype
         from r3rl.models.presets import init_model
@@ -287,9 +289,11 @@ def _train(cfg) -> int:
         summary = Trainer(cfg).run()
     except AssertionError as e:  # the R3 check failed (the exact "R3 mismatch tokens (N) > threshold (M)" text)
         logger.error("r3rl train failed: %s", e)
-        print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": cfg.run_dir}, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports for the run
+            print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": cfg.run_dir}, indent=2))
         return 1
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2))
     return 0 if summary["verdict"] in ("pass", "not_checked") else 1
 
 

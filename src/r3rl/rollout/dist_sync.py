@@ -78,8 +78,10 @@ def broadcast_weights(tensors: Mapping[str, torch.Tensor], group: dist.ProcessGr
                       device: torch.device | str | None = None) -> None:
     """Trainer rank 0: send every tensor in `tensors`' order (the order announced to the servers). `device`: where
     the group's backend needs them ("cuda" for NCCL)."""
+    from r3rl.rollout.weights import materialize
+
     for t in tensors.values():
-        t = t.detach().contiguous()
+        t = materialize(t).detach().contiguous()
         _broadcast(group, t.to(device) if device is not None else t)
 
 

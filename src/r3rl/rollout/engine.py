@@ -54,7 +54,7 @@ from r3rl.rollout.graphs import DecodeGraphs, graph_safe, next_power_of_two
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
 from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason
 from r3rl.rollout.sampling import SamplingMode, SlotParams, fold_seed, sample_tokens, vocab_keys
-from r3rl.rollout.weights import check_tensor_names
+from r3rl.rollout.weights import check_tensor_names, materialize
 
 __all__ = ["RolloutEngine"]
 
@@ -245,8 +245,8 @@ class RolloutEngine:
         """
         views = self.model.views
         check_tensor_names(named_tensors, self.model.shapes, where="update_weights", require_all=strict)
-        for name, t in named_tensors.items():
-            views[name].copy_(t)
+        for name, t in named_tensors.items():  # FSDP2 shards gathered one tensor at a time, then freed
+            views[name].copy_(materialize(t))
         self._weight_version = self._weight_version + 1 if version is None else int(version)
         return self._weight_version
 

@@ -1,7 +1,8 @@
 """Weights for the rollout engine: the trainer model's tensors (in-process sync) or an HF checkpoint on disk
 (`/update_weights_from_disk`), checked strictly before anything is copied.
 
-    tensors = model_tensors(trainer_model)                  # HF names, full tensors (FSDP DTensors gathered)
+    tensors = model_tensors(trainer_model)                  # HF names; FSDP2 DTensor shards stay sharded
+    engine.update_weights(tensors, version=3, strict=True)   # gathers one tensor at a time (full_tensor)
     tensors = load_checkpoint_tensors("/ckpt/v3", dtype=torch.bfloat16, expected_shapes=engine.model.shapes)
     engine.update_weights(tensors, version=3, strict=True)
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["WeightLoadError", "load_checkpoint_tensors", "model_tensors", "check_tensor_names"]
+__all__ = ["WeightLoadError", "load_checkpoint_tensors", "model_tensors", "check_tensor_names", "materialize"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,20 @@ class WeightLoadError(ValueError):
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict under its HF names, detached; DTensor shards (FSDP2) are gathered into full tensors."""
+    """The model's state dict under its HF names, detached. FSDP2's DTensor shards are NOT gathered here (their
+    `.shape` is the full one, so names and shapes can be checked first): consumers gather one tensor at a time with
+    `materialize`, so a sync never holds a second full copy of the model. Every rank must then consume the tensors
+    in the same order (each gather is a collective)."""
     out = {}
     for name, t in model.state_dict().items():
         parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
-        name = ".".join(parts[1:] if parts[0] == "module" else parts)
-        if hasattr(t, "full_tensor"):  # torch.distributed.tensor.DTensor
-            t = t.full_tensor()
-        out[name] = t.detach()
+        out[".".join(parts[1:] if parts[0] == "module" else parts)] = t.detach()
     return out
+
+
+def materialize(t: torch.Tensor) -> torch.Tensor:
+    """A full local tensor: a DTensor (FSDP2 shard) is all-gathered (a collective), a plain tensor is returned."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def check_tensor_names(tensors: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple[int, ...]],

@@ -61,6 +61,9 @@ class MicroBatch:
     advantages_T: torch.Tensor
     replay: ReplayBatch | None
     """Routing to replay, rows in the forward's flattened token order; None when the samples have no trace."""
+    is_padding: bool = False
+    """A repeat that only keeps ranks in step (every FSDP forward is a collective): its outputs are discarded and
+    its loss weighs nothing."""
 
     @property
     def num_seqs(self) -> int:

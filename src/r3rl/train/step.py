@@ -12,6 +12,10 @@ Log-probs: the trainer's are log_softmax(logits / rollout temperature), the dist
 the rollout log-probs it compares them with (`train_rollout_*` metrics, TIS and mask corrections) are asked of the
 engine at that same temperature.
 
+Data parallel (torchrun, `r3rl.train.parallel`): every rank draws the same prompts, keeps its share of whole
+groups, rolls them out and trains on them; loss denominators are global, so the optimizer step is the
+single-process one on the global batch. Metrics are averaged over ranks; the R3 check's verdict is global.
+
 Tensor suffixes: T response tokens, V vocabulary, P prompts, N samples per prompt, L layers.
 """
 
@@ -23,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -40,6 +44,7 @@ from r3rl.train.config import LogprobSource, TrainConfig
 from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
 from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
 from r3rl.train.metrics import routing_mismatch_per_layer, train_rollout_metrics
+from r3rl.train.parallel import DistEnv, mean_over_ranks, pad_count, shard_range, sum_over_ranks
 
 __all__ = ["StepContext", "rl_step"]
 
@@ -62,12 +67,14 @@ class StepContext:
     ref_model: nn.Module | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
+    env: DistEnv = field(default_factory=DistEnv)
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
     cfg, timer = ctx.cfg, _Timer(ctx.cfg.device)
     with timer("rollout"):  # 1
-        items = ctx.prompts.next_batch(cfg.rollout_batch_size)
+        items = ctx.prompts.next_batch(cfg.rollout_batch_size)  # the same on every rank; each keeps its share
+        items = [items[i] for i in shard_range(len(items), ctx.env, what="rollout_batch_size")]
         samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
                                        n_samples_per_prompt=cfg.n_samples_per_prompt)
         _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature)
@@ -90,7 +97,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                               std_normalization=cfg.grpo_std_normalization)
     with timer("update"):  # 5
         update = _update(ctx, samples, adv_PN.flatten().tolist(), old_logp, ref_logp, recorded)
-    summary = ctx.check.summary() if ctx.check is not None else None  # raises above the threshold
+    # raises above the threshold; the verdict sums every rank's counters, the evidence lines are this rank's
+    summary = ctx.check.summary(over_ranks=ctx.env.distributed) if ctx.check is not None else None
     with timer("weight_sync"):  # 6
         ctx.rollout.update_weights(ctx.model, version=step + 1)
     metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -98,24 +106,30 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
                "lr": ctx.scheduler.get_last_lr()[0], "weight_version": step + 1}
     metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
-                                     torch.cat([mb.rollout_logp_T for mb in mbs]))
+                                     torch.cat([mb.rollout_logp_T for mb in mbs if not mb.is_padding]))
     per_layer = routing_mismatch_per_layer([s.trace for s in samples], used)
     metrics |= {"routing_mismatch": sum(per_layer) / len(per_layer) if per_layer else 0.0,
                 "routing_mismatch_per_layer": per_layer}
-    metrics |= update | _check_metrics(summary) | timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs))
+    metrics |= timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs if not mb.is_padding))
     if ci_diff is not None:
         metrics["ci_ref_logprob_max_abs_diff"] = ci_diff
-    return metrics
+    metrics = mean_over_ranks(metrics, ctx.env)  # the update's metrics are global already
+    if ctx.env.distributed:  # every rank's tokens, over the slowest rank's update time
+        metrics["update_tokens_per_s"] *= ctx.env.world_size
+    return metrics | update | _check_metrics(summary)
 
 
 # --- stages -------------------------------------------------------------------------------------------------------
 def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[float], indices=None, traces=None):
     cfg = ctx.cfg
     use_traces = cfg.replay.kind is not ReplayKind.NONE or traces is not None
-    return [mb.to(cfg.device) for mb in make_micro_batches(
+    mbs = [mb.to(cfg.device) for mb in make_micro_batches(
         samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
         max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices,
         traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
+    # ranks run the same number of forwards (FSDP collectives): the short ones repeat their last, as padding
+    missing = pad_count(len(mbs), ctx.env) - len(mbs)
+    return mbs + [replace(mbs[-1], is_padding=True)] * missing
 
 
 @torch.no_grad()
@@ -142,6 +156,8 @@ def _old_logprobs(ctx: StepContext, mbs: list[MicroBatch]):
             with replay.record() as rec:
                 logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
         _scatter(logp, mb, token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature))
+        if mb.is_padding:
+            continue
         for i, trace in zip(mb.sample_indices, mb.split_routing(rec.batch().expert_ids, replay.num_experts),
                             strict=True):
             used[i] = trace
@@ -151,20 +167,25 @@ def _old_logprobs(ctx: StepContext, mbs: list[MicroBatch]):
 
 
 def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded) -> dict:
-    """Optimizer steps over the rollout's samples, each accumulated over micro-batches under replay."""
-    cfg, model = ctx.cfg, ctx.model
+    """Optimizer steps over the rollout's samples, each accumulated over micro-batches under replay.
+
+    Data parallel: this rank's share of each optimizer step's samples; denominators are global token and sample
+    counts and the loss is scaled by the world size (FSDP2 averages gradients), so the gradient is the global one."""
+    cfg, model, env = ctx.cfg, ctx.model, ctx.env
     totals: dict[str, float] = defaultdict(float)
-    per_opt = cfg.samples_per_optimizer_step
+    per_opt = cfg.samples_per_optimizer_step // env.world_size
     model.train()
     for start in range(0, len(samples), per_opt):
         idx = list(range(start, start + per_opt))
         traces = [recorded[i] for i in idx] if cfg.replay.kind is ReplayKind.R2 else None
         mbs = _micro_batches(ctx, [samples[i] for i in idx], [advantages[i] for i in idx], idx, traces)
-        n_tok, n_seq = sum(mb.num_response_tokens for mb in mbs), len(idx)
+        n_tok = int(sum_over_ranks([sum(mb.num_response_tokens for mb in mbs if not mb.is_padding)], env)[0])
+        n_seq = per_opt * env.world_size
         ctx.optimizer.zero_grad(set_to_none=True)
-        for mb in mbs:
-            mode = replay_mode(ctx, mb)
-            with mode:
+        for j, mb in enumerate(mbs):
+            if env.distributed:  # reduce-scatter gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(j == len(mbs) - 1)
+            with replay_mode(ctx, mb):
                 logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
                 logp_T = token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature)
                 loss, m = policy_loss(
@@ -174,20 +195,26 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded)
                     ref_logp_T=_gather(ref_logp, mb) if ref_logp is not None else None,
                     entropy_T=entropy_from_logits(logits_TV) if cfg.loss.entropy_coef else
                     entropy_from_logits(logits_TV.detach()))
-                loss.backward()  # the checkpoint recompute replays here (replay_backward)
+                weight = 0.0 if mb.is_padding else float(env.world_size)
+                (loss * weight).backward()  # the checkpoint recompute replays here (replay_backward)
+            if mb.is_padding:
+                continue
             for k, v in m.items():
                 totals[k] += float(v)
             totals["loss"] += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not math.isfinite(float(grad_norm)):
             raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at optimizer step "
                                      f"{start // per_opt}")
         ctx.optimizer.step()
         ctx.scheduler.step()
-        totals["grad_norm"] += float(grad_norm)
+        totals["grad_norm"] += float(grad_norm) / env.world_size  # the same on every rank: summed below
     model.eval()
     n_opt = len(samples) // per_opt
-    return {k: v / n_opt for k, v in totals.items()} | {"optimizer_steps": n_opt}
+    keys = sorted(totals)  # each rank's terms are normalized by the global counts: their sum is the global value
+    summed = dict(zip(keys, sum_over_ranks([totals[k] for k in keys], env), strict=True))
+    return {k: v / n_opt for k, v in summed.items()} | {"optimizer_steps": n_opt}
 
 
 def replay_mode(ctx: StepContext, mb: MicroBatch):
@@ -212,7 +239,7 @@ def _sampling(ctx: StepContext, step: int) -> SamplingParams:
     cfg = ctx.cfg
     return SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=cfg.rollout_temperature,
                           top_p=cfg.rollout_top_p, stop_token_ids=list(ctx.stop_token_ids),
-                          seed=(cfg.seed * 1_000_003 + step) % 2**31)
+                          seed=(cfg.seed * 1_000_003 + step * ctx.env.world_size + ctx.env.rank) % 2**31)
 
 
 def _check_samples(samples: list[Sample], version: int, step: int, temperature: float) -> None:
@@ -231,8 +258,6 @@ def _check_samples(samples: list[Sample], version: int, step: int, temperature: 
 
 
 def _with_trace(s: Sample, trace: RoutingTrace) -> Sample:
-    from dataclasses import replace
-
     return replace(s, trace=trace)
 
 
@@ -244,6 +269,8 @@ def _rollout_logprobs(mbs: list[MicroBatch]) -> dict[int, torch.Tensor]:
 
 
 def _scatter(out: dict[int, torch.Tensor], mb: MicroBatch, values_T: torch.Tensor) -> None:
+    if mb.is_padding:
+        return
     for b, i in enumerate(mb.sample_indices):
         out[i] = values_T[mb.seq_idx_T == b].detach()
 

@@ -3,6 +3,11 @@ policy up with a few supervised steps on the task's targets, runs RL steps (`ste
 under the run directory: config.json, metrics.jsonl (+ TensorBoard), summary.json with the R3 check's verdict over
 the run, checkpoints under `--save`.
 
+Under torchrun (`r3rl.train.parallel`) the policy and the reference are sharded with FSDP2 after the warm-up
+(which every rank runs identically, then rank 0's weights are broadcast), each rank has its own colocated engine,
+and rank 0 alone writes the run directory. Checkpoints are sharded (torch.distributed.checkpoint) plus an HF
+export (`r3rl.train.checkpoint`).
+
     summary = Trainer(TrainConfig(replay=ReplayConfig(use_rollout_routing_replay=True,
                                                       enable_r3_correctness_check=True))).run()
 """
@@ -29,6 +34,7 @@ from r3rl.replay import RoutingReplay
 from r3rl.sample import Sample
 from r3rl.train.checkpoint import (
     capture_rng,
+    load_optimizer_state,
     load_trainer_state,
     resolve_checkpoint,
     restore_rng,
@@ -37,6 +43,7 @@ from r3rl.train.checkpoint import (
 from r3rl.train.config import TrainConfig
 from r3rl.train.data import make_micro_batches, token_logprobs
 from r3rl.train.metrics import MetricsWriter, RunSummary
+from r3rl.train.parallel import DistEnv, parallelize
 from r3rl.train.step import StepContext, rl_step
 
 __all__ = ["Trainer"]
@@ -46,19 +53,27 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        self.env = env = DistEnv.from_environ(cfg.device)
+        cfg = self.cfg = dataclasses.replace(cfg, device=env.device(cfg.device))
+        if env.distributed and cfg.rollout_url:
+            raise ValueError("--rollout-url under torchrun is not supported yet: each rank rolls out on its own "
+                             "colocated engine (drop --rollout-url), or run the trainer as one process with the fleet")
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.resume_dir = resolve_checkpoint(cfg.load) if cfg.load else None
-        self.state = load_trainer_state(self.resume_dir) if self.resume_dir else None
+        self.state = load_trainer_state(self.resume_dir, rank=env.rank) if self.resume_dir else None
         self.model, self.tokenizer = self._load_policy()
         self.prompts = _prompt_source(cfg, seed=cfg.seed)
         self.start_step = 0
         if self.state is None:
             self._sft_warmup()
+            if env.distributed:  # identical on every rank up to kernel nondeterminism: rank 0's weights win
+                for t in self.model.state_dict().values():
+                    torch.distributed.broadcast(t, src=0)
         else:
             self.start_step = int(self.state["step"])
             self.prompts.load_state_dict(self.state["prompts"])
@@ -70,39 +85,49 @@ class Trainer:
             self.check = ReplayCheck(self.replay.num_layers, self.replay.top_k,
                                      threshold=resolve_threshold(rcfg.r3_check_threshold), device=cfg.device)
             self.replay.check = self.check
-        if cfg.activation_checkpointing:
-            set_activation_checkpointing(self.model, True, context_fn=self.replay.checkpoint_context_fn)
+        # the engine copies the full weights before sharding; later syncs gather them shard by shard
+        self.rollout = _rollout_backend(cfg, self.model, self.run_dir)
+        context_fn = self.replay.checkpoint_context_fn if cfg.activation_checkpointing else None
+        if env.distributed:
+            parallelize(self.model, env, param_dtype=resolve_dtype(cfg.dtype), checkpoint_context_fn=context_fn)
+            if self.ref_model is not None:
+                parallelize(self.ref_model, env, param_dtype=resolve_dtype(cfg.dtype), trainable=False)
+        elif context_fn is not None:
+            set_activation_checkpointing(self.model, True, context_fn=context_fn)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
         warmup = cfg.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
         if self.state is not None:
-            self.optimizer.load_state_dict(self.state["optimizer"])
+            load_optimizer_state(self.resume_dir, self.model, self.optimizer, self.state, env=env)
             self.scheduler.load_state_dict(self.state["scheduler"])
             restore_rng(self.state["rng"])
-        self.rollout = _rollout_backend(cfg, self.model, self.run_dir)
         self.rollout.update_weights(self.model, version=self.start_step)  # the engine starts from our weights
         self.ctx = StepContext(
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-            ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer))
+            ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
+            env=env)
 
     def run(self) -> dict:
-        cfg = self.cfg
-        (self.run_dir / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
-        writer = MetricsWriter(self.run_dir, truncate_after=self.start_step if self.state else None)
+        cfg, main = self.cfg, self.env.is_main
+        if main:
+            (self.run_dir / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
+        writer = MetricsWriter(self.run_dir, truncate_after=self.start_step if self.state else None) if main else None
         summary, error = RunSummary(), None
         try:
-            with _Progress(cfg.num_rollout, self.start_step, enabled=cfg.progress) as progress:
+            with _Progress(cfg.num_rollout, self.start_step, enabled=cfg.progress and main) as progress:
                 for step in range(self.start_step, cfg.num_rollout):
                     metrics = rl_step(self.ctx, step)
                     if cfg.eval_interval and (step % cfg.eval_interval == 0 or step + 1 == cfg.num_rollout):
                         metrics |= self.evaluate()
-                    writer.write(metrics)
+                    if writer is not None:
+                        writer.write(metrics)
                     summary.add(metrics)
                     progress.update(metrics)
-                    logger.info("step %d %s", step, _brief(metrics))
+                    if main:
+                        logger.info("step %d %s", step, _brief(metrics))
                     done = step + 1
                     if cfg.save and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.num_rollout):
                         self.save(done)
@@ -110,10 +135,12 @@ class Trainer:
             error = str(e)
             raise
         finally:
-            writer.close()
             result = summary.to_dict(check_enabled=cfg.replay.check_enabled, error=error)
-            result |= {"replay_mode": cfg.replay.kind.value, "run_dir": str(self.run_dir)}
-            (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+            result |= {"replay_mode": cfg.replay.kind.value, "run_dir": str(self.run_dir),
+                       "world_size": self.env.world_size}
+            if writer is not None:
+                writer.close()
+                (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
             self.close()
         return result
 
@@ -131,23 +158,25 @@ class Trainer:
             seed=0))
         rewards = [float(source.reward(self.tokenizer.decode(s.response_ids, skip_special_tokens=True), it))
                    for s, it in zip(samples, items, strict=True)]
-        return {"eval_reward": sum(rewards) / len(rewards),
+        return {"eval_reward": sum(rewards) / len(rewards),  # every rank holds the same weights: no reduction
                 "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
 
     def save(self, step: int) -> Path:
-        state = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": capture_rng(), "prompts": self.prompts.state_dict(), "config": _config_dict(self.cfg)}
+        state = {"step": step, "scheduler": self.scheduler.state_dict(), "rng": capture_rng(),
+                 "prompts": self.prompts.state_dict(), "config": _config_dict(self.cfg)}
         return save_checkpoint(self.cfg.save, step, model=self.model, tokenizer=self.tokenizer, state=state,
-                               reference=self.ref_model)
+                               optimizer=self.optimizer, reference=self.ref_model, env=self.env)
 
     def close(self) -> None:
         self.replay.close()
         self.rollout.close()
+        self.env.close()
 
     # --- construction ---------------------------------------------------------------------------------------------
     def _load_policy(self):
         cfg = self.cfg
-        dtype = resolve_dtype(cfg.dtype)
+        # FSDP2 keeps float32 master weights and computes in cfg.dtype (MixedPrecisionPolicy)
+        dtype = torch.float32 if self.env.distributed else resolve_dtype(cfg.dtype)
         source = self.resume_dir or cfg.model
         if source is not None:
             model = load_model(source, device=cfg.device, dtype=dtype)
@@ -160,7 +189,8 @@ class Trainer:
     def _reference(self):
         """The frozen reference: the policy as RL starts (after the warm-up), saved with every checkpoint."""
         if self.resume_dir is not None and (self.resume_dir / "reference").is_dir():
-            ref = load_model(self.resume_dir / "reference", device=self.cfg.device, dtype=resolve_dtype(self.cfg.dtype))
+            dtype = torch.float32 if self.env.distributed else resolve_dtype(self.cfg.dtype)
+            ref = load_model(self.resume_dir / "reference", device=self.cfg.device, dtype=dtype)
         else:
             ref = copy.deepcopy(self.model)  # before RoutingReplay patches the policy's routers
         return ref.eval().requires_grad_(False)

@@ -1,0 +1,168 @@
+"""Data-parallel training under torchrun: the process group, the device mesh, FSDP2 sharding, and rank arithmetic.
+
+    torchrun --nproc-per-node 2 -m r3rl train --use-rollout-routing-replay --enable-r3-correctness-check
+
+`DistEnv.from_environ` reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK); outside torchrun the run is a
+single process and nothing here changes it. Under torchrun every rank:
+  - joins one process group (NCCL on CUDA, gloo on CPU) and a 1-D device mesh named "dp";
+  - shards the policy with FSDP2 (`fully_shard` per decoder layer, then the root) under a `MixedPrecisionPolicy`
+    (params in `--dtype`, gradients reduced in float32; master weights float32), with torch's `checkpoint_wrapper`
+    around each decoder layer (the torchtitan layout) and `RoutingReplay.checkpoint_context_fn` as its context_fn,
+    so the recompute FSDP2 runs in backward replays the forward's batch;
+  - takes its share of the step's prompts (whole GRPO groups, so advantages need no communication), rolls them out
+    on its own colocated engine, and trains on its samples with their traces.
+
+FSDP2 averages gradients over ranks; the step scales each rank's loss by the world size and normalizes by global
+token / sample counts, so one optimizer step equals the single-process step on the same global batch.
+Every FSDP forward is a collective: ranks must run the same number of micro-batches (`pad_micro_batches`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["DistEnv", "parallelize", "decoder_layers", "mean_over_ranks", "sum_over_ranks", "shard_range", "pad_count"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits. `mesh` is None in a single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @classmethod
+    def from_environ(cls, device: str) -> DistEnv:
+        """Join torchrun's process group when its variables are set; else a single process. Returns the env and, on
+        CUDA, selects `cuda:LOCAL_RANK`."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return cls()
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device_type = torch.device(device).type
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(minutes=int(os.environ.get("R3RL_DIST_TIMEOUT_MIN", 30)))
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+        logger.info("rank %d/%d (local %d) joined the %s process group on %s", rank, world, local,
+                    dist.get_backend(), device_type)
+        return cls(rank=rank, world_size=world, local_rank=local, mesh=mesh)
+
+    def device(self, device: str) -> str:
+        """`cuda` becomes this rank's `cuda:LOCAL_RANK`; other devices are unchanged."""
+        return f"cuda:{self.local_rank}" if self.distributed and device == "cuda" else device
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (`model.model.layers`), named in the error when absent."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"FSDP2 sharding wraps each decoder layer: {type(model).__name__} has no `model.layers` "
+                        "ModuleList")
+    return layers
+
+
+def parallelize(model: nn.Module, env: DistEnv, *, param_dtype: torch.dtype, checkpoint_context_fn=None,
+                trainable: bool = True) -> nn.Module:
+    """Shard `model` in place with FSDP2 over `env.mesh`: each decoder layer (wrapped for activation checkpointing
+    when `checkpoint_context_fn` is given) is one FSDP unit, the root holds the embeddings, final norm and LM head.
+    Mixed precision: compute in `param_dtype`, reduce gradients in float32."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not env.distributed:
+        raise ValueError("parallelize() needs a distributed DistEnv (run under torchrun)")
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if checkpoint_context_fn is not None:
+            # non-reentrant torch.utils.checkpoint (the only kind replay supports), recompute under the replay state
+            # of its own forward
+            layer = checkpoint_wrapper(layer, context_fn=checkpoint_context_fn, preserve_rng_state=False)
+            layers[i] = layer
+        # the last layer's backward comes right after its forward: keep its params gathered (torchtitan does too)
+        fully_shard(layer, mesh=env.mesh, mp_policy=mp, reshard_after_forward=not trainable or i < len(layers) - 1)
+    fully_shard(model, mesh=env.mesh, mp_policy=mp, reshard_after_forward=False)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def shard_range(n: int, env: DistEnv, *, what: str) -> range:
+    """This rank's contiguous share of `n` items; `n` must divide evenly (ranks run the same collectives)."""
+    if n % env.world_size:
+        raise ValueError(f"{what} ({n}) must be divisible by the number of ranks ({env.world_size}) so every rank "
+                         "trains on the same number of samples")
+    per = n // env.world_size
+    return range(env.rank * per, (env.rank + 1) * per)
+
+
+def pad_count(n: int, env: DistEnv) -> int:
+    """The largest `n` over ranks (micro-batch counts must agree: each FSDP forward is a collective)."""
+    if not env.distributed:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=_collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def sum_over_ranks(values: list[float], env: DistEnv) -> list[float]:
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_ranks(metrics: dict, env: DistEnv) -> dict:
+    """Average every float (and list of floats) over ranks; every rank holds the same keys. Per-sample and per-token
+    means are averaged per rank, which equals the global mean because every rank has the same number of samples."""
+    if not env.distributed:
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, float) or
+                  (isinstance(v, list) and v and all(isinstance(x, float) for x in v)))
+    flat = [x for k in keys for x in (metrics[k] if isinstance(metrics[k], list) else [metrics[k]])]
+    summed = sum_over_ranks(flat, env)
+    out, i = dict(metrics), 0
+    for k in keys:
+        n = len(metrics[k]) if isinstance(metrics[k], list) else 1
+        vals = [x / env.world_size for x in summed[i : i + n]]
+        out[k] = vals if isinstance(metrics[k], list) else vals[0]
+        i += n
+    return out
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
