@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DistEnv", "parallelize", "decoder_layers", "mean_over_ranks", "sum_over_ranks", "shard_range", "pad_count"]
+__all__ = ["DistEnv", "parallelize", "decoder_layers", "mean_over_ranks", "sum_over_ranks", "prompt_shard",
+           "pad_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +120,18 @@ def parallelize(model: nn.Module, env: DistEnv, *, param_dtype: torch.dtype, che
     return model
 
 
-def shard_range(n: int, env: DistEnv, *, what: str) -> range:
-    """This rank's contiguous share of `n` items; `n` must divide evenly (ranks run the same collectives)."""
-    if n % env.world_size:
-        raise ValueError(f"{what} ({n}) must be divisible by the number of ranks ({env.world_size}) so every rank "
-                         "trains on the same number of samples")
-    per = n // env.world_size
-    return range(env.rank * per, (env.rank + 1) * per)
+def prompt_shard(num_prompts: int, prompts_per_optimizer_step: int, env: DistEnv) -> list[int]:
+    """This rank's prompts (whole GRPO groups): its share of each optimizer step's prompts, so that optimizer step c
+    of every rank together trains on exactly the samples of the single-process optimizer step c."""
+    if not env.distributed:
+        return list(range(num_prompts))
+    if prompts_per_optimizer_step % env.world_size:
+        raise ValueError(f"each optimizer step's prompts ({prompts_per_optimizer_step} = global_batch_size / "
+                         f"n_samples_per_prompt) must be divisible by the number of ranks ({env.world_size}), so that "
+                         "every rank trains on whole groups and the same number of samples")
+    share = prompts_per_optimizer_step // env.world_size
+    return [chunk + env.rank * share + i for chunk in range(0, num_prompts, prompts_per_optimizer_step)
+            for i in range(share)]
 
 
 def pad_count(n: int, env: DistEnv) -> int:

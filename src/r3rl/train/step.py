@@ -44,7 +44,7 @@ from r3rl.train.config import LogprobSource, TrainConfig
 from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
 from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
 from r3rl.train.metrics import routing_mismatch_per_layer, train_rollout_metrics
-from r3rl.train.parallel import DistEnv, mean_over_ranks, pad_count, shard_range, sum_over_ranks
+from r3rl.train.parallel import DistEnv, mean_over_ranks, pad_count, prompt_shard, sum_over_ranks
 
 __all__ = ["StepContext", "rl_step"]
 
@@ -74,7 +74,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     cfg, timer = ctx.cfg, _Timer(ctx.cfg.device)
     with timer("rollout"):  # 1
         items = ctx.prompts.next_batch(cfg.rollout_batch_size)  # the same on every rank; each keeps its share
-        items = [items[i] for i in shard_range(len(items), ctx.env, what="rollout_batch_size")]
+        items = [items[i] for i in prompt_shard(len(items), cfg.samples_per_optimizer_step // cfg.n_samples_per_prompt,
+                                                ctx.env)]
         samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
                                        n_samples_per_prompt=cfg.n_samples_per_prompt)
         _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature)

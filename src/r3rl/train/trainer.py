@@ -55,6 +55,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.env = env = DistEnv.from_environ(cfg.device)
         cfg = self.cfg = dataclasses.replace(cfg, device=env.device(cfg.device))
+        if env.distributed and cfg.samples_per_optimizer_step % (cfg.n_samples_per_prompt * env.world_size):
+            raise ValueError(f"under torchrun every rank trains on whole groups: global_batch_size "
+                             f"({cfg.samples_per_optimizer_step}) must be a multiple of n_samples_per_prompt "
+                             f"({cfg.n_samples_per_prompt}) x ranks ({env.world_size})")
         if env.distributed and cfg.rollout_url:
             raise ValueError("--rollout-url under torchrun is not supported yet: each rank rolls out on its own "
                              "colocated engine (drop --rollout-url), or run the trainer as one process with the fleet")
