@@ -1,34 +1,43 @@
 """Router adapters: find the MoE routers of a transformers v5 model and split routing into three parts.
 
-  scores      live router logits and probabilities (always computed by the live router, so it gets gradients)
-  selection   which experts: the live top-k, or replayed ids (the only thing replay changes)
-  gate        routing weights gathered from the live probabilities at the selected ids, normalized the way the
-              family normalizes them (softmax over all experts, optional top-k renormalization, dtype cast)
+  scores      live router logits and scores (always computed by the live router, so it gets gradients)
+  selection   which experts: the family's live top-k (with its selection bias and group limits), or replayed ids
+              (the only thing replay changes; no group masking is re-applied to them)
+  gate        routing weights gathered from the live scores (never the selection bias) at the selected ids,
+              normalized and scaled the way the family does it
 
-With the live top-k as selection, `routed_forward` is bitwise identical to the family's own router forward: the
-gate gathers the very values `torch.topk` returned and applies the same operations in the same order.
+The arithmetic lives once, on plain tensors, in `r3rl.models.routing` (the rollout engine calls it too). An adapter
+says how a family's router module maps onto it: its constants (`RouterSpec`, read once per site) and where its
+tensors are. With the live selection `routed_forward` is bitwise identical to the family's own router forward.
 
-Supported families (transformers v5 classes): Qwen3-MoE, Qwen2-MoE (shared expert is not routed and needs
-nothing), Mixtral, OLMoE. A model with a router class no adapter knows raises `UnsupportedRouterError` naming the
-class: r3rl never silently runs without replay.
+Supported families (transformers v5 router classes): Qwen3-MoE, Qwen2-MoE (shared expert is not routed and needs
+nothing), Mixtral, OLMoE, DeepSeek-V3 (Kimi-K2), GLM-4.5, MiniMax-M2, GPT-OSS. A family whose class the installed
+transformers lacks is never matched. A model with a router class no adapter knows raises `UnsupportedRouterError`
+naming the class: r3rl never silently runs without replay.
 
 Tensor suffixes: T tokens, H hidden, E experts, K top-k.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from r3rl.models.routing import RouterSpec, Scoring, Selection, route, router_logits
+
 __all__ = [
+    "BiasAt",
     "RouterAdapter",
     "RouterSite",
+    "RouterTensors",
     "UnsupportedRouterError",
     "find_routers",
     "routed_forward",
@@ -49,85 +58,159 @@ class UnsupportedRouterError(TypeError):
     """The model has an MoE router class that no r3rl adapter supports."""
 
 
+class BiasAt(enum.Enum):
+    """Where a family keeps its selection-only correction bias (`e_score_correction_bias`)."""
+
+    NONE = "none"
+    ROUTER = "router"  # on the router module (DeepSeek-V3, GLM-4.5)
+    MOE_BLOCK = "moe_block"  # on the MoE block that owns the router, passed to the router's forward (MiniMax-M2)
+
+
 @dataclass(frozen=True)
+class RouterTensors:
+    """A router's tensors, or their state-dict names: weight `[E, H]`, the logit bias `[E]` added inside the linear
+    (GPT-OSS), and the selection-only correction bias `[E]` (sigmoid families)."""
+
+    weight: Any
+    logit_bias: Any = None
+    correction: Any = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RouterAdapter:
-    """How one family's router scores and normalizes. Families here share softmax-then-top-k routing."""
+    """How one family's router module maps onto `r3rl.models.routing`: its constants and where its tensors are."""
 
     family: str
-    renormalize: Callable[[nn.Module], bool]  # renormalize the top-k weights to sum to 1?
-    cast_to_logits_dtype: bool  # the family casts gate weights back to the logits dtype
-    upcast_logits: bool = False  # softmax(logits.float()) instead of softmax(logits, dtype=float32), as Mixtral does
+    """Family name, for messages."""
+    read_spec: Callable[[nn.Module], RouterSpec]
+    """Reads the router module's constants into a `RouterSpec` (called once per site)."""
+    logit_bias: bool = False
+    """The router module's `bias` is added to its logits (GPT-OSS)."""
+    correction_bias_at: BiasAt = BiasAt.NONE
+    """Where the selection-only correction bias lives."""
+
+    def spec(self, router: nn.Module) -> RouterSpec:
+        return self.read_spec(router)
 
     def num_experts(self, router: nn.Module) -> int:
-        return int(router.num_experts)
+        return self.read_spec(router).num_experts
 
     def top_k(self, router: nn.Module) -> int:
-        return int(router.top_k)
+        return self.read_spec(router).top_k
 
-    def scores(self, router: nn.Module, hidden_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live logits (model dtype) and float32 probabilities over all experts."""
-        logits_TE = F.linear(hidden_TH, router.weight)
-        if self.upcast_logits:
-            probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        else:
-            probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        return logits_TE, probs_TE
+    def tensor_names(self, site: RouterSite) -> RouterTensors:
+        """State-dict names of the site's router tensors (the engine loads its copy by these)."""
+        return RouterTensors(
+            weight=f"{site.name}.weight",
+            logit_bias=f"{site.name}.bias" if self.logit_bias else None,
+            correction={BiasAt.NONE: None, BiasAt.ROUTER: f"{site.name}.e_score_correction_bias",
+                        BiasAt.MOE_BLOCK: f"{site.moe_block_name}.e_score_correction_bias"}[self.correction_bias_at],
+        )
 
-    def gate_weights(
-        self, router: nn.Module, logits_TE: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Tensor
-    ) -> torch.Tensor:
-        weights_TK = probs_TE.gather(1, ids_TK)
-        if self.renormalize(router):
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        if self.cast_to_logits_dtype:
-            weights_TK = weights_TK.to(logits_TE.dtype)
-        return weights_TK
+    def tensors(self, site: RouterSite) -> RouterTensors:
+        """The site's live router tensors (read at call time: weight updates and FSDP2 swaps are seen)."""
+        router = site.router
+        correction = None
+        if self.correction_bias_at is BiasAt.ROUTER:
+            correction = router.e_score_correction_bias
+        elif self.correction_bias_at is BiasAt.MOE_BLOCK:
+            correction = site.moe_block.e_score_correction_bias
+        return RouterTensors(router.weight, router.bias if self.logit_bias else None, correction)
 
 
 @dataclass(frozen=True)
 class RouterSite:
     """One router in a model: its MoE layer index (the trace's layer axis), module path, module, adapter, and the
-    index of the decoder layer it sits in (differs from `layer` when some decoder layers are dense)."""
+    index of the decoder layer it sits in (differs from `layer` when some decoder layers are dense). `moe_block`
+    is the module that owns the router (MiniMax-M2 keeps the correction bias there)."""
 
     layer: int
     name: str
     router: nn.Module
     adapter: RouterAdapter
     decoder_layer: int | None = None
+    moe_block: nn.Module | None = None
+
+    @functools.cached_property
+    def spec(self) -> RouterSpec:
+        """The router's constants, read once."""
+        return self.adapter.spec(self.router)
+
+    @property
+    def moe_block_name(self) -> str:
+        return self.name.rpartition(".")[0]
 
     @property
     def num_experts(self) -> int:
-        return self.adapter.num_experts(self.router)
+        return self.spec.num_experts
 
     @property
     def top_k(self) -> int:
-        return self.adapter.top_k(self.router)
-
-
-Selection = Callable[[torch.Tensor], torch.Tensor]  # probs_TE -> ids_TK
+        return self.spec.top_k
 
 
 def routed_forward(
     site: RouterSite, hidden: torch.Tensor, select: Selection | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The family router's forward with a pluggable selection. Returns (logits_TE, weights_TK, ids_TK)."""
-    router, adapter = site.router, site.adapter
-    hidden_TH = hidden.reshape(-1, router.weight.shape[1])
-    logits_TE, probs_TE = adapter.scores(router, hidden_TH)
-    ids_TK = torch.topk(probs_TE, adapter.top_k(router), dim=-1).indices if select is None else select(probs_TE)
-    return logits_TE, adapter.gate_weights(router, logits_TE, probs_TE, ids_TK), ids_TK
+    """The family router's forward with a pluggable selection. Returns (logits_TE, weights_TK, ids_TK).
+
+    `select(choice_TE)` gets the family's selection ranking (its top-k is the live selection: bias and groups
+    applied) and returns the ids to use; the gate weights are always the live scores at those ids."""
+    spec, t = site.spec, site.adapter.tensors(site)
+    hidden_TH = hidden.reshape(-1, t.weight.shape[1])
+    logits_TE = router_logits(spec, hidden_TH, t.weight, t.logit_bias)
+    weights_TK, ids_TK = route(spec, logits_TE, t.correction, select)
+    return logits_TE, weights_TK, ids_TK
 
 
 # --- registry -------------------------------------------------------------------------------------------------------
-_BY_NORM_TOPK = RouterAdapter("softmax-topk", renormalize=lambda r: bool(r.norm_topk_prob), cast_to_logits_dtype=True)
-_MIXTRAL = RouterAdapter("mixtral", renormalize=lambda r: True, cast_to_logits_dtype=False, upcast_logits=True)
+def _softmax_norm_topk(router: nn.Module) -> RouterSpec:
+    return RouterSpec(num_experts=int(router.num_experts), top_k=int(router.top_k),
+                      renormalize=bool(router.norm_topk_prob), cast_to_logits_dtype=True)
 
-# (module, class name) -> adapter. Classes are resolved lazily so that importing r3rl imports no model code.
+
+def _mixtral(router: nn.Module) -> RouterSpec:
+    return RouterSpec(num_experts=int(router.num_experts), top_k=int(router.top_k), upcast_logits=True,
+                      renormalize=True)
+
+
+def _deepseek(router: nn.Module) -> RouterSpec:
+    """DeepSeek-V3 and GLM-4.5: float32 logits, sigmoid, group-limited top-k on scores + bias, renorm + 1e-20, scale."""
+    return RouterSpec(num_experts=int(router.num_experts), top_k=int(router.top_k), scoring=Scoring.SIGMOID,
+                      logits_fp32=True, renormalize=bool(router.norm_topk_prob), renorm_eps=1e-20,
+                      n_group=int(router.num_group), topk_group=int(router.topk_group),
+                      scaling_factor=float(router.routed_scaling_factor), sorted_topk=False)
+
+
+def _minimax(router: nn.Module) -> RouterSpec:
+    """MiniMax-M2: sigmoid, top-k on scores + the MoE block's bias, always renormalized, no groups, no scale."""
+    return RouterSpec(num_experts=int(router.num_experts), top_k=int(router.top_k), scoring=Scoring.SIGMOID,
+                      renormalize=True, sorted_topk=False)
+
+
+def _gpt_oss(router: nn.Module) -> RouterSpec:
+    """GPT-OSS: logits with a bias, top-k of the logits, softmax over the chosen (in the logits' dtype)."""
+    return RouterSpec(num_experts=int(router.num_experts), top_k=int(router.top_k), scoring=Scoring.TOPK_SOFTMAX)
+
+
+_BY_NORM_TOPK = RouterAdapter(family="softmax-topk", read_spec=_softmax_norm_topk)
+_MIXTRAL = RouterAdapter(family="mixtral", read_spec=_mixtral)
+_DEEPSEEK = RouterAdapter(family="deepseek-v3", read_spec=_deepseek, correction_bias_at=BiasAt.ROUTER)
+_MINIMAX = RouterAdapter(family="minimax-m2", read_spec=_minimax, correction_bias_at=BiasAt.MOE_BLOCK)
+_GPT_OSS = RouterAdapter(family="gpt-oss", read_spec=_gpt_oss, logit_bias=True)
+
+_M = "transformers.models."
+# (module, class name) -> adapter. Classes are resolved lazily so that importing r3rl imports no model code; a
+# class missing from the installed transformers is simply never matched.
 _KNOWN: dict[tuple[str, str], RouterAdapter] = {
-    ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeTopKRouter"): _BY_NORM_TOPK,
-    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeTopKRouter"): _BY_NORM_TOPK,
-    ("transformers.models.olmoe.modeling_olmoe", "OlmoeTopKRouter"): _BY_NORM_TOPK,
-    ("transformers.models.mixtral.modeling_mixtral", "MixtralTopKRouter"): _MIXTRAL,
+    (_M + "qwen3_moe.modeling_qwen3_moe", "Qwen3MoeTopKRouter"): _BY_NORM_TOPK,
+    (_M + "qwen2_moe.modeling_qwen2_moe", "Qwen2MoeTopKRouter"): _BY_NORM_TOPK,
+    (_M + "olmoe.modeling_olmoe", "OlmoeTopKRouter"): _BY_NORM_TOPK,
+    (_M + "mixtral.modeling_mixtral", "MixtralTopKRouter"): _MIXTRAL,
+    (_M + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3TopkRouter"): _DEEPSEEK,
+    (_M + "glm4_moe.modeling_glm4_moe", "Glm4MoeTopkRouter"): _DEEPSEEK,
+    (_M + "minimax_m2.modeling_minimax_m2", "MiniMaxM2TopKRouter"): _MINIMAX,
+    (_M + "gpt_oss.modeling_gpt_oss", "GptOssTopKRouter"): _GPT_OSS,
 }
 
 
@@ -179,8 +262,9 @@ def find_routers(model: nn.Module, adapters: AdapterRegistry = BUILTIN_ADAPTERS)
         adapter = adapters.adapter_for(cls)
         if adapter is not None:
             m = re.search(r"layers\.(\d+)\.", name)
+            block = model.get_submodule(name.rpartition(".")[0])
             sites.append(RouterSite(layer=len(sites), name=name, router=module, adapter=adapter,
-                                    decoder_layer=int(m.group(1)) if m else None))
+                                    decoder_layer=int(m.group(1)) if m else None, moe_block=block))
         elif _ROUTER_NAME.search(cls.__name__) or (_looks_like_router(module)):
             raise UnsupportedRouterError(
                 f"unsupported MoE router class {cls.__module__}.{cls.__name__} at '{name}' in "
@@ -212,5 +296,11 @@ def _check_layer_order(sites: list[RouterSite]) -> None:
 
 
 def load_known_router_classes() -> list[type]:
-    """Import the supported router classes (for tests and docs)."""
-    return [getattr(importlib.import_module(mod), cls) for mod, cls in _KNOWN]
+    """Import the supported router classes that the installed transformers has (for tests and docs)."""
+    classes = []
+    for mod, cls in _KNOWN:
+        try:
+            classes.append(getattr(importlib.import_module(mod), cls))
+        except (ImportError, AttributeError):
+            continue
+    return classes

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from r3rl.models.adapters import find_routers
+from r3rl.models.routing import RouterSpec, route, router_logits
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
 
 __all__ = ["MoEKernel", "MoEForward"]
@@ -56,9 +57,9 @@ class _Layer:
     router_EH: torch.Tensor | None = None
     experts_gate_up_EIH: torch.Tensor | None = None  # HF's fused layout [E, 2I, H], gate first
     experts_down_EHI: torch.Tensor | None = None
-    renormalize: bool = False  # the family's router normalization (from r3rl.models.adapters)
-    cast_gate: bool = True
-    upcast_logits: bool = False
+    router_spec: RouterSpec | None = None  # the family's routing constants (arithmetic: r3rl.models.routing)
+    router_bias_E: torch.Tensor | None = None  # added to the logits (GPT-OSS)
+    correction_E: torch.Tensor | None = None  # selection-only correction bias (sigmoid families)
 
 
 class MoEForward:
@@ -170,16 +171,8 @@ class MoEForward:
         """(output, top-k ids or None). `valid_T` False marks padding rows, kept out of the experts."""
         if lw.moe_layer is None:
             return self._dense_mlp(h_TH, lw.mlp_gate_up_IH, lw.mlp_down_HI), None
-        logits_TE = self.linear(h_TH, lw.router_EH)
-        if lw.upcast_logits:
-            probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        else:
-            probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if lw.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        if lw.cast_gate:
-            weights_TK = weights_TK.to(logits_TE.dtype)
+        logits_TE = router_logits(lw.router_spec, h_TH, lw.router_EH, lw.router_bias_E, linear=self.linear)
+        weights_TK, ids_TK = route(lw.router_spec, logits_TE, lw.correction_E)
         if self._expert_mlp is None:
             out_TH = self._experts_gather(h_TH, ids_TK, weights_TK, lw)
         else:
@@ -267,11 +260,12 @@ class MoEForward:
             lw.mlp_gate_up_IH = loader.take(m + "gate_proj.weight", m + "up_proj.weight")
             lw.mlp_down_HI = loader.take(m + "down_proj.weight")
             return lw
-        lw.moe_layer, lw.router_EH = site.layer, loader.take(site.name + ".weight")
+        names = site.adapter.tensor_names(site)
+        lw.moe_layer, lw.router_spec, lw.router_EH = site.layer, site.spec, loader.take(names.weight)
+        lw.router_bias_E = loader.take(names.logit_bias) if names.logit_bias else None
+        lw.correction_E = loader.take(names.correction) if names.correction else None
         lw.experts_gate_up_EIH = loader.take(m + "experts.gate_up_proj")
         lw.experts_down_EHI = loader.take(m + "experts.down_proj")
-        lw.renormalize = bool(site.adapter.renormalize(site.router))
-        lw.cast_gate, lw.upcast_logits = site.adapter.cast_to_logits_dtype, site.adapter.upcast_logits
         s = m + "shared_expert."
         lw.mlp_gate_up_IH = loader.take(s + "gate_proj.weight", s + "up_proj.weight", optional=True)
         lw.mlp_down_HI = loader.take(s + "down_proj.weight", optional=True)
