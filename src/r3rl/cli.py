@@ -177,6 +177,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-max-response-len", type=int, default=12)
     g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
+    g.add_argument("--release-rollout-memory", action="store_true",
+                   help="colocated engine: free its KV cache and CUDA graphs during the update, re-allocate for the "
+                        "weight sync (SGLang's release/resume_memory_occupation)")
     g = p.add_argument_group("update")
     g.add_argument("--num-rollout", type=int, default=100, help="RL steps")
     g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (default: all)")
@@ -267,7 +270,8 @@ def train_config_from_args(args: argparse.Namespace):
         reward_fn=args.reward_fn, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
-        rollout_max_slots=args.rollout_max_slots, num_rollout=args.num_rollout,
+        rollout_max_slots=args.rollout_max_slots, release_rollout_memory=args.release_rollout_memory,
+        num_rollout=args.num_rollout,
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         max_tokens_per_mb=args.max_tokens_per_mb, layout=Layout(args.layout), lr=args.lr,
         lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,

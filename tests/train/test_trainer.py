@@ -132,3 +132,19 @@ def test_ci_test_reference_comparison_fails_when_the_reference_differs(tmp_path)
         trainer.ref_model.lm_head.weight.mul_(1.5)  # no longer the actor's weights
     with pytest.raises(AssertionError, match="ci-test: step-0 actor and reference log-probs differ"):
         trainer.run()
+
+
+def test_release_rollout_memory_frees_the_engine_during_the_update_and_gets_it_back(tmp_path, monkeypatch):
+    """Colocated: the KV cache is freed after each rollout and allocated again before the sync; a missing resume
+    would make the next rollout (and the evaluation) refuse to run."""
+    from r3rl.rollout.engine import RolloutEngine
+
+    events = []
+    release, resume = RolloutEngine.release_memory, RolloutEngine.resume_memory
+    monkeypatch.setattr(RolloutEngine, "release_memory", lambda self: events.append("release") or release(self))
+    monkeypatch.setattr(RolloutEngine, "resume_memory", lambda self: events.append("resume") or resume(self))
+    summary = Trainer(small(tmp_path, release_rollout_memory=True, num_rollout=2, eval_interval=1,
+                            eval_prompts=4)).run()
+    assert summary["verdict"] == "pass" and events == ["release", "resume"] * 2
+    with pytest.raises(ValueError, match="no effect with --rollout-url"):
+        small(tmp_path, release_rollout_memory=True, rollout_url=["http://127.0.0.1:1"])

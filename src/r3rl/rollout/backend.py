@@ -149,6 +149,13 @@ class EngineBackend:
     def update_weights(self, model: nn.Module, *, version: int) -> None:
         self.engine.update_weights(model_tensors(model), version=version, strict=True)
 
+    def release_memory(self) -> int:
+        """Colocated training: free the engine's KV cache and graphs while the trainer updates (weights stay)."""
+        return self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
     def close(self) -> None:
         self.engine.abort_all()
         del self.engine

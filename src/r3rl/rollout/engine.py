@@ -95,11 +95,7 @@ class RolloutEngine:
 
         # --- device state: caches, per-slot sampling state, outputs (allocated once) --------------------------------
         S = cfg.max_slots
-        self.kv = KVCache.allocate(num_layers=m.num_decoder_layers, num_slots=S, num_kv_heads=m.num_kv_heads,
-                                   max_seq_len=cfg.max_seq_len, head_dim=m.head_dim, dtype=dtype, device=device)
-        self.routes = (RoutingCapture(num_slots=S, max_seq_len=cfg.max_seq_len, num_layers=m.num_moe_layers,
-                                      top_k=m.top_k, num_experts=m.num_experts, device=device)
-                       if cfg.capture_routing else NullRoutingCapture())
+        self.kv, self.routes = self._allocate_caches()
         self._tokens_S = torch.zeros(S, dtype=torch.int64, device=device)  # last token of each slot (next input)
         self._pos_S = torch.zeros(S, dtype=torch.int64, device=device)  # where that token's K/V goes
         self._params = SlotParams(torch.zeros(S, device=device), torch.ones(S, device=device),
@@ -166,6 +162,8 @@ class RolloutEngine:
 
     # --- requests -------------------------------------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> None:
+        if self.kv is None:
+            raise RuntimeError("the engine's memory is released (release_memory): call resume_memory() first")
         """Queue a request; raises ValueError naming the field when it cannot run."""
         self._validate(req)
         self._waiting.append(req)
@@ -173,6 +171,41 @@ class RolloutEngine:
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._slots)
+
+    @property
+    def memory_released(self) -> bool:
+        return self.kv is None
+
+    def release_memory(self) -> int:
+        """Free the KV cache, the routing buffer and the captured decode graphs (SGLang's
+        `release_memory_occupation`), so that a colocated trainer can use the memory while it updates; the weights
+        stay. Returns the bytes freed. Needs an idle engine; `resume_memory()` before the next request."""
+        if self.has_work():
+            raise RuntimeError(f"release_memory needs an idle engine: got {self.num_running} running and "
+                               f"{self.num_waiting} waiting request(s)")
+        if self.kv is None:
+            return 0
+        freed = self.kv.nbytes + self.routes.nbytes
+        self.kv = self.routes = None
+        self._graphs = DecodeGraphs(self.config.max_slots, self.device)  # the graphs read the freed buffers
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
+
+    def resume_memory(self) -> None:
+        """Allocate the KV cache and routing buffer again (SGLang's `resume_memory_occupation`); decode graphs are
+        captured again on first use."""
+        if self.kv is None:
+            self.kv, self.routes = self._allocate_caches()
+
+    def _allocate_caches(self):
+        cfg, m = self.config, self.model
+        kv = KVCache.allocate(num_layers=m.num_decoder_layers, num_slots=cfg.max_slots, num_kv_heads=m.num_kv_heads,
+                              max_seq_len=cfg.max_seq_len, head_dim=m.head_dim, dtype=self.dtype, device=self.device)
+        routes = (RoutingCapture(num_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, num_layers=m.num_moe_layers,
+                                 top_k=m.top_k, num_experts=m.num_experts, device=self.device)
+                  if cfg.capture_routing else NullRoutingCapture())
+        return kv, routes
 
     def abort_all(self) -> list[str]:
         """Drop every waiting and running request (e.g. after a failed step); returns their ids. The buffers stay:

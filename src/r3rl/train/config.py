@@ -64,6 +64,9 @@ class TrainConfig:
     rollout_max_response_len: int = 12
     rollout_max_slots: int = 128
     """In-process engine: sequences decoded together."""
+    release_rollout_memory: bool = False
+    """In-process (colocated) engine: free its KV cache and decode graphs after each rollout and allocate them again
+    before the weight sync, so the update can use that memory (SGLang's release/resume_memory_occupation)."""
 
     # --- update -------------------------------------------------------------------------------------------------
     num_rollout: int = 100
@@ -142,6 +145,9 @@ class TrainConfig:
         if self.inject_fault is not Fault.NONE and not self.replay.check_enabled:
             raise ValueError("--inject-fault is a negative control of the R3 check: it needs a replay mode and "
                              "--enable-r3-correctness-check (or --ci-test)")
+        if self.release_rollout_memory and self.rollout_url:
+            raise ValueError("--release-rollout-memory frees the in-process engine's memory: it has no effect with "
+                             "--rollout-url (the servers own theirs)")
         if self.kl_coef < 0 or not math.isfinite(self.kl_coef):
             raise ValueError(f"kl_coef must be a finite number >= 0: got {self.kl_coef}")
         if self.old_logprobs is LogprobSource.ROLLOUT and self.replay.kind.value == "r2":

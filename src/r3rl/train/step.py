@@ -81,6 +81,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
         _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature)
         if cfg.inject_fault is not Fault.NONE and step == 0:
             samples = [_with_trace(s, corrupt_trace(s.trace, cfg.inject_fault)) for s in samples]
+        if cfg.release_rollout_memory:  # colocated: the update gets the KV cache's memory
+            ctx.rollout.release_memory()
     with timer("reward"):  # 2
         texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         rewards = torch.tensor([float(ctx.prompts.reward(texts[i], items[i // cfg.n_samples_per_prompt]))
@@ -101,6 +103,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     # raises above the threshold; the verdict sums every rank's counters, the evidence lines are this rank's
     summary = ctx.check.summary(over_ranks=ctx.env.distributed) if ctx.check is not None else None
     with timer("weight_sync"):  # 6
+        if cfg.release_rollout_memory:
+            ctx.rollout.resume_memory()
         ctx.rollout.update_weights(ctx.model, version=step + 1)
     metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                "solved_frac": (rewards >= 1.0).float().mean().item(),  # full-credit samples (exact match)
