@@ -177,6 +177,11 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-max-response-len", type=int, default=12)
     g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
+    g.add_argument("--max-staleness", type=int, default=0,
+                   help="weight versions a sample may lag before it is stale (default 0: synchronous)")
+    g.add_argument("--stale-samples", choices=["error", "keep", "drop"], default="error",
+                   help="stale samples: error (default), keep (train on them) or drop (advantage 0); counted in "
+                        "the stale_frac metric")
     g.add_argument("--release-rollout-memory", action="store_true",
                    help="colocated engine: free its KV cache and CUDA graphs during the update, re-allocate for the "
                         "weight sync (SGLang's release/resume_memory_occupation)")
@@ -243,7 +248,7 @@ def _add_report_parsers(sub) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     from r3rl.config import Fault
-    from r3rl.train.config import LogprobSource, TrainConfig
+    from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig
     from r3rl.train.data import Layout
     from r3rl.train.losses import AdvantageEstimator, CorrectionLevel, KLType, LossAggMode, LossConfig
 
@@ -271,6 +276,7 @@ def train_config_from_args(args: argparse.Namespace):
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, release_rollout_memory=args.release_rollout_memory,
+        max_staleness=args.max_staleness, stale_samples=StalePolicy(args.stale_samples),
         num_rollout=args.num_rollout,
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         max_tokens_per_mb=args.max_tokens_per_mb, layout=Layout(args.layout), lr=args.lr,

@@ -120,6 +120,10 @@ def test_samples_from_a_stale_weight_version_or_another_temperature_are_refused(
                    weight_version=3)
     with pytest.raises(RuntimeError, match="weight version 2..3, expected 3"):
         _check_samples([ok, stale], 3, step=3, temperature=1.0)
+    from r3rl.train.config import StalePolicy
+
+    assert _check_samples([ok, stale], 3, step=3, temperature=1.0, policy=StalePolicy.KEEP) == [False, True]
+    assert _check_samples([ok, stale], 3, step=3, temperature=1.0, max_staleness=1) == [False, False]
     with pytest.raises(ValueError, match="log-probs at temperature 1.0, the trainer scores temperature 0.7"):
         _check_samples([ok], 3, step=3, temperature=0.7)
 
@@ -148,3 +152,41 @@ def test_release_rollout_memory_frees_the_engine_during_the_update_and_gets_it_b
     assert summary["verdict"] == "pass" and events == ["release", "resume"] * 2
     with pytest.raises(ValueError, match="no effect with --rollout-url"):
         small(tmp_path, release_rollout_memory=True, rollout_url=["http://127.0.0.1:1"])
+
+
+def test_dropped_stale_samples_leave_the_policy_gradient(tmp_path, monkeypatch):
+    """--stale-samples drop: a sample from old weights gets advantage 0 and is counted; keep trains on it."""
+    from r3rl.rollout.backend import EngineBackend
+    from r3rl.train.config import StalePolicy
+
+    generate = EngineBackend.generate
+
+    def lagging(self, *a, **kw):  # the odd samples claim weights two versions old
+        out = generate(self, *a, **kw)
+        for s in out[1::2]:
+            s.weight_version_start -= 2
+        return out
+
+    monkeypatch.setattr(EngineBackend, "generate", lagging)
+    import r3rl.train.step as step_module
+
+    update, advantages = step_module._update, {}
+
+    def spy(ctx, samples, adv, *a):
+        advantages[ctx.cfg.stale_samples] = list(adv)
+        return update(ctx, samples, adv, *a)
+
+    monkeypatch.setattr(step_module, "_update", spy)
+    rm = tmp_path / "rm.py"  # a reward that varies within groups, so advantages are not all zero
+    rm.write_text("def reward(text, item):\n    return float(sum(map(ord, text)) % 3)\n")
+    rows = {}
+    for policy in (StalePolicy.KEEP, StalePolicy.DROP):
+        Trainer(small(tmp_path, name=policy.value, stale_samples=policy, max_staleness=1, num_rollout=1,
+                      eval_interval=None, custom_rm_path=f"{rm}:reward")).run()
+        rows[policy] = _metrics(tmp_path / policy.value)[0]
+    assert rows[StalePolicy.KEEP]["stale_frac"] == rows[StalePolicy.DROP]["stale_frac"] == 0.5
+    keep, drop = advantages[StalePolicy.KEEP], advantages[StalePolicy.DROP]
+    assert any(keep[1::2])  # the stale samples had a gradient to lose
+    assert not any(drop[1::2]) and drop[::2] == keep[::2]  # the same rollout (seeded): only the stale ones left
+    with pytest.raises(RuntimeError, match="8 sample\\(s\\) were generated with weight version -2..0"):
+        Trainer(small(tmp_path, name="error", num_rollout=1, eval_interval=None, max_staleness=1)).run()

@@ -14,12 +14,20 @@ from r3rl.config import Fault, ReplayConfig
 from r3rl.train.data import Layout
 from r3rl.train.losses import LossConfig
 
-__all__ = ["TrainConfig", "LogprobSource"]
+__all__ = ["TrainConfig", "LogprobSource", "StalePolicy"]
 
 
 class LogprobSource(enum.StrEnum):
     ROLLOUT = "rollout"  # old-policy log-probs = the rollout engine's (slime --use-rollout-logprobs)
     TRAIN = "train"  # old-policy log-probs = a training forward before the update (the default)
+
+
+class StalePolicy(enum.StrEnum):
+    """What a step does with samples generated on weights older than `max_staleness` versions."""
+
+    ERROR = "error"  # synchronous training: a stale sample means the weight sync did not reach the rollout
+    KEEP = "keep"  # train on them (counted in `stale_frac`)
+    DROP = "drop"  # out of the policy gradient (advantage 0), counted; groups and rank shares keep their shape
 
 
 @dataclass(kw_only=True)
@@ -64,6 +72,9 @@ class TrainConfig:
     rollout_max_response_len: int = 12
     rollout_max_slots: int = 128
     """In-process engine: sequences decoded together."""
+    max_staleness: int = 0
+    """Versions a sample's weights may lag the trainer's before it is stale (`stale_samples` decides what happens)."""
+    stale_samples: StalePolicy = StalePolicy.ERROR
     release_rollout_memory: bool = False
     """In-process (colocated) engine: free its KV cache and decode graphs after each rollout and allocate them again
     before the weight sync, so the update can use that memory (SGLang's release/resume_memory_occupation)."""
@@ -121,7 +132,7 @@ class TrainConfig:
                      "rollout_max_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1: got {getattr(self, name)}")
-        for name in ("sft_steps", "lr_warmup_steps"):
+        for name in ("sft_steps", "lr_warmup_steps", "max_staleness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0: got {getattr(self, name)}")
         for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr"):

@@ -40,7 +40,7 @@ from r3rl.rollout.backend import RolloutBackend
 from r3rl.rollout.protocol import SamplingParams
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
-from r3rl.train.config import LogprobSource, TrainConfig
+from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig
 from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
 from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
 from r3rl.train.metrics import routing_mismatch_per_layer, train_rollout_metrics
@@ -78,7 +78,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                                                 ctx.env)]
         samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
                                        n_samples_per_prompt=cfg.n_samples_per_prompt)
-        _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature)
+        stale = _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature,
+                               max_staleness=cfg.max_staleness, policy=cfg.stale_samples)
         if cfg.inject_fault is not Fault.NONE and step == 0:
             samples = [_with_trace(s, corrupt_trace(s.trace, cfg.inject_fault)) for s in samples]
         if cfg.release_rollout_memory:  # colocated: the update gets the KV cache's memory
@@ -98,6 +99,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, len(samples)) if cfg.kl_coef else rewards
     adv_PN = group_advantages(shaped.view(-1, cfg.n_samples_per_prompt), cfg.loss.advantage_estimator,
                               std_normalization=cfg.grpo_std_normalization)
+    if cfg.stale_samples is StalePolicy.DROP:  # out of the policy gradient; groups and rank shares keep their shape
+        adv_PN = adv_PN.flatten().masked_fill(torch.tensor(stale), 0.0).view_as(adv_PN)
     with timer("update"):  # 5
         update = _update(ctx, samples, adv_PN.flatten().tolist(), old_logp, ref_logp, recorded)
     # raises above the threshold; the verdict sums every rank's counters, the evidence lines are this rank's
@@ -109,7 +112,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                "solved_frac": (rewards >= 1.0).float().mean().item(),  # full-credit samples (exact match)
                "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
-               "lr": ctx.scheduler.get_last_lr()[0], "weight_version": step + 1}
+               "lr": ctx.scheduler.get_last_lr()[0], "weight_version": step + 1,
+               "stale_frac": sum(stale) / len(stale)}
     metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
                                      torch.cat([mb.rollout_logp_T for mb in mbs if not mb.is_padding]))
     per_layer = routing_mismatch_per_layer([s.trace for s in samples], used)
@@ -247,19 +251,24 @@ def _sampling(ctx: StepContext, step: int) -> SamplingParams:
                           seed=(cfg.seed * 1_000_003 + step * ctx.env.world_size + ctx.env.rank) % 2**31)
 
 
-def _check_samples(samples: list[Sample], version: int, step: int, temperature: float) -> None:
-    """The rollout used the weights of the last sync, and its log-probs are of the distribution the trainer scores."""
-    stale = [i for i, s in enumerate(samples) if s.weight_version_start != version or s.weight_version != version]
-    if stale:
-        s = samples[stale[0]]
-        raise RuntimeError(f"step {step}: {len(stale)} sample(s) were generated with weight version "
+def _check_samples(samples: list[Sample], version: int, step: int, temperature: float, *, max_staleness: int = 0,
+                   policy: StalePolicy = StalePolicy.ERROR) -> list[bool]:
+    """The rollout used the weights of the last sync (up to `max_staleness` versions behind), and its log-probs are
+    of the distribution the trainer scores. Returns which samples are stale; `policy` ERROR raises on the first."""
+    stale = [version - s.weight_version_start > max_staleness or s.weight_version > version for s in samples]
+    if any(stale) and policy is StalePolicy.ERROR:
+        first = stale.index(True)
+        s = samples[first]
+        raise RuntimeError(f"step {step}: {sum(stale)} sample(s) were generated with weight version "
                            f"{s.weight_version_start}..{s.weight_version}, expected {version} (the weight sync did not "
-                           f"reach the rollout engine); first: sample {stale[0]}")
+                           f"reach the rollout engine); first: sample {first} (--stale-samples keep|drop to train on "
+                           "or drop them instead)")
     odd = [i for i, s in enumerate(samples) if not math.isclose(s.logprob_temperature, temperature, rel_tol=1e-6)]
     if odd:
         raise ValueError(f"step {step}: sample {odd[0]} carries rollout log-probs at temperature "
                          f"{samples[odd[0]].logprob_temperature}, the trainer scores temperature {temperature}: ask "
                          "the backend for log-probs at the sampling temperature (logprobs_at_temperature)")
+    return stale
 
 
 def _with_trace(s: Sample, trace: RoutingTrace) -> Sample:
