@@ -163,3 +163,32 @@ def test_torchrun_train_evidence_verdict_export_and_sharded_resume(tmp_path):
     assert [m["step"] for m in resumed] == [2]
     for key in ("reward_mean", "loss", "grad_norm", "train_rollout_k3_kl", "response_len_mean"):
         assert resumed[0][key] == pytest.approx(full[2][key], rel=1e-5, abs=1e-8), key
+
+
+def test_torchrun_ranks_share_a_rollout_server_and_rank_zero_syncs_its_weights(tmp_path):
+    """Disaggregated under torchrun: both ranks roll out through one `r3rl serve`; rank 0 alone writes each new
+    version and calls /update_weights_from_disk; rank 1 adopts it, and every sample's version is checked."""
+    import importlib.util
+
+    from r3rl.models.presets import init_model
+
+    spec = importlib.util.spec_from_file_location("rollout_conftest", Path(__file__).parents[1] / "rollout/conftest.py")
+    launcher = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = launcher
+    spec.loader.exec_module(launcher)  # the rollout tests' server launcher (free port, /health wait, SIGTERM drain)
+    model_dir = init_model("tiny-qwen3-moe", tmp_path / "model", seed=3)
+    server = launcher.start_server(model_dir, tmp_path / "server.log")
+    try:
+        proc = _torchrun(tmp_path, "served", "--num-rollout", "2", "--model", str(model_dir), "--rollout-url",
+                         server.url, "--eval-interval", "5")
+    finally:
+        code = server.stop()
+    summary = json.loads(proc.stdout)
+    assert summary["verdict"] == "pass" and summary["world_size"] == WORLD
+    rows = _metrics(tmp_path / "served")
+    assert [r["weight_version"] for r in rows] == [1, 2] and all(r["stale_frac"] == 0.0 for r in rows)
+    log = server.log()
+    for version in range(3):  # the warm-up weights, then one update per step: written once, by rank 0
+        loads = log.count(f"weight_version={version} ")
+        assert loads == 1, f"weight version {version} loaded {loads} times"
+    assert code == 0

@@ -244,6 +244,11 @@ class HTTPBackend:
         self._saved = [target]
         logger.info("rollout weights synced by disk: %s -> %s, weight_version=%d", target, self.url, version)
 
+    def adopt_version(self, version: int) -> None:
+        """Another process (torchrun rank 0) synced the server to `version`: generate with it, and check that the
+        next samples were generated with it."""
+        self._version, self._unverified = version, version
+
     def close(self) -> None:
         if self._loop.is_closed():
             return

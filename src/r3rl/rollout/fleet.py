@@ -156,6 +156,12 @@ class FleetBackend:
         self._version = version
         logger.info("rollout weights synced by disk: %s -> %d servers, weight_version=%d", target, ok, version)
 
+    def adopt_version(self, version: int) -> None:
+        """Another process (torchrun rank 0) synced the servers to `version` (the trainer checks every sample's)."""
+        for srv in self.servers:
+            srv._version = version
+        self._version = version
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for srv in self.servers:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["DistEnv", "parallelize", "decoder_layers", "mean_over_ranks", "sum_over_ranks", "prompt_shard",
-           "pad_count"]
+           "pad_count", "RankZeroWeightSync"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,45 @@ def mean_over_ranks(metrics: dict, env: DistEnv) -> dict:
         out[k] = vals if isinstance(metrics[k], list) else vals[0]
         i += n
     return out
+
+
+class RankZeroWeightSync:
+    """`--rollout-url` under torchrun: every rank generates its share through the servers; a weight sync gathers
+    the full state dict (a collective, one tensor at a time, onto rank 0's CPU), rank 0 alone writes it and calls
+    the servers' `/update_weights_from_disk`, and the other ranks adopt the version after a barrier."""
+
+    def __init__(self, backend, env: DistEnv) -> None:
+        self.backend, self.env = backend, env
+
+    @property
+    def weight_version(self) -> int:
+        return self.backend.weight_version
+
+    def generate(self, *args, **kwargs):
+        return self.backend.generate(*args, **kwargs)
+
+    def update_weights(self, model: nn.Module, *, version: int) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.env.is_main:
+            self.backend.update_weights(_Exported(model, full), version=version)
+        self.env.barrier()
+        if not self.env.is_main:
+            self.backend.adopt_version(version)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class _Exported:
+    """A sharded model's `save_pretrained`, writing the gathered state dict (what the HTTP backends call)."""
+
+    def __init__(self, model: nn.Module, state_dict: dict) -> None:
+        self.model, self.state_dict = model, state_dict
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        self.model.save_pretrained(path, state_dict=self.state_dict, **kwargs)
 
 
 def _collective_device() -> torch.device:

@@ -43,7 +43,7 @@ from r3rl.train.checkpoint import (
 from r3rl.train.config import TrainConfig
 from r3rl.train.data import make_micro_batches, token_logprobs
 from r3rl.train.metrics import MetricsWriter, RunSummary
-from r3rl.train.parallel import DistEnv, parallelize
+from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
 from r3rl.train.step import StepContext, rl_step
 
 __all__ = ["Trainer"]
@@ -59,9 +59,6 @@ class Trainer:
             raise ValueError(f"under torchrun every rank trains on whole groups: global_batch_size "
                              f"({cfg.samples_per_optimizer_step}) must be a multiple of n_samples_per_prompt "
                              f"({cfg.n_samples_per_prompt}) x ranks ({env.world_size})")
-        if env.distributed and cfg.rollout_url:
-            raise ValueError("--rollout-url under torchrun is not supported yet: each rank rolls out on its own "
-                             "colocated engine (drop --rollout-url), or run the trainer as one process with the fleet")
         self.run_dir = Path(cfg.run_dir)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +88,8 @@ class Trainer:
             self.replay.check = self.check
         # the engine copies the full weights before sharding; later syncs gather them shard by shard
         self.rollout = _rollout_backend(cfg, self.model, self.run_dir)
+        if env.distributed and cfg.rollout_url:  # disaggregated: one writer of the weights for all ranks
+            self.rollout = RankZeroWeightSync(self.rollout, env)
         context_fn = self.replay.checkpoint_context_fn if cfg.activation_checkpointing else None
         if env.distributed:
             parallelize(self.model, env, param_dtype=resolve_dtype(cfg.dtype), checkpoint_context_fn=context_fn)
