@@ -115,11 +115,12 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     "tiny-gpt-oss": ModelPreset(
         "gpt_oss",
-        dict(_TINY_COMMON, intermediate_size=32, num_local_experts=16, num_experts_per_tok=4, sliding_window=8,
+        dict(_TINY_COMMON, intermediate_size=32, num_local_experts=32, num_experts_per_tok=4, sliding_window=8,
              layer_types=["sliding_attention", "full_attention"] * 2, attention_bias=True,
              rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                               "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}),
-        "GPT-OSS: attention sinks, alternating sliding-window (8) / full layers, 16 experts, top-4 on biased logits",
+        "GPT-OSS: attention sinks, alternating sliding-window (8) / full layers, 32 experts (gpt-oss-20b), top-4 on "
+        "biased logits",
         random_biases=True,
     ),
     "tiny-minimax-m2": ModelPreset(
