@@ -72,7 +72,7 @@ class Trainer:
         self.start_step = 0
         if self.state is None:
             self._sft_warmup()
-            if env.distributed:  # identical on every rank up to kernel nondeterminism: rank 0's weights win
+            if env.distributed and cfg.sft_steps:  # identical on every rank up to kernel nondeterminism: rank 0 wins
                 for t in self.model.state_dict().values():
                     torch.distributed.broadcast(t, src=0)
         else:
