@@ -226,7 +226,7 @@ def test_per_expert_loop_fallback_matches_grouped_mm(qwen3):
     """Where grouped_mm is unavailable (e.g. float32 on CUDA) the engine loops over experts instead."""
     grouped = RolloutEngine(qwen3, max_slots=3, max_seq_len=128, batch_invariant=False)
     loop = RolloutEngine(qwen3, max_slots=3, max_seq_len=128, batch_invariant=False)
-    loop.model._expert_mlp = loop.model._expert_mlp_loop
+    loop.model.moe._expert_mlp = loop.model.moe._expert_mlp_loop
     for a, b in zip(grouped.generate(_requests(4, temperature=0.0)), loop.generate(_requests(4, temperature=0.0)),
                     strict=True):
         assert a.output_ids == b.output_ids

@@ -1,0 +1,170 @@
+"""The rollout engine's MoE block, shared by every family: routing (the family's arithmetic, from
+`r3rl.models.routing`, on the engine's copy of the router tensors), routed experts, and an optional shared expert.
+
+Experts run as a sorted grouped matmul (default), a per-row gather (batch-invariant, CPU) or a per-expert loop
+(where grouped_mm is unavailable). The expert MLP is SwiGLU on HF's fused `[E, 2I, H]` gate-then-up layout, or
+GPT-OSS's clamped GLU on interleaved gate/up columns with biases. Used by `r3rl.rollout.forward`; not a public API.
+
+Tensor suffixes: T tokens, H hidden, E experts, K top-k, I intermediate (2I: fused gate and up), R rows of a
+flattened (token, k) product.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from r3rl.models.routing import RouterSpec, route, router_logits
+
+__all__ = ["MoEKernel", "ExpertAct", "MoEWeights", "MoEBlock"]
+
+logger = logging.getLogger(__name__)
+
+
+class MoEKernel(enum.Enum):
+    """How the engine runs the experts (chosen once, at construction)."""
+
+    GROUPED_MM = "grouped_mm"  # sort (token, k) rows by expert, one grouped GEMM per projection (default)
+    GATHER = "gather"  # one small matmul per (token, k) on gathered expert weights: batch-invariant (CPU)
+    LOOP = "loop"  # per-expert loop with a host sync: the fallback where grouped_mm is unavailable
+
+
+class ExpertAct(enum.Enum):
+    """The expert MLP's gated activation."""
+
+    SWIGLU = "swiglu"  # act(gate) * up, gate then up halves (HF's fused layout)
+    GPT_OSS = "gpt_oss"  # interleaved gate/up columns, clamped, gate * sigmoid(alpha * gate) * (up + 1)
+
+
+@dataclass
+class MoEWeights:
+    """One MoE layer: router tensors and constants, routed experts, optional shared expert (engine copies)."""
+
+    moe_layer: int  # index on the trace's layer axis
+    router_spec: RouterSpec
+    router_EH: torch.Tensor
+    router_bias_E: torch.Tensor | None  # added to the logits (GPT-OSS)
+    correction_E: torch.Tensor | None  # selection-only correction bias (sigmoid families), float32
+    gate_up_EIH: torch.Tensor  # [E, 2I, H]
+    down_EHI: torch.Tensor  # [E, H, I]
+    gate_up_bias_EI: torch.Tensor | None = None  # GPT-OSS expert biases
+    down_bias_EH: torch.Tensor | None = None
+    shared_gate_up_IH: torch.Tensor | None = None  # shared expert (Qwen2-MoE, DeepSeek-V3, GLM-4.5)
+    shared_down_HI: torch.Tensor | None = None
+    shared_gate_1H: torch.Tensor | None = None  # Qwen2-MoE's sigmoid gate on the shared expert
+
+
+class MoEBlock:
+    """Routing and experts of every MoE layer of one engine (the kernel is chosen once)."""
+
+    def __init__(self, *, num_experts: int, act: Callable, expert_act: ExpertAct, linear: Callable,
+                 batch_invariant: bool, probe: MoEWeights, alpha: float = 1.702, limit: float = 7.0) -> None:
+        self.num_experts, self.act, self.expert_act, self.linear = num_experts, act, expert_act, linear
+        self.alpha, self.limit = alpha, limit
+        self._expert_ends_E = torch.arange(1, num_experts + 1, device=probe.gate_up_EIH.device)
+        if batch_invariant:
+            self.kernel, self._expert_mlp = MoEKernel.GATHER, None
+        elif self._grouped_mm_works(probe):
+            self.kernel, self._expert_mlp = MoEKernel.GROUPED_MM, self._expert_mlp_grouped
+        else:
+            self.kernel, self._expert_mlp = MoEKernel.LOOP, self._expert_mlp_loop
+
+    def __call__(self, w: MoEWeights, h_TH: torch.Tensor, valid_T: torch.Tensor | None):
+        """(output, top-k ids). `valid_T` False marks padding rows, kept out of the experts."""
+        logits_TE = router_logits(w.router_spec, h_TH, w.router_EH, w.router_bias_E, linear=self.linear)
+        weights_TK, ids_TK = route(w.router_spec, logits_TE, w.correction_E)
+        if self._expert_mlp is None:
+            out_TH = self._experts_gather(h_TH, ids_TK, weights_TK, w)
+        else:
+            out_TH = self._experts_sorted(h_TH, ids_TK, weights_TK, valid_T, w)
+        if w.shared_gate_up_IH is not None:
+            shared_TH = self.dense_mlp(h_TH, w.shared_gate_up_IH, w.shared_down_HI)
+            if w.shared_gate_1H is not None:  # Qwen2-MoE: a sigmoid gate on the shared expert
+                shared_TH = torch.sigmoid(self.linear(h_TH, w.shared_gate_1H)) * shared_TH
+            out_TH = out_TH + shared_TH
+        return out_TH, ids_TK
+
+    def dense_mlp(self, h_TH: torch.Tensor, gate_up_IH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:
+        gate_TI, up_TI = self.linear(h_TH, gate_up_IH).chunk(2, dim=-1)
+        return self.linear(self.act(gate_TI) * up_TI, down_HI)
+
+    # --- expert MLP pieces --------------------------------------------------------------------------------------------
+    def _glu(self, gate_up_RI: torch.Tensor) -> torch.Tensor:
+        if self.expert_act is ExpertAct.SWIGLU:
+            gate_RI, up_RI = gate_up_RI.chunk(2, dim=-1)
+            return self.act(gate_RI) * up_RI
+        gate_RI = gate_up_RI[..., ::2].clamp(min=None, max=self.limit)
+        up_RI = gate_up_RI[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        return (up_RI + 1) * (gate_RI * torch.sigmoid(gate_RI * self.alpha))
+
+    def _experts_gather(self, h_TH, ids_TK, weights_TK, w: MoEWeights) -> torch.Tensor:
+        """Batch-invariant experts: one matmul per (token, k) against its gathered expert weights."""
+        (T, K), H = ids_TK.shape, h_TH.shape[1]
+        flat_R = ids_TK.reshape(-1)
+        x_R1H = h_TH.unsqueeze(1).expand(T, K, H).reshape(T * K, 1, H)
+        gate_up_R1I = torch.bmm(x_R1H, w.gate_up_EIH[flat_R].transpose(1, 2))
+        if w.gate_up_bias_EI is not None:
+            gate_up_R1I = gate_up_R1I + w.gate_up_bias_EI[flat_R].unsqueeze(1)
+        y_R1H = torch.bmm(self._glu(gate_up_R1I), w.down_EHI[flat_R].transpose(1, 2))
+        if w.down_bias_EH is not None:
+            y_R1H = y_R1H + w.down_bias_EH[flat_R].unsqueeze(1)
+        return torch.bmm(weights_TK.to(y_R1H.dtype).unsqueeze(1), y_R1H.view(T, K, H)).squeeze(1)
+
+    def _experts_sorted(self, h_TH, ids_TK, weights_TK, valid_T, w: MoEWeights) -> torch.Tensor:
+        """Sort (token, k) rows by expert, run each expert on its rows, unsort, weight and sum over k.
+
+        Padding rows get the sentinel expert E: they sort last, past every group, and cost no expert compute."""
+        (T, K), E = ids_TK.shape, self.num_experts
+        if valid_T is not None:
+            ids_TK = ids_TK.masked_fill(~valid_T.unsqueeze(1), E)
+        sorted_R, order_R = ids_TK.reshape(-1).sort()
+        y_RH = self._expert_mlp(h_TH[order_R // K], sorted_R, w)
+        if valid_T is not None:  # rows past the last group are left unwritten by grouped_mm
+            y_RH = torch.where((sorted_R < E).unsqueeze(1), y_RH, 0)
+        unsorted_RH = torch.empty_like(y_RH)
+        unsorted_RH[order_R] = y_RH
+        return torch.bmm(weights_TK.to(y_RH.dtype).unsqueeze(1), unsorted_RH.view(T, K, -1)).squeeze(1)
+
+    def _expert_mlp_grouped(self, x_RH, sorted_R, w: MoEWeights) -> torch.Tensor:
+        ends_E = torch.searchsorted(sorted_R, self._expert_ends_E, out_int32=True)  # on device: graph-safe
+        gate_up_RI = _grouped_mm(x_RH, w.gate_up_EIH.transpose(1, 2), offs=ends_E)
+        rows_R = sorted_R.clamp(max=self.num_experts - 1)  # padding rows (sentinel E) are zeroed by the caller
+        if w.gate_up_bias_EI is not None:
+            gate_up_RI = gate_up_RI + w.gate_up_bias_EI[rows_R]
+        y_RH = _grouped_mm(self._glu(gate_up_RI), w.down_EHI.transpose(1, 2), offs=ends_E)
+        return y_RH if w.down_bias_EH is None else y_RH + w.down_bias_EH[rows_R]
+
+    def _expert_mlp_loop(self, x_RH, sorted_R, w: MoEWeights) -> torch.Tensor:
+        """Fallback where grouped_mm is unavailable: a loop over experts (host sync; CUDA graphs are turned off)."""
+        counts = torch.bincount(sorted_R, minlength=self.num_experts + 1).tolist()
+        y_RH = x_RH.new_zeros(x_RH.shape[0], w.down_EHI.shape[1])
+        start = 0
+        for e in range(self.num_experts):
+            end = start + counts[e]
+            if end > start:
+                gate_up_RI = self.linear(x_RH[start:end], w.gate_up_EIH[e],
+                                         None if w.gate_up_bias_EI is None else w.gate_up_bias_EI[e])
+                y_RH[start:end] = self.linear(self._glu(gate_up_RI), w.down_EHI[e],
+                                              None if w.down_bias_EH is None else w.down_bias_EH[e])
+            start = end
+        return y_RH
+
+    def _grouped_mm_works(self, w: MoEWeights) -> bool:
+        x_RH = torch.zeros(2, w.gate_up_EIH.shape[2], dtype=w.gate_up_EIH.dtype, device=w.gate_up_EIH.device)
+        try:
+            self._expert_mlp_grouped(x_RH, torch.zeros(2, dtype=torch.int64, device=x_RH.device), w)
+            return True
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            logger.warning("grouped_mm is unavailable for %s on %s (%s); using the per-expert loop and no CUDA "
+                           "graphs", x_RH.dtype, x_RH.device, str(e).splitlines()[0])
+            return False
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm  # F.grouped_mm from torch 2.10
+    return fn(x, w, offs=offs)

@@ -1,0 +1,117 @@
+"""The rollout engine on GLM-4.5, MiniMax-M2 and GPT-OSS (tiny presets, float32, CPU): its served trace equals a full
+HF forward's routing on >= 99% of (token, layer), its log-probs match, and greedy decoding picks HF's tokens. GPT-OSS
+negative controls: the same engine without its sliding windows, or without its sinks, no longer matches HF.
+DeepSeek-V3 (MLA) is refused with an error that names the family and the way around it.
+
+    pytest tests/rollout/test_engine_families.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from r3rl.models import find_routers
+from r3rl.models.presets import make_model, preset_available
+from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
+
+ENGINE_FAMILIES = ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-gpt-oss"]
+LOGPROB_ATOL = 1e-4  # as tests/rollout/test_engine.py: float32 both sides, different kernels
+
+
+def _needs(preset):
+    if not preset_available(preset):
+        pytest.skip(f"the installed transformers has no model class for {preset}")
+
+
+def _requests(n=4, **sampling):
+    """Prompts and outputs long enough to leave GPT-OSS's 8-token window behind."""
+    return [EngineRequest(request_id=f"r{i}", input_ids=[(11 * i + 5 * j) % 256 for j in range(6 + 7 * i)],
+                          sampling=SamplingParams(max_new_tokens=10 + 4 * i, seed=i, **sampling))
+            for i in range(n)]
+
+
+def _hf_forward(model, tokens):
+    """Full (no KV cache) HF forward of one sequence: log-probs `[T, V]` and the routers' own top-k `[T, L, K]`."""
+    ids = []
+    hooks = [s.router.register_forward_hook(lambda m, a, out: ids.append(out[2].detach())) for s in find_routers(model)]
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    for h in hooks:
+        h.remove()
+    return torch.log_softmax(logits, dim=-1), torch.stack(ids, dim=1).numpy()
+
+
+def _agreement(model, outputs):
+    diffs, exact = [], []
+    for out in outputs:
+        tokens = out.prompt_ids + out.output_ids
+        logp, ids_TLK = _hf_forward(model, tokens)
+        P = len(out.prompt_ids)
+        hf_logp = logp[P - 1 : -1].gather(1, torch.tensor(out.output_ids)[:, None])[:, 0]
+        diffs.append((torch.tensor(out.output_logprobs) - hf_logp).abs())
+        served = out.trace.expert_ids
+        assert served.shape == ids_TLK[:-1].shape  # the last token never went through the model
+        exact.append((np.sort(served, -1) == np.sort(ids_TLK[:-1], -1)).all(-1).ravel())
+    return float(torch.cat(diffs).max()), float(np.concatenate(exact).mean())
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["cpu-kernels", "gpu-kernels"])
+@pytest.mark.parametrize("preset", ENGINE_FAMILIES)
+def test_served_trace_and_logprobs_match_hf_forward(preset, batch_invariant):
+    _needs(preset)
+    model = make_model(preset, seed=1)
+    engine = RolloutEngine(model, max_slots=3, max_seq_len=128, batch_invariant=batch_invariant)
+    max_diff, exact = _agreement(model, engine.generate(_requests(temperature=1.0)))
+    assert max_diff <= LOGPROB_ATOL, max_diff
+    assert exact >= 0.99, exact  # same expert set on >= 99% of (token, layer)
+
+
+@pytest.mark.parametrize("preset", ENGINE_FAMILIES)
+def test_greedy_tokens_match_hf(preset):
+    _needs(preset)
+    model = make_model(preset, seed=1)
+    engine = RolloutEngine(model, max_slots=2, max_seq_len=128)
+    for out in engine.generate(_requests(2, temperature=0.0)):
+        tokens = list(out.prompt_ids)
+        for _ in out.output_ids:  # HF greedy, one full forward per token
+            tokens.append(int(_hf_forward(model, tokens)[0][-1].argmax()))
+        assert out.output_ids == tokens[len(out.prompt_ids):]
+
+
+@pytest.mark.parametrize("feature", ["window", "sinks_H"])
+def test_gpt_oss_without_windows_or_sinks_no_longer_matches(feature):
+    """Negative controls: the features are really in use (the prompts outgrow the 8-token window)."""
+    _needs("tiny-gpt-oss")
+    model = make_model("tiny-gpt-oss", seed=1)
+    engine = RolloutEngine(model, max_slots=3, max_seq_len=128)
+    assert {lw.attn.window for lw in engine.model.layers} == {8, None}
+    with torch.no_grad():  # make the sinks matter as much as a trained model's (HF's init draws them with std 0.02)
+        for lw in engine.model.layers:
+            lw.attn.sinks_H.fill_(2.0)
+        for name, t in model.named_parameters():
+            if name.endswith("sinks"):
+                t.fill_(2.0)
+    assert _agreement(model, engine.generate(_requests(3, temperature=1.0)))[0] <= LOGPROB_ATOL
+    for lw in engine.model.layers:
+        setattr(lw.attn, feature, None)
+    assert _agreement(model, engine.generate(_requests(3, temperature=1.0)))[0] > 1e-3
+
+
+def test_gpt_oss_weight_update_reaches_transposed_experts():
+    """GPT-OSS experts are stored transposed; an update through their HF names lands in the engine's copy."""
+    _needs("tiny-gpt-oss")
+    engine = RolloutEngine(make_model("tiny-gpt-oss", seed=1), max_slots=2, max_seq_len=128)
+    other = make_model("tiny-gpt-oss", seed=2)
+    engine.update_weights(other.state_dict(), strict=True)
+    fresh = RolloutEngine(other, max_slots=2, max_seq_len=128)
+    a, b = engine.generate(_requests(2, temperature=0.0)), fresh.generate(_requests(2, temperature=0.0))
+    assert [o.output_ids for o in a] == [o.output_ids for o in b]
+    assert [o.output_logprobs for o in a] == [o.output_logprobs for o in b]
+
+
+def test_deepseek_v3_is_refused_naming_the_family():
+    _needs("tiny-deepseek-v3")
+    with pytest.raises(NotImplementedError, match=r"DeepseekV3ForCausalLM \(deepseek_v3\).*MLA.*--rollout hf"):
+        RolloutEngine(make_model("tiny-deepseek-v3", seed=1), max_slots=2, max_seq_len=64)
