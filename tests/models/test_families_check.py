@@ -48,3 +48,16 @@ def test_injected_fault_fails_the_check(checkpoint, fault):
     # fails on the rollout-vs-training routing mismatch instead of on the check's threshold.
     assert report["reason"].startswith(("R3 mismatch tokens (", "under replay the training routing still differs"))
     assert sum(layer["zero_overlap"] for layer in report["layers"]) > 0
+
+
+@pytest.mark.parametrize("fault", [Fault.NONE, Fault.SHIFT])
+def test_check_with_the_engine_rollout(checkpoint, fault):
+    """The default rollout (r3rl's engine, its own kernels in bf16): replay passes the check, a shift fails it."""
+    if "deepseek" in checkpoint.name:
+        pytest.skip("the engine does not implement DeepSeek-V3's MLA yet: --rollout hf is its path")
+    replay = ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True)
+    report = run_check(CheckRunConfig(replay=replay, model=str(checkpoint), rollout=RolloutKind.ENGINE, batch_size=4,
+                                      prompt_len=8, response_len=12, inject_fault=fault))
+    assert report["verdict"] == ("pass" if fault is Fault.NONE else "fail"), report.get("reason")
+    if fault is Fault.NONE:
+        assert report["with_replay"]["routing_mismatch"] == 0.0
