@@ -177,6 +177,11 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-max-response-len", type=int, default=12)
     g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
+    g.add_argument("--weight-sync", choices=["disk", "nccl", "gloo"], default="disk",
+                   help="--rollout-url servers: disk (/update_weights_from_disk, default) or a broadcast over an "
+                        "nccl/gloo update group (/init_weights_update_group + /update_weights_from_distributed)")
+    g.add_argument("--weight-sync-address", default="127.0.0.1",
+                   help="nccl/gloo: this trainer's address, which the servers connect to")
     g.add_argument("--max-staleness", type=int, default=0,
                    help="weight versions a sample may lag before it is stale (default 0: synchronous)")
     g.add_argument("--stale-samples", choices=["error", "keep", "drop"], default="error",
@@ -277,6 +282,7 @@ def train_config_from_args(args: argparse.Namespace):
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, release_rollout_memory=args.release_rollout_memory,
         max_staleness=args.max_staleness, stale_samples=StalePolicy(args.stale_samples),
+        weight_sync=args.weight_sync, weight_sync_address=args.weight_sync_address,
         num_rollout=args.num_rollout,
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         max_tokens_per_mb=args.max_tokens_per_mb, layout=Layout(args.layout), lr=args.lr,

@@ -169,10 +169,12 @@ class HTTPBackend:
     def __init__(self, url: str, *, weights_dir: str | Path | None = None, timeout_s: float = 600.0,
                  logprobs_at_temperature: bool = False, model_shape: ModelShape | None = None,
                  routed_experts_format: RoutedExpertsFormat = RoutedExpertsFormat.BASE64_INT32,
-                 max_retries: int = 3) -> None:
+                 max_retries: int = 3, broadcaster=None) -> None:
         """`model_shape`: give it for a SGLang server (r3rl serve reports it). `logprobs_at_temperature`: against
-        SGLang, it must state what the server returns (True unless it runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1)."""
+        SGLang, it must state what the server returns (True unless it runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1).
+        `broadcaster` (a `dist_sync.WeightBroadcaster`): sync weights by NCCL/gloo broadcast instead of the disk."""
         self.url = url
+        self.broadcaster = broadcaster
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.logprobs_at_temperature = logprobs_at_temperature
         self._rng = random.Random()
@@ -223,6 +225,10 @@ class HTTPBackend:
         return samples
 
     def update_weights(self, model: nn.Module, *, version: int) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.push([self], model_tensors(model), version)
+            self._confirm(version, "distributed")
+            return
         if self.weights_dir is None:
             raise WeightSyncError("HTTPBackend.update_weights needs weights_dir: a directory this process writes and "
                                   "the server reads (HTTPBackend(url, weights_dir=...))")
@@ -233,16 +239,20 @@ class HTTPBackend:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)  # the server never sees a half-written checkpoint
         answer = self._run(self.client.update_weights_from_disk(str(target.resolve()), weight_version=str(version)))
-        reported = self._run(self.client.get_model_info()).get("weight_version")
-        if reported is not None and str(reported) != str(version):
-            raise WeightSyncError(f"the server reports weight_version={reported!r} after the update, expected "
-                                  f"{version} (answer: {answer})")
-        self._unverified = version if reported is None else None  # an older SGLang: check the next response
-        self._version = version
+        self._confirm(version, f"disk ({answer})")
         for old in self._saved:  # the server has loaded the new one: older checkpoints are no longer needed
             shutil.rmtree(old, ignore_errors=True)
         self._saved = [target]
         logger.info("rollout weights synced by disk: %s -> %s, weight_version=%d", target, self.url, version)
+
+    def _confirm(self, version: int, how: str) -> None:
+        """The server reports `version` now (an older SGLang reports none: the next samples are checked instead)."""
+        reported = self._run(self.client.get_model_info()).get("weight_version")
+        if reported is not None and str(reported) != str(version):
+            raise WeightSyncError(f"the server reports weight_version={reported!r} after the update by {how}, "
+                                  f"expected {version}")
+        self._unverified = version if reported is None else None
+        self._version = version
 
     def adopt_version(self, version: int) -> None:
         """Another process (torchrun rank 0) synced the server to `version`: generate with it, and check that the

@@ -18,8 +18,10 @@ at once; the trainer must then not broadcast), then applies them between engine 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import logging
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,7 +30,8 @@ import torch.distributed as dist
 from pydantic import BaseModel
 
 __all__ = ["InitWeightsUpdateGroupRequest", "UpdateWeightsFromDistributedRequest", "init_update_group",
-           "broadcast_weights", "init_weights_update_group", "update_weights_from_distributed", "DistReceiver"]
+           "broadcast_weights", "init_weights_update_group", "update_weights_from_distributed", "DistReceiver",
+           "WeightBroadcaster"]
 
 logger = logging.getLogger(__name__)
 TIMEOUT = datetime.timedelta(seconds=600)
@@ -158,3 +161,60 @@ async def update_weights_from_distributed(client, tensors: Mapping[str, torch.Te
         names=list(tensors), dtypes=[str(t.dtype).removeprefix("torch.") for t in tensors.values()],
         shapes=[list(t.shape) for t in tensors.values()], group_name=group_name, flush_cache=flush_cache,
         weight_version=weight_version), idempotent=False)
+
+
+class WeightBroadcaster:
+    """Trainer side of the NCCL path for one or more servers (`HTTPBackend`s): one update group in which the trainer
+    is rank 0 and server k is rank k + 1, joined at the first push; then per update an announce to every server and
+    one broadcast that all of them receive.
+
+    A server validates an announce (names, dtypes, shapes) before it receives anything and answers a refusal at
+    once: the broadcaster waits `refusal_window_s` for such an answer before it broadcasts, so a refused update raises
+    instead of leaving the trainer blocked in a broadcast nobody receives. The group cannot shrink: if a member
+    server dies, later pushes fail (use the disk path with a fleet that loses servers)."""
+
+    def __init__(self, *, master_address: str = "127.0.0.1", master_port: int | None = None, backend: str = "nccl",
+                 device: torch.device | str | None = None, refusal_window_s: float = 0.5) -> None:
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"weight sync backend must be 'nccl' or 'gloo': got {backend!r}")
+        self.master_address, self.master_port, self.backend = master_address, master_port, backend
+        self.device = device if device is not None else ("cuda" if backend == "nccl" else None)
+        self.refusal_window_s = refusal_window_s
+        self.group: dist.ProcessGroup | None = None
+        self.members: list[str] = []
+
+    def push(self, servers: Sequence, tensors: Mapping[str, torch.Tensor], version: int) -> list[dict[str, Any]]:
+        """Send `tensors` to every server of `servers` (HTTPBackends); returns their answers."""
+        if self.group is None:
+            self._join(servers)
+        elif [s.url for s in servers] != self.members:
+            raise RuntimeError(f"the weight update group was formed with {self.members}, now asked to push to "
+                               f"{[s.url for s in servers]}: a group cannot change its members")
+        futures = [asyncio.run_coroutine_threadsafe(
+            update_weights_from_distributed(s.client, tensors, weight_version=str(version)), s._loop) for s in servers]
+        done, _ = concurrent.futures.wait(futures, timeout=self.refusal_window_s)
+        for f in done:
+            f.result()  # a refusal raises here (RolloutRequestError naming the tensor), before anything is sent
+        if done:
+            raise RuntimeError("a server answered the announce before receiving any tensor")
+        broadcast_weights(tensors, self.group, device=self.device)
+        return [f.result(TIMEOUT.total_seconds()) for f in futures]
+
+    def _join(self, servers: Sequence) -> None:
+        port = self.master_port or _free_port()
+        world = len(servers) + 1
+        futures = [asyncio.run_coroutine_threadsafe(init_weights_update_group(
+            s.client, master_address=self.master_address, master_port=port, rank_offset=k + 1, world_size=world,
+            backend=self.backend), s._loop) for k, s in enumerate(servers)]
+        self.group = init_update_group(self.master_address, port, world_size=world, rank=0, backend=self.backend)
+        for f in futures:
+            f.result(TIMEOUT.total_seconds())
+        self.members = [s.url for s in servers]
+        logger.info("weight update group formed: trainer + %d server(s) over %s at %s:%d", len(servers),
+                    self.backend, self.master_address, port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

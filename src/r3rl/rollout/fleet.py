@@ -32,6 +32,7 @@ from torch import nn
 from r3rl.rollout.backend import HTTPBackend, RolloutBackend, WeightSyncError, group_requests
 from r3rl.rollout.client import RolloutRequestError
 from r3rl.rollout.protocol import SamplingParams
+from r3rl.rollout.weights import model_tensors
 from r3rl.sample import Sample
 
 __all__ = ["FleetBackend", "FleetError", "make_backend"]
@@ -48,11 +49,12 @@ class FleetBackend:
 
     def __init__(self, urls: Sequence[str], *, weights_dir: str | Path | None = None,
                  logprobs_at_temperature: bool = False, timeout_s: float = 600.0, max_retries: int = 1,
-                 max_workers: int = 32) -> None:
+                 max_workers: int = 32, broadcaster=None) -> None:
         if len(urls) < 1:
             raise ValueError("FleetBackend needs at least one server URL")
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.logprobs_at_temperature = logprobs_at_temperature
+        self.broadcaster = broadcaster  # a dist_sync.WeightBroadcaster: NCCL/gloo broadcast to every server
         self.servers = [HTTPBackend(u, weights_dir=weights_dir, timeout_s=timeout_s, max_retries=max_retries,
                                     logprobs_at_temperature=logprobs_at_temperature) for u in urls]
         self.live = [True] * len(self.servers)
@@ -130,6 +132,12 @@ class FleetBackend:
         return samples
 
     def update_weights(self, model: nn.Module, *, version: int) -> None:
+        if self.broadcaster is not None:  # one broadcast reaches every server of the group
+            self.broadcaster.push(self.servers, model_tensors(model), version)
+            for srv in self.servers:
+                srv._confirm(version, "distributed")
+            self._version = version
+            return
         if self.weights_dir is None:
             raise WeightSyncError("FleetBackend.update_weights needs weights_dir (shared by every server)")
         target = self.weights_dir / f"v{version}"
@@ -171,12 +179,23 @@ class FleetBackend:
                 logger.debug("closing %s failed", srv.url, exc_info=True)
 
 
-def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None,
-                 logprobs_at_temperature: bool = False) -> RolloutBackend:
-    """HTTPBackend for one URL, FleetBackend for several: the one call the trainer makes for `--rollout-url`."""
+def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None, logprobs_at_temperature: bool = False,
+                 weight_sync: str = "disk", sync_address: str = "127.0.0.1") -> RolloutBackend:
+    """HTTPBackend for one URL, FleetBackend for several: the one call the trainer makes for `--rollout-url`.
+    `weight_sync`: "disk" (`/update_weights_from_disk`), or "nccl" / "gloo" (`/init_weights_update_group` +
+    `/update_weights_from_distributed`, the servers joining a group at `sync_address`)."""
     urls = list(urls)
     if not urls:
         raise ValueError("make_backend needs at least one --rollout-url")
+    if weight_sync not in ("disk", "nccl", "gloo"):
+        raise ValueError(f"weight_sync must be disk, nccl or gloo: got {weight_sync!r}")
+    broadcaster = None
+    if weight_sync != "disk":
+        from r3rl.rollout.dist_sync import WeightBroadcaster
+
+        broadcaster = WeightBroadcaster(master_address=sync_address, backend=weight_sync)
     if len(urls) == 1:
-        return HTTPBackend(urls[0], weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature)
-    return FleetBackend(urls, weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature)
+        return HTTPBackend(urls[0], weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
+                           broadcaster=broadcaster)
+    return FleetBackend(urls, weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
+                        broadcaster=broadcaster)

@@ -63,6 +63,11 @@ class TrainConfig:
     # --- rollout ------------------------------------------------------------------------------------------------
     rollout_url: list[str] = field(default_factory=list)
     """SGLang-compatible server(s) (`r3rl serve` or SGLang); empty: the in-process engine."""
+    weight_sync: str = "disk"
+    """`rollout_url` servers get new weights by "disk" (/update_weights_from_disk; works everywhere), or by "nccl" /
+    "gloo" broadcast (/init_weights_update_group + /update_weights_from_distributed; GPUs on one network)."""
+    weight_sync_address: str = "127.0.0.1"
+    """nccl/gloo: the address of this trainer that the servers connect to (the update group's master)."""
     rollout_batch_size: int = 16
     """Prompts per step."""
     n_samples_per_prompt: int = 8
@@ -156,6 +161,11 @@ class TrainConfig:
         if self.inject_fault is not Fault.NONE and not self.replay.check_enabled:
             raise ValueError("--inject-fault is a negative control of the R3 check: it needs a replay mode and "
                              "--enable-r3-correctness-check (or --ci-test)")
+        if self.weight_sync not in ("disk", "nccl", "gloo"):
+            raise ValueError(f"weight_sync must be disk, nccl or gloo: got {self.weight_sync!r}")
+        if self.weight_sync != "disk" and not self.rollout_url:
+            raise ValueError(f"--weight-sync {self.weight_sync} syncs rollout servers: it needs --rollout-url (the "
+                             "in-process engine is synced in place)")
         if self.release_rollout_memory and self.rollout_url:
             raise ValueError("--release-rollout-memory frees the in-process engine's memory: it has no effect with "
                              "--rollout-url (the servers own theirs)")

@@ -199,13 +199,17 @@ class RankZeroWeightSync:
 
 
 class _Exported:
-    """A sharded model's `save_pretrained`, writing the gathered state dict (what the HTTP backends call)."""
+    """A sharded model seen through its gathered state dict: what the HTTP backends call (`save_pretrained` for the
+    disk path, `state_dict` for the broadcast path)."""
 
     def __init__(self, model: nn.Module, state_dict: dict) -> None:
-        self.model, self.state_dict = model, state_dict
+        self.model, self._state_dict = model, state_dict
+
+    def state_dict(self) -> dict:
+        return self._state_dict
 
     def save_pretrained(self, path, **kwargs) -> None:
-        self.model.save_pretrained(path, state_dict=self.state_dict, **kwargs)
+        self.model.save_pretrained(path, state_dict=self._state_dict, **kwargs)
 
 
 def _collective_device() -> torch.device:

@@ -247,7 +247,8 @@ def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
     at_temperature = cfg.rollout_temperature != 1.0  # log-probs of the distribution sampled (see step.py)
     if cfg.rollout_url:  # one server: HTTPBackend; several: FleetBackend (load spread, exactly-once re-send)
         return make_backend(cfg.rollout_url, weights_dir=str(run_dir / "weights"),
-                            logprobs_at_temperature=at_temperature)
+                            logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
+                            sync_address=cfg.weight_sync_address)
     max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
     return EngineBackend(model, max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
                          device=cfg.device, dtype=cfg.dtype, logprobs_at_temperature=at_temperature)
