@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank is not None else "") +
                         "%(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # one line per request
     if args.command == "init-model":
         from r3rl.models import resolve_dtype
         from r3rl.models.presets import init_model
