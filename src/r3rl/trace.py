@@ -68,8 +68,22 @@ def pad_value_for(num_experts: int) -> int:
     return 255 if compact_dtype(num_experts) == np.uint8 else -1
 
 
+class _RowsLayersTopK:
+    """`expert_ids` shaped [rows, MoE layers, top_k]: the layer and top-k counts, for traces and replay batches."""
+
+    expert_ids: np.ndarray | torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[2]
+
+
 @dataclass(frozen=True, eq=False)
-class RoutingTrace:
+class RoutingTrace(_RowsLayersTopK):
     """Routing of one sample. Build it with `from_ids` or a codec, which validate; the raw constructor does not."""
 
     expert_ids: np.ndarray  # [rows, layers, top_k], compact dtype
@@ -118,14 +132,6 @@ class RoutingTrace:
     @property
     def num_rows(self) -> int:
         return self.expert_ids.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.expert_ids.shape[1]
-
-    @property
-    def top_k(self) -> int:
-        return self.expert_ids.shape[2]
 
     @property
     def pad_value(self) -> int:
@@ -312,7 +318,7 @@ class RoutingTrace:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReplayBatch:
+class ReplayBatch(_RowsLayersTopK):
     """Replay input for one forward: expert ids `[N, layers, top_k]` in the forward's token order.
 
     Layouts build it on the host in the compact dtype (uint8/int16, so the copy to the device is 1-2 bytes per id);
@@ -332,14 +338,6 @@ class ReplayBatch:
     @property
     def num_tokens(self) -> int:
         return self.expert_ids.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.expert_ids.shape[1]
-
-    @property
-    def top_k(self) -> int:
-        return self.expert_ids.shape[2]
 
     def to(self, device: torch.device | str) -> ReplayBatch:
         """int64 ids on `device` (no host sync: pinned, non-blocking copy, widened on the device)."""

@@ -204,10 +204,7 @@ class HTTPBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  n_samples_per_prompt: int = 1) -> list[Sample]:
-        call = next(self._calls)
-        plan = group_requests(len(prompts), sampling, n_samples_per_prompt,
-                              logprobs_at_temperature=self.logprobs_at_temperature, rng=self._rng)
-        rids = [f"c{call}-p{i}-s{j}-{self._rng.getrandbits(32):08x}" for i, j, _ in plan]
+        plan, rids = plan_with_rids(self, len(prompts), sampling, n_samples_per_prompt, prefix="c")
         samples = []
         for start in range(0, len(plan), MAX_BATCH):  # the server takes at most MAX_BATCH prompts per request
             part = plan[start : start + MAX_BATCH]
@@ -269,6 +266,16 @@ class HTTPBackend:
 
     def _run(self, coro: Coroutine):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+def plan_with_rids(backend, num_prompts: int, sampling: SamplingParams, n_samples_per_prompt: int, *,
+                   prefix: str) -> tuple[list[tuple[int, int, SamplingParams]], list[str]]:
+    """`group_requests` for one `generate` call of an HTTP backend, with a request id per sample that is unique
+    across calls and processes (call counter + random suffix: a re-sent request keeps its rid)."""
+    call = next(backend._calls)
+    plan = group_requests(num_prompts, sampling, n_samples_per_prompt,
+                          logprobs_at_temperature=backend.logprobs_at_temperature, rng=backend._rng)
+    return plan, [f"{prefix}{call}-p{i}-s{j}-{backend._rng.getrandbits(32):08x}" for i, j, _ in plan]
 
 
 def drop_stale(samples: Sequence[Sample], current_version: int,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from torch import nn
 
-from r3rl.rollout.backend import HTTPBackend, RolloutBackend, WeightSyncError, group_requests
+from r3rl.rollout.backend import HTTPBackend, RolloutBackend, WeightSyncError, plan_with_rids
 from r3rl.rollout.client import RolloutRequestError
 from r3rl.rollout.protocol import SamplingParams
 from r3rl.rollout.weights import model_tensors
@@ -114,10 +114,7 @@ class FleetBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  n_samples_per_prompt: int = 1) -> list[Sample]:
-        call = next(self._calls)
-        plan = group_requests(len(prompts), sampling, n_samples_per_prompt,
-                              logprobs_at_temperature=self.logprobs_at_temperature, rng=self._rng)
-        rids = [f"f{call}-p{i}-s{j}-{self._rng.getrandbits(32):08x}" for i, j, _ in plan]
+        plan, rids = plan_with_rids(self, len(prompts), sampling, n_samples_per_prompt, prefix="f")
         futures = [self._pool.submit(self._one, prompts[i], sp, rid)
                    for (i, _, sp), rid in zip(plan, rids, strict=True)]
         results: dict[int, Sample] = {}
