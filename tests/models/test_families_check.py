@@ -52,9 +52,8 @@ def test_injected_fault_fails_the_check(checkpoint, fault):
 
 @pytest.mark.parametrize("fault", [Fault.NONE, Fault.SHIFT])
 def test_check_with_the_engine_rollout(checkpoint, fault):
-    """The default rollout (r3rl's engine, its own kernels in bf16): replay passes the check, a shift fails it."""
-    if "deepseek" in checkpoint.name:
-        pytest.skip("the engine does not implement DeepSeek-V3's MLA yet: --rollout hf is its path")
+    """The default rollout (r3rl's engine, its own kernels in bf16; MLA for DeepSeek-V3): replay passes the check,
+    a shift fails it."""
     replay = ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True)
     report = run_check(CheckRunConfig(replay=replay, model=str(checkpoint), rollout=RolloutKind.ENGINE, batch_size=4,
                                       prompt_len=8, response_len=12, inject_fault=fault))

@@ -1,7 +1,7 @@
-"""The rollout engine on GLM-4.5, MiniMax-M2 and GPT-OSS (tiny presets, float32, CPU): its served trace equals a full
-HF forward's routing on >= 99% of (token, layer), its log-probs match, and greedy decoding picks HF's tokens. GPT-OSS
-negative controls: the same engine without its sliding windows, or without its sinks, no longer matches HF.
-DeepSeek-V3 (MLA) is refused with an error that names the family and the way around it.
+"""The rollout engine on GLM-4.5, MiniMax-M2, GPT-OSS and DeepSeek-V3 (tiny presets, float32, CPU): its served trace
+equals a full HF forward's routing on >= 99% of (token, layer), its log-probs match, and greedy decoding picks HF's
+tokens. GPT-OSS negative controls: the same engine without its sliding windows, or without its sinks, no longer
+matches HF. DeepSeek-V3: the KV cache holds the compressed latent, and decoding is batch-invariant on CPU.
 
     pytest tests/rollout/test_engine_families.py -q
 """
@@ -16,7 +16,7 @@ from r3rl.models import find_routers
 from r3rl.models.presets import make_model, preset_available
 from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
 
-ENGINE_FAMILIES = ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-gpt-oss"]
+ENGINE_FAMILIES = ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-gpt-oss", "tiny-deepseek-v3"]
 LOGPROB_ATOL = 1e-4  # as tests/rollout/test_engine.py: float32 both sides, different kernels
 
 
@@ -111,7 +111,25 @@ def test_gpt_oss_weight_update_reaches_transposed_experts():
     assert [o.output_logprobs for o in a] == [o.output_logprobs for o in b]
 
 
-def test_deepseek_v3_is_refused_naming_the_family():
+@pytest.mark.parametrize("preset", ENGINE_FAMILIES)
+def test_continuous_batching_equals_one_at_a_time(preset):
+    """CPU kernels are batch-invariant: a request's tokens, log-probs and trace do not depend on its neighbours
+    (sigmoid routers and MLA's absorbed projections included)."""
+    _needs(preset)
+    engine = RolloutEngine(make_model(preset, seed=1), max_slots=3, max_seq_len=128)
+    batched = engine.generate(_requests(4, temperature=1.0))
+    alone = [engine.generate([req])[0] for req in _requests(4, temperature=1.0)]
+    for b, a in zip(batched, alone, strict=True):
+        assert b.output_ids == a.output_ids and b.output_logprobs == a.output_logprobs
+        np.testing.assert_array_equal(b.trace.expert_ids, a.trace.expert_ids)
+
+
+def test_deepseek_v3_caches_the_compressed_latent():
     _needs("tiny-deepseek-v3")
-    with pytest.raises(NotImplementedError, match=r"DeepseekV3ForCausalLM \(deepseek_v3\).*MLA.*--rollout hf"):
-        RolloutEngine(make_model("tiny-deepseek-v3", seed=1), max_slots=2, max_seq_len=64)
+    model = make_model("tiny-deepseek-v3", seed=1)
+    cfg = model.config
+    engine = RolloutEngine(model, max_slots=3, max_seq_len=128)
+    # one latent "head" of kv_lora_rank dims per token and layer, not num_heads x (k + v) head dims
+    assert engine.kv.k_LSHTD.shape[2:] == (1, 128, cfg.kv_lora_rank)
+    per_token_full = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    assert engine.kv.k_LSHTD[0, 0, :, 0].numel() * 2 < per_token_full

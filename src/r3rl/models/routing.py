@@ -91,13 +91,18 @@ def router_logits(spec: RouterSpec, hidden_TH: torch.Tensor, weight_EH: torch.Te
     return linear(hidden_TH.to(weight_EH.dtype), weight_EH, logit_bias_E)
 
 
-def scores(spec: RouterSpec, logits_TE: torch.Tensor) -> torch.Tensor:
-    """What the gate weights are read from: softmax probabilities or sigmoid scores (float32), or the logits."""
+def scores(spec: RouterSpec, logits_TE: torch.Tensor, *, batch_invariant: bool = False) -> torch.Tensor:
+    """What the gate weights are read from: softmax probabilities or sigmoid scores (float32), or the logits.
+
+    `batch_invariant` (the CPU rollout engine): sigmoid as 1 / (1 + exp(-x)), since torch.sigmoid's CPU kernel
+    rounds an element differently depending on the tensor's size (a row's scores would depend on the batch)."""
     if spec.scoring is Scoring.SOFTMAX:
         if spec.upcast_logits:
             return torch.softmax(logits_TE.float(), dim=-1)
         return torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     if spec.scoring is Scoring.SIGMOID:
+        if batch_invariant:
+            return torch.reciprocal(1 + torch.exp(-logits_TE.float()))
         return torch.sigmoid(logits_TE.float())
     return logits_TE
 
@@ -118,9 +123,11 @@ def choice_scores(spec: RouterSpec, scores_TE: torch.Tensor, correction_E: torch
     return choice_TE.masked_fill(~keep_TE.bool(), float("-inf"))
 
 
-def select_live(spec: RouterSpec, choice_TE: torch.Tensor) -> torch.Tensor:
-    """The family's own selection: top-k of the choice scores."""
-    return torch.topk(choice_TE, spec.top_k, dim=-1, sorted=spec.sorted_topk).indices
+def select_live(spec: RouterSpec, choice_TE: torch.Tensor, *, sorted_topk: bool | None = None) -> torch.Tensor:
+    """The family's own selection: top-k of the choice scores. `sorted_topk` overrides the family's order (the
+    engine sorts: with `sorted=False` the k order may depend on how many rows the call has)."""
+    return torch.topk(choice_TE, spec.top_k, dim=-1,
+                      sorted=spec.sorted_topk if sorted_topk is None else sorted_topk).indices
 
 
 def gate_weights(spec: RouterSpec, logits_TE: torch.Tensor, scores_TE: torch.Tensor,
@@ -142,9 +149,11 @@ def gate_weights(spec: RouterSpec, logits_TE: torch.Tensor, scores_TE: torch.Ten
 
 
 def route(spec: RouterSpec, logits_TE: torch.Tensor, correction_E: torch.Tensor | None = None,
-          select: Selection | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights_TK, ids_TK): the live selection, or `select(choice_TE)` (replay), gated the family's way."""
-    scores_TE = scores(spec, logits_TE)
+          select: Selection | None = None, *, sorted_topk: bool | None = None,
+          batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_TK, ids_TK): the live selection, or `select(choice_TE)` (replay), gated the family's way.
+    `sorted_topk` and `batch_invariant`: see `select_live` and `scores` (the engine's choices)."""
+    scores_TE = scores(spec, logits_TE, batch_invariant=batch_invariant)
     choice_TE = choice_scores(spec, scores_TE, correction_E)
-    ids_TK = select_live(spec, choice_TE) if select is None else select(choice_TE)
+    ids_TK = select_live(spec, choice_TE, sorted_topk=sorted_topk) if select is None else select(choice_TE)
     return gate_weights(spec, logits_TE, scores_TE, ids_TK), ids_TK

@@ -3,9 +3,10 @@
 One forward for every supported family, composed per decoder layer from the shared attention block
 (`r3rl.rollout.attention`: fused QKV, q/k norms, full or partial RoPE, sliding windows, sinks) and either a dense MLP
 or the shared MoE block (`r3rl.rollout.moe`: the family's routing from `r3rl.models.routing`, routed and shared
-experts). Families: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5, MiniMax-M2, GPT-OSS. DeepSeek-V3 (MLA attention)
-is refused with NotImplementedError: use `r3rl check --rollout hf` for it. Every (token, MoE layer) top-k is written
-into the routing capture buffer inside the forward. Used by `r3rl.rollout.engine.RolloutEngine`; not a public API.
+experts). DeepSeek-V3 layers use multi-head latent attention over a compressed-latent cache instead
+(`r3rl.rollout.attention_mla`). Families: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5, MiniMax-M2, GPT-OSS,
+DeepSeek-V3. Every (token, MoE layer) top-k is written into the routing capture buffer inside the forward.
+Used by `r3rl.rollout.engine.RolloutEngine`; not a public API.
 
 Tensor suffixes: S slots, T tokens, B decode rows, N prefill requests, P positions, H hidden, Q fused qkv width,
 D head dim, E experts, K top-k, I intermediate, V vocabulary.
@@ -33,6 +34,7 @@ from r3rl.rollout.attention import (
     rope_tables,
     rowwise_linear,
 )
+from r3rl.rollout.attention_mla import MLAWeights, mla_decode, mla_prefill
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
 from r3rl.rollout.moe import ExpertAct, MoEBlock, MoEKernel, MoEWeights
 
@@ -40,14 +42,14 @@ __all__ = ["MoEKernel", "MoEForward"]
 
 logger = logging.getLogger(__name__)
 
-_UNSUPPORTED = {"deepseek_v3": "multi-head latent attention (MLA) with a compressed-latent KV cache"}
+_UNSUPPORTED: dict[str, str] = {}  # model type -> what the engine lacks for it
 
 
 @dataclass
 class _Layer:
     input_norm_H: torch.Tensor
     post_norm_H: torch.Tensor
-    attn: AttentionWeights
+    attn: AttentionWeights | MLAWeights
     moe: MoEWeights | None = None  # None for a dense layer
     mlp_gate_up_IH: torch.Tensor | None = None  # dense MLP
     mlp_down_HI: torch.Tensor | None = None
@@ -67,19 +69,24 @@ class MoEForward:
         self.num_decoder_layers, self.vocab_size, self.eps = cfg.num_hidden_layers, cfg.vocab_size, cfg.rms_norm_eps
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.mla = getattr(cfg, "kv_lora_rank", None) is not None
+        if self.mla:  # the KV cache holds one latent "head" per token (see attention_mla)
+            self.num_kv_heads, self.head_dim = 1, cfg.kv_lora_rank
         self.scale = self.head_dim**-0.5
         self.clip_qkv = getattr(cfg, "clip_qkv", None)
         self.act = ACT2FN[cfg.hidden_act]
-        self.linear = rowwise_linear if batch_invariant else F.linear
+        self.linear, self.batch_invariant = rowwise_linear if batch_invariant else F.linear, batch_invariant
         self.windows = _windows(model, max_seq_len)
         self.expert_act = ExpertAct.GPT_OSS if cfg.model_type == "gpt_oss" else ExpertAct.SWIGLU
 
+        self.config, self.hf_layers = cfg, model.model.layers  # read while loading, then dropped
         loader = _Loader(model.state_dict(), device, dtype)
         self.embed_VH = loader.take("model.embed_tokens.weight")
         self.final_norm_H = loader.take("model.norm.weight")
         self.lm_head_VH = loader.take("lm_head.weight", tied_to="model.embed_tokens.weight")
         self.layers = [self._load_layer(loader, i, sites.get(i)) for i in range(self.num_decoder_layers)]
         loader.check_all_taken(type(model).__name__)
+        del self.config, self.hf_layers
         self.views, self.shapes = loader.views, loader.shapes  # for update_weights
         self.cos_PD, self.sin_PD = rope_tables(model, max_seq_len, device, dtype)
         self._arange = torch.arange(max(max_seq_len, max_slots), device=device)
@@ -100,11 +107,17 @@ class MoEForward:
         cos_TD, sin_TD = self.cos_PD[:P].repeat(N, 1), self.sin_PD[:P].repeat(N, 1)
         x_TH = self.embed_VH[tokens_NP.flatten()]
         for i, lw in enumerate(self.layers):
-            q_THD, k_THD, v_THD = self._qkv(lw, rms_norm(x_TH, lw.input_norm_H, self.eps), cos_TD, sin_TD)
-            k_NHPD, v_NHPD = (t.view(N, P, Hkv, D).transpose(1, 2) for t in (k_THD, v_THD))
-            kv.write_prefill(i, slot0, k_NHPD, v_NHPD)
-            o_NHPD = prefill_attention(lw.attn, q_THD.view(N, P, Hq, D).transpose(1, 2), k_NHPD, v_NHPD, self.scale)
-            x_TH = x_TH + self.linear(o_NHPD.transpose(1, 2).reshape(N * P, Hq * D), lw.attn.o_HQ, lw.attn.o_bias_H)
+            h_TH = rms_norm(x_TH, lw.input_norm_H, self.eps)
+            if self.mla:
+                x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, i, slot0, self.linear)
+            else:
+                q_THD, k_THD, v_THD = self._qkv(lw, h_TH, cos_TD, sin_TD)
+                k_NHPD, v_NHPD = (t.view(N, P, Hkv, D).transpose(1, 2) for t in (k_THD, v_THD))
+                kv.write_prefill(i, slot0, k_NHPD, v_NHPD)
+                q_NHPD = q_THD.view(N, P, Hq, D).transpose(1, 2)
+                o_NHPD = prefill_attention(lw.attn, q_NHPD, k_NHPD, v_NHPD, self.scale)
+                x_TH = x_TH + self.linear(o_NHPD.transpose(1, 2).reshape(N * P, Hq * D), lw.attn.o_HQ,
+                                          lw.attn.o_bias_H)
             mlp_TH, ids_TK = self._mlp(lw, rms_norm(x_TH, lw.post_norm_H, self.eps), valid_T)
             if ids_TK is not None:
                 routes.write_prefill(lw.moe.moe_layer, slot0, ids_TK.view(N, P, -1))
@@ -123,11 +136,16 @@ class MoEForward:
         cos_BD, sin_BD = self.cos_PD[pos_B], self.sin_PD[pos_B]
         x_BH = self.embed_VH[tokens_B]
         for i, lw in enumerate(self.layers):
-            q_BHD, k_BHD, v_BHD = self._qkv(lw, rms_norm(x_BH, lw.input_norm_H, self.eps), cos_BD, sin_BD)
-            kv.write_decode(i, rows_B, pos_B, k_BHD, v_BHD)
-            k_BHTD, v_BHTD = kv.context(i, B, T)
-            o_BH = decode_attention(lw.attn, q_BHD, k_BHTD, v_BHTD, bias_by_window[lw.attn.window], self.scale)
-            x_BH = x_BH + self.linear(o_BH, lw.attn.o_HQ, lw.attn.o_bias_H)
+            h_BH = rms_norm(x_BH, lw.input_norm_H, self.eps)
+            if self.mla:
+                x_BH = x_BH + mla_decode(lw.attn, h_BH, cos_BD, sin_BD, kv, i, rows_B, pos_B, T, bias_by_window[None],
+                                         self.linear, batch_invariant=self.batch_invariant)
+            else:
+                q_BHD, k_BHD, v_BHD = self._qkv(lw, h_BH, cos_BD, sin_BD)
+                kv.write_decode(i, rows_B, pos_B, k_BHD, v_BHD)
+                k_BHTD, v_BHTD = kv.context(i, B, T)
+                o_BH = decode_attention(lw.attn, q_BHD, k_BHTD, v_BHTD, bias_by_window[lw.attn.window], self.scale)
+                x_BH = x_BH + self.linear(o_BH, lw.attn.o_HQ, lw.attn.o_bias_H)
             mlp_BH, ids_BK = self._mlp(lw, rms_norm(x_BH, lw.post_norm_H, self.eps), active_B)
             if ids_BK is not None:
                 routes.write_decode(lw.moe.moe_layer, rows_B, pos_B, ids_BK)
@@ -147,6 +165,17 @@ class MoEForward:
 
     def _load_layer(self, loader: _Loader, i: int, site: RouterSite | None) -> _Layer:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        lw = _Layer(input_norm_H=loader.take(p + "input_layernorm.weight"),
+                    post_norm_H=loader.take(p + "post_attention_layernorm.weight"),
+                    attn=self._load_mla(loader, i, a) if self.mla else self._load_attention(loader, i, a))
+        if site is None:
+            lw.mlp_gate_up_IH = loader.take(m + "gate_proj.weight", m + "up_proj.weight")
+            lw.mlp_down_HI = loader.take(m + "down_proj.weight")
+            return lw
+        lw.moe = self._load_moe(loader, m, site)
+        return lw
+
+    def _load_attention(self, loader: _Loader, i: int, a: str) -> AttentionWeights:
         attn = AttentionWeights(
             qkv_QH=loader.take(*(f"{a}{x}_proj.weight" for x in "qkv")),
             qkv_bias_Q=loader.take(*(f"{a}{x}_proj.bias" for x in "qkv"), optional=True),
@@ -159,16 +188,31 @@ class MoEForward:
                                                 self.num_kv_heads)
         elif q_norm is not None:
             attn.q_norm, attn.k_norm = loader.take(a + "q_norm.weight"), loader.take(a + "k_norm.weight")
-        lw = _Layer(input_norm_H=loader.take(p + "input_layernorm.weight"),
-                    post_norm_H=loader.take(p + "post_attention_layernorm.weight"), attn=attn)
-        if site is None:
-            lw.mlp_gate_up_IH = loader.take(m + "gate_proj.weight", m + "up_proj.weight")
-            lw.mlp_down_HI = loader.take(m + "down_proj.weight")
-            return lw
+        return attn
+
+    def _load_mla(self, loader: _Loader, i: int, a: str) -> MLAWeights:
+        cfg, hf = self.config, self.hf_layers[i].self_attn
+        return MLAWeights(
+            num_heads=self.num_heads, nope_dim=cfg.qk_nope_head_dim, rope_dim=cfg.qk_rope_head_dim,
+            v_dim=cfg.v_head_dim, kv_lora_rank=cfg.kv_lora_rank, interleave=bool(getattr(cfg, "rope_interleave", True)),
+            scale=float(hf.scaling), kv_eps=float(hf.kv_a_layernorm.variance_epsilon),
+            q_eps=float(hf.q_a_layernorm.variance_epsilon) if hf.q_a_layernorm is not None else self.eps,
+            kv_a_QM=loader.take(a + "kv_a_proj_with_mqa.weight"),
+            kv_a_bias=loader.take(a + "kv_a_proj_with_mqa.bias", optional=True),
+            kv_norm_C=loader.take(a + "kv_a_layernorm.weight"), kv_b_XC=loader.take(a + "kv_b_proj.weight"),
+            o_MX=loader.take(a + "o_proj.weight"), o_bias_M=loader.take(a + "o_proj.bias", optional=True),
+            q_XM=loader.take(a + "q_proj.weight", optional=True),
+            q_a_LM=loader.take(a + "q_a_proj.weight", optional=True),
+            q_a_bias_L=loader.take(a + "q_a_proj.bias", optional=True),
+            q_norm_L=loader.take(a + "q_a_layernorm.weight", optional=True),
+            q_b_XL=loader.take(a + "q_b_proj.weight", optional=True),
+        )
+
+    def _load_moe(self, loader: _Loader, m: str, site: RouterSite) -> MoEWeights:
         names, spec = site.adapter.tensor_names(site), site.spec
         transposed = self.expert_act is ExpertAct.GPT_OSS  # HF keeps GPT-OSS experts as [E, H, 2I] and [E, I, H]
         shared = m + ("shared_expert." if m + "shared_expert.gate_proj.weight" in loader.sd else "shared_experts.")
-        lw.moe = MoEWeights(
+        return MoEWeights(
             moe_layer=site.layer, router_spec=spec,
             # float32 logits: keep the router weight in float32, as HF does (its values are exact either way)
             router_EH=loader.take(names.weight, dtype=torch.float32 if spec.logits_fp32 else None),
@@ -183,7 +227,6 @@ class MoEForward:
             shared_down_HI=loader.take(shared + "down_proj.weight", optional=True),
             shared_gate_1H=loader.take(m + "shared_expert_gate.weight", optional=True),
         )
-        return lw
 
 
 class _Loader:

@@ -77,7 +77,10 @@ class MoEBlock:
     def __call__(self, w: MoEWeights, h_TH: torch.Tensor, valid_T: torch.Tensor | None):
         """(output, top-k ids). `valid_T` False marks padding rows, kept out of the experts."""
         logits_TE = router_logits(w.router_spec, h_TH, w.router_EH, w.router_bias_E, linear=self.linear)
-        weights_TK, ids_TK = route(w.router_spec, logits_TE, w.correction_E)
+        # sorted: a family's sorted=False top-k may order the k ids differently with the number of rows, which would
+        # change the sum over k and break batch invariance; the set of experts is the family's
+        weights_TK, ids_TK = route(w.router_spec, logits_TE, w.correction_E, sorted_topk=True,
+                                   batch_invariant=self._expert_mlp is None)
         if self._expert_mlp is None:
             out_TH = self._experts_gather(h_TH, ids_TK, weights_TK, w)
         else:
