@@ -253,14 +253,17 @@ class RoutingReplay:
             site.router.forward = functools.partial(self._router_forward, site)
         self._patched = True
 
-    def _router_forward(self, site: RouterSite, hidden: torch.Tensor):
+    def _router_forward(self, site: RouterSite, hidden: torch.Tensor, *args, **kwargs):
+        """The patched router forward. `args`/`kwargs`: what the family passes besides the hidden states (MiniMax-M2
+        passes its MoE block's correction bias), handed to the original forward; under replay the adapter reads
+        the same tensors from the site."""
         mode = self._mode
         if mode is ReplayMode.OFF:
             self._no_pending_recompute(site, "after the replay() context closed")
-            return type(site.router).forward(site.router, hidden)
+            return type(site.router).forward(site.router, hidden, *args, **kwargs)
         if mode is ReplayMode.RECORD:
             self._no_pending_recompute(site, "inside record()")
-            out = type(site.router).forward(site.router, hidden)
+            out = type(site.router).forward(site.router, hidden, *args, **kwargs)
             if current_stage() is Stage.REPLAY_FORWARD:  # a recompute in backward must not record twice
                 self._recording.ids_per_layer[site.layer].append(out[2].detach())
             return out
