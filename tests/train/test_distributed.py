@@ -58,13 +58,13 @@ def _samples(model) -> list[Sample]:
     return out
 
 
-def _update_once(env: DistEnv) -> dict:
+def _update_once(env: DistEnv, prompts_per_step: int) -> dict:
     model = make_model("tiny-qwen3-moe", seed=0)
     samples = _samples(model)
     advantages = torch.linspace(-1, 1, len(samples)).tolist()
     cfg = TrainConfig(replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True),
                       rollout_batch_size=N_PROMPTS, n_samples_per_prompt=N_PER_PROMPT, micro_batch_size=None,
-                      max_tokens_per_mb=40, clip_grad=1e9)
+                      max_tokens_per_mb=40, clip_grad=1e9, global_batch_size=prompts_per_step * N_PER_PROMPT)
     replay = RoutingReplay(model)
     replay.check = ReplayCheck(replay.num_layers, replay.top_k)
     if env.distributed:
@@ -76,7 +76,7 @@ def _update_once(env: DistEnv) -> dict:
     ctx = StepContext(cfg=cfg, model=model, replay=replay, check=replay.check, rollout=None, prompts=None,
                       tokenizer=None, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0),
                       env=env)
-    mine = [p * N_PER_PROMPT + j for p in prompt_shard(N_PROMPTS, N_PROMPTS, env) for j in range(N_PER_PROMPT)]
+    mine = [p * N_PER_PROMPT + j for p in prompt_shard(N_PROMPTS, prompts_per_step, env) for j in range(N_PER_PROMPT)]
     local = [samples[i] for i in mine]
     old_logp = {k: torch.tensor(s.rollout_logprobs) for k, s in enumerate(local)}
     before = {n: materialize(t).clone() for n, t in model_tensors(model).items()}
@@ -86,32 +86,37 @@ def _update_once(env: DistEnv) -> dict:
     return {"metrics": metrics, "delta": delta, "check_tokens": summary.tokens_checked, "passed": summary.passed}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, prompts_per_step: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     env = DistEnv.from_environ("cpu")
     try:
-        result = _update_once(env)
+        result = _update_once(env, prompts_per_step)
         if rank == 0:
             torch.save(result, Path(out_dir) / "dist.pt")
     finally:
         env.close()
 
 
-def test_two_gloo_ranks_take_the_single_process_optimizer_step(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("prompts_per_step", [N_PROMPTS, N_PROMPTS // 2], ids=["one-step", "two-steps"])
+def test_two_gloo_ranks_take_the_single_process_optimizer_steps(tmp_path, prompts_per_step):
+    """One optimizer step over the rollout, or two (each rank trains on its share of each step's prompts)."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), prompts_per_step), nprocs=WORLD, join=True)
     dist = torch.load(tmp_path / "dist.pt", weights_only=False)
-    single = _update_once(DistEnv())
+    single = _update_once(DistEnv(), prompts_per_step)
     # Tolerance: float32 throughout; the two runs sum the same per-token terms in a different order (per rank, then
-    # a reduce-scatter), so they differ by rounding only: ~1e-7 relative per op, far below any scale error (x2).
+    # a reduce-scatter), so they differ by rounding only: ~1e-7 relative per op. The second SGD step (lr 1) starts
+    # from parameters that already differ by that rounding and amplifies it (measured 1.7e-4 of the largest update);
+    # any real error, a wrong loss scale (x2), a lost or doubled sample, moves the update by O(1).
     for key in ("loss", "pg_loss", "grad_norm"):
         assert dist["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-7), key
     assert set(dist["delta"]) == set(single["delta"])
     worst = max(((dist["delta"][n] - single["delta"][n]).abs().max() / single["delta"][n].abs().max().clamp_min(1e-12))
                 .item() for n in single["delta"])
-    assert worst < 1e-4, f"parameter update differs from the single-process step by {worst:.3g} (relative)"
+    assert worst < 1e-3, f"parameter update differs from the single-process step by {worst:.3g} (relative)"
     assert single["metrics"]["grad_norm"] > 0 and dist["passed"] and single["passed"]
+    assert dist["metrics"]["optimizer_steps"] == single["metrics"]["optimizer_steps"] == N_PROMPTS // prompts_per_step
     # the global verdict counted at least every real token of both ranks (padding micro-batches replay again)
     assert dist["check_tokens"] >= single["check_tokens"]
 
