@@ -37,10 +37,10 @@ def _hf_forward(model, tokens):
     ids = []
     hooks = [s.router.register_forward_hook(lambda m, a, out: ids.append(out[2].detach())) for s in find_routers(model)]
     with torch.no_grad():
-        logits = model(torch.tensor([tokens])).logits[0].float()
+        logits = model(torch.tensor([tokens], device=model.device)).logits[0].float()
     for h in hooks:
         h.remove()
-    return torch.log_softmax(logits, dim=-1), torch.stack(ids, dim=1).numpy()
+    return torch.log_softmax(logits, dim=-1), torch.stack(ids, dim=1).cpu().numpy()
 
 
 def _agreement(model, outputs):
@@ -133,3 +133,27 @@ def test_deepseek_v3_caches_the_compressed_latent():
     assert engine.kv.k_LSHTD.shape[2:] == (1, 128, cfg.kv_lora_rank)
     per_token_full = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     assert engine.kv.k_LSHTD[0, 0, :, 0].numel() * 2 < per_token_full
+
+
+# --- GPU (pytest -m gpu on a CUDA machine) ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ENGINE_FAMILIES)
+def test_cuda_graph_engine_matches_hf_forward_in_bf16(preset):
+    _needs(preset)
+    model = make_model(preset, seed=1, device="cuda", dtype=torch.bfloat16)
+    engine = RolloutEngine(model, max_slots=8, max_seq_len=128)
+    assert engine.config.use_cuda_graph, "bf16 grouped_mm on sm90+ decodes in CUDA graphs"
+    outputs = engine.generate(_requests(6, temperature=1.0))
+    assert engine._graphs, "decode ran without CUDA graphs"
+    diffs, exact = [], []
+    for out in outputs:  # bf16: both sides round, differently
+        logp, ids_TLK = _hf_forward(model, out.prompt_ids + out.output_ids)
+        P = len(out.prompt_ids)
+        hf_logp = logp[P - 1 : -1].gather(1, torch.tensor(out.output_ids, device="cuda")[:, None])[:, 0].cpu()
+        diffs.append((torch.tensor(out.output_logprobs) - hf_logp).abs())
+        exact.append((np.sort(out.trace.expert_ids, -1) == np.sort(ids_TLK[:-1], -1)).all(-1).ravel())
+    mean_diff, exact = float(torch.cat(diffs).mean()), float(np.concatenate(exact).mean())
+    assert mean_diff <= 0.05 and exact >= 0.8, (mean_diff, exact)
+    no_capture = RolloutEngine(model, max_slots=8, max_seq_len=128, capture_routing=False)
+    assert [o.output_ids for o in no_capture.generate(_requests(6, temperature=1.0))] == [o.output_ids for o in outputs]

@@ -136,7 +136,10 @@ def rope(x_THD: torch.Tensor, cos_TR: torch.Tensor, signed_sin_TR: torch.Tensor)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm (float32 statistics, then the weight) as one op."""
+    """HF's RMSNorm (float32 statistics, then the weight) as one op. A float32 weight on a lower-precision input
+    (GPT-OSS keeps its norms in float32) is applied in float32, then the result is cast once, as HF does."""
+    if weight.dtype != x.dtype:
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps=eps).to(x.dtype)
     return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
 
 

@@ -43,6 +43,7 @@ __all__ = ["MoEKernel", "MoEForward"]
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED: dict[str, str] = {}  # model type -> what the engine lacks for it
+_FP32_NORMS = {"gpt_oss"}  # families whose HF model keeps its RMSNorm weights (and their product) in float32
 
 
 @dataclass
@@ -53,6 +54,14 @@ class _Layer:
     moe: MoEWeights | None = None  # None for a dense layer
     mlp_gate_up_IH: torch.Tensor | None = None  # dense MLP
     mlp_down_HI: torch.Tensor | None = None
+
+    @property
+    def experts_gate_up_EIH(self) -> torch.Tensor | None:
+        return None if self.moe is None else self.moe.gate_up_EIH
+
+    @property
+    def experts_down_EHI(self) -> torch.Tensor | None:
+        return None if self.moe is None else self.moe.down_EHI
 
 
 class MoEForward:
@@ -82,7 +91,8 @@ class MoEForward:
         self.config, self.hf_layers = cfg, model.model.layers  # read while loading, then dropped
         loader = _Loader(model.state_dict(), device, dtype)
         self.embed_VH = loader.take("model.embed_tokens.weight")
-        self.final_norm_H = loader.take("model.norm.weight")
+        self.norm_dtype = torch.float32 if cfg.model_type in _FP32_NORMS else None
+        self.final_norm_H = loader.take("model.norm.weight", dtype=self.norm_dtype)
         self.lm_head_VH = loader.take("lm_head.weight", tied_to="model.embed_tokens.weight")
         self.layers = [self._load_layer(loader, i, sites.get(i)) for i in range(self.num_decoder_layers)]
         loader.check_all_taken(type(model).__name__)
@@ -96,6 +106,18 @@ class MoEForward:
                             alpha=float(getattr(cfg, "swiglu_alpha", 1.702)),
                             limit=float(getattr(cfg, "swiglu_limit", 7.0)))
         self.moe_kernel = self.moe.kernel
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """(bytes of every engine weight except the routed experts, bytes of one routed expert of one layer)."""
+        seen, total, experts = set(), 0, 0
+        for name, t in self.views.items():
+            if t.data_ptr() in seen and name == "lm_head.weight":  # tied to the embedding: stored once
+                continue
+            seen.add(t.data_ptr())
+            nbytes = t.numel() * t.element_size()
+            total += nbytes
+            experts += nbytes if ".mlp.experts." in name else 0
+        return total - experts, experts // (self.num_experts * self.num_moe_layers)
 
     # --- forward ----------------------------------------------------------------------------------------------------
     def prefill(self, tokens_NP: torch.Tensor, lengths_N: torch.Tensor, slot0: int, kv: KVCache,
@@ -165,8 +187,8 @@ class MoEForward:
 
     def _load_layer(self, loader: _Loader, i: int, site: RouterSite | None) -> _Layer:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        lw = _Layer(input_norm_H=loader.take(p + "input_layernorm.weight"),
-                    post_norm_H=loader.take(p + "post_attention_layernorm.weight"),
+        lw = _Layer(input_norm_H=loader.take(p + "input_layernorm.weight", dtype=self.norm_dtype),
+                    post_norm_H=loader.take(p + "post_attention_layernorm.weight", dtype=self.norm_dtype),
                     attn=self._load_mla(loader, i, a) if self.mla else self._load_attention(loader, i, a))
         if site is None:
             lw.mlp_gate_up_IH = loader.take(m + "gate_proj.weight", m + "up_proj.weight")
