@@ -191,9 +191,9 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded)
         n_tok = int(sum_over_ranks([sum(mb.num_response_tokens for mb in mbs if not mb.is_padding)], env)[0])
         n_seq = per_opt * env.world_size
         ctx.optimizer.zero_grad(set_to_none=True)
-        for j, mb in enumerate(mbs):
-            if env.distributed:  # reduce-scatter gradients once, after the last micro-batch
-                model.set_requires_gradient_sync(j == len(mbs) - 1)
+        # FSDP2 reduce-scatters each micro-batch's gradients into the shards (deferring the sync to the last one
+        # would hold a full unsharded gradient per rank)
+        for mb in mbs:
             with replay_mode(ctx, mb):
                 logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
                 logp_T = token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature)
