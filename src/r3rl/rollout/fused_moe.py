@@ -1,0 +1,255 @@
+"""Fused MoE experts for the rollout engine on GPU (Triton): SwiGLU experts on HF's fused `[E, 2I, H]` layout.
+
+Three steps, no host sync (CUDA-graph safe):
+  1. `align_block_size` (torch ops): sort the (token, k) rows by expert and pad each expert's group to a multiple of
+     the block size, so that every block of BLOCK_M rows belongs to one expert; rows routed to the sentinel expert E
+     (padding tokens) are dropped.
+  2. `_gate_up_kernel`: per block, `silu(x @ gate^T) * (x @ up^T)`, gate and up accumulated side by side from the
+     one fused weight, activation applied in float32 before the single rounding to the activation dtype.
+  3. `_down_kernel`: per block, `act @ down^T`, multiplied by each row's gate weight, stored in (token, k) order in
+     float32; the top-k reduction is one `sum` over k (deterministic, no atomics).
+Each block reads its expert's weight tiles once; at decode (a few rows per expert) one block per expert reads every
+active expert's weights once per step.
+
+`fused_moe` runs the Triton kernels; `fused_moe_reference` is the pure-torch path over the same alignment (CPU,
+tests). Triton is optional: without it `available()` is False and only the reference runs.
+
+    TRITON_INTERPRET=1 pytest tests/rollout/test_fused_moe.py      # the kernels on CPU through Triton's interpreter
+
+Tensor suffixes: T tokens, H hidden, E experts, K top-k, I intermediate (2I: fused gate and up), R flattened
+(token, k) rows, M padded rows (aligned to blocks), B blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: CPU CI has no triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+__all__ = ["FusedMoEConfig", "Alignment", "available", "default_config", "align_block_size", "fused_moe",
+           "fused_moe_reference"]
+
+logger = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    """True when Triton imports (the kernels then run on CUDA tensors, or anywhere under TRITON_INTERPRET=1)."""
+    return triton is not None
+
+
+@dataclass(kw_only=True, frozen=True)
+class FusedMoEConfig:
+    """Tile sizes of the two GEMM kernels."""
+
+    block_m: int = 16
+    """Rows per block; each expert's row group is padded to a multiple of it (>= 16 for tl.dot)."""
+    block_n: int = 64
+    """Output columns per program (I for gate/up, H for down)."""
+    block_k: int = 128
+    """Reduction slice per loop iteration (H for gate/up, I for down)."""
+    num_warps: int = 4
+    """Warps per program."""
+    num_stages: int = 4
+    """Software pipelining depth of the reduction loop."""
+
+
+def default_config(num_rows: int, num_experts: int) -> FusedMoEConfig:
+    """Tiles by rows per expert: decode (a few rows per expert) wants the smallest block, prefill larger ones."""
+    per_expert = num_rows / num_experts
+    if per_expert <= 16:
+        return FusedMoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if per_expert <= 64:
+        return FusedMoEConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    return FusedMoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+@dataclass
+class Alignment:
+    """(token, k) rows sorted by expert, each expert's group padded to whole blocks (all on the device)."""
+
+    row_ids_M: torch.Tensor
+    """Flattened (token, k) row at each padded position; R (= T * K) marks a padding slot. int32, static length."""
+    block_expert_B: torch.Tensor
+    """Expert of each block (int32). Blocks at or past `num_padded` hold no rows."""
+    num_padded: torch.Tensor
+    """[1] int32: padded rows in use (a multiple of block_m); the rest of `row_ids_M` is unused."""
+    block_m: int
+
+
+def align_block_size(ids_TK: torch.Tensor, num_experts: int, block_m: int,
+                     valid_T: torch.Tensor | None = None) -> Alignment:
+    """Sort (token, k) rows by expert and pad every expert's group to a multiple of `block_m`, without a host sync.
+
+    `ids_TK` values must lie in [0, num_experts]; num_experts itself is the sentinel of a row to drop, and
+    `valid_T` False drops every row of that token. The buffers have the static worst-case length
+    `R + E * (block_m - 1)` rounded up to whole blocks, so the result has fixed shapes (CUDA graphs)."""
+    if ids_TK.dim() != 2:
+        raise ValueError(f"align_block_size: ids_TK must be [tokens, top_k], got shape {tuple(ids_TK.shape)}")
+    (T, K), E, dev = ids_TK.shape, num_experts, ids_TK.device
+    R = T * K
+    flat_R = ids_TK.reshape(-1).long()
+    if valid_T is not None:
+        flat_R = flat_R.masked_fill(~valid_T.repeat_interleave(K), E)
+    counts_E1 = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, flat_R, torch.ones_like(flat_R))
+    padded_E = (counts_E1[:E] + block_m - 1) // block_m * block_m
+    padded_end_E = padded_E.cumsum(0)
+    start_E1 = counts_E1.cumsum(0) - counts_E1  # first sorted position of each expert (sentinel last)
+    sorted_R, order_R = torch.sort(flat_R, stable=True)
+    rank_R = torch.arange(R, device=dev) - start_E1[sorted_R]
+    expert_R = sorted_R.clamp(max=E - 1)
+    num_blocks = (R + E * (block_m - 1) + block_m - 1) // block_m
+    M = num_blocks * block_m
+    dest_R = torch.where(sorted_R < E, padded_end_E[expert_R] - padded_E[expert_R] + rank_R, M)  # M: a dump slot
+    row_ids_M = torch.full((M + 1,), R, dtype=torch.int32, device=dev)
+    row_ids_M.scatter_(0, dest_R, order_R.to(torch.int32))
+    block_start_B = torch.arange(num_blocks, device=dev) * block_m
+    block_expert_B = torch.searchsorted(padded_end_E, block_start_B, right=True).clamp(max=E - 1).to(torch.int32)
+    return Alignment(row_ids_M=row_ids_M[:M], block_expert_B=block_expert_B,
+                     num_padded=padded_end_E[-1:].to(torch.int32), block_m=block_m)
+
+
+def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, gate_up_EIH: torch.Tensor,
+              down_EHI: torch.Tensor, *, valid_T: torch.Tensor | None = None,
+              config: FusedMoEConfig | None = None) -> torch.Tensor:
+    """`sum_k weights_TK[t, k] * down[e] @ (silu(gate[e] @ x_t) * (up[e] @ x_t))`, e = ids_TK[t, k] (Triton).
+
+    gate_up_EIH: `[E, 2I, H]`, gate rows first; down_EHI: `[E, H, I]`. `valid_T` False (or id E) drops a row
+    (its token's output is zero). Returns `[T, H]` in x's dtype."""
+    if not available():
+        raise RuntimeError("fused_moe needs triton (not importable here); use fused_moe_reference")
+    T, H, E, I = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
+    K = ids_TK.shape[1]
+    cfg = config or default_config(T * K, E)
+    align = align_block_size(ids_TK, E, cfg.block_m, valid_T)
+    M, num_blocks = align.row_ids_M.shape[0], align.block_expert_B.shape[0]
+    x_TH, gate_up_EIH, down_EHI = x_TH.contiguous(), gate_up_EIH.contiguous(), down_EHI.contiguous()
+    act_MI = torch.empty(M, I, dtype=x_TH.dtype, device=x_TH.device)
+    _gate_up_kernel[(num_blocks, triton.cdiv(I, cfg.block_n))](
+        x_TH, gate_up_EIH, act_MI, align.row_ids_M, align.block_expert_B, align.num_padded,
+        T * K, H, I, x_TH.stride(0), gate_up_EIH.stride(0), gate_up_EIH.stride(1), act_MI.stride(0),
+        TOP_K=K, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y_RH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)  # dropped rows stay zero
+    weights_R = weights_TK.reshape(-1).contiguous()
+    _down_kernel[(num_blocks, triton.cdiv(H, cfg.block_n))](
+        act_MI, down_EHI, y_RH, weights_R, align.row_ids_M, align.block_expert_B, align.num_padded,
+        T * K, H, I, act_MI.stride(0), down_EHI.stride(0), down_EHI.stride(1), y_RH.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y_RH.view(T, K, H).sum(1).to(x_TH.dtype)
+
+
+def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                        gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, *, valid_T: torch.Tensor | None = None,
+                        block_m: int = 16, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same computation in torch over the same `align_block_size` blocks (CPU, tests; one matmul per block).
+
+    Computes in `compute_dtype` (float32 by default: the accuracy yardstick) and returns x's dtype."""
+    T, H, E, I = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
+    K, out_dtype = ids_TK.shape[1], x_TH.dtype
+    align = align_block_size(ids_TK, E, block_m, valid_T)
+    num_blocks = int(align.num_padded.item()) // block_m  # host sync: fine for a reference
+    x_TH = torch.cat([x_TH, x_TH.new_zeros(1, H)]).to(compute_dtype)  # row T: padding slots read zeros
+    w_R = torch.cat([weights_TK.reshape(-1), weights_TK.new_zeros(1)]).to(compute_dtype)
+    y_RH = torch.zeros(T * K + 1, H, dtype=compute_dtype, device=x_TH.device)
+    for b in range(num_blocks):
+        rows_M = align.row_ids_M[b * block_m : (b + 1) * block_m].long()
+        e = int(align.block_expert_B[b])
+        gate_up_MI = x_TH[torch.where(rows_M < T * K, rows_M // K, T)] @ gate_up_EIH[e].to(compute_dtype).T
+        act_MI = F.silu(gate_up_MI[:, :I]) * gate_up_MI[:, I:]
+        y_RH[rows_M] = (act_MI @ down_EHI[e].to(compute_dtype).T) * w_R[rows_M].unsqueeze(1)
+    return y_RH[: T * K].view(T, K, H).sum(1).to(out_dtype)
+
+
+# --- private ---------------------------------------------------------------------------------------------------------
+def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> tuple[int, int, int, int]:
+    if x_TH.dim() != 2 or ids_TK.dim() != 2 or gate_up_EIH.dim() != 3 or down_EHI.dim() != 3:
+        raise ValueError(f"fused_moe: expected x [T, H], ids [T, K], gate_up [E, 2I, H], down [E, H, I]; got "
+                         f"x {tuple(x_TH.shape)}, ids {tuple(ids_TK.shape)}, gate_up {tuple(gate_up_EIH.shape)}, "
+                         f"down {tuple(down_EHI.shape)}")
+    (T, H), (E, I2, H2), (E2, H3, I) = x_TH.shape, gate_up_EIH.shape, down_EHI.shape
+    problems = []
+    if ids_TK.shape[0] != T or weights_TK.shape != ids_TK.shape:
+        problems.append(f"ids {tuple(ids_TK.shape)} and weights {tuple(weights_TK.shape)} must both be [T={T}, K]")
+    if H2 != H or H3 != H:
+        problems.append(f"hidden size: x has {H}, gate_up has {H2}, down has {H3}")
+    if E2 != E or I2 != 2 * I:
+        problems.append(f"experts/intermediate: gate_up [E={E}, 2I={I2}], down [E={E2}, I={I}] (need 2I = 2 * I)")
+    if problems:
+        raise ValueError("fused_moe: inconsistent shapes: " + "; ".join(problems))
+    return T, H, E, I
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, w_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H, I,
+                        stride_xt, stride_we, stride_wn, stride_om, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(row_ids_ptr + offs_m)
+        row_ok = rows < num_rows
+        tok = (rows // TOP_K).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + I * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(H, BLOCK_K)):
+            k_ok = offs_k < H - k0 * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(act_ptr, w_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows,
+                     H, I, stride_am, stride_we, stride_wn, stride_or, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(row_ids_ptr + offs_m)
+        row_ok = rows < num_rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(I, BLOCK_K)):
+            k_ok = offs_k < I - k0 * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        gate_w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * gate_w[:, None]
+        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + offs_n[None, :]
+        tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
