@@ -19,24 +19,25 @@ import torch.nn.functional as F
 from r3rl.rollout import fused_moe as fm
 
 
-def _problem(T, H, E, I, K, *, seed=0, device="cpu", dtype=torch.float32):
+def _problem(T, H, E, n_inter, K, *, seed=0, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x_TH = torch.randn(T, H, generator=g)
     ids_TK = torch.rand(T, E, generator=g).topk(K, dim=1).indices  # K distinct experts per token, as a router
     weights_TK = torch.rand(T, K, generator=g).softmax(-1)
-    gate_up_EIH = torch.randn(E, 2 * I, H, generator=g) / H**0.5
-    down_EHI = torch.randn(E, H, I, generator=g) / I**0.5
+    gate_up_EIH = torch.randn(E, 2 * n_inter, H, generator=g) / H**0.5
+    down_EHI = torch.randn(E, H, n_inter, generator=g) / n_inter**0.5
     return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             for t in (x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)]
 
 
 def _per_row_loop(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI):
-    (T, K), I = ids_TK.shape, down_EHI.shape[2]
+    (T, K), n_inter = ids_TK.shape, down_EHI.shape[2]
     out_TH = torch.zeros_like(x_TH, dtype=torch.float32)
     for t in range(T):
         for k in range(K):
             gu = gate_up_EIH[ids_TK[t, k]].float() @ x_TH[t].float()
-            out_TH[t] += weights_TK[t, k].float() * (down_EHI[ids_TK[t, k]].float() @ (F.silu(gu[:I]) * gu[I:]))
+            act = F.silu(gu[:n_inter]) * gu[n_inter:]
+            out_TH[t] += weights_TK[t, k].float() * (down_EHI[ids_TK[t, k]].float() @ act)
     return out_TH
 
 
@@ -90,7 +91,8 @@ def test_module_imports_without_triton_and_says_so():
     code = ("import sys; sys.modules['triton'] = None\n"
             "from r3rl.rollout import fused_moe as fm\n"
             "assert fm.available() is False\n"
-            "try:\n    fm.fused_moe(*[None] * 5)\nexcept RuntimeError as e:\n    assert 'triton' in str(e); print('ok')\n")
+            "try:\n    fm.fused_moe(*[None] * 5)\n"
+            "except RuntimeError as e:\n    assert 'triton' in str(e); print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
 

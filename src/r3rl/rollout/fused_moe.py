@@ -126,23 +126,23 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     (its token's output is zero). Returns `[T, H]` in x's dtype."""
     if not available():
         raise RuntimeError("fused_moe needs triton (not importable here); use fused_moe_reference")
-    T, H, E, I = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
+    T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
     K = ids_TK.shape[1]
     cfg = config or default_config(T * K, E)
     align = align_block_size(ids_TK, E, cfg.block_m, valid_T)
     M, num_blocks = align.row_ids_M.shape[0], align.block_expert_B.shape[0]
     x_TH, gate_up_EIH, down_EHI = x_TH.contiguous(), gate_up_EIH.contiguous(), down_EHI.contiguous()
-    act_MI = torch.empty(M, I, dtype=x_TH.dtype, device=x_TH.device)
-    _gate_up_kernel[(num_blocks, triton.cdiv(I, cfg.block_n))](
+    act_MI = torch.empty(M, n_inter, dtype=x_TH.dtype, device=x_TH.device)
+    _gate_up_kernel[(num_blocks, triton.cdiv(n_inter, cfg.block_n))](
         x_TH, gate_up_EIH, act_MI, align.row_ids_M, align.block_expert_B, align.num_padded,
-        T * K, H, I, x_TH.stride(0), gate_up_EIH.stride(0), gate_up_EIH.stride(1), act_MI.stride(0),
+        T * K, H, n_inter, x_TH.stride(0), gate_up_EIH.stride(0), gate_up_EIH.stride(1), act_MI.stride(0),
         TOP_K=K, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y_RH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)  # dropped rows stay zero
     weights_R = weights_TK.reshape(-1).contiguous()
     _down_kernel[(num_blocks, triton.cdiv(H, cfg.block_n))](
         act_MI, down_EHI, y_RH, weights_R, align.row_ids_M, align.block_expert_B, align.num_padded,
-        T * K, H, I, act_MI.stride(0), down_EHI.stride(0), down_EHI.stride(1), y_RH.stride(0),
+        T * K, H, n_inter, act_MI.stride(0), down_EHI.stride(0), down_EHI.stride(1), y_RH.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y_RH.view(T, K, H).sum(1).to(x_TH.dtype)
@@ -154,7 +154,7 @@ def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
     """The same computation in torch over the same `align_block_size` blocks (CPU, tests; one matmul per block).
 
     Computes in `compute_dtype` (float32 by default: the accuracy yardstick) and returns x's dtype."""
-    T, H, E, I = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
+    T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
     K, out_dtype = ids_TK.shape[1], x_TH.dtype
     align = align_block_size(ids_TK, E, block_m, valid_T)
     num_blocks = int(align.num_padded.item()) // block_m  # host sync: fine for a reference
@@ -165,7 +165,7 @@ def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
         rows_M = align.row_ids_M[b * block_m : (b + 1) * block_m].long()
         e = int(align.block_expert_B[b])
         gate_up_MI = x_TH[torch.where(rows_M < T * K, rows_M // K, T)] @ gate_up_EIH[e].to(compute_dtype).T
-        act_MI = F.silu(gate_up_MI[:, :I]) * gate_up_MI[:, I:]
+        act_MI = F.silu(gate_up_MI[:, :n_inter]) * gate_up_MI[:, n_inter:]
         y_RH[rows_M] = (act_MI @ down_EHI[e].to(compute_dtype).T) * w_R[rows_M].unsqueeze(1)
     return y_RH[: T * K].view(T, K, H).sum(1).to(out_dtype)
 
@@ -176,23 +176,24 @@ def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> tuple[int,
         raise ValueError(f"fused_moe: expected x [T, H], ids [T, K], gate_up [E, 2I, H], down [E, H, I]; got "
                          f"x {tuple(x_TH.shape)}, ids {tuple(ids_TK.shape)}, gate_up {tuple(gate_up_EIH.shape)}, "
                          f"down {tuple(down_EHI.shape)}")
-    (T, H), (E, I2, H2), (E2, H3, I) = x_TH.shape, gate_up_EIH.shape, down_EHI.shape
+    (T, H), (E, I2, H2), (E2, H3, n_inter) = x_TH.shape, gate_up_EIH.shape, down_EHI.shape
     problems = []
     if ids_TK.shape[0] != T or weights_TK.shape != ids_TK.shape:
         problems.append(f"ids {tuple(ids_TK.shape)} and weights {tuple(weights_TK.shape)} must both be [T={T}, K]")
     if H2 != H or H3 != H:
         problems.append(f"hidden size: x has {H}, gate_up has {H2}, down has {H3}")
-    if E2 != E or I2 != 2 * I:
-        problems.append(f"experts/intermediate: gate_up [E={E}, 2I={I2}], down [E={E2}, I={I}] (need 2I = 2 * I)")
+    if E2 != E or 2 * n_inter != I2:
+        problems.append(f"experts/intermediate: gate_up [E={E}, 2I={I2}], down [E={E2}, I={n_inter}] "
+                        "(need 2I = 2 * I)")
     if problems:
         raise ValueError("fused_moe: inconsistent shapes: " + "; ".join(problems))
-    return T, H, E, I
+    return T, H, E, n_inter
 
 
 if triton is not None:
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H, I,
+    def _gate_up_kernel(x_ptr, w_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H, n_inter,
                         stride_xt, stride_we, stride_wn, stride_om, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -204,11 +205,11 @@ if triton is not None:
         row_ok = rows < num_rows
         tok = (rows // TOP_K).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < I
+        n_ok = offs_n < n_inter
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
         g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        u_ptrs = g_ptrs + I * stride_wn
+        u_ptrs = g_ptrs + n_inter * stride_wn
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, tl.cdiv(H, BLOCK_K)):
@@ -227,8 +228,8 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(act_ptr, w_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows,
-                     H, I, stride_am, stride_we, stride_wn, stride_or, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     H, n_inter, stride_am, stride_we, stride_wn, stride_or, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
@@ -242,8 +243,8 @@ if triton is not None:
         a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(I, BLOCK_K)):
-            k_ok = offs_k < I - k0 * BLOCK_K
+        for k0 in range(0, tl.cdiv(n_inter, BLOCK_K)):
+            k_ok = offs_k < n_inter - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, w, acc)
