@@ -20,14 +20,13 @@ from r3rl.rollout import fused_moe as fm
 
 
 def _problem(T, H, E, n_inter, K, *, seed=0, device="cpu", dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x_TH = torch.randn(T, H, generator=g)
-    ids_TK = torch.rand(T, E, generator=g).topk(K, dim=1).indices  # K distinct experts per token, as a router
-    weights_TK = torch.rand(T, K, generator=g).softmax(-1)
-    gate_up_EIH = torch.randn(E, 2 * n_inter, H, generator=g) / H**0.5
-    down_EHI = torch.randn(E, H, n_inter, generator=g) / n_inter**0.5
-    return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-            for t in (x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)]
+    g = torch.Generator(device=device).manual_seed(seed)
+    x_TH = torch.randn(T, H, generator=g, device=device)
+    ids_TK = torch.rand(T, E, generator=g, device=device).topk(K, dim=1).indices  # K distinct experts, as a router
+    weights_TK = torch.rand(T, K, generator=g, device=device).softmax(-1)
+    gate_up_EIH = torch.randn(E, 2 * n_inter, H, generator=g, device=device) / H**0.5
+    down_EHI = torch.randn(E, H, n_inter, generator=g, device=device) / n_inter**0.5
+    return [t.to(dtype) if t.is_floating_point() else t for t in (x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)]
 
 
 def _per_row_loop(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI):

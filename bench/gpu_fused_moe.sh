@@ -1,0 +1,7 @@
+# Fused MoE Triton kernels: the GPU tests (bf16 vs the grouped_mm path, CUDA-graph replay), then the one-layer
+# micro-benchmark at the probe shape (hidden 2048, 128 experts, top-8, I 768; 32 and 256 decode tokens) with a tile sweep.
+set -x
+. bench/gpu_env.sh
+python3 -c "import triton; print('triton', triton.__version__)"
+timeout 120 python3 -m pytest -q -m gpu tests/rollout/test_fused_moe.py -p no:cacheprovider 2>&1 | tail -15
+timeout 160 python3 bench/bench_fused_moe.py --sweep --out $OUT/fused_moe.json 2>&1 | grep -v Warning
