@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,19 +61,19 @@ def main() -> None:
                      probe=moe_w)
     bandwidth = _copy_bandwidth(dev)
     expert_bytes = 3 * n_inter * H * gate_up_EIH.element_size()
-    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__, "args": vars(args),
+    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__, "args": vars(args),
               "copy_bandwidth_GBps": bandwidth / 1e9, "moe_kernel_engine": block.kernel.value, "rows": []}
     for T in args.tokens:
         x_TH = torch.randn(T, H, device=dev, generator=g).to(dtype)
         weights_TK, ids_TK = torch.randn(T, E, device=dev, generator=g).softmax(-1).topk(K, dim=-1)
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         want_TH = fm.fused_moe_reference(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI).float()
-        paths = {"grouped_mm": lambda: block._experts_sorted(x_TH, ids_TK, weights_TK, None, moe_w)}
+        paths = {"grouped_mm": partial(block._experts_sorted, x_TH, ids_TK, weights_TK, None, moe_w)}
         default = fm.default_config(T * K, E)
         configs = [default] + ([c for c in SWEEP if c != default] if args.sweep else [])
         for cfg in configs:
-            paths[_name(cfg)] = (lambda c: lambda: fm.fused_moe(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI,
-                                                                config=c))(cfg)
+            paths[_name(cfg)] = partial(fm.fused_moe, x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, config=cfg)
         active = int(torch.unique(ids_TK).numel())
         floor_us = active * expert_bytes / bandwidth * 1e6
         row = {"tokens": T, "active_experts": active, "floor_us": floor_us, "default_config": _name(default),
@@ -148,8 +149,9 @@ def _name(cfg: fm.FusedMoEConfig) -> str:
 
 def _print(report: dict) -> None:
     a = report["args"]
-    print(f"\n## Fused MoE vs grouped_mm, one layer ({report["device"]}, {a["dtype"]}, hidden {a['hidden']}, {a['experts']} "
-          f"experts, top-{a['top_k']}, I {a['intermediate']}; copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s)\n")
+    print(f"\n## Fused MoE vs grouped_mm, one layer ({report['device']}, {a['dtype']}, hidden {a['hidden']}, "
+          f"{a['experts']} experts, top-{a['top_k']}, I {a['intermediate']}; copy bandwidth "
+          f"{report['copy_bandwidth_GBps']:.0f} GB/s)\n")
     print("| tokens | active experts | path | µs/layer | GB/s of expert weights | % of floor | max abs err (scale) |")
     print("|---|---|---|---|---|---|---|")
     for r in report["rows"]:
