@@ -63,12 +63,15 @@ class FusedMoEConfig:
 
 
 def default_config(num_rows: int, num_experts: int) -> FusedMoEConfig:
-    """Tiles by rows per expert: decode (a few rows per expert) wants the smallest block, prefill larger ones."""
+    """Tiles by rows per expert: decode (a few rows per expert) wants the smallest block, prefill larger ones.
+
+    The first two are the best of a sweep on an H200 at the probe shape (bench/bench_fused_moe.py --sweep: 2 and 16
+    rows per expert); the prefill tile is not tuned."""
     per_expert = num_rows / num_experts
-    if per_expert <= 16:
+    if per_expert <= 4:
         return FusedMoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
     if per_expert <= 64:
-        return FusedMoEConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
+        return FusedMoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)
     return FusedMoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
