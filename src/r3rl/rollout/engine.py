@@ -4,34 +4,25 @@
     [out] = engine.generate([EngineRequest(request_id="a", input_ids=[1, 2, 3], sampling=SamplingParams(seed=0))])
     out.output_ids, out.output_logprobs, out.trace         # trace: RoutingTrace [3 + len(output) - 1, layers, top_k]
 
-Model (forward.py): the engine copies the weights of a transformers v5 MoE model (Qwen3-MoE, Qwen2-MoE, Mixtral,
-OLMoE; routers found by `r3rl.models.find_routers`, which raises on anything else) and runs its own forward: fused
-QKV, q and k heads normed and rotated in one op, its own attention over the slot cache, routing in float32 as the
-family does it, and experts as a sorted grouped matmul. It is deliberately a different numerical engine from the HF
-training forward, as SGLang is.
+Model (forward.py): the engine copies the weights of a transformers v5 MoE model (routers found by
+`r3rl.models.find_routers`, which raises on anything else) and runs its own forward, deliberately a different
+numerical engine from the HF training forward, as SGLang is.
 
-Scheduling: `step()` admits waiting requests into free slots, prefills them (batched, right-padded), then runs one
-decode step for every running slot. Running requests always occupy slots [0, n): a finished slot is refilled by
-moving the last request into it (see kv_cache.py), so decode reads the cache as strided views, without a gather.
+Scheduling: `step()` admits waiting requests into free slots, prefills them (batched, right-padded), then decodes
+every running slot once. Running requests occupy slots [0, n): a finished slot is refilled by moving the last
+request into it (kv_cache.py), so decode reads the cache as strided views.
 
-Devices. CUDA: decode steps replay a CUDA graph per (batch bucket, KV-length bucket, sampling mode, padded or not),
-captured on first use; rows past the live batch are padding, kept out of the experts. CPU: eager and
-batch-invariant (every row goes through kernels whose shapes do not depend on the other rows: row-wise matmuls,
-attention over the whole context, one prefill per request), so a seed gives bitwise the same tokens whatever else
-is in the batch.
+Devices. CUDA: decode steps replay a CUDA graph per (batch bucket, KV-length bucket, sampling mode, padded or not);
+padding rows are kept out of the experts. CPU: eager and batch-invariant (row-wise kernels, one prefill per
+request), so a seed gives bitwise the same tokens whatever else is in the batch.
 
-Outputs: tokens sampled on the device with per-request counter-based seeds, the log-prob of each before
-top-k/top-p, at temperature 1 (the policy's own) or at the request's temperature (`logprobs_at_temperature`; see
-sampling.py), and the routing trace: every (token, MoE layer) top-k is written into a device buffer inside the
-forward and copied to the host once, when the request finishes.
+Outputs: tokens sampled on the device with per-request counter-based seeds, the log-prob of each (temperature 1 or
+the request's, sampling.py), and the routing trace, written into a device buffer inside the forward and copied to
+the host once per finished request. Weights: `update_weights` copies HF-named tensors in place and sets
+`weight_version` (outputs carry the version at admission and at finish); `release_memory` / `resume_memory` free
+and re-allocate the KV cache for a colocated trainer. Not thread-safe: one thread owns it (worker.py).
 
-Weights: `update_weights` copies HF-named tensors in place (no cache or graph reallocation) and sets
-`weight_version`; an output carries the version at admission and at finish (requests in flight during an update
-continue on the new weights). The engine is not thread-safe: one thread owns it (in `r3rl serve`: worker.py).
-
-Tensor suffixes: S slots, T tokens, B decode rows, N prefill requests, P positions, H hidden, Q fused qkv width,
-D head dim, X q + k heads, R rows of a flattened (token, k) or (row, kv head) product, G q heads per kv head,
-E experts, K top-k, I intermediate, V vocabulary.
+Tensor suffixes: S slots, B decode rows, N prefill requests, P positions, V vocabulary.
 """
 
 from __future__ import annotations
@@ -177,9 +168,8 @@ class RolloutEngine:
         return self.kv is None
 
     def release_memory(self) -> int:
-        """Free the KV cache, the routing buffer and the captured decode graphs (SGLang's
-        `release_memory_occupation`), so that a colocated trainer can use the memory while it updates; the weights
-        stay. Returns the bytes freed. Needs an idle engine; `resume_memory()` before the next request."""
+        """Free the KV cache, routing buffer and decode graphs (SGLang's release_memory_occupation) for a colocated
+        trainer's update; the weights stay. Needs an idle engine. Returns the bytes freed."""
         if self.has_work():
             raise RuntimeError(f"release_memory needs an idle engine: got {self.num_running} running and "
                                f"{self.num_waiting} waiting request(s)")
@@ -193,8 +183,7 @@ class RolloutEngine:
         return freed
 
     def resume_memory(self) -> None:
-        """Allocate the KV cache and routing buffer again (SGLang's `resume_memory_occupation`); decode graphs are
-        captured again on first use."""
+        """Allocate the KV cache and routing buffer again; decode graphs are captured again on first use."""
         if self.kv is None:
             self.kv, self.routes = self._allocate_caches()
 
