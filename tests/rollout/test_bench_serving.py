@@ -1,0 +1,55 @@
+"""bench/bench_serving.py on CPU: a real `r3rl serve` of the tiny preset, started by the benchmark, answers every
+request of each load with the asked number of tokens; a request that fails is counted as failed, not dropped.
+
+    pytest tests/rollout/test_bench_serving.py -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import httpx
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "bench_serving.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_serving", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serving"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_run_against_a_started_server(tmp_path, capsys):
+    out = tmp_path / "serving.json"
+    report = _bench().main(["--preset", "tiny-qwen3-moe", "--quick", "--concurrency", "1", "4", "--num-prompts", "6",
+                            "--rl-prompts", "2", "--rl-samples", "3", "--out", str(out)])
+    assert json.loads(out.read_text()) == report and report["streaming"] is False
+    serving = [lv for lv in report["levels"] if lv["load"] == "serving"]
+    rl = [lv for lv in report["levels"] if lv["load"] == "rl"]
+    assert [lv["concurrency"] for lv in serving] == [1, 4] and len(rl) == 1
+    for lv in serving:
+        assert lv["failed"] == 0 and lv["requests"] == 6
+        assert round(lv["output_tok_s"] * lv["duration_s"]) == 6 * 8  # every request got --output-len tokens
+        assert lv["ttft_ms"] == lv["latency_ms"]  # not streamed: said, not hidden
+    assert rl[0]["failed"] == 0 and round(rl[0]["output_tok_s"] * rl[0]["duration_s"]) == 2 * 3 * 8
+    assert rl[0]["routed_mb"] > 0, "the RL load asks for the routes"
+    table = capsys.readouterr().out
+    assert "| rl (2 x 3) |" in table and "not streamed" in table
+
+
+def test_failed_requests_are_counted():
+    bench = _bench()
+    args = bench.parse_args(["--url", "http://127.0.0.1:9", "--output-len", "4", "--timeout-s", "2"])
+
+    async def go():
+        async with httpx.AsyncClient(base_url=args.url, timeout=2) as client:
+            return await bench.serving_level(client, [[1, 2, 3]] * 3, 2, args)
+
+    level = asyncio.run(go())
+    assert level.failed == 3 and level.requests == 3 and level.output_tok_s == 0
