@@ -6,15 +6,20 @@
         --prompt-len 8 --new-tokens 8 --out /tmp/rollout.json   # CPU smoke test
 
 Per preset, first a correctness gate: the engine's greedy tokens are scored by one full-sequence HF forward
-(teacher forcing) and its routing is compared with the HF router's (RoutingReplay.record). Then per batch size:
-  - generated tokens/s of the engine (routing capture on) and of HF generate (sampling at temperature 1 with
-    min_new_tokens = max_new_tokens, so every sequence has the same length), and their ratio;
-  - the decode step time against the memory-bandwidth floor: the bytes one step must read (every non-expert
-    weight, the experts the batch actually routed to, the KV cache so far) over the measured device-to-device copy
-    bandwidth (2 x bytes copied / time);
-  - routing capture on vs off: decode step time ratio.
-HF generate is slow at large batch: from --hf-cap-batch rows on, it generates only --hf-cap-tokens tokens and its
-tokens/s comes from that shorter run (the table says so). Prints a markdown table; --out writes JSON.
+(teacher forcing) and its routing is compared with the HF router's (RoutingReplay.record). Then per batch size,
+after one warm-up run of each, `--rounds` rounds, each running (interleaved, so drift hits all alike) the engine
+with routing capture on, the engine with capture off (the two in alternating order) and HF generate (in the first
+`--hf-rounds` rounds). Reported as the median over rounds with its range [min, max]:
+  - generated tokens/s of the engine (capture on) and of HF generate (sampling at temperature 1 with
+    min_new_tokens = max_new_tokens, so every sequence has the same length), and their ratio (median of the
+    per-round ratios);
+  - the decode step time (median step of a run, the prefill step excluded) against the memory-bandwidth floor: the
+    bytes one step must read (every non-expert weight, the experts the batch actually routed to, the KV cache so
+    far) over the measured device-to-device copy bandwidth (2 x bytes copied / time);
+  - routing capture cost: per round, decode step time with capture on / off (back to back), median over rounds.
+HF generates the same number of new tokens as the engine unless --hf-cap-batch is set: from that batch on, it
+generates only --hf-cap-tokens tokens and its tokens/s comes from that shorter run (the table says so). Prints a
+markdown table; --out writes JSON (every round's numbers included).
 """
 
 from __future__ import annotations
@@ -45,8 +50,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both (0 = greedy)")
-    p.add_argument("--hf-cap-batch", type=int, default=256, help="from this batch on, HF generates fewer tokens")
+    p.add_argument("--hf-cap-batch", type=int, default=0,
+                   help="from this batch on, HF generates --hf-cap-tokens tokens (0: never, HF = engine tokens)")
     p.add_argument("--hf-cap-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per (preset, batch)")
+    p.add_argument("--hf-rounds", type=int, default=None, help="rounds that also run HF (default: all)")
     p.add_argument("--gate-batch", type=int, default=8)
     p.add_argument("--gate-tokens", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,26 +82,9 @@ def main() -> None:
         report["gates"][preset] = gate = correctness_gate(model, engines[True], args)
         logger.info("%s correctness gate: %s", preset, json.dumps(gate))
         for batch in args.batches:
-            prompts = torch.randint(0, 256, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
-            run_engine(engines[True], prompts.tolist(), args.new_tokens, args.temperature)  # warm-up: graph capture
-            on, outputs = run_engine(engines[True], prompts.tolist(), args.new_tokens, args.temperature)
-            run_engine(engines[False], prompts.tolist(), args.new_tokens, args.temperature)
-            off, _ = run_engine(engines[False], prompts.tolist(), args.new_tokens, args.temperature)
-            hf_tokens = args.hf_cap_tokens if batch >= args.hf_cap_batch else args.new_tokens
-            hf = run_hf(model, prompts.to(device), hf_tokens, args.temperature)
-            floor_s = decode_bytes(engines[True], outputs, args.prompt_len) / bandwidth
-            row = {
-                "preset": preset, "batch": batch, "engine_tok_s": on["tok_s"], "hf_tok_s": hf["tok_s"],
-                "speedup": on["tok_s"] / hf["tok_s"], "engine_decode_ms": on["decode_ms"],
-                "engine_decode_ms_capture_off": off["decode_ms"],
-                "capture_on_off_ratio": on["decode_ms"] / off["decode_ms"],
-                "floor_ms": floor_s * 1e3, "floor_fraction": floor_s * 1e3 / on["decode_ms"],
-                "engine_first_step_ms": on["first_step_ms"], "hf_new_tokens": hf_tokens, "hf_s": hf["seconds"],
-                "engine_s": on["seconds"], "moe_kernel": engines[True].model.moe_kernel.value,
-                "cuda_graph": engines[True].config.use_cuda_graph,
-            }
+            row = time_batch(model, engines, preset, batch, bandwidth, args)
             report["results"].append(row)
-            logger.info("%s", json.dumps(row))
+            logger.info("%s", json.dumps({k: v for k, v in row.items() if k != "rounds"}))
         del engines, model
         gc.collect()
         if device.type == "cuda":
@@ -106,6 +97,52 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def time_batch(model, engines: dict, preset: str, batch: int, bandwidth: float, args) -> dict:
+    """Interleaved rounds of engine (capture on, off) and HF generate for one batch size; medians and ranges."""
+    device = engines[True].device
+    prompts = torch.randint(0, 256, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+    hf_tokens = args.hf_cap_tokens if args.hf_cap_batch and batch >= args.hf_cap_batch else args.new_tokens
+    hf_rounds = args.rounds if args.hf_rounds is None else args.hf_rounds
+    for capture in (True, False):  # warm-up: CUDA graph capture, allocator
+        run_engine(engines[capture], prompts.tolist(), args.new_tokens, args.temperature)
+    if hf_rounds > 0:
+        run_hf(model, prompts.to(device), 2, args.temperature)
+    rounds, outputs = [], None
+    for r in range(args.rounds):
+        timing = {}
+        for capture in ((True, False) if r % 2 == 0 else (False, True)):
+            timing[capture], out = run_engine(engines[capture], prompts.tolist(), args.new_tokens, args.temperature)
+            outputs = out if capture else outputs
+        rnd = {"engine_on": timing[True], "engine_off": timing[False],
+               "capture_on_off_ratio": timing[True]["decode_ms"] / timing[False]["decode_ms"]}
+        if r < hf_rounds:
+            rnd["hf"] = run_hf(model, prompts.to(device), hf_tokens, args.temperature)
+            rnd["speedup"] = timing[True]["tok_s"] / rnd["hf"]["tok_s"]
+        rounds.append(rnd)
+    floor_s = decode_bytes(engines[True], outputs, args.prompt_len) / bandwidth
+    on = [r["engine_on"] for r in rounds]
+    hf = [r["hf"] for r in rounds if "hf" in r]
+    decode_ms = _mr([o["decode_ms"] for o in on])
+    return {
+        "preset": preset, "batch": batch, "rounds_n": len(rounds), "hf_rounds_n": len(hf),
+        "engine_tok_s": _mr([o["tok_s"] for o in on]), "hf_tok_s": _mr([h["tok_s"] for h in hf]),
+        "speedup": _mr([r["speedup"] for r in rounds if "speedup" in r]), "engine_decode_ms": decode_ms,
+        "engine_decode_ms_capture_off": _mr([r["engine_off"]["decode_ms"] for r in rounds]),
+        "capture_on_off_ratio": _mr([r["capture_on_off_ratio"] for r in rounds]),
+        "floor_ms": floor_s * 1e3, "floor_fraction": floor_s * 1e3 / decode_ms["median"],
+        "engine_first_step_ms": _mr([o["first_step_ms"] for o in on]), "hf_new_tokens": hf_tokens,
+        "engine_new_tokens": args.new_tokens, "moe_kernel": engines[True].model.moe_kernel.value,
+        "cuda_graph": engines[True].config.use_cuda_graph, "rounds": rounds,
+    }
+
+
+def _mr(values: list[float]) -> dict:
+    """Median and range of per-round values (NaN when there are none)."""
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
 def run_engine(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int, temperature: float):
     """Time every step (each ends with the host reading the sampled tokens, i.e. a device sync)."""
     for i, prompt in enumerate(prompts):
@@ -131,7 +168,6 @@ def run_hf(model, prompts: torch.Tensor, new_tokens: int, temperature: float) ->
         dict(do_sample=False)
     kwargs = dict(attention_mask=torch.ones_like(prompts), pad_token_id=PAD_ID, **sampling)
     with torch.no_grad():
-        model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
         _sync(prompts.device)
         start = time.perf_counter()
         out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
@@ -176,12 +212,10 @@ def correctness_gate(model, engine: RolloutEngine, args) -> dict:
 def decode_bytes(engine: RolloutEngine, outputs, prompt_len: int) -> float:
     """Bytes one decode step must read, averaged over the run's decode steps (see the module docstring)."""
     m = engine.model
-    elem = engine.kv.k_LSHTD.element_size()
-    experts = [t for lw in m.layers for t in (lw.experts_gate_up_EIH, lw.experts_down_EHI) if t is not None]
-    expert_bytes = sum(t.numel() for t in experts) * elem / (m.num_experts * m.num_moe_layers)
-    dense = [t for lw in m.layers for t in vars(lw).values() if isinstance(t, torch.Tensor)]
-    dense_bytes = (sum(t.numel() for t in dense) - sum(t.numel() for t in experts) + m.lm_head_VH.numel()
-                   + m.final_norm_H.numel()) * elem
+    elem = m.embed_VH.element_size()  # the model dtype (independent of the KV cache layout)
+    dense_bytes, expert_bytes = m.weight_bytes()  # every non-expert weight once (a tied lm_head counted once)
+    if m.lm_head_VH.data_ptr() != m.embed_VH.data_ptr():  # an untied embedding: a step reads only B rows of it
+        dense_bytes -= m.embed_VH.numel() * m.embed_VH.element_size()
     ids_BSLK = np.stack([o.trace.expert_ids[prompt_len:] for o in outputs])  # rows fed by decode steps
     active = np.mean([[len(np.unique(ids_BSLK[:, s, layer])) for layer in range(ids_BSLK.shape[2])]
                       for s in range(ids_BSLK.shape[1])]) * m.num_moe_layers
@@ -211,16 +245,25 @@ def print_table(report: dict, args) -> None:
               f"{gate['logprob_mean_abs_diff']:.2e} max {gate['logprob_max_abs_diff']:.2e}, routing exact "
               f"{gate['routing_exact_set']:.3f} overlap {gate['routing_overlap']:.3f}, greedy=HF argmax "
               f"{gate['greedy_token_is_hf_argmax']:.3f})")
-    print("\n| preset | batch | engine tok/s | HF tok/s | speedup | decode ms/step | floor ms/step | % of floor | "
+    print(f"\nMedian over {args.rounds} interleaved rounds, [min-max] across rounds.\n")
+    print("| preset | batch | engine tok/s | HF tok/s | speedup | decode ms/step | floor ms/step | % of floor | "
           "capture on/off | HF new tokens |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["results"]:
         capped = "" if r["hf_new_tokens"] == args.new_tokens else " (capped)"
-        print(f"| {r['preset']} | {r['batch']} | {r['engine_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['speedup']:.1f}x | "
-              f"{r['engine_decode_ms']:.2f} | {r['floor_ms']:.2f} | {100 * r['floor_fraction']:.0f}% | "
-              f"{r['capture_on_off_ratio']:.3f} | {r['hf_new_tokens']}{capped} |")
+        print(f"| {r['preset']} | {r['batch']} | {_fmt(r['engine_tok_s'], '.0f')} | {_fmt(r['hf_tok_s'], '.0f')} | "
+              f"{_fmt(r['speedup'], '.1f')}x | {_fmt(r['engine_decode_ms'], '.2f')} | {r['floor_ms']:.2f} | "
+              f"{100 * r['floor_fraction']:.0f}% | {_fmt(r['capture_on_off_ratio'], '.3f')} | "
+              f"{r['hf_new_tokens']}{capped} |")
     print(f"\ncopy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; floor = bytes read per decode step / that "
-          "bandwidth; speedup = engine tok/s / HF tok/s (HF capped runs: tok/s of the shorter run).")
+          "bandwidth (% of floor from the median decode step); speedup = engine tok/s / HF tok/s per round (HF capped "
+          "runs: tok/s of the shorter run); capture on/off = decode step time ratio per round, back to back.")
+
+
+def _fmt(mr: dict, spec: str) -> str:
+    if mr["n"] == 0:
+        return "-"
+    return f"{mr['median']:{spec}} [{mr['min']:{spec}}-{mr['max']:{spec}}]"
 
 
 def _sync(device: torch.device) -> None:
