@@ -8,6 +8,7 @@ grouped_mm path and under CUDA-graph replay.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -40,13 +41,8 @@ def _per_row_loop(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI):
     return out_TH
 
 
-def test_align_block_size_puts_every_row_once_in_a_block_of_its_expert():
-    T, E, K, BM = 13, 6, 3, 16
-    _, ids_TK, *_ = _problem(T, 8, E, 4, K)
-    valid_T = torch.ones(T, dtype=torch.bool)
-    valid_T[[2, 7]] = False
-    a = fm.align_block_size(ids_TK, E, BM, valid_T)
-    R, n = T * K, int(a.num_padded)
+def _check_alignment(a, ids_TK, valid_T, E, BM):
+    (T, K), R, n = ids_TK.shape, ids_TK.numel(), int(a.num_padded)
     assert n % BM == 0 and a.row_ids_M.shape[0] % BM == 0 and a.row_ids_M.shape[0] >= n
     assert (a.row_ids_M[n:] == R).all(), "positions past num_padded must be empty"
     rows = a.row_ids_M[:n].long()
@@ -59,6 +55,19 @@ def test_align_block_size_puts_every_row_once_in_a_block_of_its_expert():
         assert (ids_TK.flatten()[block] == a.block_expert_B[b]).all(), f"block {b} mixes experts"
     counts = torch.bincount(ids_TK[valid_T].flatten(), minlength=E)
     assert n == int(((counts + BM - 1) // BM * BM).sum()), "each expert padded to whole blocks, no more"
+
+
+def test_align_block_size_puts_every_row_once_in_a_block_of_its_expert():
+    T, E, K, BM = 13, 6, 3, 16
+    _, ids_TK, *_ = _problem(T, 8, E, 4, K)
+    valid_T = torch.ones(T, dtype=torch.bool)
+    valid_T[[2, 7]] = False
+    _check_alignment(fm.align_block_size(ids_TK, E, BM, valid_T), ids_TK, valid_T, E, BM)
+    # negative control: a row routed to the wrong block's expert is caught
+    a = fm.align_block_size(ids_TK, E, BM, valid_T)
+    a.block_expert_B[0] = (a.block_expert_B[0] + 1) % E
+    with pytest.raises(AssertionError, match="mixes experts"):
+        _check_alignment(a, ids_TK, valid_T, E, BM)
 
 
 def test_reference_matches_per_row_loop_and_drops_invalid_tokens():
@@ -99,12 +108,20 @@ def test_module_imports_without_triton_and_says_so():
 _INTERPRET = """
 import torch
 from r3rl.rollout import fused_moe as fm
-from test_fused_moe import _problem, _per_row_loop
+from test_fused_moe import _problem, _per_row_loop, _check_alignment
+for T, E, K in [(13, 6, 3), (40, 8, 2), (5, 128, 8)]:   # the Triton alignment (count, scan, place kernels)
+    _, ids, *_ = _problem(T, 8, E, 4, K, seed=T)
+    valid = torch.ones(T, dtype=torch.bool); valid[[1, 3]] = False
+    _check_alignment(fm._align_triton(ids, E, 16, valid), ids, valid, E, 16)
+    _check_alignment(fm._align_triton(ids, E, 16, None), ids, torch.ones(T, dtype=torch.bool), E, 16)
 x, ids, w, gu, dn = _problem(19, 64, 6, 48, 3, seed=3)   # I=48 and H=64 are not multiples of the 32-wide tiles
 valid = torch.ones(19, dtype=torch.bool); valid[[0, 11]] = False
 cfg = fm.FusedMoEConfig(block_m=16, block_n=32, block_k=32)
 want = _per_row_loop(x, ids, w, gu, dn); want[~valid] = 0
 got = fm.fused_moe(x, ids, w, gu, dn, valid_T=valid, config=cfg)
+torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+got = fm.fused_moe(x, ids, w, gu, dn, valid_T=valid, config=fm.FusedMoEConfig(block_m=16, block_n=32, block_k=32,
+                                                                                triton_align=True))
 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 bad = fm.fused_moe(x, ids, w, torch.cat([gu[:, 48:], gu[:, :48]], 1), dn, valid_T=valid, config=cfg)
 assert (bad - want).abs().max() > 1e-2   # negative control: the swapped layout is caught by the same comparison
@@ -122,8 +139,9 @@ def test_triton_kernels_in_interpreter_match_loop():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and fm.available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("triton_align", [False, True])
 @pytest.mark.parametrize("T", [32, 256, 1000])
-def test_fused_moe_bf16_on_gpu_no_worse_than_grouped_mm(T):
+def test_fused_moe_bf16_on_gpu_no_worse_than_grouped_mm(T, triton_align):
     """Probe shape (H 2048, 128 experts, top-8, I 768). Both bf16 paths are compared with a float32 computation from
     the same bf16 weights: the fused kernel rounds once (the activation) where the grouped_mm path rounds three times
     (gate/up, activation, each expert's output), so its error must not exceed the current path's (x1.25 for noise)
@@ -139,7 +157,10 @@ def test_fused_moe_bf16_on_gpu_no_worse_than_grouped_mm(T):
     block = MoEBlock(num_experts=128, act=F.silu, expert_act=ExpertAct.SWIGLU, linear=F.linear,
                      batch_invariant=False, probe=moe_w)
     grouped = block._experts_sorted(x, ids, w, valid, moe_w).float()
-    fused = fm.fused_moe(x, ids, w, gu, dn, valid_T=valid).float()
+    cfg = dataclasses.replace(fm.default_config(T * 8, 128), triton_align=triton_align)
+    fused = fm.fused_moe(x, ids, w, gu, dn, valid_T=valid, config=cfg).float()
+    if triton_align:
+        _check_alignment(fm._align_triton(ids, 128, cfg.block_m, valid), ids.cpu(), valid.cpu(), 128, cfg.block_m)
     assert (fused[~valid] == 0).all()
     scale = want.abs().max().item()
     err_fused, err_grouped = (fused - want).abs().max().item(), (grouped - want).abs().max().item()
@@ -149,15 +170,17 @@ def test_fused_moe_bf16_on_gpu_no_worse_than_grouped_mm(T):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and fm.available()), reason="needs CUDA and triton")
-def test_fused_moe_replays_in_a_cuda_graph_with_new_routing():
+@pytest.mark.parametrize("triton_align", [False, True])
+def test_fused_moe_replays_in_a_cuda_graph_with_new_routing(triton_align):
     x, ids, w, gu, dn = _problem(32, 256, 16, 128, 4, device="cuda", dtype=torch.bfloat16)
-    fm.fused_moe(x, ids, w, gu, dn)  # compile outside the capture
+    cfg = fm.FusedMoEConfig(triton_align=triton_align)
+    fm.fused_moe(x, ids, w, gu, dn, config=cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fm.fused_moe(x, ids, w, gu, dn)
+        out = fm.fused_moe(x, ids, w, gu, dn, config=cfg)
     x2, ids2, w2, *_ = _problem(32, 256, 16, 128, 4, seed=9, device="cuda", dtype=torch.bfloat16)
     x.copy_(x2), ids.copy_(ids2), w.copy_(w2)
     graph.replay()
-    torch.testing.assert_close(out.float(), fm.fused_moe(x2, ids2, w2, gu, dn).float(), atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), fm.fused_moe(x2, ids2, w2, gu, dn, config=cfg).float(), atol=0, rtol=0)
     want = fm.fused_moe_reference(x2, ids2, w2, gu, dn).float()
     assert (out.float() - want).abs().max() <= 1e-2 * want.abs().max()

@@ -60,6 +60,9 @@ class FusedMoEConfig:
     """Warps per program."""
     num_stages: int = 4
     """Software pipelining depth of the reduction loop."""
+    triton_align: bool = False
+    """Align with three small Triton kernels (atomic counts and placement; the row order inside an expert's group
+    then varies from run to run, which changes no output value) instead of ~25 torch ops."""
 
 
 def default_config(num_rows: int, num_experts: int) -> FusedMoEConfig:
@@ -132,7 +135,10 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
     K = ids_TK.shape[1]
     cfg = config or default_config(T * K, E)
-    align = align_block_size(ids_TK, E, cfg.block_m, valid_T)
+    if cfg.triton_align:
+        align = _align_triton(ids_TK, E, cfg.block_m, valid_T)
+    else:
+        align = align_block_size(ids_TK, E, cfg.block_m, valid_T)
     M, num_blocks = align.row_ids_M.shape[0], align.block_expert_B.shape[0]
     x_TH, gate_up_EIH, down_EHI = x_TH.contiguous(), gate_up_EIH.contiguous(), down_EHI.contiguous()
     act_MI = torch.empty(M, n_inter, dtype=x_TH.dtype, device=x_TH.device)
@@ -174,6 +180,30 @@ def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
 
 
 # --- private ---------------------------------------------------------------------------------------------------------
+def _align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int, valid_T: torch.Tensor | None) -> Alignment:
+    """`align_block_size` in three launches (count, scan, place) plus two fills; same buffers and invariants."""
+    (T, K), E, dev = ids_TK.shape, num_experts, ids_TK.device
+    R = T * K
+    num_blocks = (R + E * (block_m - 1) + block_m - 1) // block_m
+    ids_R = ids_TK.reshape(-1).contiguous()
+    valid = valid_T if valid_T is not None else ids_R  # any pointer when HAS_VALID is False
+    counts_E = torch.zeros(E, dtype=torch.int32, device=dev)
+    cursor_E = torch.empty(E, dtype=torch.int32, device=dev)
+    row_ids_M = torch.full((num_blocks * block_m,), R, dtype=torch.int32, device=dev)
+    block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(R, _ALIGN_BLOCK),)
+    _count_kernel[grid](ids_R, valid, counts_E, R, E, TOP_K=K, HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
+    _scan_kernel[(1,)](counts_E, cursor_E, block_expert_B, num_padded, E, num_blocks, BLOCK_M=block_m,
+                       E_POW2=triton.next_power_of_2(E), CHUNK=64)
+    _place_kernel[grid](ids_R, valid, cursor_E, row_ids_M, R, E, TOP_K=K, HAS_VALID=valid_T is not None,
+                        BLOCK=_ALIGN_BLOCK)
+    return Alignment(row_ids_M=row_ids_M, block_expert_B=block_expert_B, num_padded=num_padded, block_m=block_m)
+
+
+_ALIGN_BLOCK = 1024  # rows per program of the count and place kernels
+
+
 def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> tuple[int, int, int, int]:
     if x_TH.dim() != 2 or ids_TK.dim() != 2 or gate_up_EIH.dim() != 3 or down_EHI.dim() != 3:
         raise ValueError(f"fused_moe: expected x [T, H], ids [T, K], gate_up [E, 2I, H], down [E, H, I]; got "
@@ -228,6 +258,44 @@ if triton is not None:
         act = acc_g * tl.sigmoid(acc_g) * acc_u
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+    @triton.jit
+    def _count_kernel(ids_ptr, valid_ptr, counts_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < num_rows
+        e = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+        ok = ok & (e < E)
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + offs // TOP_K, mask=ok, other=0) != 0)
+        tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
+
+    @triton.jit
+    def _scan_kernel(counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, E, num_blocks, BLOCK_M: tl.constexpr,
+                     E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+        offs_e = tl.arange(0, E_POW2)
+        e_ok = offs_e < E
+        padded = (tl.load(counts_ptr + offs_e, mask=e_ok, other=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        tl.store(cursor_ptr + offs_e, end - padded, mask=e_ok)  # each expert's first padded position
+        tl.store(num_padded_ptr, tl.sum(padded, 0))
+        for b0 in range(0, num_blocks, CHUNK):  # expert of block b: how many experts end at or before b * BLOCK_M
+            offs_b = b0 + tl.arange(0, CHUNK)
+            before = (end[None, :] <= offs_b[:, None] * BLOCK_M) & e_ok[None, :]
+            expert = tl.minimum(tl.sum(before.to(tl.int32), 1), E - 1)
+            tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < num_blocks)
+
+    @triton.jit
+    def _place_kernel(ids_ptr, valid_ptr, cursor_ptr, row_ids_ptr, num_rows, E, TOP_K: tl.constexpr,
+                      HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < num_rows
+        e = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+        ok = ok & (e < E)
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + offs // TOP_K, mask=ok, other=0) != 0)
+        pos = tl.atomic_add(cursor_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
+        tl.store(row_ids_ptr + pos, offs.to(tl.int32), mask=ok)
 
     @triton.jit
     def _down_kernel(act_ptr, w_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows,
