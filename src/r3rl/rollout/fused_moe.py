@@ -60,9 +60,10 @@ class FusedMoEConfig:
     """Warps per program."""
     num_stages: int = 4
     """Software pipelining depth of the reduction loop."""
-    triton_align: bool = False
+    triton_align: bool = True
     """Align with three small Triton kernels (atomic counts and placement; the row order inside an expert's group
-    then varies from run to run, which changes no output value) instead of ~25 torch ops."""
+    then varies from run to run, which changes no output value) instead of ~25 torch ops (`align_block_size`).
+    On an H200 at the probe shape it takes the layer from 330 to 270 µs at 32 tokens and 417 to 342 µs at 256."""
 
 
 def default_config(num_rows: int, num_experts: int) -> FusedMoEConfig:
