@@ -1,6 +1,7 @@
 """Kernel-time breakdown of one engine decode step (eager, so each kernel is visible), for tuning.
 
     python bench/profile_decode.py --preset probe-qwen3-moe --batch 32     # GPU
+    python bench/profile_decode.py --preset probe-qwen3-moe --batch 32 --fused-moe   # experts through fused_moe
 """
 
 import argparse
@@ -15,11 +16,16 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--preset", default="probe-qwen3-moe")
 ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--steps", type=int, default=5)
+ap.add_argument("--fused-moe", action="store_true", help="run the experts through r3rl.rollout.fused_moe (Triton)")
 args = ap.parse_args()
 
 model = make_model(args.preset, device="cuda", dtype=torch.bfloat16)
 engine = RolloutEngine(model, max_slots=args.batch, max_seq_len=192, device="cuda", dtype="bfloat16",
                        use_cuda_graph=False)
+if args.fused_moe:
+    from bench_fused_engine import use_fused_moe  # bench/ is on the path when this script runs
+
+    use_fused_moe(engine, model.config.hidden_act, triton_align=True)
 del model
 g = torch.Generator().manual_seed(0)
 for b in range(args.batch):
