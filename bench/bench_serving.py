@@ -6,7 +6,8 @@
 
 Two loads, over HTTP on 127.0.0.1:
   - serving: at each `--concurrency` C, `--num-prompts` requests (default 4 x C, at least 8) of random prompts, C in
-    flight at any time (a new one starts as one finishes). Reported per level: request throughput, output tok/s,
+    flight at any time (a new one starts as one finishes; with `--request-rate`, requests also arrive as a Poisson
+    process at that rate). Reported per level: request throughput, output tok/s,
     end-to-end latency, TTFT and inter-token latency p50/p99.
   - rl (GRPO-shaped): `--rl-prompts` P prompts x `--rl-samples` n samples, each prompt's group sent as one batch
     request (n copies of the prompt, distinct seeds) with `return_routed_experts` and `return_logprob`, all P groups
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rl-prompts", type=int, default=None, help="RL load: prompts (default 32; 0 = skip the RL load)")
     p.add_argument("--rl-samples", type=int, default=None, help="RL load: samples per prompt, a GRPO group (default 8)")
     p.add_argument("--rl-prompt-len", type=int, default=None, help="RL load prompt length (default --prompt-len)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="serving load: Poisson arrivals at this many requests/s (default inf: all at once, bounded "
+                        "by the concurrency)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--vocab", type=int, default=256, help="prompt token ids are drawn from [0, vocab)")
     p.add_argument("--seed", type=int, default=0)
@@ -164,8 +168,14 @@ async def run_all(url: str, args) -> dict:
 async def serving_level(client: httpx.AsyncClient, prompts: list[list[int]], concurrency: int, args) -> LevelReport:
     """`len(prompts)` single requests, at most `concurrency` in flight."""
     sem = asyncio.Semaphore(concurrency)
+    rng = random.Random(args.seed + concurrency)
+    arrivals, t = [], 0.0
+    for _ in prompts:  # Poisson process: exponential gaps (all zero at an infinite rate)
+        arrivals.append(t)
+        t += rng.expovariate(args.request_rate) if args.request_rate != float("inf") else 0.0
 
     async def bounded(i: int, prompt: list[int]) -> RequestResult:
+        await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
         async with sem:
             return await _one(client, prompt, args, seed=i)
 
@@ -233,7 +243,8 @@ def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
 def print_table(report: dict) -> None:
     a, info = report["args"], report["model_info"]
     print(f"\n## Serving: {report['url']} ({info.get('model_path')}, {info.get('device')}, {info.get('dtype')}), "
-          f"prompt {a['prompt_len']}, {a['output_len']} new tokens, temperature {a['temperature']}\n")
+          f"prompt {a['prompt_len']}, {a['output_len']} new tokens, temperature {a['temperature']}, request rate "
+          f"{a['request_rate']}/s\n")
     print("| load | concurrency | requests | failed | req/s | output tok/s | latency p50 / p99 ms | "
           "TTFT* p50 / p99 ms | ITL* p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|")
