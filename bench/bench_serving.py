@@ -162,7 +162,8 @@ async def run_all(url: str, args) -> dict:
             logger.info("%s", json.dumps(asdict(levels[-1])))
     return {"url": url, "model_info": info, "streaming": False,
             "measured": "no streaming: TTFT = full request latency; ITL = latency / output tokens per request",
-            "args": {k: v for k, v in vars(args).items()}, "levels": [asdict(lv) for lv in levels]}
+            "args": {k: (None if v == float("inf") else v) for k, v in vars(args).items()},  # strict JSON
+            "levels": [asdict(lv) for lv in levels]}
 
 
 async def serving_level(client: httpx.AsyncClient, prompts: list[list[int]], concurrency: int, args) -> LevelReport:
@@ -244,7 +245,7 @@ def print_table(report: dict) -> None:
     a, info = report["args"], report["model_info"]
     print(f"\n## Serving: {report['url']} ({info.get('model_path')}, {info.get('device')}, {info.get('dtype')}), "
           f"prompt {a['prompt_len']}, {a['output_len']} new tokens, temperature {a['temperature']}, request rate "
-          f"{a['request_rate']}/s\n")
+          f"{a['request_rate'] or 'inf'}/s\n")
     print("| load | concurrency | requests | failed | req/s | output tok/s | latency p50 / p99 ms | "
           "TTFT* p50 / p99 ms | ITL* p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|")
