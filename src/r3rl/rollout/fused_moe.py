@@ -1,9 +1,10 @@
 """Fused MoE experts for the rollout engine on GPU (Triton): SwiGLU experts on HF's fused `[E, 2I, H]` layout.
 
 Three steps, no host sync (CUDA-graph safe):
-  1. `align_block_size` (torch ops): sort the (token, k) rows by expert and pad each expert's group to a multiple of
-     the block size, so that every block of BLOCK_M rows belongs to one expert; rows routed to the sentinel expert E
-     (padding tokens) are dropped.
+  1. alignment: group the (token, k) rows by expert and pad each expert's group to a multiple of the block size, so
+     that every block of BLOCK_M rows belongs to one expert; rows routed to the sentinel expert E (padding tokens)
+     are dropped. By default three small Triton kernels (atomic counts, a one-program scan, atomic placement);
+     `align_block_size` is the same in torch ops (a stable sort; `FusedMoEConfig.triton_align=False`).
   2. `_gate_up_kernel`: per block, `silu(x @ gate^T) * (x @ up^T)`, gate and up accumulated side by side from the
      one fused weight, activation applied in float32 before the single rounding to the activation dtype.
   3. `_down_kernel`: per block, `act @ down^T`, multiplied by each row's gate weight, stored in (token, k) order in
@@ -14,7 +15,8 @@ active expert's weights once per step.
 `fused_moe` runs the Triton kernels; `fused_moe_reference` is the pure-torch path over the same alignment (CPU,
 tests). Triton is optional: without it `available()` is False and only the reference runs.
 
-    TRITON_INTERPRET=1 pytest tests/rollout/test_fused_moe.py      # the kernels on CPU through Triton's interpreter
+    pytest tests/rollout/test_fused_moe.py     # with triton installed, runs the kernels under TRITON_INTERPRET=1
+    python bench/bench_fused_moe.py            # GPU: vs the engine's grouped_mm path
 
 Tensor suffixes: T tokens, H hidden, E experts, K top-k, I intermediate (2I: fused gate and up), R flattened
 (token, k) rows, M padded rows (aligned to blocks), B blocks.
