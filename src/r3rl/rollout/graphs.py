@@ -70,6 +70,8 @@ def graph_safe(kernel: MoEKernel, device: torch.device, dtype: torch.dtype) -> b
     """torch's grouped_mm takes a host-syncing fallback below sm90 or outside bfloat16; the loop always syncs."""
     if kernel is MoEKernel.GATHER:
         return True
+    if kernel is MoEKernel.FUSED:  # no host sync (tested under CUDA graphs)
+        return device.type == "cuda"
     sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
     return kernel is MoEKernel.GROUPED_MM and dtype == torch.bfloat16 and sm90
 

@@ -1,7 +1,8 @@
 """The rollout engine's MoE block, shared by every family: routing (the family's arithmetic, from
 `r3rl.models.routing`, on the engine's copy of the router tensors), routed experts, and an optional shared expert.
 
-Experts run as a sorted grouped matmul (default), a per-row gather (batch-invariant, CPU) or a per-expert loop
+Experts run as fused Triton kernels (CUDA with triton installed, SwiGLU experts: `r3rl.rollout.fused_moe`), a
+sorted grouped matmul, a per-row gather (batch-invariant, CPU) or a per-expert loop
 (where grouped_mm is unavailable). The expert MLP is SwiGLU on HF's fused `[E, 2I, H]` gate-then-up layout, or
 GPT-OSS's clamped GLU on interleaved gate/up columns with biases. Used by `r3rl.rollout.forward`; not a public API.
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from r3rl.models.routing import RouterSpec, route, router_logits
+from r3rl.rollout import fused_moe
 
 __all__ = ["MoEKernel", "ExpertAct", "MoEWeights", "MoEBlock"]
 
@@ -29,7 +31,8 @@ logger = logging.getLogger(__name__)
 class MoEKernel(enum.Enum):
     """How the engine runs the experts (chosen once, at construction)."""
 
-    GROUPED_MM = "grouped_mm"  # sort (token, k) rows by expert, one grouped GEMM per projection (default)
+    FUSED = "fused"  # Triton (r3rl.rollout.fused_moe): alignment, gate/up + SiLU, down + gate weight (CUDA default)
+    GROUPED_MM = "grouped_mm"  # sort (token, k) rows by expert, one grouped GEMM per projection
     GATHER = "gather"  # one small matmul per (token, k) on gathered expert weights: batch-invariant (CPU)
     LOOP = "loop"  # per-expert loop with a host sync: the fallback where grouped_mm is unavailable
 
@@ -63,12 +66,15 @@ class MoEBlock:
     """Routing and experts of every MoE layer of one engine (the kernel is chosen once)."""
 
     def __init__(self, *, num_experts: int, act: Callable, expert_act: ExpertAct, linear: Callable,
-                 batch_invariant: bool, probe: MoEWeights, alpha: float = 1.702, limit: float = 7.0) -> None:
+                 batch_invariant: bool, probe: MoEWeights, alpha: float = 1.702, limit: float = 7.0,
+                 fused: bool = True) -> None:
         self.num_experts, self.act, self.expert_act, self.linear = num_experts, act, expert_act, linear
         self.alpha, self.limit = alpha, limit
         self._expert_ends_E = torch.arange(1, num_experts + 1, device=probe.gate_up_EIH.device)
         if batch_invariant:
             self.kernel, self._expert_mlp = MoEKernel.GATHER, None
+        elif fused and self._fused_fits(probe):  # _expert_mlp stays set: __call__ takes the sorted path
+            self.kernel, self._expert_mlp = MoEKernel.FUSED, self._expert_mlp_grouped
         elif self._grouped_mm_works(probe):
             self.kernel, self._expert_mlp = MoEKernel.GROUPED_MM, self._expert_mlp_grouped
         else:
@@ -122,6 +128,8 @@ class MoEBlock:
         """Sort (token, k) rows by expert, run each expert on its rows, unsort, weight and sum over k.
 
         Padding rows get the sentinel expert E: they sort last, past every group, and cost no expert compute."""
+        if self.kernel is MoEKernel.FUSED:
+            return fused_moe.fused_moe(h_TH, ids_TK, weights_TK, w.gate_up_EIH, w.down_EHI, valid_T=valid_T)
         (T, K), E = ids_TK.shape, self.num_experts
         if valid_T is not None:
             ids_TK = ids_TK.masked_fill(~valid_T.unsqueeze(1), E)
@@ -132,6 +140,14 @@ class MoEBlock:
         unsorted_RH = torch.empty_like(y_RH)
         unsorted_RH[order_R] = y_RH
         return torch.bmm(weights_TK.to(y_RH.dtype).unsqueeze(1), unsorted_RH.view(T, K, -1)).squeeze(1)
+
+    def _fused_fits(self, probe: MoEWeights) -> bool:
+        """The Triton kernels apply: CUDA, triton installed, SwiGLU with SiLU, no expert biases."""
+        if not (fused_moe.available() and probe.gate_up_EIH.is_cuda and self.expert_act is ExpertAct.SWIGLU
+                and probe.gate_up_bias_EI is None and probe.down_bias_EH is None):
+            return False
+        x = torch.linspace(-6, 6, 64, device=probe.gate_up_EIH.device)
+        return bool(torch.allclose(self.act(x), F.silu(x)))  # ACT2FN's class names vary across versions
 
     def _expert_mlp_grouped(self, x_RH, sorted_R, w: MoEWeights) -> torch.Tensor:
         ends_E = torch.searchsorted(sorted_R, self._expert_ends_E, out_int32=True)  # on device: graph-safe
