@@ -44,15 +44,15 @@ def _per_row_loop(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI):
 def _check_alignment(a, ids_TK, valid_T, E, BM):
     (T, K), R, n = ids_TK.shape, ids_TK.numel(), int(a.num_padded)
     assert n % BM == 0 and a.row_ids_M.shape[0] % BM == 0 and a.row_ids_M.shape[0] >= n
-    assert (a.row_ids_M[n:] == R).all(), "positions past num_padded must be empty"
-    rows = a.row_ids_M[:n].long()
+    assert (a.row_ids_M[n:].cpu() == R).all(), "positions past num_padded must be empty"
+    rows = a.row_ids_M[:n].long().cpu()  # the Triton alignment's outputs live on the GPU
     real = rows[rows < R]
     expect = torch.arange(R).view(T, K)[valid_T].flatten()
     assert sorted(real.tolist()) == sorted(expect.tolist()), "every valid row exactly once, dropped rows absent"
     for b in range(n // BM):
         block = rows[b * BM : (b + 1) * BM]
         block = block[block < R]
-        assert (ids_TK.flatten()[block] == a.block_expert_B[b]).all(), f"block {b} mixes experts"
+        assert (ids_TK.flatten()[block] == a.block_expert_B[b].cpu()).all(), f"block {b} mixes experts"
     counts = torch.bincount(ids_TK[valid_T].flatten(), minlength=E)
     assert n == int(((counts + BM - 1) // BM * BM).sum()), "each expert padded to whole blocks, no more"
 
