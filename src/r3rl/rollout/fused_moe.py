@@ -229,16 +229,21 @@ def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> tuple[int,
 if triton is not None:
 
     @triton.jit
+    def _block_rows(row_ids_ptr, block_expert_ptr, pid_m, num_rows, BLOCK_M: tl.constexpr):
+        """Block `pid_m`'s expert, its row slots, the (token, k) rows in them and which slots hold a row."""
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(row_ids_ptr + offs_m)
+        return expert, offs_m, rows, rows < num_rows
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H, n_inter,
                         stride_xt, stride_we, stride_wn, stride_om, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(row_ids_ptr + offs_m)
-        row_ok = rows < num_rows
+        expert, offs_m, rows, row_ok = _block_rows(row_ids_ptr, block_expert_ptr, pid_m, num_rows, BLOCK_M)
         tok = (rows // TOP_K).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_inter
@@ -307,10 +312,7 @@ if triton is not None:
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(row_ids_ptr + offs_m)
-        row_ok = rows < num_rows
+        expert, offs_m, rows, row_ok = _block_rows(row_ids_ptr, block_expert_ptr, pid_m, num_rows, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < H
         offs_k = tl.arange(0, BLOCK_K)
