@@ -88,9 +88,9 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     "probe-qwen3-moe": ModelPreset(
         "qwen3_moe",
-        dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+        dict(_PROBE_COMMON, hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
              head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-             norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False),
+             norm_topk_prob=True),
         "Qwen3-30B-A3B MoE shape, 8 layers, 128 experts, top-8 (GPU)",
     ),
     # --- the families RL users train in 2026 (tiny: every routing feature on; probe: the real MoE layer shape) ---
@@ -166,9 +166,9 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     "bench-qwen3-moe": ModelPreset(
         "qwen3_moe",
-        dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+        dict(_PROBE_COMMON, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
              head_dim=64, intermediate_size=3072, moe_intermediate_size=512, num_experts=64, num_experts_per_tok=8,
-             norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False),
+             norm_topk_prob=True),
         "hidden 1024, 8 layers, 64 experts, top-8 (GPU rollout benchmark)",
     ),
 }

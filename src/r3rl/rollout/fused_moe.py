@@ -268,14 +268,21 @@ if triton is not None:
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
 
     @triton.jit
-    def _count_kernel(ids_ptr, valid_ptr, counts_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
+    def _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
                       BLOCK: tl.constexpr):
+        """This program's (token, k) rows, their experts, and which count: in range, routed, of a valid token."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < num_rows
         e = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
         ok = ok & (e < E)
         if HAS_VALID:
             ok = ok & (tl.load(valid_ptr + offs // TOP_K, mask=ok, other=0) != 0)
+        return offs, e, ok
+
+    @triton.jit
+    def _count_kernel(ids_ptr, valid_ptr, counts_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
         tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
 
     @triton.jit
@@ -296,12 +303,7 @@ if triton is not None:
     @triton.jit
     def _place_kernel(ids_ptr, valid_ptr, cursor_ptr, row_ids_ptr, num_rows, E, TOP_K: tl.constexpr,
                       HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < num_rows
-        e = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
-        ok = ok & (e < E)
-        if HAS_VALID:
-            ok = ok & (tl.load(valid_ptr + offs // TOP_K, mask=ok, other=0) != 0)
+        offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
         pos = tl.atomic_add(cursor_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
         tl.store(row_ids_ptr + pos, offs.to(tl.int32), mask=ok)
 
