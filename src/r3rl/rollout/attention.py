@@ -127,12 +127,16 @@ def rope_tables(model: PreTrainedModel, max_seq_len: int, device: torch.device, 
 
 def rope(x_THD: torch.Tensor, cos_TR: torch.Tensor, signed_sin_TR: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin on the first R dims of each head (all of them without partial rotary), with
-    rotate_half(x) * sin = roll(x, R/2) * [-sin_1, sin_2]; the remaining dims pass through."""
+    rotate_half(x) * sin = roll(x, R/2) * [-sin_1, sin_2]; the remaining dims pass through.
+
+    Three separately rounded ops, as HF computes it (`q * cos + rotate_half(q) * sin`, or GPT-OSS's
+    `x1 * cos - x2 * sin`, which rounds the same): a fused multiply-add (addcmul) rounds the second product away and
+    in bfloat16 differs from HF on ~10% of the rotated elements, which GPT-OSS's unnormed, YaRN-scaled q.k amplifies."""
     R = cos_TR.shape[-1]
     if x_THD.shape[-1] != R:
         return torch.cat([rope(x_THD[..., :R], cos_TR, signed_sin_TR), x_THD[..., R:]], dim=-1)
     rolled_THD = x_THD.roll(R // 2, dims=-1)
-    return torch.addcmul(x_THD * cos_TR.unsqueeze(1), rolled_THD, signed_sin_TR.unsqueeze(1))
+    return x_THD * cos_TR.unsqueeze(1) + rolled_THD * signed_sin_TR.unsqueeze(1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,6 +148,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rowwise_linear(x_TI: torch.Tensor, w_OI: torch.Tensor, b_O: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b as T independent [1, I] @ [I, O] products: each row's result does not depend on T."""
-    y_TO = torch.bmm(x_TI.unsqueeze(1), w_OI.t().expand(x_TI.shape[0], -1, -1)).squeeze(1)
-    return y_TO if b_O is None else y_TO + b_O
+    """x @ w.T + b as T independent [1, I] @ [I, O] products: each row's result does not depend on T. The bias goes
+    into the product's accumulator and the sum is rounded once, as F.linear (HF) does; adding it after a bfloat16
+    product would round twice (GPT-OSS's biased router logits then differ from HF's on ~30% of entries)."""
+    T = x_TI.shape[0]
+    if b_O is None:
+        return torch.bmm(x_TI.unsqueeze(1), w_OI.t().expand(T, -1, -1)).squeeze(1)
+    return torch.baddbmm(b_O.expand(T, 1, -1), x_TI.unsqueeze(1), w_OI.t().expand(T, -1, -1)).squeeze(1)

@@ -122,7 +122,7 @@ class MoEBlock:
         y_R1H = torch.bmm(self._glu(gate_up_R1I), w.down_EHI[flat_R].transpose(1, 2))
         if w.down_bias_EH is not None:
             y_R1H = y_R1H + w.down_bias_EH[flat_R].unsqueeze(1)
-        return torch.bmm(weights_TK.to(y_R1H.dtype).unsqueeze(1), y_R1H.view(T, K, H)).squeeze(1)
+        return _weighted_sum(y_R1H.view(T, K, H), weights_TK)
 
     def _experts_sorted(self, h_TH, ids_TK, weights_TK, valid_T, w: MoEWeights) -> torch.Tensor:
         """Sort (token, k) rows by expert, run each expert on its rows, unsort, weight and sum over k.
@@ -139,7 +139,7 @@ class MoEBlock:
             y_RH = torch.where((sorted_R < E).unsqueeze(1), y_RH, 0)
         unsorted_RH = torch.empty_like(y_RH)
         unsorted_RH[order_R] = y_RH
-        return torch.bmm(weights_TK.to(y_RH.dtype).unsqueeze(1), unsorted_RH.view(T, K, -1)).squeeze(1)
+        return _weighted_sum(unsorted_RH.view(T, K, -1), weights_TK)
 
     def _fused_fits(self, probe: MoEWeights) -> bool:
         """The Triton kernels apply: CUDA, triton installed, SwiGLU with SiLU, no expert biases."""
@@ -182,6 +182,14 @@ class MoEBlock:
             logger.warning("grouped_mm is unavailable for %s on %s (%s); using the per-expert loop and no CUDA "
                            "graphs", x_RH.dtype, x_RH.device, str(e).splitlines()[0])
             return False
+
+
+def _weighted_sum(y_TKH: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Sum over k of each expert output times its gate weight, rounded as HF's experts (grouped_mm, the default)
+    round it: the product in the promoted dtype (bfloat16 gate weights, GPT-OSS and Qwen: each product rounded to
+    bfloat16; float32 gate weights, the sigmoid families: exact), the sum over k accumulated in float32, then one cast
+    to the hidden dtype. A bmm would keep the products unrounded (and round float32 weights to bfloat16 first)."""
+    return (y_TKH * weights_TK.unsqueeze(-1)).sum(dim=1).to(y_TKH.dtype)
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
