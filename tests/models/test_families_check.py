@@ -36,7 +36,9 @@ def test_check_passes_on_the_family_checkpoint(checkpoint):
     report = _check(checkpoint)
     assert report["verdict"] == "pass", report.get("reason")
     assert report["with_replay"]["routing_mismatch"] == 0.0
-    assert all(layer["zero_overlap"] == 0 for layer in report["layers"])
+    # bf16: the KV-cache rollout and the training forward may split a near-tie differently, so a rare row can have no
+    # expert in common with the live top-k; the check's own rule bounds them (1e-2 of the rows of each layer)
+    assert all(layer["zero_overlap"] <= 1e-2 * layer["tokens"] for layer in report["layers"])
 
 
 @pytest.mark.parametrize("fault", [Fault.SHIFT, Fault.PERMUTE_LAYERS])
