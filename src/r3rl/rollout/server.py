@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,6 +51,8 @@ from r3rl.rollout.worker import EngineStepFailed, EngineUnavailable, EngineWorke
 __all__ = ["create_app", "serve", "load_tokenizer"]
 
 logger = logging.getLogger("r3rl.rollout.server")
+
+SWITCH_INTERVAL_S = 2e-4  # the GIL switch interval of a serving process (see serve())
 
 _DISCONNECT_POLL_S = 0.25
 
@@ -220,6 +223,11 @@ def serve(config: ServerConfig) -> int:
     """Load the engine and tokenizer, then serve until a signal. Returns the exit code: 0 after a graceful drain,
     128 + signal number when a second signal forced the stop."""
     engine = RolloutEngine.from_pretrained(config.model, config.engine)
+    # The engine thread releases the GIL in every torch call and must take it back from the event loop, which holds
+    # it for up to the switch interval (5 ms by default) while it parses requests and encodes responses: at high
+    # concurrency a decode step then waits several intervals. A short interval keeps the engine thread fed
+    # (bench/RESULTS.md, "Serving").
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(config, engine, load_tokenizer(config.model))
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                         access_log=False, timeout_graceful_shutdown=config.drain_timeout_s,
