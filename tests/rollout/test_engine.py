@@ -187,12 +187,12 @@ def test_update_weights_changes_outputs_bumps_version_and_keeps_buffers(qwen3):
     reqs = lambda: _requests(2, temperature=0.0)  # noqa: E731
     before = engine.generate(reqs())
     assert {o.weight_version for o in before} == {0}
-    ptrs = (engine.kv.k_LSHTD.data_ptr(), engine.kv.v_LSHTD.data_ptr(), engine.routes.routes_SPLK.data_ptr())
+    ptrs = (engine.kv.k_LNHbD.data_ptr(), engine.kv.v_LNHbD.data_ptr(), engine.routes.routes_NbLK.data_ptr())
     assert engine.update_weights(make_model("tiny-qwen3-moe", seed=2).state_dict()) == 1
     after = engine.generate(reqs())
     assert [o.output_ids for o in after] != [o.output_ids for o in before]
     assert {o.weight_version for o in after} == {1}
-    assert (engine.kv.k_LSHTD.data_ptr(), engine.kv.v_LSHTD.data_ptr(), engine.routes.routes_SPLK.data_ptr()) == ptrs
+    assert (engine.kv.k_LNHbD.data_ptr(), engine.kv.v_LNHbD.data_ptr(), engine.routes.routes_NbLK.data_ptr()) == ptrs
     assert engine.update_weights(dict(qwen3.named_parameters())) == 2  # every parameter maps: the original is back
     assert [o.output_ids for o in engine.generate(reqs())] == [o.output_ids for o in before]
 
@@ -305,9 +305,9 @@ def test_cuda_graph_engine_matches_hf_forward_in_bf16(preset):
     assert agreement["mean_diff"] <= 0.05 and agreement["exact"] >= 0.8 and agreement["overlap"] >= 0.98, agreement
     no_capture = RolloutEngine(model, max_slots=8, max_seq_len=128, capture_routing=False).generate(_requests(7))
     assert [o.output_ids for o in no_capture] == [o.output_ids for o in outputs]  # capture never changes numerics
-    ptr = engine.kv.k_LSHTD.data_ptr()
+    ptr = engine.kv.k_LNHbD.data_ptr()
     engine.update_weights(make_model(preset, seed=2, device="cuda", dtype=torch.bfloat16).state_dict())
-    assert engine.kv.k_LSHTD.data_ptr() == ptr
+    assert engine.kv.k_LNHbD.data_ptr() == ptr
     assert [o.output_ids for o in engine.generate(_requests(7))] != [o.output_ids for o in outputs]
 
 

@@ -156,9 +156,9 @@ def test_deepseek_v3_caches_the_compressed_latent():
     cfg = model.config
     engine = RolloutEngine(model, max_slots=3, max_seq_len=128)
     # one latent "head" of kv_lora_rank dims per token and layer, not num_heads x (k + v) head dims
-    assert engine.kv.k_LSHTD.shape[2:] == (1, 128, cfg.kv_lora_rank)
+    assert engine.kv.k_LNHbD.shape[2:] == (1, engine.table.block_size, cfg.kv_lora_rank)
     per_token_full = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
-    assert engine.kv.k_LSHTD[0, 0, :, 0].numel() * 2 < per_token_full
+    assert engine.kv.k_LNHbD[0, 0, :, 0].numel() * 2 < per_token_full
 
 
 # --- GPU (pytest -m gpu on a CUDA machine) ---------------------------------------------------------------------------

@@ -62,12 +62,12 @@ class MLAWeights:
 
 
 def mla_prefill(w: MLAWeights, h_TH: torch.Tensor, N: int, P: int, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
-                kv: KVCache, layer: int, slot0: int, linear) -> torch.Tensor:
+                kv: KVCache, layer: int, rows_N: torch.Tensor, linear) -> torch.Tensor:
     """Attention output (after o_proj) `[T, M]` of N right-padded prompts; writes their latents into the cache."""
     H, A, U, C = w.num_heads, w.nope_dim, w.v_dim, w.kv_lora_rank
     q_nope_THA, q_rot_THR = _queries(w, h_TH, cos_TR, sin_TR, linear)
     c_TC, kr_TR = _latents(w, h_TH, cos_TR, sin_TR, linear)
-    _write(kv, layer, c_TC, kr_TR, C, prefill=(N, P, slot0))
+    _write(kv, layer, c_TC, kr_TR, C, prefill=(N, P, rows_N))
     kv_THX = linear(c_TC, w.kv_b_XC).view(-1, H, A + U)
     k_THD = torch.cat([kv_THX[..., :A], kr_TR.unsqueeze(1).expand(-1, H, -1)], dim=-1)
     q_THD = torch.cat([q_nope_THA, q_rot_THR], dim=-1)
@@ -134,8 +134,8 @@ def _write(kv: KVCache, layer: int, c_TC, kr_TR, C: int, *, prefill=None, decode
     """K <- the latent c, V <- the rotary key kr zero-padded to C dims (one kv head)."""
     kr_TC = F.pad(kr_TR, (0, C - kr_TR.shape[-1]))
     if prefill is not None:
-        N, P, slot0 = prefill
-        kv.write_prefill(layer, slot0, c_TC.view(N, 1, P, C), kr_TC.view(N, 1, P, C))
+        N, P, rows_N = prefill
+        kv.write_prefill(layer, rows_N, c_TC.view(N, 1, P, C), kr_TC.view(N, 1, P, C))
     else:
         rows_B, pos_B = decode
         kv.write_decode(layer, rows_B, pos_B, c_TC.unsqueeze(1), kr_TC.unsqueeze(1))

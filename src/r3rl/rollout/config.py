@@ -33,6 +33,12 @@ class EngineConfig:
     """Row-wise kernels, so a request's tokens do not depend on its batch (slow); None = on for CPU."""
     prefill_token_budget: int = 16384
     """Max padded tokens (requests x longest prompt) in one batched prefill."""
+    kv_cache_tokens: int | None = None
+    """KV cache (and routing capture) capacity in tokens, shared by all slots in blocks; None = max_slots x
+    max_seq_len (every slot can reach max_seq_len at once). Smaller bounds memory by the tokens in use: when the
+    blocks run out, the newest requests are preempted and recomputed later (same seeds, same tokens)."""
+    block_size: int = 16
+    """Tokens per KV block (the unit of paging and of prompt sharing between the samples of a group)."""
     device: str | torch.device | None = None
     """Engine device; None = the model's device (a checkpoint path: cuda when available, else cpu)."""
     dtype: str | torch.dtype | None = None
@@ -40,9 +46,12 @@ class EngineConfig:
     float32)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_slots", "max_seq_len", "prefill_token_budget"):
+        for name in ("max_slots", "max_seq_len", "prefill_token_budget", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1: got {getattr(self, name)}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_seq_len:
+            raise ValueError(f"EngineConfig.kv_cache_tokens must hold one request of max_seq_len={self.max_seq_len} "
+                             f"tokens: got {self.kv_cache_tokens}")
         if self.dtype is not None:
             resolve_dtype(self.dtype)  # raises naming the choices, before any model is loaded
         if self.device is not None:

@@ -1,4 +1,4 @@
-"""RolloutEngine: the embedded rollout engine (continuous batching, static KV cache, routing capture, CUDA graphs).
+"""RolloutEngine: the embedded rollout engine (continuous batching, paged KV cache, routing capture, CUDA graphs).
 
     engine = RolloutEngine(make_model("tiny-qwen3-moe"), max_slots=8, max_seq_len=256)   # or .from_pretrained(dir)
     [out] = engine.generate([EngineRequest(request_id="a", input_ids=[1, 2, 3], sampling=SamplingParams(seed=0))])
@@ -8,9 +8,16 @@ Model (forward.py): the engine copies the weights of a transformers v5 MoE model
 `r3rl.models.find_routers`, which raises on anything else) and runs its own forward, deliberately a different
 numerical engine from the HF training forward, as SGLang is.
 
-Scheduling: `step()` admits waiting requests into free slots, prefills them (batched, right-padded), then decodes
-every running slot once. Running requests occupy slots [0, n): a finished slot is refilled by moving the last
-request into it (kv_cache.py), so decode reads the cache as strided views.
+Scheduling: `step()` admits waiting requests into free slots while the KV cache has blocks for their prompts,
+prefills them (batched, right-padded), then decodes every running slot once. Running requests occupy slots [0, n):
+a finished slot is refilled by moving the last request into it (a block-table row, no KV copied).
+
+Paged KV (paging.py, kv_cache.py): tokens live in blocks of a shared pool (`kv_cache_tokens`), so memory is bounded
+by the tokens in use. Requests admitted together with the same prompt (a GRPO group: n samples of one prompt) are
+prefilled once: the others point at the prompt's blocks (a private copy of its last, partial block) and sample their
+first token from the same logits with their own seeds; each one's trace still covers the whole prompt. When a decode
+step needs a block and none is free, the newest running requests are preempted: their blocks are freed and they
+restart from their prompt later, with the same seeds (so the same tokens).
 
 Devices. CUDA: decode steps replay a CUDA graph per (batch bucket, KV-length bucket, sampling mode, padded or not);
 padding rows are kept out of the experts. CPU: eager and batch-invariant (row-wise kernels, one prefill per
@@ -43,6 +50,7 @@ from r3rl.rollout.config import EngineConfig
 from r3rl.rollout.forward import MoEForward
 from r3rl.rollout.graphs import DecodeGraphs, graph_safe, next_power_of_two
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
+from r3rl.rollout.paging import BlockTable, blocks_for
 from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason
 from r3rl.rollout.sampling import SamplingMode, SlotParams, fold_seed, sample_tokens, vocab_keys
 from r3rl.rollout.weights import check_tensor_names, materialize
@@ -86,7 +94,7 @@ class RolloutEngine:
 
         # --- device state: caches, per-slot sampling state, outputs (allocated once) --------------------------------
         S = cfg.max_slots
-        self.kv, self.routes = self._allocate_caches()
+        self.table, self.kv, self.routes = self._allocate_caches()
         self._tokens_S = torch.zeros(S, dtype=torch.int64, device=device)  # last token of each slot (next input)
         self._pos_S = torch.zeros(S, dtype=torch.int64, device=device)  # where that token's K/V goes
         self._params = SlotParams(torch.zeros(S, device=device), torch.ones(S, device=device),
@@ -100,6 +108,8 @@ class RolloutEngine:
 
         # --- host state ---------------------------------------------------------------------------------------------
         self._waiting: deque[EngineRequest] = deque()
+        self._preempted: deque[_Running] = deque()  # admitted before the waiting requests
+        self.num_preemptions = 0
         self._slots: list[_Running] = []  # index = slot; running requests are always slots [0, n)
         self._request_ids: set[str] = set()
         self._seed_rng = random.Random()  # seeds of requests that bring none
@@ -107,9 +117,10 @@ class RolloutEngine:
         self._graphs = DecodeGraphs(S, device)
         logger.info(
             "rollout engine: %s, %d MoE layers, %d experts, top-%d, slots=%d, max_seq_len=%d, device=%s, dtype=%s, "
-            "moe=%s, cuda_graph=%s, batch_invariant=%s, kv_cache=%.1f MiB, routing=%.1f MiB", m.family,
-            m.num_moe_layers, m.num_experts, m.top_k, S, cfg.max_seq_len, device, dtype, m.moe_kernel.value,
-            cfg.use_cuda_graph, cfg.batch_invariant, self.kv.nbytes / 2**20, self.routes.nbytes / 2**20,
+            "moe=%s, cuda_graph=%s, batch_invariant=%s, kv_cache=%.1f MiB (%d tokens, blocks of %d), routing=%.1f MiB",
+            m.family, m.num_moe_layers, m.num_experts, m.top_k, S, cfg.max_seq_len, device, dtype, m.moe_kernel.value,
+            cfg.use_cuda_graph, cfg.batch_invariant, self.kv.nbytes / 2**20, self.table.capacity_tokens,
+            self.table.block_size, self.routes.nbytes / 2**20,
         )
 
     @classmethod
@@ -149,19 +160,20 @@ class RolloutEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Queued requests, preempted ones included."""
+        return len(self._waiting) + len(self._preempted)
 
     # --- requests -------------------------------------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises ValueError naming the field when it cannot run."""
         if self.kv is None:
             raise RuntimeError("the engine's memory is released (release_memory): call resume_memory() first")
-        """Queue a request; raises ValueError naming the field when it cannot run."""
         self._validate(req)
         self._waiting.append(req)
         self._request_ids.add(req.request_id)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._slots)
+        return bool(self._waiting or self._preempted or self._slots)
 
     @property
     def memory_released(self) -> bool:
@@ -176,7 +188,7 @@ class RolloutEngine:
         if self.kv is None:
             return 0
         freed = self.kv.nbytes + self.routes.nbytes
-        self.kv = self.routes = None
+        self.table = self.kv = self.routes = None
         self._graphs = DecodeGraphs(self.config.max_slots, self.device)  # the graphs read the freed buffers
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,23 +197,32 @@ class RolloutEngine:
     def resume_memory(self) -> None:
         """Allocate the KV cache and routing buffer again; decode graphs are captured again on first use."""
         if self.kv is None:
-            self.kv, self.routes = self._allocate_caches()
+            self.table, self.kv, self.routes = self._allocate_caches()
 
     def _allocate_caches(self):
         cfg, m = self.config, self.model
-        kv = KVCache.allocate(num_layers=m.num_decoder_layers, num_slots=cfg.max_slots, num_kv_heads=m.num_kv_heads,
-                              max_seq_len=cfg.max_seq_len, head_dim=m.head_dim, dtype=self.dtype, device=self.device)
-        routes = (RoutingCapture(num_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, num_layers=m.num_moe_layers,
-                                 top_k=m.top_k, num_experts=m.num_experts, device=self.device)
+        per_slot = blocks_for(cfg.max_seq_len, cfg.block_size)
+        num_blocks = 1 + (cfg.max_slots * per_slot if cfg.kv_cache_tokens is None
+                          else blocks_for(cfg.kv_cache_tokens, cfg.block_size))  # + the null block
+        table = BlockTable(num_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
+                           num_blocks=num_blocks, device=self.device)
+        kv = KVCache.allocate(num_layers=m.num_decoder_layers, table=table, num_kv_heads=m.num_kv_heads,
+                              head_dim=m.head_dim, dtype=self.dtype, device=self.device)
+        routes = (RoutingCapture(table=table, num_layers=m.num_moe_layers, top_k=m.top_k, num_experts=m.num_experts,
+                                 device=self.device)
                   if cfg.capture_routing else NullRoutingCapture())
-        return kv, routes
+        return table, kv, routes
 
     def abort_all(self) -> list[str]:
         """Drop every waiting and running request (e.g. after a failed step); returns their ids. The buffers stay:
         a slot's cache is rewritten by the next prefill, so the engine is ready for new requests."""
-        dropped = [r.request_id for r in self._waiting] + [r.req.request_id for r in self._slots]
+        dropped = ([r.request_id for r in self._waiting] + [r.req.request_id for r in self._preempted]
+                   + [r.req.request_id for r in self._slots])
         self._waiting.clear()
+        self._preempted.clear()
         self._slots = []
+        if self.table is not None:
+            self.table.reset()
         self._request_ids.clear()
         return dropped
 
@@ -211,6 +232,8 @@ class RolloutEngine:
         wanted = set(request_ids)
         found = [r.request_id for r in self._waiting if r.request_id in wanted]
         self._waiting = deque(r for r in self._waiting if r.request_id not in wanted)
+        found += [r.req.request_id for r in self._preempted if r.req.request_id in wanted]
+        self._preempted = deque(r for r in self._preempted if r.req.request_id not in wanted)
         running = [i for i, r in enumerate(self._slots) if r.req.request_id in wanted]
         found += [self._slots[i].req.request_id for i in running]
         if running:
@@ -239,18 +262,14 @@ class RolloutEngine:
     def step(self) -> list[EngineOutput]:
         """Admit and prefill waiting requests, then one decode step for every running slot. Returns finished."""
         finished: list[EngineOutput] = []
-        admitted = []
-        while self._waiting and len(self._slots) + len(admitted) < self.config.max_slots:
-            req = self._waiting.popleft()
-            seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(64)
-            admitted.append(_Running(req=req, seed32=fold_seed(seed), stop_ids=frozenset(req.sampling.stop_token_ids),
-                                     version_start=self._weight_version))
-        if admitted:
-            admitted.sort(key=lambda r: len(r.req.input_ids))  # less padding in batched prefills
-            self._slots += admitted
-            self._prefill(len(self._slots) - len(admitted), admitted)
+        groups = self._admit()
+        if groups:
+            slot0 = len(self._slots)
+            self._slots += [r for g in groups for r in g]
+            self._prefill(slot0, groups)
             finished += self._release_finished()
         if self._slots:
+            self._reserve_decode_blocks()
             self._decode()
             finished += self._release_finished()
         return finished
@@ -308,15 +327,17 @@ class RolloutEngine:
         return outputs
 
     def _remove_slots(self, done: list[int]) -> None:
-        """Free slots `done` (sorted): refill the holes below the new end by moving the last live requests in."""
+        """Free slots `done` (sorted) and their blocks: refill the holes below the new end by moving the last live
+        requests in (their block-table rows and per-slot state; no KV is copied)."""
+        for i in done:
+            self.table.release(i)
         gone = set(done)
         keep = len(self._slots) - len(done)
         holes = [i for i in done if i < keep]
         movers = [j for j in range(keep, len(self._slots)) if j not in gone]
         slots = self._slots[:keep]
         for dst, src in zip(holes, movers, strict=True):
-            self.kv.move(src, dst, self._slots[src].next_pos)
-            self.routes.move(src, dst, self._slots[src].next_pos)
+            self.table.move(src, dst)
             slots[dst] = self._slots[src]
         if holes:
             dst_M = torch.tensor(holes, device=self.device)
@@ -325,52 +346,135 @@ class RolloutEngine:
                 buf[dst_M] = buf[src_M]
         self._slots = slots
 
+    # --- private: admission and KV blocks -------------------------------------------------------------------------
+    def _admit(self) -> list[list[_Running]]:
+        """Take preempted, then waiting requests while there are free slots and KV blocks for their prompts; give
+        them blocks. Returns them as prompt groups (requests with the same prompt share its blocks and one prefill),
+        shortest prompt first; the slots are filled in that order."""
+        table, bs = self.table, self.table.block_size
+        room, free = self.config.max_slots - len(self._slots), table.num_free
+        groups: dict[tuple[int, ...], list[_Running]] = {}
+        while room > 0 and (self._preempted or self._waiting):
+            queue = self._preempted or self._waiting
+            head = queue[0]
+            key = tuple((head.req if isinstance(head, _Running) else head).input_ids)
+            need = (1 if len(key) % bs else 0) if key in groups else blocks_for(len(key), bs)
+            if need > free:
+                break  # FIFO: later requests wait too
+            queue.popleft()
+            room, free = room - 1, free - need
+            if isinstance(head, _Running):  # preempted: restarts from its prompt with the same seed
+                r = head
+                r.version_start = self._weight_version
+            else:
+                seed = head.sampling.seed if head.sampling.seed is not None else self._seed_rng.getrandbits(64)
+                r = _Running(req=head, seed32=fold_seed(seed), stop_ids=frozenset(head.sampling.stop_token_ids),
+                             version_start=self._weight_version)
+            groups.setdefault(key, []).append(r)
+        ordered = sorted(groups.items(), key=lambda kv: len(kv[0]))  # less padding in batched prefills
+        slot = len(self._slots)
+        for key, group in ordered:
+            owner = table.allocate(blocks_for(len(key), bs))
+            table.assign(slot, owner)
+            for s in range(slot + 1, slot + len(group)):  # shared full blocks, a private partial block
+                table.assign(s, owner[: len(key) // bs] + table.allocate(1 if len(key) % bs else 0))
+            slot += len(group)
+        table.sync()
+        return [g for _, g in ordered]
+
+    def _reserve_decode_blocks(self) -> None:
+        """Every running request gets the block its next decode position needs; when too few are free, the newest
+        requests (the last slots) are preempted until the others fit."""
+        table, bs = self.table, self.table.block_size
+        need = [i for i, r in enumerate(self._slots) if r.next_pos // bs >= table.num_blocks_of(i)]
+        while len(need) > table.num_free:  # terminates: one request alone always fits (BlockTable checks)
+            self._preempt(len(self._slots) - 1)
+            need = [i for i in need if i < len(self._slots)]
+        for i in need:
+            table.append(i, table.allocate(1))
+        table.sync()
+
+    def _preempt(self, i: int) -> None:
+        r = self._slots[i]
+        logger.info("KV cache full (%d tokens): preempting request %s at %d generated tokens; it restarts from its "
+                    "prompt later", self.table.capacity_tokens, r.req.request_id, len(r.output_ids))
+        r.output_ids.clear()
+        r.logprobs.clear()
+        r.finish_reason = None
+        self._preempted.appendleft(r)  # preempted from the tail: the older ones end up first
+        self.num_preemptions += 1
+        self._remove_slots([i])
+
     # --- private: prefill and decode ------------------------------------------------------------------------------
-    def _prefill(self, slot0: int, new: list[_Running]) -> None:
+    def _prefill(self, slot0: int, groups: list[list[_Running]]) -> None:
+        """Prefill each prompt group's first request (the others share its blocks), then sample every request's
+        first token from its group's logits with its own seed."""
+        new = [r for g in groups for r in g]
         V = self.vocab_size  # a top_k of the vocabulary or more keeps every token (and must fit an int64 buffer)
         columns = zip(*((r.req.sampling.temperature, r.req.sampling.top_p,
                          r.req.sampling.top_k if r.req.sampling.top_k <= V else -1, r.seed32,
                          r.req.sampling.logprob_temperature) for r in new), strict=True)
         for dst, values in zip(vars(self._params.narrow(slot0, len(new))).values(), columns, strict=True):
             dst.copy_(torch.tensor(values, dtype=dst.dtype))
-        start = 0
-        for group in self._prefill_groups(new):
-            N, P = len(group), max(len(r.req.input_ids) for r in group)
+        s0 = slot0
+        for batch in self._prefill_batches(groups):
+            owners = [g[0] for g in batch]
+            N, P = len(owners), max(len(r.req.input_ids) for r in owners)
             tokens_NP = torch.zeros(N, P, dtype=torch.int64)
-            for n, r in enumerate(group):
+            for n, r in enumerate(owners):
                 tokens_NP[n, : len(r.req.input_ids)] = torch.tensor(r.req.input_ids)
-            lengths_N = torch.tensor([len(r.req.input_ids) for r in group], device=self.device)
-            s0 = slot0 + start
-            logits_NV = self.model.prefill(tokens_NP.to(self.device), lengths_N, s0, self.kv, self.routes)
-            mode = SamplingMode.for_params([r.req.sampling for r in group])
-            tok_N, lp_N = sample_tokens(logits_NV, self._params.narrow(s0, N), lengths_N, mode, self._vocab_keys_V)
-            self._tokens_S[s0 : s0 + N] = tok_N
-            self._pos_S[s0 : s0 + N] = lengths_N
-            self._emit(group, tok_N.tolist(), lp_N.tolist())
-            start += N
+            lengths_N = torch.tensor([len(r.req.input_ids) for r in owners], device=self.device)
+            owner_rows, rows, src, dst = [], [], [], []
+            for n, g in enumerate(batch):
+                owner_rows.append(s0)
+                rows += [n] * len(g)
+                if len(g) > 1 and len(g[0].req.input_ids) % self.table.block_size:
+                    last = self.table.blocks(s0)[-1]
+                    src += [last] * (len(g) - 1)
+                    dst += [self.table.blocks(s)[-1] for s in range(s0 + 1, s0 + len(g))]
+                s0 += len(g)
+            logits_NV = self.model.prefill(tokens_NP.to(self.device), lengths_N,
+                                           torch.tensor(owner_rows, device=self.device), self.kv, self.routes)
+            if src:  # the partial last block of a shared prompt: each sample writes its own tokens into it
+                self.kv.copy_blocks(src, dst)
+                self.routes.copy_blocks(src, dst)
+            members = [r for g in batch for r in g]
+            rows_M = torch.tensor(rows, device=self.device)
+            logits_MV, lengths_M = (logits_NV, lengths_N) if len(rows) == N else (logits_NV[rows_M], lengths_N[rows_M])
+            mode = SamplingMode.for_params([r.req.sampling for r in members])
+            m0 = s0 - len(members)
+            tok_M, lp_M = sample_tokens(logits_MV, self._params.narrow(m0, len(members)), lengths_M, mode,
+                                        self._vocab_keys_V)
+            self._tokens_S[m0:s0] = tok_M
+            self._pos_S[m0:s0] = lengths_M
+            self._emit(members, tok_M.tolist(), lp_M.tolist())
 
-    def _prefill_groups(self, new: list[_Running]) -> list[list[_Running]]:
-        if self.config.batch_invariant:  # a prefill's shapes must depend on its own prompt only
-            return [[r] for r in new]
-        groups: list[list[_Running]] = [[]]
+    def _prefill_batches(self, groups: list[list[_Running]]) -> list[list[list[_Running]]]:
+        """Prompt groups batched into prefills under the padded-token budget (one prompt per prefill when batch
+        invariant: a prefill's shapes must depend on its own prompt only)."""
+        if self.config.batch_invariant:
+            return [[g] for g in groups]
+        batches: list[list[list[_Running]]] = [[]]
         longest = 0
-        for r in new:
-            longest_if = max(longest, len(r.req.input_ids))
-            if groups[-1] and longest_if * (len(groups[-1]) + 1) > self.config.prefill_token_budget:
-                groups.append([])
-                longest_if = len(r.req.input_ids)
-            groups[-1].append(r)
+        for g in groups:
+            longest_if = max(longest, len(g[0].req.input_ids))
+            if batches[-1] and longest_if * (len(batches[-1]) + 1) > self.config.prefill_token_budget:
+                batches.append([])
+                longest_if = len(g[0].req.input_ids)
+            batches[-1].append(g)
             longest = longest_if
-        return groups
+        return batches
 
     def _decode(self) -> None:
         n = len(self._slots)
         cfg = self.config
         mode = SamplingMode.for_params([r.req.sampling for r in self._slots])
+        bs, max_T = self.table.block_size, self.table.max_blocks * self.table.block_size
         if cfg.batch_invariant:
-            T = cfg.max_seq_len  # attention over the whole context: its shape must not depend on other rows
-        else:
+            T = max_T  # attention over the whole context: its shape must not depend on other rows
+        else:  # a power of two (few graphs), in whole KV blocks
             T = next_power_of_two(max(r.next_pos for r in self._slots) + 1, minimum=64, maximum=cfg.max_seq_len)
+            T = min(blocks_for(T, bs) * bs, max_T)
         if cfg.use_cuda_graph:
             B = self._graphs.bucket(n)
             if n < B:

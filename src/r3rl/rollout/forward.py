@@ -120,9 +120,10 @@ class MoEForward:
         return total - experts, experts // (self.num_experts * self.num_moe_layers)
 
     # --- forward ----------------------------------------------------------------------------------------------------
-    def prefill(self, tokens_NP: torch.Tensor, lengths_N: torch.Tensor, slot0: int, kv: KVCache,
+    def prefill(self, tokens_NP: torch.Tensor, lengths_N: torch.Tensor, rows_N: torch.Tensor, kv: KVCache,
                 routes: RoutingCapture | NullRoutingCapture) -> torch.Tensor:
-        """N right-padded prompts into slots [slot0, slot0 + N). Returns the logits of each last prompt token."""
+        """N right-padded prompts into slots rows_N (their blocks, see paging.py). Returns the logits of each last
+        prompt token."""
         N, P = tokens_NP.shape
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         valid_T = (self._arange[:P].unsqueeze(0) < lengths_N.unsqueeze(1)).flatten() if N > 1 else None
@@ -131,25 +132,26 @@ class MoEForward:
         for i, lw in enumerate(self.layers):
             h_TH = rms_norm(x_TH, lw.input_norm_H, self.eps)
             if self.mla:
-                x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, i, slot0, self.linear)
+                x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, i, rows_N, self.linear)
             else:
                 q_THD, k_THD, v_THD = self._qkv(lw, h_TH, cos_TD, sin_TD)
                 k_NHPD, v_NHPD = (t.view(N, P, Hkv, D).transpose(1, 2) for t in (k_THD, v_THD))
-                kv.write_prefill(i, slot0, k_NHPD, v_NHPD)
+                kv.write_prefill(i, rows_N, k_NHPD, v_NHPD)
                 q_NHPD = q_THD.view(N, P, Hq, D).transpose(1, 2)
                 o_NHPD = prefill_attention(lw.attn, q_NHPD, k_NHPD, v_NHPD, self.scale)
                 x_TH = x_TH + self.linear(o_NHPD.transpose(1, 2).reshape(N * P, Hq * D), lw.attn.o_HQ,
                                           lw.attn.o_bias_H)
             mlp_TH, ids_TK = self._mlp(lw, rms_norm(x_TH, lw.post_norm_H, self.eps), valid_T)
             if ids_TK is not None:
-                routes.write_prefill(lw.moe.moe_layer, slot0, ids_TK.view(N, P, -1))
+                routes.write_prefill(lw.moe.moe_layer, rows_N, ids_TK.view(N, P, -1))
             x_TH = x_TH + mlp_TH
         last_NH = x_TH.view(N, P, -1)[self._arange[:N], lengths_N - 1]
         return self.linear(rms_norm(last_NH, self.final_norm_H, self.eps), self.lm_head_VH)
 
     def decode(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, T: int, active_B: torch.Tensor | None, kv: KVCache,
                routes: RoutingCapture | NullRoutingCapture) -> torch.Tensor:
-        """One token for each of slots [0, B), attending over positions [0, T). Returns logits `[B, V]`."""
+        """One token for each of slots [0, B), attending over positions [0, T) (a multiple of the KV block size).
+        Returns logits `[B, V]`."""
         B = tokens_B.shape[0]
         rows_B = self._arange[:B]
         # additive masks, built once per step (one per distinct window): row b sees positions <= pos_B[b]

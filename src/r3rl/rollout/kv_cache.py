@@ -1,19 +1,20 @@
-"""Preallocated per-slot device buffers of the rollout engine: the KV cache and the routing capture.
+"""Device buffers of the rollout engine: the paged KV cache and the routing capture.
 
-Layout: static, one slot per running request (no paging). Slot s holds its request's tokens at positions
-[0, length) of every buffer; positions past the length hold stale but finite values that attention masks out.
+Both store tokens in the blocks of one `BlockTable` (paging.py): slot s's position p is at block
+`table_SM[s, p // block_size]`, offset `p % block_size`. Memory is bounded by the pool (`EngineConfig.kv_cache_tokens`),
+not by slots x max_seq_len, and the samples of one prompt share its blocks.
 
-    k_LSHTD, v_LSHTD   [layers, slots, kv_heads, max_seq_len, head_dim]   model dtype
-    routes_SPLK        [slots, max_seq_len, moe_layers, top_k]             compact dtype (uint8 below 255 experts)
+    k_LNHbD, v_LNHbD   [layers, blocks, kv_heads, block_size, head_dim]   model dtype
+    routes_NbLK        [blocks, block_size, moe_layers, top_k]            compact dtype (uint8 below 255 experts)
 
-The engine keeps the running requests in slots [0, n) (a finished request's slot is refilled by moving the last
-one into it, see `move`), so decode reads `k_LSHTD[l, :B, :, :T]` as a strided view: attention needs no gather,
-and `[B, kv_heads]` merge into one batch dimension of a plain batched matmul.
+Decode gathers each row's blocks into a `[rows, kv_heads, T, head_dim]` context (one index kernel per layer and
+tensor); the rows then merge with the kv heads into one batch dimension of a plain batched matmul, as before paging.
 
-Routing capture writes the top-k ids of every (token, MoE layer) into `routes_SPLK` on the device, inside the
-forward (and inside the CUDA graph): no host sync per token. Rows are copied to the host once, when requests finish
-(`read`: one copy for all the requests that finish in a step). With capture off the engine holds a
-`NullRoutingCapture` instead, chosen once, so the forward never branches on a flag.
+Routing capture writes the top-k ids of every (token, MoE layer) into `routes_NbLK` on the device, inside the forward
+(and inside the CUDA graph): no host sync per token. Rows are copied to the host once, when requests finish
+(`read`: one gather and one copy for all the requests that finish in a step); a sample that shares its prompt's
+blocks reads the prompt's routing from them, so every trace covers its whole prompt. With capture off the engine
+holds a `NullRoutingCapture` instead, chosen once, so the forward never branches on a flag.
 
 Both allocate once; nothing here reallocates, so CUDA graphs that captured these buffers stay valid.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from r3rl.rollout.paging import BlockTable, blocks_for
 from r3rl.trace import RoutingTrace, compact_dtype
 
 __all__ = ["KVCache", "RoutingCapture", "NullRoutingCapture"]
@@ -32,77 +34,109 @@ __all__ = ["KVCache", "RoutingCapture", "NullRoutingCapture"]
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
 
 
+def _where(table: BlockTable, rows_N: torch.Tensor, P: int, arange_P: torch.Tensor):
+    """(block, offset) `[N, P]` of positions [0, P) of slots rows_N. Positions past a slot's blocks (the padding of a
+    right-padded prompt) land in the null block."""
+    pos_P = arange_P[:P]
+    return table.table_SM[rows_N.unsqueeze(1), pos_P // table.block_size], pos_P % table.block_size
+
+
 @dataclass(frozen=True)
 class KVCache:
-    k_LSHTD: torch.Tensor
-    v_LSHTD: torch.Tensor
+    k_LNHbD: torch.Tensor
+    v_LNHbD: torch.Tensor
+    table: BlockTable
+    _heads_1H1: torch.Tensor
+    _arange: torch.Tensor
 
     @classmethod
-    def allocate(
-        cls, *, num_layers: int, num_slots: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
-    ) -> KVCache:
-        shape = (num_layers, num_slots, num_kv_heads, max_seq_len, head_dim)
+    def allocate(cls, *, num_layers: int, table: BlockTable, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> KVCache:
+        shape = (num_layers, table.num_blocks, num_kv_heads, table.block_size, head_dim)
         # zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN would leak
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   table, torch.arange(num_kv_heads, device=device).view(1, -1, 1),
+                   torch.arange(table.max_blocks * table.block_size, device=device))
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k_LSHTD.numel() * self.k_LSHTD.element_size()
+        return 2 * self.k_LNHbD.numel() * self.k_LNHbD.element_size()
 
-    def write_prefill(self, layer: int, slot0: int, k_NHPD: torch.Tensor, v_NHPD: torch.Tensor) -> None:
-        """Keys/values of N prompts (padded to P) into slots [slot0, slot0 + N), positions [0, P)."""
-        N, _, P, _ = k_NHPD.shape
-        self.k_LSHTD[layer, slot0 : slot0 + N, :, :P] = k_NHPD
-        self.v_LSHTD[layer, slot0 : slot0 + N, :, :P] = v_NHPD
+    def write_prefill(self, layer: int, rows_N: torch.Tensor, k_NHPD: torch.Tensor, v_NHPD: torch.Tensor) -> None:
+        """Keys/values of N prompts (padded to P) into slots rows_N, positions [0, P)."""
+        blk_NP, off_NP = _where(self.table, rows_N, k_NHPD.shape[2], self._arange)
+        self.k_LNHbD[layer][blk_NP, :, off_NP] = k_NHPD.transpose(1, 2)
+        self.v_LNHbD[layer][blk_NP, :, off_NP] = v_NHPD.transpose(1, 2)
 
     def write_decode(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, k_BHD: torch.Tensor,
                      v_BHD: torch.Tensor) -> None:
         """One token per slot: slot rows_B[b] at position pos_B[b]."""
-        self.k_LSHTD[layer, rows_B, :, pos_B] = k_BHD
-        self.v_LSHTD[layer, rows_B, :, pos_B] = v_BHD
+        bs = self.table.block_size
+        blk_B, off_B = self.table.table_SM[rows_B, pos_B // bs], pos_B % bs
+        self.k_LNHbD[layer][blk_B, :, off_B] = k_BHD
+        self.v_LNHbD[layer][blk_B, :, off_B] = v_BHD
 
     def context(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views `[batch, kv_heads, length, head_dim]` of slots [0, batch), positions [0, length)."""
-        return self.k_LSHTD[layer, :batch, :, :length], self.v_LSHTD[layer, :batch, :, :length]
+        """`[batch, kv_heads, length, head_dim]` of slots [0, batch), positions [0, length) (a multiple of the block
+        size), gathered from their blocks."""
+        M = length // self.table.block_size
+        idx_B1M = self.table.table_SM[:batch, :M].unsqueeze(1)
+        k = self.k_LNHbD[layer][idx_B1M, self._heads_1H1]  # [B, H, M, block, D]
+        v = self.v_LNHbD[layer][idx_B1M, self._heads_1H1]
+        return k.flatten(2, 3), v.flatten(2, 3)
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot src's first `length` positions of every layer into slot dst."""
-        self.k_LSHTD[:, dst, :, :length] = self.k_LSHTD[:, src, :, :length]
-        self.v_LSHTD[:, dst, :, :length] = self.v_LSHTD[:, src, :, :length]
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Blocks src[i]'s keys/values of every layer into blocks dst[i] (a shared prompt's partial last block)."""
+        src_M, dst_M = (torch.tensor(x, device=self.k_LNHbD.device) for x in (src, dst))
+        self.k_LNHbD[:, dst_M] = self.k_LNHbD[:, src_M]
+        self.v_LNHbD[:, dst_M] = self.v_LNHbD[:, src_M]
 
 
 class RoutingCapture:
-    """Device buffer of the experts every (slot, position, MoE layer) was routed to."""
+    """Device buffer of the experts every (block position, MoE layer) was routed to."""
 
-    def __init__(self, *, num_slots: int, max_seq_len: int, num_layers: int, top_k: int, num_experts: int,
+    def __init__(self, *, table: BlockTable, num_layers: int, top_k: int, num_experts: int,
                  device: torch.device) -> None:
-        self.num_experts = num_experts
+        self.num_experts, self.table = num_experts, table
         dtype = _TORCH_DTYPES[compact_dtype(num_experts)]
-        self.routes_SPLK = torch.zeros(num_slots, max_seq_len, num_layers, top_k, dtype=dtype, device=device)
+        self.routes_NbLK = torch.zeros(table.num_blocks, table.block_size, num_layers, top_k, dtype=dtype,
+                                       device=device)
+        self._arange = torch.arange(table.max_blocks * table.block_size, device=device)
 
     @property
     def nbytes(self) -> int:
-        return self.routes_SPLK.numel() * self.routes_SPLK.element_size()
+        return self.routes_NbLK.numel() * self.routes_NbLK.element_size()
 
-    def write_prefill(self, layer: int, slot0: int, ids_NPK: torch.Tensor) -> None:
-        N, P, _ = ids_NPK.shape
-        self.routes_SPLK[slot0 : slot0 + N, :P, layer] = ids_NPK.to(self.routes_SPLK.dtype)
+    def write_prefill(self, layer: int, rows_N: torch.Tensor, ids_NPK: torch.Tensor) -> None:
+        blk_NP, off_NP = _where(self.table, rows_N, ids_NPK.shape[1], self._arange)
+        self.routes_NbLK[blk_NP, off_NP, layer] = ids_NPK.to(self.routes_NbLK.dtype)
 
     def write_decode(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, ids_BK: torch.Tensor) -> None:
-        self.routes_SPLK[rows_B, pos_B, layer] = ids_BK.to(self.routes_SPLK.dtype)
+        bs = self.table.block_size
+        self.routes_NbLK[self.table.table_SM[rows_B, pos_B // bs], pos_B % bs, layer] = ids_BK.to(
+            self.routes_NbLK.dtype)
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[RoutingTrace]:
-        """Traces of `slots`, each of its first `num_rows` positions, in one device-to-host copy. Ids come from
-        top-k, so the row invariants hold by construction and `RoutingTrace.from_ids`'s O(rows) check is skipped."""
+        """Traces of `slots`, each of its first `num_rows` positions, in one gather and one device-to-host copy. Ids
+        come from top-k, so the row invariants hold by construction and `RoutingTrace.from_ids`'s O(rows) check is
+        skipped."""
         if not slots:
             return []
+        bs = self.table.block_size
+        blocks = [self.table.blocks(s)[: blocks_for(n, bs)] for s, n in zip(slots, num_rows, strict=True)]
+        idx = torch.tensor([b for row in blocks for b in row], device=self.routes_NbLK.device)
         # note: a host sync, once per step that finishes requests; copy=True since on CPU .cpu() would alias
-        ids = self.routes_SPLK[torch.tensor(slots), : max(num_rows)].to("cpu", copy=True).numpy()
-        return [RoutingTrace(np.ascontiguousarray(ids[b, :n]), self.num_experts) for b, n in enumerate(num_rows)]
+        ids = self.routes_NbLK[idx].to("cpu", copy=True).numpy()
+        ids = ids.reshape(-1, *ids.shape[2:])
+        out, start = [], 0
+        for row, n in zip(blocks, num_rows, strict=True):
+            out.append(RoutingTrace(np.ascontiguousarray(ids[start : start + n]), self.num_experts))
+            start += len(row) * bs
+        return out
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.routes_SPLK[dst, :length] = self.routes_SPLK[src, :length]
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        src_M, dst_M = (torch.tensor(x, device=self.routes_NbLK.device) for x in (src, dst))
+        self.routes_NbLK[dst_M] = self.routes_NbLK[src_M]
 
 
 class NullRoutingCapture:
@@ -110,7 +144,7 @@ class NullRoutingCapture:
 
     nbytes = 0
 
-    def write_prefill(self, layer: int, slot0: int, ids_NPK: torch.Tensor) -> None:
+    def write_prefill(self, layer: int, rows_N: torch.Tensor, ids_NPK: torch.Tensor) -> None:
         pass
 
     def write_decode(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, ids_BK: torch.Tensor) -> None:
@@ -119,5 +153,5 @@ class NullRoutingCapture:
     def read(self, slots: list[int], num_rows: list[int]) -> list[None]:
         return [None] * len(slots)
 
-    def move(self, src: int, dst: int, length: int) -> None:
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         pass

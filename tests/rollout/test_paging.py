@@ -1,0 +1,158 @@
+"""Paged KV cache (paging.py, kv_cache.py) and prompt sharing in the engine, on CPU with a tiny MoE model.
+
+    pytest tests/rollout/test_paging.py -q
+
+The CPU engine is batch-invariant, so a request's tokens, log-probs and trace must be bitwise the same whether its
+prompt was prefilled by itself or shared with its group, and whether or not it was preempted on the way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from r3rl.models.presets import make_model
+from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
+from r3rl.rollout.config import EngineConfig
+from r3rl.rollout.paging import NULL_BLOCK, BlockTable
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("tiny-qwen3-moe", seed=3)
+
+
+def _group(prompt, n, *, tag="g", max_new=12, seed0=0, **sampling):
+    return [EngineRequest(request_id=f"{tag}{i}", input_ids=list(prompt),
+                          sampling=SamplingParams(max_new_tokens=max_new, seed=seed0 + i, temperature=1.0, **sampling))
+            for i in range(n)]
+
+
+def _alone(model, reqs, **cfg):
+    """Each request on a fresh engine by itself: the yardstick."""
+    return [RolloutEngine(model, **cfg).generate([r])[0] for r in reqs]
+
+
+def _same(a, b):
+    assert a.output_ids == b.output_ids, (a.request_id, a.output_ids, b.output_ids)
+    assert a.output_logprobs == b.output_logprobs, a.request_id
+    np.testing.assert_array_equal(a.trace.expert_ids, b.trace.expert_ids)
+
+
+def _count_prefill_tokens(engine):
+    """Wrap the engine's prefill to count the prompt tokens it computes (N x P)."""
+    seen = []
+    inner = engine.model.prefill
+
+    def counted(tokens_NP, *args):
+        seen.append(tokens_NP.numel())
+        return inner(tokens_NP, *args)
+
+    engine.model.prefill = counted
+    return seen
+
+
+# --- BlockTable ------------------------------------------------------------------------------------------------------
+def test_block_table_counts_shared_blocks_and_frees_them_with_the_last_holder():
+    t = BlockTable(num_slots=3, max_seq_len=32, block_size=8, num_blocks=9, device=torch.device("cpu"))
+    owner = t.allocate(3)
+    t.assign(0, owner)
+    t.assign(1, owner[:2] + t.allocate(1))  # shares two full blocks, owns a private partial block
+    t.sync()
+    assert t.num_free == 8 - 4 and NULL_BLOCK not in owner
+    assert t.table_SM[1, :3].tolist() == owner[:2] + [t.blocks(1)[-1]] and t.table_SM[1, 3].item() == NULL_BLOCK
+    t.check()
+    t.release(0)
+    assert t.num_free == 8 - 3  # owner's third block freed; the two shared ones are still held by slot 1
+    t.move(1, 0)
+    t.sync()
+    assert t.table_SM[1].tolist() == [NULL_BLOCK] * 4 and t.blocks(0)[:2] == owner[:2]
+    t.release(0)
+    t.check()
+    assert t.num_free == 8
+    with pytest.raises(MemoryError, match="9 wanted, 8 free"):
+        t.allocate(9)
+
+
+def test_block_table_check_catches_a_leaked_or_double_owned_block():
+    t = BlockTable(num_slots=2, max_seq_len=16, block_size=8, num_blocks=5, device=torch.device("cpu"))
+    t.assign(0, t.allocate(2))
+    t._free.append(t.blocks(0)[0])  # a block both free and held
+    with pytest.raises(AssertionError, match="double"):
+        t.check()
+
+
+def test_kv_cache_must_hold_one_full_request():
+    with pytest.raises(ValueError, match="kv_cache_tokens must hold one request of max_seq_len=64"):
+        EngineConfig(max_seq_len=64, kv_cache_tokens=63)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        EngineConfig(block_size=0)
+
+
+# --- prompt sharing --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt_len", [21, 24])  # a partial last block (copied per sample), whole blocks only
+def test_a_group_prefills_its_prompt_once_and_matches_each_sample_run_alone(model, prompt_len):
+    cfg = dict(max_slots=8, max_seq_len=64, block_size=8)
+    prompt = [(5 * j + 1) % 200 for j in range(prompt_len)]
+    reqs = _group(prompt, 4) + _group([7, 8, 9], 2, tag="h", seed0=10)
+    engine = RolloutEngine(model, **cfg)
+    prefilled = _count_prefill_tokens(engine)
+    outs = engine.generate(reqs)
+    assert sum(prefilled) == prompt_len + 3  # one prefill per distinct prompt, not per sample
+    for a, b in zip(outs, _alone(model, reqs, **cfg), strict=True):
+        _same(a, b)
+        assert a.trace.expert_ids.shape[0] == len(a.prompt_ids) + len(a.output_ids) - 1  # the whole prompt, every sample
+    assert len({tuple(o.output_ids) for o in outs[:4]}) > 1  # distinct seeds: the samples did diverge
+    engine.table.check()
+    assert engine.table.num_free == engine.table.num_blocks - 1
+
+
+def test_a_group_holds_its_prompt_blocks_once(model):
+    prompt = list(range(1, 22))  # 21 tokens: 2 full blocks of 8 and a partial one
+    engine = RolloutEngine(model, max_slots=8, max_seq_len=64, block_size=8)
+    for r in _group(prompt, 4):
+        engine.add_request(r)
+    free0 = engine.table.num_free
+    engine.step()  # admit + prefill + one decode (position 21 is in the partial block: no new block)
+    assert free0 - engine.table.num_free == 3 + 3  # the owner's 3 blocks + one private partial block per other sample
+    distinct = RolloutEngine(model, max_slots=8, max_seq_len=64, block_size=8)  # control: no sharing
+    for i, r in enumerate(_group(prompt, 4)):
+        r.input_ids[0] = 100 + i
+        distinct.add_request(r)
+    distinct.step()
+    assert free0 - distinct.table.num_free == 4 * 3
+
+
+# --- bounded memory and preemption -----------------------------------------------------------------------------------
+def test_memory_is_the_configured_pool_not_slots_times_context(model):
+    small = RolloutEngine(model, max_slots=32, max_seq_len=256, kv_cache_tokens=512, block_size=16)
+    full = RolloutEngine(model, max_slots=32, max_seq_len=256, block_size=16)
+    assert small.table.capacity_tokens == 512 and full.table.capacity_tokens == 32 * 256
+    assert small.kv.nbytes * 513 == full.kv.nbytes * 33  # 1 + 32 blocks vs 1 + 512 (the null block)
+    assert small.routes.nbytes < full.routes.nbytes / 15
+
+
+def test_a_full_cache_preempts_and_recomputes_with_the_same_tokens(model):
+    cfg = dict(max_slots=6, max_seq_len=96, block_size=8)
+    reqs = [EngineRequest(request_id=f"p{i}", input_ids=[(3 * i + j) % 150 + 1 for j in range(10 + 3 * i)],
+                          sampling=SamplingParams(max_new_tokens=60, seed=i, temperature=1.0)) for i in range(6)]
+    engine = RolloutEngine(model, kv_cache_tokens=200, **cfg)  # 25 blocks; six requests want ~6 x 9
+    outs = engine.generate(reqs)
+    assert engine.num_preemptions > 0
+    for a, b in zip(outs, _alone(model, reqs, **cfg), strict=True):
+        _same(a, b)
+    engine.table.check()
+    assert engine.table.num_free == engine.table.num_blocks - 1
+
+
+def test_abort_frees_the_blocks_of_running_and_preempted_requests(model):
+    engine = RolloutEngine(model, max_slots=4, max_seq_len=64, block_size=8, kv_cache_tokens=64)
+    for r in _group(list(range(1, 30)), 3, max_new=30):
+        engine.add_request(r)
+    for _ in range(5):
+        engine.step()
+    assert engine.table.num_free < engine.table.num_blocks - 1
+    engine.abort(["g0", "g1", "g2"])
+    engine.table.check()
+    assert engine.table.num_free == engine.table.num_blocks - 1 and not engine.has_work()
