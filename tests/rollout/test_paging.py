@@ -102,7 +102,7 @@ def test_a_group_prefills_its_prompt_once_and_matches_each_sample_run_alone(mode
     assert sum(prefilled) == prompt_len + 3  # one prefill per distinct prompt, not per sample
     for a, b in zip(outs, _alone(model, reqs, **cfg), strict=True):
         _same(a, b)
-        assert a.trace.expert_ids.shape[0] == len(a.prompt_ids) + len(a.output_ids) - 1  # the whole prompt, every sample
+        assert a.trace.expert_ids.shape[0] == len(a.prompt_ids) + len(a.output_ids) - 1  # whole prompt, every sample
     assert len({tuple(o.output_ids) for o in outs[:4]}) > 1  # distinct seeds: the samples did diverge
     engine.table.check()
     assert engine.table.num_free == engine.table.num_blocks - 1
@@ -156,3 +156,26 @@ def test_abort_frees_the_blocks_of_running_and_preempted_requests(model):
     engine.abort(["g0", "g1", "g2"])
     engine.table.check()
     assert engine.table.num_free == engine.table.num_blocks - 1 and not engine.has_work()
+
+
+# --- GPU (pytest -m gpu on a CUDA machine) ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_with_shared_prompts_and_preemption_in_bf16():
+    model = make_model("tiny-qwen3-moe", seed=3, device="cuda", dtype=torch.bfloat16)
+    greedy = [EngineRequest(request_id=f"g{i}", input_ids=list(range(1, 22)),
+                            sampling=SamplingParams(max_new_tokens=60, temperature=0.0)) for i in range(4)]
+    # greedy samples of one shared prompt read the same prompt blocks (each its own copy of the partial block), so
+    # they decode the same tokens; a stale or missing partial block would make them diverge
+    roomy = RolloutEngine(model, max_slots=16, max_seq_len=96, block_size=8)
+    outs = roomy.generate(greedy)
+    assert roomy._graphs and len({tuple(o.output_ids) for o in outs}) == 1 and len(outs[0].output_ids) == 60
+    # a pool too small for every request at once: preemption under CUDA graphs, everything completes
+    engine = RolloutEngine(model, max_slots=16, max_seq_len=96, block_size=8, kv_cache_tokens=320)
+    sampled = _group(list(range(30, 43)), 8, tag="s", max_new=60)
+    outs = engine.generate(greedy + sampled)
+    assert engine.num_preemptions > 0  # 12 x ~80 tokens do not fit 320
+    for o in outs:
+        assert len(o.output_ids) == 60 and o.trace.expert_ids.shape[0] == len(o.prompt_ids) + 59
+    engine.table.check()
+    assert engine.table.num_free == engine.table.num_blocks - 1
