@@ -10,7 +10,7 @@ from r3rl.trace import ReplayBatch
 
 # (preset, token id bound: None = the vocabulary): the byte range for the families of tests/models/test_families.py
 PRESETS = [("tiny-qwen3-moe", None)] + [(p, 256) for p in ("tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss",
-                                                           "tiny-minimax-m2")]
+                                                           "tiny-minimax-m2", "tiny-qwen3-next")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -20,7 +20,7 @@ from r3rl.models.routing import gate_weights, scores
 from r3rl.replay import RoutingReplay
 from r3rl.trace import ReplayBatch
 
-NEW_FAMILIES = ["tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2"]
+NEW_FAMILIES = ["tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2", "tiny-qwen3-next"]
 GROUPED = ["tiny-deepseek-v3", "tiny-glm4-moe"]  # sigmoid + correction bias + group-limited top-k + dense layer 0
 
 

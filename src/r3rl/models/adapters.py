@@ -11,9 +11,11 @@ says how a family's router module maps onto it: its constants (`RouterSpec`, rea
 tensors are. With the live selection `routed_forward` is bitwise identical to the family's own router forward.
 
 Supported families (transformers v5 router classes): Qwen3-MoE, Qwen2-MoE (shared expert is not routed and needs
-nothing), Mixtral, OLMoE, DeepSeek-V3 (Kimi-K2), GLM-4.5, MiniMax-M2, GPT-OSS. A family whose class the installed
-transformers lacks is never matched. A model with a router class no adapter knows raises `UnsupportedRouterError`
-naming the class: r3rl never silently runs without replay.
+nothing), Mixtral, OLMoE, DeepSeek-V3 (Kimi-K2), GLM-4.5, MiniMax-M2, GPT-OSS, Qwen3-Next (Qwen2-MoE's router: float32
+softmax, sorted top-k, optional renorm, cast back; its shared expert and sigmoid shared-expert gate are not routed).
+A family whose class the installed transformers lacks is never matched (a Qwen3-Next whose router class is missing
+then fails loudly: "no MoE router found in Qwen3NextForCausalLM"). A model with a router class no adapter knows raises
+`UnsupportedRouterError` naming the class: r3rl never silently runs without replay.
 
 Tensor suffixes: T tokens, H hidden, E experts, K top-k.
 """
@@ -206,6 +208,7 @@ _KNOWN: dict[tuple[str, str], RouterAdapter] = {
     (_M + "qwen3_moe.modeling_qwen3_moe", "Qwen3MoeTopKRouter"): _BY_NORM_TOPK,
     (_M + "qwen2_moe.modeling_qwen2_moe", "Qwen2MoeTopKRouter"): _BY_NORM_TOPK,
     (_M + "olmoe.modeling_olmoe", "OlmoeTopKRouter"): _BY_NORM_TOPK,
+    (_M + "qwen3_next.modeling_qwen3_next", "Qwen3NextTopKRouter"): _BY_NORM_TOPK,
     (_M + "mixtral.modeling_mixtral", "MixtralTopKRouter"): _MIXTRAL,
     (_M + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3TopkRouter"): _DEEPSEEK,
     (_M + "glm4_moe.modeling_glm4_moe", "Glm4MoeTopkRouter"): _DEEPSEEK,

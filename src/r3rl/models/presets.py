@@ -12,6 +12,12 @@ Presets:
                      first layer, shared expert; sinks and sliding windows for GPT-OSS)
   probe-deepseek-v3, probe-glm4-moe, probe-gpt-oss, probe-minimax-m2
                      the real model's MoE layer shape, a few layers, 32k vocabulary (GPU)
+  tiny-qwen3-next    CPU-fast hybrid: 3 gated-delta-net linear-attention layers + 1 full-attention layer (the real
+                     model's full_attention_interval of 4), a dense first layer, 16 experts top-4 with the shared
+                     expert and its sigmoid gate
+  probe-qwen3-next   Qwen3-Next-80B-A3B's layer shapes (hidden 2048, 512 experts, top-10, moe_intermediate 512, shared
+                     expert 512, linear attention 16 key / 32 value heads of 128, full attention 16 heads of 256 over 2
+                     KV heads), 4 layers (3 linear + 1 full), 32k vocabulary (GPU, bf16 about 13 GB)
 
 A preset whose model class the installed transformers lacks fails in `make_config` naming the model type.
 
@@ -163,6 +169,26 @@ PRESETS: dict[str, ModelPreset] = {
              head_dim=128, intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8,
              rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5}),
         "MiniMax-M2 MoE layer shape (hidden 3072, 256 experts, top-8), 4 layers (GPU)",
+    ),
+    "tiny-qwen3-next": ModelPreset(
+        "qwen3_next",
+        dict(_TINY_COMMON, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+             num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, mlp_only_layers=[0],
+             layer_types=["linear_attention"] * 3 + ["full_attention"], linear_num_key_heads=2,
+             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4),
+        "Qwen3-Next: 3 gated-delta-net (linear attention) layers + 1 full-attention layer, dense layer 0 + 3 MoE "
+        "layers, 16 experts, top-4, shared expert with a sigmoid gate",
+    ),
+    "probe-qwen3-next": ModelPreset(
+        "qwen3_next",
+        dict(_PROBE_COMMON, hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=2,
+             head_dim=256, intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+             num_experts=512, num_experts_per_tok=10, norm_topk_prob=True, mlp_only_layers=[],
+             layer_types=["linear_attention"] * 3 + ["full_attention"], linear_num_key_heads=16,
+             linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}),
+        "Qwen3-Next-80B-A3B layer shapes (hidden 2048, 512 experts, top-10, shared expert), 3 linear-attention + 1 "
+        "full-attention layers, all MoE (GPU)",
     ),
     "bench-qwen3-moe": ModelPreset(
         "qwen3_moe",
