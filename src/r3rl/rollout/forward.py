@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from r3rl.models.adapters import RouterSite, find_routers
+from r3rl.rollout import paged_attention
 from r3rl.rollout.attention import (
     AttentionWeights,
     decode_attention,
@@ -106,6 +107,7 @@ class MoEForward:
                             alpha=float(getattr(cfg, "swiglu_alpha", 1.702)),
                             limit=float(getattr(cfg, "swiglu_limit", 7.0)))
         self.moe_kernel = self.moe.kernel
+        self._paged_fits: dict[int, bool] = {}  # block size -> decode attention reads the blocks in place (Triton)
 
     def weight_bytes(self) -> tuple[int, int]:
         """(bytes of every engine weight except the routed experts, bytes of one routed expert of one layer)."""
@@ -154,9 +156,11 @@ class MoEForward:
         Returns logits `[B, V]`."""
         B = tokens_B.shape[0]
         rows_B = self._arange[:B]
+        in_place = self._paged_kernel_fits(kv)
         # additive masks, built once per step (one per distinct window): row b sees positions <= pos_B[b]
-        bias_by_window = {w: decode_bias(pos_B, T, self.num_heads, self.num_kv_heads, self.embed_VH.dtype, w)
-                          for w in set(self.windows)}
+        bias_by_window = {} if in_place else {
+            w: decode_bias(pos_B, T, self.num_heads, self.num_kv_heads, self.embed_VH.dtype, w)
+            for w in set(self.windows)}
         cos_BD, sin_BD = self.cos_PD[pos_B], self.sin_PD[pos_B]
         x_BH = self.embed_VH[tokens_B]
         for i, lw in enumerate(self.layers):
@@ -167,14 +171,30 @@ class MoEForward:
             else:
                 q_BHD, k_BHD, v_BHD = self._qkv(lw, h_BH, cos_BD, sin_BD)
                 kv.write_decode(i, rows_B, pos_B, k_BHD, v_BHD)
-                k_BHTD, v_BHTD = kv.context(i, B, T)
-                o_BH = decode_attention(lw.attn, q_BHD, k_BHTD, v_BHTD, bias_by_window[lw.attn.window], self.scale)
+                if in_place:
+                    o_BH = paged_attention.paged_decode_attention(
+                        q_BHD, kv.k_LNHbD[i], kv.v_LNHbD[i], kv.table.table_SM, pos_B, scale=self.scale,
+                        window=lw.attn.window, sinks_H=lw.attn.sinks_H)
+                else:
+                    k_BHTD, v_BHTD = kv.context(i, B, T)
+                    o_BH = decode_attention(lw.attn, q_BHD, k_BHTD, v_BHTD, bias_by_window[lw.attn.window],
+                                            self.scale)
                 x_BH = x_BH + self.linear(o_BH, lw.attn.o_HQ, lw.attn.o_bias_H)
             mlp_BH, ids_BK = self._mlp(lw, rms_norm(x_BH, lw.post_norm_H, self.eps), active_B)
             if ids_BK is not None:
                 routes.write_decode(lw.moe.moe_layer, rows_B, pos_B, ids_BK)
             x_BH = x_BH + mlp_BH
         return self.linear(rms_norm(x_BH, self.final_norm_H, self.eps), self.lm_head_VH)
+
+    def _paged_kernel_fits(self, kv: KVCache) -> bool:
+        """Decode attention reads the KV blocks in place (paged_attention.py) rather than gathering them: CUDA with
+        triton, not batch-invariant, not MLA (its absorbed attention reads gathered latents)."""
+        bs = kv.table.block_size
+        if bs not in self._paged_fits:
+            self._paged_fits[bs] = not (self.batch_invariant or self.mla) and paged_attention.fits(
+                device=self.embed_VH.device, head_dim=self.head_dim, block_size=bs, num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads)
+        return self._paged_fits[bs]
 
     # --- layer pieces -------------------------------------------------------------------------------------------------
     def _qkv(self, lw: _Layer, h_TH: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor):
