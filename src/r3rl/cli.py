@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--max-slots", type=int, default=64, help="concurrent sequences in the engine's KV cache")
     p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per sequence")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache capacity in tokens, paged and shared by all sequences (default: max-slots x "
+                        "max-seq-len); when full, the newest requests are preempted and recomputed")
+    p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--device", default=None, help="engine device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="bfloat16 | float32 | float16 (default: bfloat16 on cuda, else float32)")
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout_s,
                 keep_alive_timeout_s=args.keep_alive_timeout_s, max_body_bytes=args.max_body_bytes,
                 log_level=args.log_level, engine=EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
+                                                              kv_cache_tokens=args.kv_cache_tokens,
+                                                              block_size=args.kv_block_size,
                                                               device=args.device, dtype=args.dtype))
         except ValueError as e:  # bad flag values: exit 2 with one line, before the model loads
             parser.error(str(e))
@@ -178,6 +184,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-max-response-len", type=int, default=12)
     g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
+    g.add_argument("--rollout-kv-cache-tokens", type=int, default=None,
+                   help="in-process engine: KV cache capacity in tokens (default: every slot at its longest)")
     g.add_argument("--weight-sync", choices=["disk", "nccl", "gloo"], default="disk",
                    help="--rollout-url servers: disk (/update_weights_from_disk, default) or a broadcast over an "
                         "nccl/gloo update group (/init_weights_update_group + /update_weights_from_distributed)")
@@ -281,7 +289,8 @@ def train_config_from_args(args: argparse.Namespace):
         reward_fn=args.reward_fn, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
-        rollout_max_slots=args.rollout_max_slots, release_rollout_memory=args.release_rollout_memory,
+        rollout_max_slots=args.rollout_max_slots, rollout_kv_cache_tokens=args.rollout_kv_cache_tokens,
+        release_rollout_memory=args.release_rollout_memory,
         max_staleness=args.max_staleness, stale_samples=StalePolicy(args.stale_samples),
         weight_sync=args.weight_sync, weight_sync_address=args.weight_sync_address,
         num_rollout=args.num_rollout,

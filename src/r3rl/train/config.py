@@ -77,6 +77,8 @@ class TrainConfig:
     rollout_max_response_len: int = 12
     rollout_max_slots: int = 128
     """In-process engine: sequences decoded together."""
+    rollout_kv_cache_tokens: int | None = None
+    """In-process engine: KV cache capacity in tokens (None: every slot can reach its longest sequence)."""
     max_staleness: int = 0
     """Versions a sample's weights may lag the trainer's before it is stale (`stale_samples` decides what happens)."""
     stale_samples: StalePolicy = StalePolicy.ERROR

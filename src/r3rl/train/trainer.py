@@ -242,6 +242,7 @@ def _prompt_source(cfg: TrainConfig, *, seed: int):
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
     from r3rl.rollout.backend import EngineBackend
+    from r3rl.rollout.config import EngineConfig
     from r3rl.rollout.fleet import make_backend
 
     at_temperature = cfg.rollout_temperature != 1.0  # log-probs of the distribution sampled (see step.py)
@@ -250,8 +251,9 @@ def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
                             logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
                             sync_address=cfg.weight_sync_address)
     max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
-    return EngineBackend(model, max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
-                         device=cfg.device, dtype=cfg.dtype, logprobs_at_temperature=at_temperature)
+    engine = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
+                          kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device, dtype=cfg.dtype)
+    return EngineBackend(model, config=engine, logprobs_at_temperature=at_temperature)
 
 
 def _max_prompt_len(cfg: TrainConfig) -> int:
