@@ -25,6 +25,7 @@ markdown table; --out writes JSON (every round's numbers included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -53,6 +54,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hf-cap-batch", type=int, default=0,
                    help="from this batch on, HF generates --hf-cap-tokens tokens (0: never, HF = engine tokens)")
     p.add_argument("--hf-cap-tokens", type=int, default=32)
+    p.add_argument("--hf-experts", choices=["auto", "grouped_mm"], default="auto",
+                   help="HF's experts path in generate: auto = transformers' choice (decode switches grouped_mm to "
+                        "batched_mm, which copies the selected experts' weights per token and runs out of memory "
+                        "for 256-expert models at batch 32); grouped_mm = keep grouped_mm while decoding")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per (preset, batch)")
     p.add_argument("--hf-rounds", type=int, default=None, help="rounds that also run HF (default: all)")
     p.add_argument("--gate-batch", type=int, default=8)
@@ -80,6 +85,8 @@ def main() -> None:
         engines = {capture: RolloutEngine(model, max_slots=max_slots, max_seq_len=max_seq_len, capture_routing=capture)
                    for capture in (True, False)}
         report["gates"][preset] = gate = correctness_gate(model, engines[True], args)
+        if args.hf_experts == "grouped_mm":
+            keep_grouped_mm(model)
         logger.info("%s correctness gate: %s", preset, json.dumps(gate))
         for batch in args.batches:
             row = time_batch(model, engines, preset, batch, bandwidth, args)
@@ -117,11 +124,12 @@ def time_batch(model, engines: dict, preset: str, batch: int, bandwidth: float, 
                "capture_on_off_ratio": timing[True]["decode_ms"] / timing[False]["decode_ms"]}
         if r < hf_rounds:
             rnd["hf"] = run_hf(model, prompts.to(device), hf_tokens, args.temperature)
-            rnd["speedup"] = timing[True]["tok_s"] / rnd["hf"]["tok_s"]
+            if not rnd["hf"].get("oom"):
+                rnd["speedup"] = timing[True]["tok_s"] / rnd["hf"]["tok_s"]
         rounds.append(rnd)
     floor_s = decode_bytes(engines[True], outputs, args.prompt_len) / bandwidth
     on = [r["engine_on"] for r in rounds]
-    hf = [r["hf"] for r in rounds if "hf" in r]
+    hf = [r["hf"] for r in rounds if "hf" in r and not r["hf"].get("oom")]
     decode_ms = _mr([o["decode_ms"] for o in on])
     return {
         "preset": preset, "batch": batch, "rounds_n": len(rounds), "hf_rounds_n": len(hf),
@@ -132,7 +140,8 @@ def time_batch(model, engines: dict, preset: str, batch: int, bandwidth: float, 
         "floor_ms": floor_s * 1e3, "floor_fraction": floor_s * 1e3 / decode_ms["median"],
         "engine_first_step_ms": _mr([o["first_step_ms"] for o in on]), "hf_new_tokens": hf_tokens,
         "engine_new_tokens": args.new_tokens, "moe_kernel": engines[True].model.moe_kernel.value,
-        "cuda_graph": engines[True].config.use_cuda_graph, "rounds": rounds,
+        "cuda_graph": engines[True].config.use_cuda_graph, "hf_experts": args.hf_experts,
+        "hf_oom": any(r.get("hf", {}).get("oom") for r in rounds), "rounds": rounds,
     }
 
 
@@ -163,6 +172,15 @@ def run_engine(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int,
             "first_step_ms": 1e3 * step_s[0]}, sorted(outputs, key=lambda o: int(o.request_id))
 
 
+def keep_grouped_mm(model) -> None:
+    """HF generate keeps the grouped_mm experts while decoding (no switch to batched_mm)."""
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm")
+    if hasattr(model, "_optimize_model_for_decode"):
+        model._optimize_model_for_decode = contextlib.nullcontext
+    logger.info("HF experts: %s while decoding", getattr(model.config, "_experts_implementation", "?"))
+
+
 def run_hf(model, prompts: torch.Tensor, new_tokens: int, temperature: float) -> dict:
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
@@ -170,7 +188,13 @@ def run_hf(model, prompts: torch.Tensor, new_tokens: int, temperature: float) ->
     with torch.no_grad():
         _sync(prompts.device)
         start = time.perf_counter()
-        out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        try:
+            out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        except torch.OutOfMemoryError as e:  # reported as such (HF's decode path can copy expert weights per token)
+            logger.warning("HF generate ran out of memory at batch %d: %s", prompts.shape[0], str(e).splitlines()[0])
+            gc.collect()
+            torch.cuda.empty_cache()
+            return {"tok_s": float("nan"), "seconds": float("nan"), "oom": True}
         _sync(prompts.device)
     seconds = time.perf_counter() - start
     assert out.shape[1] == prompts.shape[1] + new_tokens, f"HF generated {out.shape[1] - prompts.shape[1]} tokens"
@@ -251,7 +275,8 @@ def print_table(report: dict, args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["results"]:
         capped = "" if r["hf_new_tokens"] == args.new_tokens else " (capped)"
-        print(f"| {r['preset']} | {r['batch']} | {_fmt(r['engine_tok_s'], '.0f')} | {_fmt(r['hf_tok_s'], '.0f')} | "
+        hf = "OOM" if r.get("hf_oom") and r["hf_tok_s"]["n"] == 0 else _fmt(r["hf_tok_s"], ".0f")
+        print(f"| {r['preset']} | {r['batch']} | {_fmt(r['engine_tok_s'], '.0f')} | {hf} | "
               f"{_fmt(r['speedup'], '.1f')}x | {_fmt(r['engine_decode_ms'], '.2f')} | {r['floor_ms']:.2f} | "
               f"{100 * r['floor_fraction']:.0f}% | {_fmt(r['capture_on_off_ratio'], '.3f')} | "
               f"{r['hf_new_tokens']}{capped} |")

@@ -7,8 +7,9 @@ not by slots x max_seq_len, and the samples of one prompt share its blocks.
     k_LNHbD, v_LNHbD   [layers, blocks, kv_heads, block_size, head_dim]   model dtype
     routes_NbLK        [blocks, block_size, moe_layers, top_k]            compact dtype (uint8 below 255 experts)
 
-Decode gathers each row's blocks into a `[rows, kv_heads, T, head_dim]` context (one index kernel per layer and
-tensor); the rows then merge with the kv heads into one batch dimension of a plain batched matmul, as before paging.
+Decode on GPU reads the blocks in place (paged_attention.py, Triton). Elsewhere (CPU, batch-invariant, MLA) `context`
+gathers each row's blocks into a `[rows, kv_heads, T, head_dim]` context (whole blocks by `index_select`), whose rows
+then merge with the kv heads into one batch dimension of a plain batched matmul.
 
 Routing capture writes the top-k ids of every (token, MoE layer) into `routes_NbLK` on the device, inside the forward
 (and inside the CUDA graph): no host sync per token. Rows are copied to the host once, when requests finish
@@ -46,7 +47,6 @@ class KVCache:
     k_LNHbD: torch.Tensor
     v_LNHbD: torch.Tensor
     table: BlockTable
-    _heads_1H1: torch.Tensor
     _arange: torch.Tensor
 
     @classmethod
@@ -55,8 +55,7 @@ class KVCache:
         shape = (num_layers, table.num_blocks, num_kv_heads, table.block_size, head_dim)
         # zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN would leak
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   table, torch.arange(num_kv_heads, device=device).view(1, -1, 1),
-                   torch.arange(table.max_blocks * table.block_size, device=device))
+                   table, torch.arange(table.max_blocks * table.block_size, device=device))
 
     @property
     def nbytes(self) -> int:
@@ -80,10 +79,15 @@ class KVCache:
         """`[batch, kv_heads, length, head_dim]` of slots [0, batch), positions [0, length) (a multiple of the block
         size), gathered from their blocks."""
         M = length // self.table.block_size
-        idx_B1M = self.table.table_SM[:batch, :M].unsqueeze(1)
-        k = self.k_LNHbD[layer][idx_B1M, self._heads_1H1]  # [B, H, M, block, D]
-        v = self.v_LNHbD[layer][idx_B1M, self._heads_1H1]
-        return k.flatten(2, 3), v.flatten(2, 3)
+        idx_R = self.table.table_SM[:batch, :M].flatten()
+        _, H, bs, D = self.k_LNHbD.shape[1:]
+        out = []
+        for pool in (self.k_LNHbD[layer], self.v_LNHbD[layer]):
+            blocks_BMHbD = pool.index_select(0, idx_R).view(batch, M, H, bs, D)  # whole blocks: a row copy each
+            # one kv head (MLA's latent) is already [B, 1, M * block, D]; else one more copy puts heads before time
+            out.append(blocks_BMHbD.view(batch, 1, M * bs, D) if H == 1 else
+                       blocks_BMHbD.transpose(1, 2).reshape(batch, H, M * bs, D))
+        return out[0], out[1]
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Blocks src[i]'s keys/values of every layer into blocks dst[i] (a shared prompt's partial last block)."""
