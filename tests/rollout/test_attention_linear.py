@@ -57,21 +57,23 @@ def _engine_layer(cfg, layer):
     return spec, load_linear_attention(take, "", spec)
 
 
-def _run(lengths, steps, *, rows=None, chunk_size=64, seed=0, forget=None, honor_lengths=True, slots=4):
+def _run(lengths, steps, *, rows=None, chunk_size=64, seed=0, forget=None, honor_lengths=True, slots=4,
+         dtype=torch.float32):
     """(engine outputs, HF outputs) per request: its prompt's real positions, then each decode step."""
     cfg, layer = _hf_layer(seed)
+    layer.to(dtype)
     spec, w = _engine_layer(cfg, layer)
     N, P, H = len(lengths), max(lengths), cfg.hidden_size
     g = torch.Generator().manual_seed(seed + 1)
-    prompts = [torch.randn(n, H, generator=g) for n in lengths]
-    decode = torch.randn(steps, slots, H, generator=g)
+    prompts = [torch.randn(n, H, generator=g).to(dtype) for n in lengths]
+    decode = torch.randn(steps, slots, H, generator=g).to(dtype)
     rows = list(range(N)) if rows is None else rows
     lengths_N = torch.tensor(lengths)
-    h_NPH = torch.zeros(N, P, H)
+    h_NPH = torch.zeros(N, P, H, dtype=dtype)
     for n, x in enumerate(prompts):
         h_NPH[n, : len(x)] = x
         h_NPH[n, len(x):] = torch.randn(P - len(x), H, generator=g)  # padding must not matter, whatever it holds
-    state = LinearStateCache.allocate(decoder_layers=[0], max_slots=slots, spec=spec, dtype=torch.float32,
+    state = LinearStateCache.allocate(decoder_layers=[0], max_slots=slots, spec=spec, dtype=dtype,
                                       device=torch.device("cpu"))
     with torch.no_grad():
         o_NPH = linear_attention_prefill(w, h_NPH.view(N * P, H), lengths_N if honor_lengths else
@@ -98,6 +100,15 @@ def test_prefill_then_decode_equals_hf_over_the_full_sequence(chunk_size, atol):
     for n, (a, b) in enumerate(zip(mine, ref, strict=True)):
         assert b.abs().mean() > 0.05  # a signal, not zeros
         torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m, n=n: f"request {n}: {m}")
+
+
+def test_bf16_prefill_then_decode_follows_hf():
+    """bfloat16 weights, inputs and conv state (the recurrent state stays float32, as in HF): the float32 core's
+    differences round away (bitwise equal to HF on this CPU; the bound allows one bf16 rounding step)."""
+    mine, ref, _ = _run([5, 70, 2], steps=4, rows=[2, 0, 1], dtype=torch.bfloat16)
+    for a, b in zip(mine, ref, strict=True):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("forget", ["conv", "recurrent"])
@@ -141,3 +152,52 @@ def test_copied_rows_decode_alike_and_restore_undoes_a_step():
     assert state.recurrent(3).abs().sum() == 0  # the other layer's state is untouched
     with pytest.raises(KeyError, match="decoder layer 1 is not a linear-attention layer"):
         state.conv(1)
+
+
+# --- GPU (pytest -m gpu on a CUDA machine) ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_under_a_cuda_graph_matches_hf():
+    """Decode captured once in a CUDA graph (a host sync or a reallocation would break the capture or the replays),
+    warm-up undone by snapshot/restore, replayed step after step; slot 3 is a never-prefilled padding row."""
+    dev = torch.device("cuda")
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 conv, as on the CPU
+    try:
+        cfg, layer = _hf_layer(0)
+        layer.to(dev)
+        spec, w = _engine_layer(cfg, layer)
+        lengths, H, B, steps = [5, 70, 2], cfg.hidden_size, 4, 5
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randn(n, H, generator=g).to(dev) for n in lengths]
+        decode = torch.randn(steps, B, H, generator=g).to(dev)
+        N, P = len(lengths), max(lengths)
+        h_NPH = torch.zeros(N, P, H, device=dev)
+        for n, x in enumerate(prompts):
+            h_NPH[n, : len(x)] = x
+        state = LinearStateCache.allocate(decoder_layers=[0], max_slots=B, spec=spec, dtype=torch.float32, device=dev)
+        with torch.no_grad():
+            o_NPH = linear_attention_prefill(w, h_NPH.view(N * P, H), torch.tensor(lengths, device=dev),
+                                             torch.arange(N, device=dev), state, 0).view(N, P, H)
+            h_BH = torch.zeros(B, H, device=dev)
+            snap = state.snapshot(B)
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                linear_attention_decode(w, h_BH, state, 0)  # warm-up
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            state.restore(snap)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out_BH = linear_attention_decode(w, h_BH, state, 0)
+            outs = []
+            for t in range(steps):
+                h_BH.copy_(decode[t])
+                graph.replay()
+                outs.append(out_BH.clone())
+            for n, x in enumerate(prompts):
+                ref = layer(torch.cat([x, decode[:, n]]).unsqueeze(0))[0]
+                mine = torch.cat([o_NPH[n, : len(x)], torch.stack([o[n] for o in outs])])
+                torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0, msg=lambda m, n=n: f"request {n}: {m}")
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32

@@ -210,12 +210,7 @@ def linear_attention_decode(w: LinearAttentionWeights, h_BH: torch.Tensor, state
     conv_BC = ACT2FN[s.act](out_BC1).to(h_BH.dtype).squeeze(2)
     q_BGK, k_BGK, v_BVD, beta_BV, g_BV = _gates(w, conv_BC, b_BV, a_BV)
     q_BVK, k_BVK = _qk_heads(s, q_BGK, k_BGK)
-    rec_BVKD = state.recurrent(layer)[:B]
-    new_BVKD = rec_BVKD * g_BV.exp()[..., None, None]
-    delta_BVD = (v_BVD.float() - (new_BVKD * k_BVK.unsqueeze(-1)).sum(-2)) * beta_BV.float().unsqueeze(-1)
-    new_BVKD = new_BVKD + k_BVK.unsqueeze(-1) * delta_BVD.unsqueeze(-2)
-    o_BVD = (new_BVKD * q_BVK.unsqueeze(-1)).sum(-2)
-    rec_BVKD.copy_(new_BVKD)
+    o_BVD = _recurrent_step(state.recurrent(layer)[:B], q_BVK, k_BVK, v_BVD.float(), g_BV, beta_BV.float())
     return _output(w, o_BVD.to(h_BH.dtype), z_BVD, linear)
 
 
@@ -249,6 +244,24 @@ def _qk_heads(s: LinearAttentionSpec, q: torch.Tensor, k: torch.Tensor):
     q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
     k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     return q * s.head_k_dim**-0.5, k
+
+
+def _recurrent_step(state_BVKD: torch.Tensor, q_BVK: torch.Tensor, k_BVK: torch.Tensor, v_BVD: torch.Tensor,
+                    g_BV: torch.Tensor, beta_BV: torch.Tensor) -> torch.Tensor:
+    """One step of the gated delta rule, updating `state_BVKD` in place; returns the output `[B, V, D]`.
+
+    With S the old state and e = exp(g): S' = e S + k (beta (v - e k.S))^T and o = q.S' = e q.S + (q.k) delta. One
+    batched read of S gives q.S and k.S; the update is two in-place passes (scale, rank-1 add), so a step moves the
+    state through memory three times and allocates nothing of its size (the state dominates decode at large batch)."""
+    B, V, K, D = state_BVKD.shape
+    s_RKD = state_BVKD.view(B * V, K, D)
+    read_R2D = torch.bmm(torch.stack([q_BVK, k_BVK], dim=2).view(B * V, 2, K), s_RKD)
+    decay_R1 = g_BV.exp().view(B * V, 1)
+    delta_RD = (v_BVD.reshape(B * V, D) - decay_R1 * read_R2D[:, 1]) * beta_BV.reshape(B * V, 1)
+    qk_R1 = (q_BVK * k_BVK).sum(-1).view(B * V, 1)
+    o_RD = decay_R1 * read_R2D[:, 0] + qk_R1 * delta_RD
+    s_RKD.mul_(decay_R1.unsqueeze(-1)).baddbmm_(k_BVK.reshape(B * V, K, 1), delta_RD.unsqueeze(1))
+    return o_RD.view(B, V, D)
 
 
 def _chunked_delta_rule(q_NVPK, k_NVPK, v_NVPD, g_NVP, beta_NVP, chunk: int):
