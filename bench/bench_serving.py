@@ -19,6 +19,10 @@ the client never sees a first token. TTFT is therefore reported as the full requ
 the inter-token latency as latency / output tokens per request (SGLang calls this TPOT; it includes the prefill
 and the queueing). The JSON says so in `streaming: false`. Every request asks for exactly `--output-len` tokens (no
 stop tokens). Prints a markdown table; `--out` writes JSON.
+
+The client is a minimal asyncio HTTP/1.1 keep-alive client (`RawClient`), not httpx: httpx's pool costs ~20 ms of
+CPU per request at 256 connections, which capped every level at ~45 requests/s (5.4k tok/s at 128 tokens) whatever
+the server did. The client's own CPU time is reported (`client_cpu_s` per level) so a client bottleneck shows.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -125,6 +130,8 @@ class LevelReport:
     """Inter-token latency. Without streaming: latency / output tokens per request (TPOT)."""
     routed_mb: float = 0.0
     """Routing payload received (MB of base64), rl load."""
+    client_cpu_s: float = 0.0
+    """CPU seconds the benchmark client itself spent on the level; near duration_s means the client was the limit."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,9 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 async def run_all(url: str, args) -> dict:
     rng = random.Random(args.seed)
-    limits = httpx.Limits(max_connections=max(args.concurrency + [args.rl_prompts, 1]), max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
-        info = (await client.get("/model_info")).json()
+    client = RawClient(url, timeout_s=args.timeout_s)
+    try:
+        status, payload = await client.request("GET", "/model_info")
+        if status != 200:
+            raise HttpError(f"GET /model_info answered HTTP {status}: {payload[:200]!r}")
+        info = json.loads(payload)
         await _one(client, _prompt(rng, args.prompt_len, args.vocab), args, seed=0)  # warm-up (graphs, allocator)
         levels = []
         for c in args.concurrency:
@@ -160,13 +170,15 @@ async def run_all(url: str, args) -> dict:
         if args.rl_prompts > 0:
             levels.append(await rl_level(client, rng, args))
             logger.info("%s", json.dumps(asdict(levels[-1])))
+    finally:
+        await client.close()
     return {"url": url, "model_info": info, "streaming": False,
             "measured": "no streaming: TTFT = full request latency; ITL = latency / output tokens per request",
             "args": {k: (None if v == float("inf") else v) for k, v in vars(args).items()},  # strict JSON
             "levels": [asdict(lv) for lv in levels]}
 
 
-async def serving_level(client: httpx.AsyncClient, prompts: list[list[int]], concurrency: int, args) -> LevelReport:
+async def serving_level(client: RawClient, prompts: list[list[int]], concurrency: int, args) -> LevelReport:
     """`len(prompts)` single requests, at most `concurrency` in flight."""
     sem = asyncio.Semaphore(concurrency)
     rng = random.Random(args.seed + concurrency)
@@ -180,22 +192,24 @@ async def serving_level(client: httpx.AsyncClient, prompts: list[list[int]], con
         async with sem:
             return await _one(client, prompt, args, seed=i)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = await asyncio.gather(*(bounded(i, p) for i, p in enumerate(prompts)))
-    return _summarize("serving", concurrency, results, time.perf_counter() - start, samples_per_request=1)
+    return _summarize("serving", concurrency, results, time.perf_counter() - start, samples_per_request=1,
+                      client_cpu_s=time.process_time() - cpu)
 
 
-async def rl_level(client: httpx.AsyncClient, rng: random.Random, args) -> LevelReport:
+async def rl_level(client: RawClient, rng: random.Random, args) -> LevelReport:
     """P GRPO groups, each one batch request of n samples of the same prompt, all in flight at once."""
     plen = args.rl_prompt_len or args.prompt_len
     groups = [_prompt(rng, plen, args.vocab) for _ in range(args.rl_prompts)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = await asyncio.gather(*(_one(client, p, args, seed=1000 * g, n=args.rl_samples, routes=True)
                                      for g, p in enumerate(groups)))
-    return _summarize("rl", args.rl_prompts, results, time.perf_counter() - start, samples_per_request=args.rl_samples)
+    return _summarize("rl", args.rl_prompts, results, time.perf_counter() - start, samples_per_request=args.rl_samples,
+                      client_cpu_s=time.process_time() - cpu)
 
 
-async def _one(client: httpx.AsyncClient, prompt: list[int], args, *, seed: int, n: int = 1,
+async def _one(client: RawClient, prompt: list[int], args, *, seed: int, n: int = 1,
                routes: bool = False) -> RequestResult:
     sampling = [{"max_new_tokens": args.output_len, "temperature": args.temperature, "seed": seed + j}
                 for j in range(n)]
@@ -204,12 +218,12 @@ async def _one(client: httpx.AsyncClient, prompt: list[int], args, *, seed: int,
         body.update(return_routed_experts=True, return_logprob=True)
     t = time.perf_counter()
     try:
-        resp = await client.post("/generate", json=body)
+        status, payload = await client.request("POST", "/generate", body)
         latency = time.perf_counter() - t
-        if resp.status_code != 200:
-            return RequestResult(ok=False, latency_s=latency, error=f"HTTP {resp.status_code}: {resp.text[:200]}")
-        items = resp.json()
-    except (httpx.HTTPError, ValueError) as e:
+        if status != 200:
+            return RequestResult(ok=False, latency_s=latency, error=f"HTTP {status}: {payload[:200]!r}")
+        items = json.loads(payload)
+    except (HttpError, ValueError) as e:
         return RequestResult(ok=False, latency_s=time.perf_counter() - t, error=f"{type(e).__name__}: {e}")
     return RequestResult(ok=True, latency_s=latency, output_tokens=sum(len(it["output_ids"]) for it in items),
                          prompt_tokens=sum(it["meta_info"]["prompt_tokens"] for it in items),
@@ -217,7 +231,7 @@ async def _one(client: httpx.AsyncClient, prompt: list[int], args, *, seed: int,
 
 
 def _summarize(load: str, concurrency: int, results: list[RequestResult], duration: float, *,
-               samples_per_request: int) -> LevelReport:
+               samples_per_request: int, client_cpu_s: float = 0.0) -> LevelReport:
     ok = [r for r in results if r.ok]
     for r in results:
         if not r.ok:
@@ -230,7 +244,7 @@ def _summarize(load: str, concurrency: int, results: list[RequestResult], durati
         output_tok_s=sum(r.output_tokens for r in ok) / duration,
         input_tok_s=sum(r.prompt_tokens for r in ok) / duration,
         latency_ms=_stats(lat), ttft_ms=_stats(lat), itl_ms=_stats(per_tok if per_tok.size else np.array([np.nan])),
-        routed_mb=sum(r.routed_bytes for r in ok) / 1e6)
+        routed_mb=sum(r.routed_bytes for r in ok) / 1e6, client_cpu_s=client_cpu_s)
 
 
 def _stats(x: np.ndarray) -> dict:
@@ -247,21 +261,89 @@ def print_table(report: dict) -> None:
           f"prompt {a['prompt_len']}, {a['output_len']} new tokens, temperature {a['temperature']}, request rate "
           f"{a['request_rate'] or 'inf'}/s\n")
     print("| load | concurrency | requests | failed | req/s | output tok/s | latency p50 / p99 ms | "
-          "TTFT* p50 / p99 ms | ITL* p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "TTFT* p50 / p99 ms | ITL* p50 / p99 ms | client CPU s / wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for lv in report["levels"]:
         load = "serving" if lv["load"] == "serving" else f"rl ({a['rl_prompts']} x {a['rl_samples']})"
         rate = f"{lv['request_throughput']:.2f}" + (" samples/s" if lv["load"] == "rl" else "")
         print(f"| {load} | {lv['concurrency']} | {lv['requests']} | {lv['failed']} | {rate} | "
               f"{lv['output_tok_s']:.0f} | {lv['latency_ms']['p50']:.0f} / {lv['latency_ms']['p99']:.0f} | "
               f"{lv['ttft_ms']['p50']:.0f} / {lv['ttft_ms']['p99']:.0f} | "
-              f"{lv['itl_ms']['p50']:.2f} / {lv['itl_ms']['p99']:.2f} |")
+              f"{lv['itl_ms']['p50']:.2f} / {lv['itl_ms']['p99']:.2f} | "
+              f"{lv['client_cpu_s']:.1f} / {lv['duration_s']:.1f} |")
     rl = [lv for lv in report["levels"] if lv["load"] == "rl"]
     if rl:
         print(f"\nrl: one batch request per GRPO group, routes + logprobs returned; rollout wall time "
               f"{rl[0]['duration_s']:.2f} s, routing payload {rl[0]['routed_mb']:.2f} MB.")
     print("\n* not streamed: `r3rl serve` answers /generate once, so TTFT is the full request latency (an upper "
           "bound) and ITL is latency / output tokens per request (TPOT, prefill and queueing included).")
+
+
+# --- HTTP client ---------------------------------------------------------------------------------------------------
+class HttpError(RuntimeError):
+    """The connection failed or the answer was not HTTP/1.1 (refused, reset, timed out, malformed)."""
+
+
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one connection per request in flight, reused.
+
+    The benchmark's own cost must stay far below the server's: httpx spends about 20 ms of CPU per request at 256
+    connections (its pool's bookkeeping), which on a small host made the client, not the server, the bottleneck.
+    This one costs a header parse and a `json.loads` per answer."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"url must be http://host[:port]: got {url!r}")
+        self.host, self.port, self.timeout_s = u.hostname, u.port or 80, timeout_s
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def request(self, method: str, path: str, body: object = None) -> tuple[int, bytes]:
+        """(status, body bytes); raises HttpError."""
+        data = b"" if body is None else json.dumps(body).encode()
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode()
+        conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                conn = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout_s)
+            conn[1].write(head + data)
+            status, payload, keep = await asyncio.wait_for(_read_response(conn[0]), self.timeout_s)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+            if conn is not None:
+                conn[1].close()
+            raise HttpError(f"{method} {path}: {type(e).__name__}: {e}") from None
+        if keep:
+            self._idle.append(conn)
+        else:
+            conn[1].close()
+        return status, payload
+
+    async def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """One HTTP/1.1 response: (status, body, the connection can be reused)."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if "content-length" in headers:
+        payload = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")  # no trailers sent by uvicorn: the empty line
+        payload = b"".join(chunks)
+    else:
+        raise ValueError("response has neither Content-Length nor chunked encoding")
+    return int(parts[1]), payload, headers.get("connection", "").lower() != "close"
 
 
 # --- server process ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import httpx
+import pytest
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "bench_serving.py"
 
@@ -48,8 +48,53 @@ def test_failed_requests_are_counted():
     args = bench.parse_args(["--url", "http://127.0.0.1:9", "--output-len", "4", "--timeout-s", "2"])
 
     async def go():
-        async with httpx.AsyncClient(base_url=args.url, timeout=2) as client:
+        client = bench.RawClient(args.url, timeout_s=2)
+        try:
             return await bench.serving_level(client, [[1, 2, 3]] * 3, 2, args)
+        finally:
+            await client.close()
 
     level = asyncio.run(go())
     assert level.failed == 3 and level.requests == 3 and level.output_tok_s == 0
+
+
+def test_raw_client_reads_both_framings_reuses_connections_and_fails_clearly():
+    """The benchmark's HTTP client against a real socket server: Content-Length and chunked bodies, keep-alive reuse
+    (one connection for sequential requests), `Connection: close` honored, and a malformed answer -> HttpError."""
+    bench = _bench()
+    answers = [b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+               b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"3\r\n{\"b\r\n4\r\n\":2}\r\n0\r\n\r\n",
+               b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]",
+               b"garbage\r\n\r\n"]
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        while answers:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            answer = answers.pop(0)
+            writer.write(answer)
+            await writer.drain()
+            if b"connection: close" in answer:
+                writer.close()
+                return
+
+    async def go():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = bench.RawClient(f"http://127.0.0.1:{port}", timeout_s=5)
+        got = [await client.request("POST", "/generate", {"x": 1}) for _ in range(3)]
+        assert len(connections) == 1, "keep-alive: sequential requests share one connection"
+        with pytest.raises(bench.HttpError, match="not an HTTP/1.x status line"):
+            await client.request("GET", "/model_info")
+        assert len(connections) == 2, "the closed connection was not reused"
+        await client.close()
+        server.close()
+        return got
+
+    assert asyncio.run(go()) == [(200, b'{"a":1}'), (503, b'{"b":2}'), (200, b"[]")]
+    with pytest.raises(ValueError, match="url must be"):
+        bench.RawClient("https://x", timeout_s=1)
