@@ -39,6 +39,8 @@ def test_fleet_spreads_load_and_survives_a_kill(two_servers, tmp_path, caplog):
     try:
         ref = fleet.generate(PROMPTS, SAMPLING, n_samples_per_prompt=4)
         assert len(ref) == 16 and all(n > 0 for n in fleet.served), f"load not spread: {fleet.served}"
+        # a GRPO group stays on one server (its engine prefills the prompt once for the group)
+        assert all(len({s.metadata["server"] for s in ref[4 * i : 4 * i + 4]}) == 1 for i in range(4))
         # the same seeds again, with server b SIGKILLed while the batch is in flight
         def kill_when_busy():  # SIGKILL while b has requests in flight
             deadline = time.monotonic() + 20
@@ -52,7 +54,7 @@ def test_fleet_spreads_load_and_survives_a_kill(two_servers, tmp_path, caplog):
         got = fleet.generate(PROMPTS, SAMPLING, n_samples_per_prompt=4)
         killer.join()
         assert not fleet.live[1], "the killed server must be out of rotation"
-        assert "re-sending it with the same seed" in caplog.text, "the kill must hit requests in flight"
+        assert "re-sending them with the same seed" in caplog.text, "the kill must hit requests in flight"
         assert len(got) == 16
         assert [(s.metadata["prompt_index"], s.metadata["sample_index"]) for s in got] == \
             [(i, j) for i in range(4) for j in range(4)]

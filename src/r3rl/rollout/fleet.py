@@ -3,14 +3,16 @@
     backend = make_backend(["http://h1:30000", "http://h2:30000"], weights_dir="/shared/w",
                            logprobs_at_temperature=False)        # HTTPBackend for one URL, FleetBackend for several
 
-Load spreading: each request (one sample) goes to the live server with the fewest requests in flight.
+Load spreading: each GRPO group (the n samples of one prompt, one batch request) goes to the live server with the
+fewest samples in flight. A group stays on one server, so that server's engine prefills its prompt once and the
+samples share the prompt's KV blocks.
 
-Exactly once: every request is tracked by its index in the plan (and its rid). A request whose server fails (a
+Exactly once: every sample is tracked by its index in the plan (and its rid). A group whose server fails (a
 transport error or a 5xx: it may or may not have run there) is taken back and re-sent to another live server with
-the SAME SamplingParams, seed included; the failed server is taken out of rotation with a warning. A result is stored
-only once per index, so every sample returns exactly once, none lost or duplicated, and a re-sent sample is the one
-the dead server would have produced (bitwise on CPU with the batch-invariant engine). If no live server is left,
-`generate` raises.
+the SAME SamplingParams, seeds included; the failed server is taken out of rotation with a warning. A result is
+stored only once per index, so every sample returns exactly once, none lost or duplicated, and a re-sent sample is
+the one the dead server would have produced (bitwise on CPU with the batch-invariant engine). If no live server is
+left, `generate` raises.
 
 Weights: `update_weights` saves one checkpoint (disk path) and has each live server load it and report the version;
 a server that fails the sync is dropped from rotation with a warning (never silently). All servers failing raises.
@@ -31,7 +33,7 @@ from torch import nn
 
 from r3rl.rollout.backend import HTTPBackend, RolloutBackend, WeightSyncError, plan_with_rids
 from r3rl.rollout.client import RolloutRequestError
-from r3rl.rollout.protocol import SamplingParams
+from r3rl.rollout.protocol import MAX_BATCH, SamplingParams
 from r3rl.rollout.weights import model_tensors
 from r3rl.sample import Sample
 
@@ -58,8 +60,8 @@ class FleetBackend:
         self.servers = [HTTPBackend(u, weights_dir=weights_dir, timeout_s=timeout_s, max_retries=max_retries,
                                     logprobs_at_temperature=logprobs_at_temperature) for u in urls]
         self.live = [True] * len(self.servers)
-        self.in_flight = [0] * len(self.servers)
-        self.served = [0] * len(self.servers)  # requests completed per server (load-spread evidence)
+        self.in_flight = [0] * len(self.servers)  # samples in flight per server
+        self.served = [0] * len(self.servers)  # samples completed per server (load-spread evidence)
         self._lock = threading.Lock()
         self._rng = random.Random()
         self._calls = itertools.count()
@@ -74,7 +76,7 @@ class FleetBackend:
     def live_urls(self) -> list[str]:
         return [s.url for s, ok in zip(self.servers, self.live, strict=True) if ok]
 
-    def _pick(self, exclude: set[int]) -> int:
+    def _pick(self, exclude: set[int], n: int) -> int:
         with self._lock:
             choices = [k for k in range(len(self.servers)) if self.live[k] and k not in exclude]
             if not choices:
@@ -82,7 +84,7 @@ class FleetBackend:
             if not choices:
                 raise FleetError("no live rollout server left: " + ", ".join(s.url for s in self.servers))
             k = min(choices, key=lambda c: self.in_flight[c])
-            self.in_flight[k] += 1
+            self.in_flight[k] += n
             return k
 
     def _drop(self, k: int, why: str) -> None:
@@ -91,38 +93,48 @@ class FleetBackend:
                 self.live[k] = False
                 logger.warning("rollout server %s taken out of rotation: %s", self.servers[k].url, why)
 
-    def _one(self, prompt: Sequence[int], sp: SamplingParams, rid: str) -> Sample:
+    def _group(self, prompt: Sequence[int], sps: list[SamplingParams], rids: list[str]) -> list[Sample]:
+        """The samples of one prompt, as one batch request to one server (re-sent whole, same seeds, on failure)."""
         tried: set[int] = set()
         while True:
-            k = self._pick(tried)
+            k = self._pick(tried, len(sps))
             srv = self.servers[k]
             try:
-                (sample,) = srv._run(srv.client.generate([prompt], [sp], rids=[rid]))
-            except Exception as e:  # noqa: BLE001 - any failure of that server: re-send elsewhere, same seed
+                samples = srv._run(srv.client.generate([prompt] * len(sps), sps, rids=rids))
+            except Exception as e:  # noqa: BLE001 - any failure of that server: re-send elsewhere, same seeds
                 if isinstance(e, RolloutRequestError):
                     raise  # the caller's bug (4xx): the same on every server
-                self._drop(k, f"request {rid} failed ({type(e).__name__}: {e}); re-sending it with the same seed")
+                self._drop(k, f"requests {rids[0]}..{rids[-1]} failed ({type(e).__name__}: {e}); re-sending them "
+                              "with the same seed")
                 tried.add(k)
                 continue
             finally:
                 with self._lock:
-                    self.in_flight[k] -= 1
+                    self.in_flight[k] -= len(sps)
             with self._lock:
-                self.served[k] += 1
-            sample.metadata["server"] = srv.url
-            return sample
+                self.served[k] += len(sps)
+            for sample in samples:
+                sample.metadata["server"] = srv.url
+            return samples
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  n_samples_per_prompt: int = 1) -> list[Sample]:
         plan, rids = plan_with_rids(self, len(prompts), sampling, n_samples_per_prompt, prefix="f")
-        futures = [self._pool.submit(self._one, prompts[i], sp, rid)
-                   for (i, _, sp), rid in zip(plan, rids, strict=True)]
+        # plan indices of each group (a prompt's samples are adjacent in the plan), split at the server's batch limit
+        groups: list[list[int]] = []
+        for k, (i, _, _) in enumerate(plan):
+            if groups and plan[groups[-1][0]][0] == i and len(groups[-1]) < MAX_BATCH:
+                groups[-1].append(k)
+            else:
+                groups.append([k])
+        futures = [self._pool.submit(self._group, prompts[plan[g[0]][0]], [plan[k][2] for k in g],
+                                     [rids[k] for k in g]) for g in groups]
         results: dict[int, Sample] = {}
-        for k, f in enumerate(futures):
-            s = f.result()
-            if k in results:
-                raise AssertionError(f"sample {k} returned twice")
-            results[k] = s
+        for g, f in zip(groups, futures, strict=True):
+            for k, s in zip(g, f.result(), strict=True):
+                if k in results:
+                    raise AssertionError(f"sample {k} returned twice")
+                results[k] = s
         samples = [results[k] for k in range(len(plan))]
         for (i, j, _), s in zip(plan, samples, strict=True):
             s.metadata.update(prompt_index=i, sample_index=j)
