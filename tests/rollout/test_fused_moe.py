@@ -1,6 +1,7 @@
-"""Fused MoE experts (`r3rl.rollout.fused_moe`): the block alignment, the torch reference against a per-row loop, the
-Triton kernels through Triton's CPU interpreter (when triton is installed) and, on GPU, in bf16 against the engine's
-grouped_mm path and under CUDA-graph replay.
+"""Fused MoE experts (`r3rl.rollout.fused_moe`), SwiGLU and GPT-OSS: the block alignment, the torch reference against
+a per-row loop and the engine's experts, the Triton kernels through Triton's CPU interpreter (when triton is
+installed; bf16 rounding bitwise against a torch emulation of HF's rounding) and, on GPU, in bf16 against the
+engine's grouped_mm path and under CUDA-graph replay.
 
     pytest tests/rollout/test_fused_moe.py -q          # CPU; the interpreter test skips without triton
     pytest tests/rollout/test_fused_moe.py -q -m gpu   # GPU
@@ -30,15 +31,73 @@ def _problem(T, H, E, n_inter, K, *, seed=0, device="cpu", dtype=torch.float32):
     return [t.to(dtype) if t.is_floating_point() else t for t in (x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)]
 
 
-def _per_row_loop(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI):
+def _gpt_oss_problem(T, H, E, n_inter, K, *, seed=0, device="cpu", dtype=torch.float32):
+    """A GPT-OSS expert layer: gate/up pre-activations with std ~4, so that the clamp at 7 bites, and both biases."""
+    x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI = _problem(T, H, E, n_inter, K, seed=seed, device=device)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    gate_up_bias_EI = torch.randn(E, 2 * n_inter, generator=g, device=device)
+    down_bias_EH = torch.randn(E, H, generator=g, device=device) * 0.5
+    out = (x_TH, ids_TK, weights_TK, gate_up_EIH * 4, down_EHI, gate_up_bias_EI, down_bias_EH)
+    return [t.to(dtype) if t.is_floating_point() else t for t in out]
+
+
+def _per_row_loop(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI=None, down_bias_EH=None,
+                  gpt_oss=False):
+    """Float32, one (token, k) at a time; GPT-OSS's GLU written out here from HF's formula (not the module's)."""
     (T, K), n_inter = ids_TK.shape, down_EHI.shape[2]
     out_TH = torch.zeros_like(x_TH, dtype=torch.float32)
     for t in range(T):
         for k in range(K):
-            gu = gate_up_EIH[ids_TK[t, k]].float() @ x_TH[t].float()
-            act = F.silu(gu[:n_inter]) * gu[n_inter:]
-            out_TH[t] += weights_TK[t, k].float() * (down_EHI[ids_TK[t, k]].float() @ act)
+            e = ids_TK[t, k]
+            gu = gate_up_EIH[e].float() @ x_TH[t].float()
+            if gate_up_bias_EI is not None:
+                gu = gu + gate_up_bias_EI[e].float()
+            if gpt_oss:
+                gate, up = gu[0::2].clamp(max=7.0), gu[1::2].clamp(-7.0, 7.0)
+                act = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+            else:
+                act = F.silu(gu[:n_inter]) * gu[n_inter:]
+            y = down_EHI[e].float() @ act
+            if down_bias_EH is not None:
+                y = y + down_bias_EH[e].float()
+            out_TH[t] += weights_TK[t, k].float() * y
     return out_TH
+
+
+def _ulps(a, b):
+    """Units in the last place between two same-dtype bf16/fp16 tensors, elementwise (+0 and -0 are equal)."""
+    def ordered(t):
+        bits = t.view(torch.int16).int()
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+    return (ordered(a) - ordered(b)).abs()
+
+
+def _interpreter_with_gpu_bf16():
+    """Give Triton's CPU interpreter the GPU's bf16 semantics, which the kernels rely on: float32 -> bf16 rounds to
+    nearest even (the interpreter truncates) and `tl.dot` on bf16 tiles multiplies the values with a float32
+    accumulator (the interpreter multiplies the raw uint16 payloads). Only the interpreter is patched, not the kernels.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    cast, dot = ti.InterpreterBuilder.cast_impl, ti.InterpreterBuilder.create_dot
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return ti.TensorHandle(bits.reshape(np.shape(src.data)), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def as_f32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    ti.InterpreterBuilder.cast_impl = cast_impl
+    ti.InterpreterBuilder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+    ti.InterpreterBuilder.create_dot = lambda self, a, b, d, *args: dot(self, as_f32(a), as_f32(b), d, *args)
 
 
 def _check_alignment(a, ids_TK, valid_T, E, BM):
@@ -83,6 +142,74 @@ def test_reference_matches_per_row_loop_and_drops_invalid_tokens():
     swapped = torch.cat([gate_up_EIH[:, 16:], gate_up_EIH[:, :16]], dim=1)
     wrong_TH = fm.fused_moe_reference(x_TH, ids_TK, weights_TK, swapped, down_EHI)
     assert (wrong_TH - want_TH).abs().max() > 1e-2
+
+
+def _gpt_oss_block(E, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH):
+    from r3rl.rollout.moe import ExpertAct, MoEBlock, MoEWeights
+
+    moe_w = MoEWeights(moe_layer=0, router_spec=None, router_EH=None, router_bias_E=None, correction_E=None,
+                       gate_up_EIH=gate_up_EIH, down_EHI=down_EHI, gate_up_bias_EI=gate_up_bias_EI,
+                       down_bias_EH=down_bias_EH)
+    block = MoEBlock(num_experts=E, act=F.silu, expert_act=ExpertAct.GPT_OSS, linear=F.linear, batch_invariant=False,
+                     probe=moe_w)
+    return block, moe_w
+
+
+def test_reference_gpt_oss_matches_engine_experts_and_per_row_loop():
+    """fp32 on CPU: the reference with GPT-OSS's biases and interleaved clamped GLU equals the engine's sorted experts
+    (grouped_mm or its loop), its per-expert loop, its batch-invariant gather and a per-row loop of HF's formula."""
+    from r3rl.rollout.moe import MoEKernel
+
+    T, H, E, n_inter, K = 9, 32, 6, 16, 4
+    x, ids, w, gu, dn, bgu, bdn = _gpt_oss_problem(T, H, E, n_inter, K, seed=2)
+    valid = torch.tensor([True, True, False, True, True, True, False, True, True])
+    gate_TI = torch.einsum("th,eih->tei", x, gu[:, 0::2]) + bgu[:, 0::2]
+    assert (gate_TI > 7).any() and (gate_TI < 7).any(), "the clamp must bite somewhere, else it goes untested"
+    kw = dict(gate_up_bias_EI=bgu, down_bias_EH=bdn, act=fm.ExpertAct.GPT_OSS)
+    ref = fm.fused_moe_reference(x, ids, w, gu, dn, valid_T=valid, **kw)
+    want = _per_row_loop(x, ids, w, gu, dn, bgu, bdn, gpt_oss=True)
+    want[~valid] = 0
+    torch.testing.assert_close(ref, want, atol=1e-4, rtol=1e-5)
+    block, moe_w = _gpt_oss_block(E, gu, dn, bgu, bdn)
+    assert block.kernel in (MoEKernel.GROUPED_MM, MoEKernel.LOOP)  # CPU: the fused kernels need CUDA
+    torch.testing.assert_close(block._experts_sorted(x, ids, w, valid, moe_w), ref, atol=1e-4, rtol=1e-5)
+    block.kernel, block._expert_mlp = MoEKernel.LOOP, block._expert_mlp_loop
+    torch.testing.assert_close(block._experts_sorted(x, ids, w, valid, moe_w), ref, atol=1e-4, rtol=1e-5)
+    full = fm.fused_moe_reference(x, ids, w, gu, dn, **kw)
+    torch.testing.assert_close(block._experts_gather(x, ids, w, moe_w), full, atol=1e-4, rtol=1e-5)
+    # negative controls: the same comparison fails without the down bias, with the gate/up halves layout (SwiGLU's)
+    # read as interleaved, and without the clamp
+    for name, wrong in [
+        ("no down bias", fm.fused_moe_reference(x, ids, w, gu, dn, valid_T=valid, **dict(kw, down_bias_EH=None))),
+        ("halves layout", fm.fused_moe_reference(x, ids, w, torch.cat([gu[:, 0::2], gu[:, 1::2]], 1), dn,
+                                                 valid_T=valid, **dict(kw, gate_up_bias_EI=torch.cat(
+                                                     [bgu[:, 0::2], bgu[:, 1::2]], 1)))),
+        ("no clamp", fm.fused_moe_reference(x, ids, w, gu, dn, valid_T=valid, limit=1e9, **kw)),
+    ]:
+        assert (wrong - ref).abs().max() > 1e-2 * ref.abs().max(), name
+
+
+def test_emulated_rounding_is_hfs_weighted_sum():
+    """`emulate_rounding` (what the kernels do) is `moe._weighted_sum`'s rounding (HF's): with bf16 gate weights,
+    bf16 expert outputs times the weights rounded to bf16, then a float32 sum; float32 weights keep exact products."""
+    from r3rl.rollout.moe import _weighted_sum
+
+    T, H, E, n_inter, K = 8, 32, 5, 16, 4
+    x, ids, w, gu, dn, bgu, bdn = _gpt_oss_problem(T, H, E, n_inter, K, seed=4, dtype=torch.bfloat16)
+    kw = dict(gate_up_bias_EI=bgu, down_bias_EH=bdn, act=fm.ExpertAct.GPT_OSS)
+    y_TKH = torch.empty(T, K, H, dtype=torch.bfloat16)  # each (token, k) output, rounded as the kernels round it
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            act = fm.gpt_oss_glu(gu[e].float() @ x[t].float() + bgu[e].float(), 1.702, 7.0).bfloat16().float()
+            y_TKH[t, k] = (dn[e].float() @ act + bdn[e].float()).bfloat16()
+    for weights in (w, w.float()):
+        got = fm.fused_moe_reference(x, ids, weights, gu, dn, emulate_rounding=True, **kw)
+        want = _weighted_sum(y_TKH, weights)
+        assert _ulps(got, want).max() <= 1 and (got == want).float().mean() >= 0.99, weights.dtype
+    # negative control: float32 weights of the same values (exact products) do not give bf16 weights' rounding
+    exact = fm.fused_moe_reference(x, ids, w.float(), gu, dn, emulate_rounding=True, **kw)
+    assert (exact != _weighted_sum(y_TKH, w)).float().mean() > 0.05
 
 
 def test_shape_errors_name_the_tensors():
@@ -135,6 +262,63 @@ def test_triton_kernels_in_interpreter_match_loop():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, timeout=120, env=env)
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+_INTERPRET_GPT_OSS = """
+import dataclasses, torch
+from r3rl.rollout import fused_moe as fm
+from test_fused_moe import _gpt_oss_problem, _per_row_loop, _ulps, _interpreter_with_gpu_bf16
+_interpreter_with_gpu_bf16()
+GPT = fm.ExpertAct.GPT_OSS
+T, H, E, I, K = 19, 64, 6, 48, 4   # top-4 as GPT-OSS; I=48, H=64 not multiples of the 32-wide tiles
+x, ids, w, gu, dn, bgu, bdn = _gpt_oss_problem(T, H, E, I, K, seed=5)
+valid = torch.ones(T, dtype=torch.bool); valid[[0, 11]] = False   # padding rows
+cfg = fm.FusedMoEConfig(block_m=16, block_n=32, block_k=32, triton_align=False)
+want = _per_row_loop(x, ids, w, gu, dn, bgu, bdn, gpt_oss=True); want[~valid] = 0
+for align in (False, True):   # float32: against HF's formula, row by row
+    got = fm.fused_moe(x, ids, w, gu, dn, valid_T=valid, gate_up_bias_EI=bgu, down_bias_EH=bdn, act=GPT,
+                       config=dataclasses.replace(cfg, triton_align=align))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+# negative controls: the same comparison catches a dropped down bias and SwiGLU's halves layout read as interleaved
+bad = fm.fused_moe(x, ids, w, gu, dn, valid_T=valid, gate_up_bias_EI=bgu, act=GPT, config=cfg)
+assert (bad - want).abs().max() > 1e-2 * want.abs().max(), "no down bias"
+halves = lambda t: torch.cat([t[:, 0::2], t[:, 1::2]], 1)
+bad = fm.fused_moe(x, ids, w, halves(gu), dn, valid_T=valid, gate_up_bias_EI=halves(bgu), down_bias_EH=bdn, act=GPT,
+                   config=cfg)
+assert (bad - want).abs().max() > 1e-2 * want.abs().max(), "halves layout"
+# bf16: the kernels against a torch emulation of their rounding (one rounding of the activation; HF's rounding of
+# each expert output and, with bf16 gate weights, of each weighted product), both activations, bf16 and fp32 weights
+b = [t.bfloat16() for t in (x, w, gu, dn, bgu, bdn)]
+xb, wb, gub, dnb, bgub, bdnb = b
+for act in (GPT, fm.ExpertAct.SWIGLU):
+    for weights in (wb, wb.float()):
+        kw = dict(valid_T=valid, gate_up_bias_EI=bgub, down_bias_EH=bdnb, act=act)
+        got = fm.fused_moe(xb, ids, weights, gub, dnb, config=cfg, **kw)
+        emu = fm.fused_moe_reference(xb, ids, weights, gub, dnb, emulate_rounding=True, **kw)
+        u = _ulps(got, emu)
+        print(act.name, weights.dtype, "bitwise", (u == 0).float().mean().item(), "max ulp", u.max().item())
+        assert u.max() <= 1 and (u == 0).float().mean() >= 0.99 and (got[~valid] == 0).all()
+# negative control: without the product rounding (fp32 weights of the same values) the kernel's bf16-weight output
+# is not the emulation's, so the comparison above does see that rounding
+kw = dict(valid_T=valid, gate_up_bias_EI=bgub, down_bias_EH=bdnb, act=GPT)
+got = fm.fused_moe(xb, ids, wb, gub, dnb, config=cfg, **kw)
+exact = fm.fused_moe_reference(xb, ids, wb.float(), gub, dnb, emulate_rounding=True, **kw)
+print("control: bitwise", (got == exact).float().mean().item())
+assert (got == exact).float().mean() < 0.9
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not fm.available(), reason="triton not installed (the kernels run in the GPU test)")
+def test_triton_kernels_gpt_oss_and_bf16_rounding_in_interpreter():
+    """GPT-OSS experts (biases, interleaved clamped GLU, padding rows, top-4) in float32 against HF's formula, and the
+    bf16 rounding of both activations against its torch emulation, through Triton's interpreter (given the GPU's
+    bf16 semantics by `_interpreter_with_gpu_bf16`)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _INTERPRET_GPT_OSS], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -1,14 +1,22 @@
-"""Fused MoE experts for the rollout engine on GPU (Triton): SwiGLU experts on HF's fused `[E, 2I, H]` layout.
+"""Fused MoE experts for the rollout engine on GPU (Triton), on HF's fused `[E, 2I, H]` gate/up layout: SwiGLU
+experts (gate rows then up rows, no biases) and GPT-OSS experts (interleaved gate/up rows, a clamped GLU, biases on
+gate/up and down).
 
 Three steps, no host sync (CUDA-graph safe):
   1. alignment: group the (token, k) rows by expert and pad each expert's group to a multiple of the block size, so
      that every block of BLOCK_M rows belongs to one expert; rows routed to the sentinel expert E (padding tokens)
      are dropped. By default three small Triton kernels (atomic counts, a one-program scan, atomic placement);
      `align_block_size` is the same in torch ops (a stable sort; `FusedMoEConfig.triton_align=False`).
-  2. `_gate_up_kernel`: per block, `silu(x @ gate^T) * (x @ up^T)`, gate and up accumulated side by side from the
-     one fused weight, activation applied in float32 before the single rounding to the activation dtype.
-  3. `_down_kernel`: per block, `act @ down^T`, multiplied by each row's gate weight, stored in (token, k) order in
-     float32; the top-k reduction is one `sum` over k (deterministic, no atomics).
+  2. `_gate_up_kernel`: per block, `silu(x @ gate^T) * (x @ up^T)` (or GPT-OSS's `gpt_oss_glu` of the biased gate
+     and up), gate and up accumulated side by side from the one fused weight, bias and activation applied in float32
+     before the single rounding to the activation dtype.
+  3. `_down_kernel`: per block, `act @ down^T` (+ the down bias, per (token, k) row), multiplied by each row's gate
+     weight, stored in (token, k) order in float32; the top-k reduction is one `sum` over k (deterministic, no
+     atomics), then one cast to the hidden dtype.
+Rounding of the weighted sum is HF's (grouped_mm experts, `r3rl.rollout.moe._weighted_sum`): each expert output
+(with its bias) is rounded to the hidden dtype (HF's expert matmul returns it); with gate weights in the hidden dtype
+(bfloat16: Qwen, GPT-OSS) its product with the weight is rounded to it again, with float32 gate weights (the sigmoid
+families) the product stays exact in float32; the sum over k is in float32, then one cast.
 Each block reads its expert's weight tiles once; at decode (a few rows per expert) one block per expert reads every
 active expert's weights once per step.
 
@@ -24,6 +32,7 @@ Tensor suffixes: T tokens, H hidden, E experts, K top-k, I intermediate (2I: fus
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
@@ -37,10 +46,17 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["FusedMoEConfig", "Alignment", "available", "default_config", "align_block_size", "fused_moe",
-           "fused_moe_reference"]
+__all__ = ["ExpertAct", "FusedMoEConfig", "Alignment", "available", "default_config", "align_block_size", "fused_moe",
+           "fused_moe_reference", "gpt_oss_glu"]
 
 logger = logging.getLogger(__name__)
+
+
+class ExpertAct(enum.Enum):
+    """The expert MLP's gated activation (re-exported by `r3rl.rollout.moe`)."""
+
+    SWIGLU = "swiglu"  # act(gate) * up, gate then up halves (HF's fused layout)
+    GPT_OSS = "gpt_oss"  # interleaved gate/up columns, clamped, gate * sigmoid(alpha * gate) * (up + 1)
 
 
 def available() -> bool:
@@ -128,14 +144,19 @@ def align_block_size(ids_TK: torch.Tensor, num_experts: int, block_m: int,
 
 def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, gate_up_EIH: torch.Tensor,
               down_EHI: torch.Tensor, *, valid_T: torch.Tensor | None = None,
+              gate_up_bias_EI: torch.Tensor | None = None, down_bias_EH: torch.Tensor | None = None,
+              act: ExpertAct = ExpertAct.SWIGLU, alpha: float = 1.702, limit: float = 7.0,
               config: FusedMoEConfig | None = None) -> torch.Tensor:
-    """`sum_k weights_TK[t, k] * down[e] @ (silu(gate[e] @ x_t) * (up[e] @ x_t))`, e = ids_TK[t, k] (Triton).
+    """`sum_k weights_TK[t, k] * (down[e] @ glu(gate_up[e] @ x_t + b_gate_up[e]) + b_down[e])`, e = ids_TK[t, k]
+    (Triton). glu: `silu(gate) * up` (SWIGLU, gate rows first) or `gpt_oss_glu` (GPT_OSS, interleaved rows).
 
-    gate_up_EIH: `[E, 2I, H]`, gate rows first; down_EHI: `[E, H, I]`. `valid_T` False (or id E) drops a row
-    (its token's output is zero). Returns `[T, H]` in x's dtype."""
+    gate_up_EIH: `[E, 2I, H]`; down_EHI: `[E, H, I]`; optional biases `[E, 2I]` and `[E, H]` (the down bias is added
+    to each (token, k) row before its gate weight multiplies it, as HF does). `valid_T` False (or id E) drops a row
+    (its token's output is zero). Returns `[T, H]` in x's dtype, the weighted sum rounded as HF rounds it (module
+    docstring)."""
     if not available():
         raise RuntimeError("fused_moe needs triton (not importable here); use fused_moe_reference")
-    T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
+    T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH)
     K = ids_TK.shape[1]
     cfg = config or default_config(T * K, E)
     if cfg.triton_align:
@@ -144,17 +165,24 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
         align = align_block_size(ids_TK, E, cfg.block_m, valid_T)
     M, num_blocks = align.row_ids_M.shape[0], align.block_expert_B.shape[0]
     x_TH, gate_up_EIH, down_EHI = x_TH.contiguous(), gate_up_EIH.contiguous(), down_EHI.contiguous()
+    # without a bias the kernels never read the pointer: pass any tensor
+    gu_bias = gate_up_EIH if gate_up_bias_EI is None else gate_up_bias_EI.contiguous()
+    dn_bias = down_EHI if down_bias_EH is None else down_bias_EH.contiguous()
     act_MI = torch.empty(M, n_inter, dtype=x_TH.dtype, device=x_TH.device)
     _gate_up_kernel[(num_blocks, triton.cdiv(n_inter, cfg.block_n))](
-        x_TH, gate_up_EIH, act_MI, align.row_ids_M, align.block_expert_B, align.num_padded,
-        T * K, H, n_inter, x_TH.stride(0), gate_up_EIH.stride(0), gate_up_EIH.stride(1), act_MI.stride(0),
-        TOP_K=K, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        x_TH, gate_up_EIH, gu_bias, act_MI, align.row_ids_M, align.block_expert_B, align.num_padded,
+        T * K, H, n_inter, x_TH.stride(0), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gu_bias.stride(0),
+        act_MI.stride(0), float(alpha), float(limit),
+        TOP_K=K, GPT_OSS=act is ExpertAct.GPT_OSS, HAS_BIAS=gate_up_bias_EI is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y_RH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)  # dropped rows stay zero
     weights_R = weights_TK.reshape(-1).contiguous()
     _down_kernel[(num_blocks, triton.cdiv(H, cfg.block_n))](
-        act_MI, down_EHI, y_RH, weights_R, align.row_ids_M, align.block_expert_B, align.num_padded,
-        T * K, H, n_inter, act_MI.stride(0), down_EHI.stride(0), down_EHI.stride(1), y_RH.stride(0),
+        act_MI, down_EHI, dn_bias, y_RH, weights_R, align.row_ids_M, align.block_expert_B, align.num_padded,
+        T * K, H, n_inter, act_MI.stride(0), down_EHI.stride(0), down_EHI.stride(1), dn_bias.stride(0),
+        y_RH.stride(0), HAS_BIAS=down_bias_EH is not None, ROUND_OUTPUT=_low_precision(x_TH),
+        ROUND_PRODUCT=_rounds_product(x_TH, weights_TK),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y_RH.view(T, K, H).sum(1).to(x_TH.dtype)
@@ -162,24 +190,52 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
 
 def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                         gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor, *, valid_T: torch.Tensor | None = None,
-                        block_m: int = 16, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        gate_up_bias_EI: torch.Tensor | None = None, down_bias_EH: torch.Tensor | None = None,
+                        act: ExpertAct = ExpertAct.SWIGLU, alpha: float = 1.702, limit: float = 7.0,
+                        block_m: int = 16, compute_dtype: torch.dtype = torch.float32,
+                        emulate_rounding: bool = False) -> torch.Tensor:
     """The same computation in torch over the same `align_block_size` blocks (CPU, tests; one matmul per block).
 
-    Computes in `compute_dtype` (float32 by default: the accuracy yardstick) and returns x's dtype."""
-    T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI)
+    Computes in `compute_dtype` (float32 by default: the accuracy yardstick) and returns x's dtype. With
+    `emulate_rounding`, rounds where the kernels round: the activation to x's dtype, and, when the gate weights are in
+    x's low-precision dtype, each expert output (with its bias) to x's dtype and, when the gate weights are in that
+    dtype too, each weighted product (HF's rounding); the sum over k stays in `compute_dtype`."""
+    T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH)
     K, out_dtype = ids_TK.shape[1], x_TH.dtype
+    round_output = emulate_rounding and _low_precision(x_TH)
+    round_product = emulate_rounding and _rounds_product(x_TH, weights_TK)
     align = align_block_size(ids_TK, E, block_m, valid_T)
     num_blocks = int(align.num_padded.item()) // block_m  # host sync: fine for a reference
     x_TH = torch.cat([x_TH, x_TH.new_zeros(1, H)]).to(compute_dtype)  # row T: padding slots read zeros
     w_R = torch.cat([weights_TK.reshape(-1), weights_TK.new_zeros(1)]).to(compute_dtype)
-    y_RH = torch.zeros(T * K + 1, H, dtype=compute_dtype, device=x_TH.device)
+    y_RH = torch.zeros(T * K + 1, H, dtype=compute_dtype, device=x_TH.device)  # row T * K: padding slots' dump
     for b in range(num_blocks):
         rows_M = align.row_ids_M[b * block_m : (b + 1) * block_m].long()
         e = int(align.block_expert_B[b])
         gate_up_MI = x_TH[torch.where(rows_M < T * K, rows_M // K, T)] @ gate_up_EIH[e].to(compute_dtype).T
-        act_MI = F.silu(gate_up_MI[:, :n_inter]) * gate_up_MI[:, n_inter:]
-        y_RH[rows_M] = (act_MI @ down_EHI[e].to(compute_dtype).T) * w_R[rows_M].unsqueeze(1)
+        if gate_up_bias_EI is not None:
+            gate_up_MI = gate_up_MI + gate_up_bias_EI[e].to(compute_dtype)
+        if act is ExpertAct.GPT_OSS:
+            act_MI = gpt_oss_glu(gate_up_MI, alpha, limit)
+        else:
+            act_MI = F.silu(gate_up_MI[:, :n_inter]) * gate_up_MI[:, n_inter:]
+        if emulate_rounding:
+            act_MI = act_MI.to(out_dtype).to(compute_dtype)
+        out_MH = act_MI @ down_EHI[e].to(compute_dtype).T
+        if down_bias_EH is not None:
+            out_MH = out_MH + down_bias_EH[e].to(compute_dtype)
+        if round_output:
+            out_MH = out_MH.to(out_dtype).to(compute_dtype)
+        out_MH = out_MH * w_R[rows_M].unsqueeze(1)
+        y_RH[rows_M] = out_MH.to(out_dtype).to(compute_dtype) if round_product else out_MH
     return y_RH[: T * K].view(T, K, H).sum(1).to(out_dtype)
+
+
+def gpt_oss_glu(gate_up_RI: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's clamped GLU on interleaved gate/up columns (HF's `GptOssExperts._apply_gate`, same op order)."""
+    gate_RI = gate_up_RI[..., ::2].clamp(min=None, max=limit)
+    up_RI = gate_up_RI[..., 1::2].clamp(min=-limit, max=limit)
+    return (up_RI + 1) * (gate_RI * torch.sigmoid(gate_RI * alpha))
 
 
 # --- private ---------------------------------------------------------------------------------------------------------
@@ -207,7 +263,17 @@ def _align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int, valid_T:
 _ALIGN_BLOCK = 1024  # rows per program of the count and place kernels
 
 
-def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> tuple[int, int, int, int]:
+def _low_precision(x_TH: torch.Tensor) -> bool:
+    return x_TH.dtype in (torch.bfloat16, torch.float16)
+
+
+def _rounds_product(x_TH: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+    """torch promotes `y * w` to x's dtype when the gate weights share it: then HF rounds each product (bf16/fp16)."""
+    return weights_TK.dtype == x_TH.dtype and _low_precision(x_TH)
+
+
+def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI=None,
+                  down_bias_EH=None) -> tuple[int, int, int, int]:
     if x_TH.dim() != 2 or ids_TK.dim() != 2 or gate_up_EIH.dim() != 3 or down_EHI.dim() != 3:
         raise ValueError(f"fused_moe: expected x [T, H], ids [T, K], gate_up [E, 2I, H], down [E, H, I]; got "
                          f"x {tuple(x_TH.shape)}, ids {tuple(ids_TK.shape)}, gate_up {tuple(gate_up_EIH.shape)}, "
@@ -221,6 +287,10 @@ def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> tuple[int,
     if E2 != E or 2 * n_inter != I2:
         problems.append(f"experts/intermediate: gate_up [E={E}, 2I={I2}], down [E={E2}, I={n_inter}] "
                         "(need 2I = 2 * I)")
+    if gate_up_bias_EI is not None and tuple(gate_up_bias_EI.shape) != (E, I2):
+        problems.append(f"gate_up bias must be [E={E}, 2I={I2}], got {tuple(gate_up_bias_EI.shape)}")
+    if down_bias_EH is not None and tuple(down_bias_EH.shape) != (E, H):
+        problems.append(f"down bias must be [E={E}, H={H}], got {tuple(down_bias_EH.shape)}")
     if problems:
         raise ValueError("fused_moe: inconsistent shapes: " + "; ".join(problems))
     return T, H, E, n_inter
@@ -237,8 +307,9 @@ if triton is not None:
         return expert, offs_m, rows, rows < num_rows
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H, n_inter,
-                        stride_xt, stride_we, stride_wn, stride_om, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H,
+                        n_inter, stride_xt, stride_we, stride_wn, stride_be, stride_om, alpha, limit,
+                        TOP_K: tl.constexpr, GPT_OSS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -249,8 +320,14 @@ if triton is not None:
         n_ok = offs_n < n_inter
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
-        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        u_ptrs = g_ptrs + n_inter * stride_wn
+        if GPT_OSS:  # interleaved: gate j is row 2j, up j is row 2j + 1
+            gate_rows = 2 * offs_n
+            up_rows = gate_rows + 1
+        else:  # gate rows first, then up rows
+            gate_rows = offs_n
+            up_rows = offs_n + n_inter
+        g_ptrs = w_ptr + expert * stride_we + gate_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        u_ptrs = w_ptr + expert * stride_we + up_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, tl.cdiv(H, BLOCK_K)):
@@ -263,7 +340,16 @@ if triton is not None:
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        if HAS_BIAS:
+            b_ptr = bias_ptr + expert * stride_be
+            acc_g += tl.load(b_ptr + gate_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_ptr + up_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GPT_OSS:  # float32, in `gpt_oss_glu`'s op order
+            gate = tl.minimum(acc_g, limit)
+            up = tl.minimum(tl.maximum(acc_u, -limit), limit)
+            act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+        else:
+            act = acc_g * tl.sigmoid(acc_g) * acc_u
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
 
@@ -308,8 +394,10 @@ if triton is not None:
         tl.store(row_ids_ptr + pos, offs.to(tl.int32), mask=ok)
 
     @triton.jit
-    def _down_kernel(act_ptr, w_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows,
-                     H, n_inter, stride_am, stride_we, stride_wn, stride_or, BLOCK_M: tl.constexpr,
+    def _down_kernel(act_ptr, w_ptr, bias_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr,
+                     num_rows, H, n_inter, stride_am, stride_we, stride_wn, stride_be, stride_or,
+                     HAS_BIAS: tl.constexpr, ROUND_OUTPUT: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -328,7 +416,13 @@ if triton is not None:
             acc = tl.dot(a, w, acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if HAS_BIAS:  # per (token, k) row, before the gate weight (HF: weight * (down(act) + bias))
+            acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         gate_w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if ROUND_OUTPUT:  # HF's rounding: the expert output in the hidden dtype
+            acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
         acc = acc * gate_w[:, None]
+        if ROUND_PRODUCT:  # and, with gate weights in that dtype, the product too
+            acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + offs_n[None, :]
         tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])

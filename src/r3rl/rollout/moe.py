@@ -1,8 +1,8 @@
 """The rollout engine's MoE block, shared by every family: routing (the family's arithmetic, from
 `r3rl.models.routing`, on the engine's copy of the router tensors), routed experts, and an optional shared expert.
 
-Experts run as fused Triton kernels (CUDA with triton installed, SwiGLU experts: `r3rl.rollout.fused_moe`), a
-sorted grouped matmul, a per-row gather (batch-invariant, CPU) or a per-expert loop
+Experts run as fused Triton kernels (CUDA with triton installed, SwiGLU with SiLU or GPT-OSS experts:
+`r3rl.rollout.fused_moe`), a sorted grouped matmul, a per-row gather (batch-invariant, CPU) or a per-expert loop
 (where grouped_mm is unavailable). The expert MLP is SwiGLU on HF's fused `[E, 2I, H]` gate-then-up layout, or
 GPT-OSS's clamped GLU on interleaved gate/up columns with biases. Used by `r3rl.rollout.forward`; not a public API.
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from r3rl.models.routing import RouterSpec, route, router_logits
 from r3rl.rollout import fused_moe
+from r3rl.rollout.fused_moe import ExpertAct  # defined next to the kernels that switch on it; public here
 
 __all__ = ["MoEKernel", "ExpertAct", "MoEWeights", "MoEBlock"]
 
@@ -31,17 +32,10 @@ logger = logging.getLogger(__name__)
 class MoEKernel(enum.Enum):
     """How the engine runs the experts (chosen once, at construction)."""
 
-    FUSED = "fused"  # Triton (r3rl.rollout.fused_moe): alignment, gate/up + SiLU, down + gate weight (CUDA default)
+    FUSED = "fused"  # Triton (r3rl.rollout.fused_moe): alignment, gate/up + act, down + gate weight (CUDA default)
     GROUPED_MM = "grouped_mm"  # sort (token, k) rows by expert, one grouped GEMM per projection
     GATHER = "gather"  # one small matmul per (token, k) on gathered expert weights: batch-invariant (CPU)
     LOOP = "loop"  # per-expert loop with a host sync: the fallback where grouped_mm is unavailable
-
-
-class ExpertAct(enum.Enum):
-    """The expert MLP's gated activation."""
-
-    SWIGLU = "swiglu"  # act(gate) * up, gate then up halves (HF's fused layout)
-    GPT_OSS = "gpt_oss"  # interleaved gate/up columns, clamped, gate * sigmoid(alpha * gate) * (up + 1)
 
 
 @dataclass
@@ -107,9 +101,7 @@ class MoEBlock:
         if self.expert_act is ExpertAct.SWIGLU:
             gate_RI, up_RI = gate_up_RI.chunk(2, dim=-1)
             return self.act(gate_RI) * up_RI
-        gate_RI = gate_up_RI[..., ::2].clamp(min=None, max=self.limit)
-        up_RI = gate_up_RI[..., 1::2].clamp(min=-self.limit, max=self.limit)
-        return (up_RI + 1) * (gate_RI * torch.sigmoid(gate_RI * self.alpha))
+        return fused_moe.gpt_oss_glu(gate_up_RI, self.alpha, self.limit)
 
     def _experts_gather(self, h_TH, ids_TK, weights_TK, w: MoEWeights) -> torch.Tensor:
         """Batch-invariant experts: one matmul per (token, k) against its gathered expert weights."""
@@ -129,7 +121,9 @@ class MoEBlock:
 
         Padding rows get the sentinel expert E: they sort last, past every group, and cost no expert compute."""
         if self.kernel is MoEKernel.FUSED:
-            return fused_moe.fused_moe(h_TH, ids_TK, weights_TK, w.gate_up_EIH, w.down_EHI, valid_T=valid_T)
+            return fused_moe.fused_moe(h_TH, ids_TK, weights_TK, w.gate_up_EIH, w.down_EHI, valid_T=valid_T,
+                                       gate_up_bias_EI=w.gate_up_bias_EI, down_bias_EH=w.down_bias_EH,
+                                       act=self.expert_act, alpha=self.alpha, limit=self.limit)
         (T, K), E = ids_TK.shape, self.num_experts
         if valid_T is not None:
             ids_TK = ids_TK.masked_fill(~valid_T.unsqueeze(1), E)
@@ -142,10 +136,12 @@ class MoEBlock:
         return _weighted_sum(unsorted_RH.view(T, K, -1), weights_TK)
 
     def _fused_fits(self, probe: MoEWeights) -> bool:
-        """The Triton kernels apply: CUDA, triton installed, SwiGLU with SiLU, no expert biases."""
-        if not (fused_moe.available() and probe.gate_up_EIH.is_cuda and self.expert_act is ExpertAct.SWIGLU
-                and probe.gate_up_bias_EI is None and probe.down_bias_EH is None):
+        """The Triton kernels apply: CUDA, triton installed, and GPT-OSS experts or SwiGLU with SiLU (expert biases,
+        optional, either way)."""
+        if not (fused_moe.available() and probe.gate_up_EIH.is_cuda):
             return False
+        if self.expert_act is ExpertAct.GPT_OSS:
+            return True
         x = torch.linspace(-6, 6, 64, device=probe.gate_up_EIH.device)
         return bool(torch.allclose(self.act(x), F.silu(x)))  # ACT2FN's class names vary across versions
 
