@@ -1,7 +1,7 @@
-"""The rollout engine on GLM-4.5, MiniMax-M2, GPT-OSS and DeepSeek-V3 (tiny presets, float32, CPU): its served trace
-equals a full HF forward's routing on >= 99% of (token, layer), its log-probs match, and greedy decoding picks HF's
-tokens. GPT-OSS in bfloat16 (CPU, hidden 512): the engine stays within bf16 noise of HF (it rounds where HF rounds).
-GPT-OSS negative controls: the same engine without its sliding windows, or without its sinks, no longer
+"""The rollout engine on GLM-4.5, MiniMax-M2, GPT-OSS, DeepSeek-V3 and Qwen3-Next (tiny presets, float32, CPU): its
+served trace equals a full HF forward's routing on >= 99% of (token, layer), its log-probs match, and greedy decoding
+picks HF's tokens. GPT-OSS in bfloat16 (CPU, hidden 512): the engine stays within bf16 noise of HF (it rounds where HF
+rounds). GPT-OSS negative controls: the same engine without its sliding windows, or without its sinks, no longer
 matches HF. DeepSeek-V3: the KV cache holds the compressed latent, and decoding is batch-invariant on CPU.
 
     pytest tests/rollout/test_engine_families.py -q
@@ -17,7 +17,7 @@ from r3rl.models import find_routers
 from r3rl.models.presets import make_model, preset_available
 from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
 
-ENGINE_FAMILIES = ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-gpt-oss", "tiny-deepseek-v3"]
+ENGINE_FAMILIES = ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-gpt-oss", "tiny-deepseek-v3", "tiny-qwen3-next"]
 LOGPROB_ATOL = 1e-4  # as tests/rollout/test_engine.py: float32 both sides, different kernels
 
 

@@ -23,6 +23,13 @@ def model():
     return make_model("tiny-qwen3-moe", seed=3)
 
 
+# Qwen3-Next: its linear-attention layers keep a per-slot state instead of KV blocks; a shared prompt's samples copy
+# the owner's state after the one prefill, moved slots carry theirs, and a preempted request's prefill rewrites it
+@pytest.fixture(scope="module", params=["tiny-qwen3-moe", "tiny-qwen3-next"])
+def family_model(request):
+    return make_model(request.param, seed=3)
+
+
 def _group(prompt, n, *, tag="g", max_new=12, seed0=0, **sampling):
     return [EngineRequest(request_id=f"{tag}{i}", input_ids=list(prompt),
                           sampling=SamplingParams(max_new_tokens=max_new, seed=seed0 + i, temperature=1.0, **sampling))
@@ -92,7 +99,8 @@ def test_kv_cache_must_hold_one_full_request():
 
 # --- prompt sharing --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prompt_len", [21, 24])  # a partial last block (copied per sample), whole blocks only
-def test_a_group_prefills_its_prompt_once_and_matches_each_sample_run_alone(model, prompt_len):
+def test_a_group_prefills_its_prompt_once_and_matches_each_sample_run_alone(family_model, prompt_len):
+    model = family_model
     cfg = dict(max_slots=8, max_seq_len=64, block_size=8)
     prompt = [(5 * j + 1) % 200 for j in range(prompt_len)]
     reqs = _group(prompt, 4) + _group([7, 8, 9], 2, tag="h", seed0=10)
@@ -133,7 +141,8 @@ def test_memory_is_the_configured_pool_not_slots_times_context(model):
     assert small.routes.nbytes < full.routes.nbytes / 15
 
 
-def test_a_full_cache_preempts_and_recomputes_with_the_same_tokens(model):
+def test_a_full_cache_preempts_and_recomputes_with_the_same_tokens(family_model):
+    model = family_model
     cfg = dict(max_slots=6, max_seq_len=96, block_size=8)
     reqs = [EngineRequest(request_id=f"p{i}", input_ids=[(3 * i + j) % 150 + 1 for j in range(10 + 3 * i)],
                           sampling=SamplingParams(max_new_tokens=60, seed=i, temperature=1.0)) for i in range(6)]

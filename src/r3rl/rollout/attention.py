@@ -1,9 +1,11 @@
 """The rollout engine's attention block, shared by every family: fused QKV with optional biases, q/k norms (per head
-or over the whole projection), full or partial RoPE, GQA over the slot KV cache, and per layer an optional sliding
-window and attention sinks (GPT-OSS). Used by `r3rl.rollout.forward.MoEForward`; not a public API.
+or over the whole projection; zero-centered, `x * (1 + w)`, for Qwen3-Next), full or partial RoPE, GQA over the paged
+KV cache, an optional per-head output gate (Qwen3-Next's q_proj emits it), and per layer an optional sliding window
+and attention sinks (GPT-OSS). Used by `r3rl.rollout.forward.MoEForward`; not a public API.
 
-Without a window or sinks, prefill runs `scaled_dot_product_attention` and decode a batched matmul over strided KV
-views, as HF's eager attention computes them (float32 softmax inside, rounded once).
+Without a window or sinks, prefill runs `scaled_dot_product_attention`. Decode reads the KV blocks in place on GPU
+(`paged_attention.py`); elsewhere `decode_attention` is a batched matmul over the gathered context, as HF's eager
+attention computes it (float32 softmax inside, rounded once).
 
 Tensor suffixes: T tokens, B decode rows, N prefill requests, P positions, H heads or hidden, Q fused qkv width,
 D head dim, X q + k heads, R rows of a flattened (row, kv head) product, G q heads per kv head.
@@ -34,24 +36,37 @@ class AttentionWeights:
     k_norm: torch.Tensor | None = None
     window: int | None = None  # sliding window: a token sees itself and the window - 1 tokens before it
     sinks_H: torch.Tensor | None = None  # per q head sink logit, an extra softmax column that is then dropped
+    gated: bool = False  # q_proj emits [query, gate] per head; the output is multiplied by sigmoid(gate) (Qwen3-Next)
+    norm_offset: bool = False  # zero-centered q/k norms: normed * (1 + w) in float32 (Qwen3-Next)
 
 
 def qkv(w: AttentionWeights, h_TH: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, *, num_heads: int,
         num_kv_heads: int, head_dim: int, eps: float, clip_qkv: float | None, linear):
-    """q `[T, Hq, D]`, k and v `[T, Hkv, D]` (views); the q and k heads are normed and rotated as one tensor."""
+    """q `[T, Hq, D]`, k and v `[T, Hkv, D]` (views), and the output gate `[T, Hq * D]` of a gated layer (else None);
+    the q and k heads are normed and rotated as one tensor."""
     T, D, Hq, Hkv = h_TH.shape[0], head_dim, num_heads, num_kv_heads
     qkv_TQ = linear(h_TH, w.qkv_QH, w.qkv_bias_Q)
-    qk_TXD, v_THD = qkv_TQ[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D), qkv_TQ[:, (Hq + Hkv) * D :].view(T, Hkv, D)
+    gate_TQ = None
+    if w.gated:  # per head [query, gate] (HF chunks q_proj's output per head)
+        qg_THE = qkv_TQ[:, : 2 * Hq * D].view(T, Hq, 2 * D)
+        gate_TQ = qg_THE[..., D:].reshape(T, Hq * D)
+        qk_TXD = torch.cat([qg_THE[..., :D], qkv_TQ[:, 2 * Hq * D : (2 * Hq + Hkv) * D].view(T, Hkv, D)], dim=1)
+        v_THD = qkv_TQ[:, (2 * Hq + Hkv) * D :].view(T, Hkv, D)
+    else:
+        qk_TXD = qkv_TQ[:, : (Hq + Hkv) * D].view(T, Hq + Hkv, D)
+        v_THD = qkv_TQ[:, (Hq + Hkv) * D :].view(T, Hkv, D)
     if w.q_norm is not None:  # RMSNorm over each whole projection
         q_TQ, k_TQ = qkv_TQ[:, : Hq * D], qkv_TQ[:, Hq * D : (Hq + Hkv) * D]
         qk_TXD = torch.cat([rms_norm(q_TQ, w.q_norm, eps), rms_norm(k_TQ, w.k_norm, eps)], dim=-1)
         qk_TXD = qk_TXD.view(T, Hq + Hkv, D)
     if clip_qkv is not None:
         qk_TXD, v_THD = qk_TXD.clamp(-clip_qkv, clip_qkv), v_THD.clamp(-clip_qkv, clip_qkv)
-    if w.qk_norm_XD is not None:  # RMSNorm per head, q_norm on q heads and k_norm on k heads
+    if w.qk_norm_XD is not None and w.norm_offset:  # zero-centered per-head RMSNorm, in float32 (Qwen3-Next)
+        qk_TXD = (F.rms_norm(qk_TXD.float(), (D,), eps=eps) * (1.0 + w.qk_norm_XD.float())).to(qk_TXD.dtype)
+    elif w.qk_norm_XD is not None:  # RMSNorm per head, q_norm on q heads and k_norm on k heads
         qk_TXD = F.rms_norm(qk_TXD, (D,), eps=eps) * w.qk_norm_XD
     qk_TXD = rope(qk_TXD, cos_TD, sin_TD)
-    return qk_TXD[:, :Hq], qk_TXD[:, Hq:], v_THD
+    return qk_TXD[:, :Hq], qk_TXD[:, Hq:], v_THD, gate_TQ
 
 
 def prefill_attention(w: AttentionWeights, q_NHPD: torch.Tensor, k_NHPD: torch.Tensor, v_NHPD: torch.Tensor,
@@ -139,9 +154,12 @@ def rope(x_THD: torch.Tensor, cos_TR: torch.Tensor, signed_sin_TR: torch.Tensor)
     return x_THD * cos_TR.unsqueeze(1) + rolled_THD * signed_sin_TR.unsqueeze(1)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
     """HF's RMSNorm (float32 statistics, then the weight) as one op. A float32 weight on a lower-precision input
-    (GPT-OSS keeps its norms in float32) is applied in float32, then the result is cast once, as HF does."""
+    (GPT-OSS keeps its norms in float32) is applied in float32, then the result is cast once, as HF does. `offset`:
+    a zero-centered weight (Qwen3-Next), `normed * (1 + w)` in float32, then one cast."""
+    if offset:
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * (1.0 + weight.float())).to(x.dtype)
     if weight.dtype != x.dtype:
         return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps=eps).to(x.dtype)
     return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)

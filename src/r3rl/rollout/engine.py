@@ -46,6 +46,7 @@ import torch
 from transformers import PreTrainedModel
 
 from r3rl.models.loading import load_model, resolve_dtype
+from r3rl.rollout.attention_linear import LinearStateCache
 from r3rl.rollout.config import EngineConfig
 from r3rl.rollout.forward import MoEForward
 from r3rl.rollout.graphs import DecodeGraphs, graph_safe, next_power_of_two
@@ -94,7 +95,7 @@ class RolloutEngine:
 
         # --- device state: caches, per-slot sampling state, outputs (allocated once) --------------------------------
         S = cfg.max_slots
-        self.table, self.kv, self.routes = self._allocate_caches()
+        self.table, self.kv, self.routes, self.state = self._allocate_caches()
         self._tokens_S = torch.zeros(S, dtype=torch.int64, device=device)  # last token of each slot (next input)
         self._pos_S = torch.zeros(S, dtype=torch.int64, device=device)  # where that token's K/V goes
         self._params = SlotParams(torch.zeros(S, device=device), torch.ones(S, device=device),
@@ -187,8 +188,8 @@ class RolloutEngine:
                                f"{self.num_waiting} waiting request(s)")
         if self.kv is None:
             return 0
-        freed = self.kv.nbytes + self.routes.nbytes
-        self.table = self.kv = self.routes = None
+        freed = self.kv.nbytes + self.routes.nbytes + (self.state.nbytes if self.state is not None else 0)
+        self.table = self.kv = self.routes = self.state = None
         self._graphs = DecodeGraphs(self.config.max_slots, self.device)  # the graphs read the freed buffers
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -197,7 +198,7 @@ class RolloutEngine:
     def resume_memory(self) -> None:
         """Allocate the KV cache and routing buffer again; decode graphs are captured again on first use."""
         if self.kv is None:
-            self.table, self.kv, self.routes = self._allocate_caches()
+            self.table, self.kv, self.routes, self.state = self._allocate_caches()
 
     def _allocate_caches(self):
         cfg, m = self.config, self.model
@@ -206,12 +207,15 @@ class RolloutEngine:
                           else blocks_for(cfg.kv_cache_tokens, cfg.block_size))  # + the null block
         table = BlockTable(num_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
                            num_blocks=num_blocks, device=self.device)
-        kv = KVCache.allocate(num_layers=m.num_decoder_layers, table=table, num_kv_heads=m.num_kv_heads,
+        kv = KVCache.allocate(num_layers=m.num_attention_layers, table=table, num_kv_heads=m.num_kv_heads,
                               head_dim=m.head_dim, dtype=self.dtype, device=self.device)
+        state = None if not m.linear_layers else LinearStateCache.allocate(
+            decoder_layers=m.linear_layers, max_slots=cfg.max_slots, spec=m.linear_spec, dtype=self.dtype,
+            device=self.device)
         routes = (RoutingCapture(table=table, num_layers=m.num_moe_layers, top_k=m.top_k, num_experts=m.num_experts,
                                  device=self.device)
                   if cfg.capture_routing else NullRoutingCapture())
-        return table, kv, routes
+        return table, kv, routes, state
 
     def abort_all(self) -> list[str]:
         """Drop every waiting and running request (e.g. after a failed step); returns their ids. The buffers stay:
@@ -344,6 +348,8 @@ class RolloutEngine:
             src_M = torch.tensor(movers, device=self.device)
             for buf in (self._tokens_S, self._pos_S, *vars(self._params).values()):
                 buf[dst_M] = buf[src_M]
+            if self.state is not None:  # linear-attention state lives per slot, not in blocks
+                self.state.copy_rows(src_M, dst_M)
         self._slots = slots
 
     # --- private: admission and KV blocks -------------------------------------------------------------------------
@@ -434,10 +440,14 @@ class RolloutEngine:
                     dst += [self.table.blocks(s)[-1] for s in range(s0 + 1, s0 + len(g))]
                 s0 += len(g)
             logits_NV = self.model.prefill(tokens_NP.to(self.device), lengths_N,
-                                           torch.tensor(owner_rows, device=self.device), self.kv, self.routes)
+                                           torch.tensor(owner_rows, device=self.device), self.kv, self.routes,
+                                           self.state)
             if src:  # the partial last block of a shared prompt: each sample writes its own tokens into it
                 self.kv.copy_blocks(src, dst)
                 self.routes.copy_blocks(src, dst)
+            if self.state is not None and len(rows) > N:  # each sample starts from its prompt's state
+                self.state.copy_rows(torch.tensor([owner_rows[n] for n in rows], device=self.device),
+                                     torch.arange(s0 - len(rows), s0, device=self.device))
             members = [r for g in batch for r in g]
             rows_M = torch.tensor(rows, device=self.device)
             logits_MV, lengths_M = (logits_NV, lengths_N) if len(rows) == N else (logits_NV[rows_M], lengths_N[rows_M])
@@ -491,16 +501,27 @@ class RolloutEngine:
         """Decode rows [0, B) attending over T positions; writes the sampled tokens and logprobs of those rows.
 
         Idempotent for a given device state (it writes K/V, routing and outputs, never advances positions), which
-        makes the eager warm-up before a graph capture harmless. `masked`: rows >= the live count are padding."""
+        makes the eager warm-up before a graph capture harmless, except for linear-attention states, which `_graph`
+        restores. `masked`: rows >= the live count are padding."""
         pos_B = self._pos_S[:B]
         active_B = self._arange_P[:B] < self._n_active if masked else None
-        logits_BV = self.model.decode(self._tokens_S[:B], pos_B, T, active_B, self.kv, self.routes)
+        logits_BV = self.model.decode(self._tokens_S[:B], pos_B, T, active_B, self.kv, self.routes, self.state)
         tok_B, lp_B = sample_tokens(logits_BV, self._params.narrow(0, B), pos_B + 1, mode, self._vocab_keys_V)
         self._next_tokens_S[:B] = tok_B
         self._next_logprobs_S[:B] = lp_B
 
     def _graph(self, B: int, T: int, mode: SamplingMode, *, masked: bool) -> torch.cuda.CUDAGraph:
-        return self._graphs.get((B, T, mode, masked), lambda: self._decode_rows(B, T, mode, masked=masked))
+        def run() -> None:
+            # a decode advances linear-attention states: the eager warm-up before the capture must not (the capture
+            # itself only records)
+            if self.state is None or torch.cuda.is_current_stream_capturing():
+                self._decode_rows(B, T, mode, masked=masked)
+                return
+            snapshot = self.state.snapshot(B)
+            self._decode_rows(B, T, mode, masked=masked)
+            self.state.restore(snapshot)
+
+        return self._graphs.get((B, T, mode, masked), run)
 
 
 @dataclass(eq=False)

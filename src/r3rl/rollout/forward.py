@@ -4,8 +4,10 @@ One forward for every supported family, composed per decoder layer from the shar
 (`r3rl.rollout.attention`: fused QKV, q/k norms, full or partial RoPE, sliding windows, sinks) and either a dense MLP
 or the shared MoE block (`r3rl.rollout.moe`: the family's routing from `r3rl.models.routing`, routed and shared
 experts). DeepSeek-V3 layers use multi-head latent attention over a compressed-latent cache instead
-(`r3rl.rollout.attention_mla`). Families: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5, MiniMax-M2, GPT-OSS,
-DeepSeek-V3. Every (token, MoE layer) top-k is written into the routing capture buffer inside the forward.
+(`r3rl.rollout.attention_mla`); Qwen3-Next's linear-attention layers are gated delta-nets over a per-slot recurrent
+state (`r3rl.rollout.attention_linear`; its full-attention layers gate their output, its norms are zero-centered).
+Families: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GLM-4.5, MiniMax-M2, GPT-OSS, DeepSeek-V3, Qwen3-Next. Every
+(token, MoE layer) top-k is written into the routing capture buffer inside the forward.
 Used by `r3rl.rollout.engine.RolloutEngine`; not a public API.
 
 Tensor suffixes: S slots, T tokens, B decode rows, N prefill requests, P positions, H hidden, Q fused qkv width,
@@ -35,6 +37,14 @@ from r3rl.rollout.attention import (
     rope_tables,
     rowwise_linear,
 )
+from r3rl.rollout.attention_linear import (
+    LinearAttentionSpec,
+    LinearAttentionWeights,
+    LinearStateCache,
+    linear_attention_decode,
+    linear_attention_prefill,
+    load_linear_attention,
+)
 from r3rl.rollout.attention_mla import MLAWeights, mla_decode, mla_prefill
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
 from r3rl.rollout.moe import ExpertAct, MoEBlock, MoEKernel, MoEWeights
@@ -45,13 +55,15 @@ logger = logging.getLogger(__name__)
 
 _UNSUPPORTED: dict[str, str] = {}  # model type -> what the engine lacks for it
 _FP32_NORMS = {"gpt_oss"}  # families whose HF model keeps its RMSNorm weights (and their product) in float32
+_ZERO_CENTERED_NORMS = {"qwen3_next"}  # RMSNorms scale by (1 + weight), in float32
+_GATED_ATTENTION = {"qwen3_next"}  # q_proj emits a per-head output gate
 
 
 @dataclass
 class _Layer:
     input_norm_H: torch.Tensor
     post_norm_H: torch.Tensor
-    attn: AttentionWeights | MLAWeights
+    attn: AttentionWeights | MLAWeights | LinearAttentionWeights
     moe: MoEWeights | None = None  # None for a dense layer
     mlp_gate_up_IH: torch.Tensor | None = None  # dense MLP
     mlp_down_HI: torch.Tensor | None = None
@@ -87,6 +99,13 @@ class MoEForward:
         self.act = ACT2FN[cfg.hidden_act]
         self.linear, self.batch_invariant = rowwise_linear if batch_invariant else F.linear, batch_invariant
         self.windows = _windows(model, max_seq_len)
+        self.norm_offset = cfg.model_type in _ZERO_CENTERED_NORMS
+        layer_types = getattr(cfg, "layer_types", None) or []
+        self.linear_layers = [i for i, t in enumerate(layer_types) if t == "linear_attention"]
+        self.linear_spec = LinearAttentionSpec.from_config(cfg) if self.linear_layers else None
+        # the KV cache holds the attention layers only: decoder layer -> its index in the KV pools
+        self.kv_index = {i: j for j, i in enumerate(x for x in range(cfg.num_hidden_layers)
+                                                    if x not in self.linear_layers)}
         self.expert_act = ExpertAct.GPT_OSS if cfg.model_type == "gpt_oss" else ExpertAct.SWIGLU
 
         self.config, self.hf_layers = cfg, model.model.layers  # read while loading, then dropped
@@ -122,38 +141,47 @@ class MoEForward:
         return total - experts, experts // (self.num_experts * self.num_moe_layers)
 
     # --- forward ----------------------------------------------------------------------------------------------------
+    @property
+    def num_attention_layers(self) -> int:
+        """Decoder layers with a KV cache (all but the linear-attention ones)."""
+        return len(self.kv_index)
+
     def prefill(self, tokens_NP: torch.Tensor, lengths_N: torch.Tensor, rows_N: torch.Tensor, kv: KVCache,
-                routes: RoutingCapture | NullRoutingCapture) -> torch.Tensor:
-        """N right-padded prompts into slots rows_N (their blocks, see paging.py). Returns the logits of each last
-        prompt token."""
+                routes: RoutingCapture | NullRoutingCapture, state: LinearStateCache | None = None) -> torch.Tensor:
+        """N right-padded prompts into slots rows_N (their KV blocks, see paging.py, and their linear-attention
+        state). Returns the logits of each last prompt token."""
         N, P = tokens_NP.shape
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         valid_T = (self._arange[:P].unsqueeze(0) < lengths_N.unsqueeze(1)).flatten() if N > 1 else None
         cos_TD, sin_TD = self.cos_PD[:P].repeat(N, 1), self.sin_PD[:P].repeat(N, 1)
         x_TH = self.embed_VH[tokens_NP.flatten()]
         for i, lw in enumerate(self.layers):
-            h_TH = rms_norm(x_TH, lw.input_norm_H, self.eps)
-            if self.mla:
-                x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, i, rows_N, self.linear)
+            h_TH = self._norm(x_TH, lw.input_norm_H)
+            if isinstance(lw.attn, LinearAttentionWeights):
+                x_TH = x_TH + linear_attention_prefill(lw.attn, h_TH, lengths_N, rows_N, state, i, linear=self.linear)
+            elif self.mla:
+                x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, self.kv_index[i], rows_N,
+                                          self.linear)
             else:
-                q_THD, k_THD, v_THD = self._qkv(lw, h_TH, cos_TD, sin_TD)
+                q_THD, k_THD, v_THD, gate_TQ = self._qkv(lw, h_TH, cos_TD, sin_TD)
                 k_NHPD, v_NHPD = (t.view(N, P, Hkv, D).transpose(1, 2) for t in (k_THD, v_THD))
-                kv.write_prefill(i, rows_N, k_NHPD, v_NHPD)
+                kv.write_prefill(self.kv_index[i], rows_N, k_NHPD, v_NHPD)
                 q_NHPD = q_THD.view(N, P, Hq, D).transpose(1, 2)
                 o_NHPD = prefill_attention(lw.attn, q_NHPD, k_NHPD, v_NHPD, self.scale)
-                x_TH = x_TH + self.linear(o_NHPD.transpose(1, 2).reshape(N * P, Hq * D), lw.attn.o_HQ,
+                o_TQ = o_NHPD.transpose(1, 2).reshape(N * P, Hq * D)
+                x_TH = x_TH + self.linear(o_TQ if gate_TQ is None else o_TQ * torch.sigmoid(gate_TQ), lw.attn.o_HQ,
                                           lw.attn.o_bias_H)
-            mlp_TH, ids_TK = self._mlp(lw, rms_norm(x_TH, lw.post_norm_H, self.eps), valid_T)
+            mlp_TH, ids_TK = self._mlp(lw, self._norm(x_TH, lw.post_norm_H), valid_T)
             if ids_TK is not None:
                 routes.write_prefill(lw.moe.moe_layer, rows_N, ids_TK.view(N, P, -1))
             x_TH = x_TH + mlp_TH
         last_NH = x_TH.view(N, P, -1)[self._arange[:N], lengths_N - 1]
-        return self.linear(rms_norm(last_NH, self.final_norm_H, self.eps), self.lm_head_VH)
+        return self.linear(self._norm(last_NH, self.final_norm_H), self.lm_head_VH)
 
     def decode(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, T: int, active_B: torch.Tensor | None, kv: KVCache,
-               routes: RoutingCapture | NullRoutingCapture) -> torch.Tensor:
-        """One token for each of slots [0, B), attending over positions [0, T) (a multiple of the KV block size).
-        Returns logits `[B, V]`."""
+               routes: RoutingCapture | NullRoutingCapture, state: LinearStateCache | None = None) -> torch.Tensor:
+        """One token for each of slots [0, B), attending over positions [0, T) (a multiple of the KV block size);
+        linear-attention layers advance the slots' states in place. Returns logits `[B, V]`."""
         B = tokens_B.shape[0]
         rows_B = self._arange[:B]
         in_place = self._paged_kernel_fits(kv)
@@ -164,27 +192,34 @@ class MoEForward:
         cos_BD, sin_BD = self.cos_PD[pos_B], self.sin_PD[pos_B]
         x_BH = self.embed_VH[tokens_B]
         for i, lw in enumerate(self.layers):
-            h_BH = rms_norm(x_BH, lw.input_norm_H, self.eps)
-            if self.mla:
-                x_BH = x_BH + mla_decode(lw.attn, h_BH, cos_BD, sin_BD, kv, i, rows_B, pos_B, T, bias_by_window[None],
-                                         self.linear, batch_invariant=self.batch_invariant)
+            h_BH = self._norm(x_BH, lw.input_norm_H)
+            if isinstance(lw.attn, LinearAttentionWeights):
+                x_BH = x_BH + linear_attention_decode(lw.attn, h_BH, state, i, linear=self.linear)
+            elif self.mla:
+                x_BH = x_BH + mla_decode(lw.attn, h_BH, cos_BD, sin_BD, kv, self.kv_index[i], rows_B, pos_B, T,
+                                         bias_by_window[None], self.linear, batch_invariant=self.batch_invariant)
             else:
-                q_BHD, k_BHD, v_BHD = self._qkv(lw, h_BH, cos_BD, sin_BD)
-                kv.write_decode(i, rows_B, pos_B, k_BHD, v_BHD)
+                j = self.kv_index[i]
+                q_BHD, k_BHD, v_BHD, gate_BQ = self._qkv(lw, h_BH, cos_BD, sin_BD)
+                kv.write_decode(j, rows_B, pos_B, k_BHD, v_BHD)
                 if in_place:
                     o_BH = paged_attention.paged_decode_attention(
-                        q_BHD, kv.k_LNHbD[i], kv.v_LNHbD[i], kv.table.table_SM, pos_B, scale=self.scale,
+                        q_BHD, kv.k_LNHbD[j], kv.v_LNHbD[j], kv.table.table_SM, pos_B, scale=self.scale,
                         window=lw.attn.window, sinks_H=lw.attn.sinks_H)
                 else:
-                    k_BHTD, v_BHTD = kv.context(i, B, T)
+                    k_BHTD, v_BHTD = kv.context(j, B, T)
                     o_BH = decode_attention(lw.attn, q_BHD, k_BHTD, v_BHTD, bias_by_window[lw.attn.window],
                                             self.scale)
-                x_BH = x_BH + self.linear(o_BH, lw.attn.o_HQ, lw.attn.o_bias_H)
-            mlp_BH, ids_BK = self._mlp(lw, rms_norm(x_BH, lw.post_norm_H, self.eps), active_B)
+                x_BH = x_BH + self.linear(o_BH if gate_BQ is None else o_BH * torch.sigmoid(gate_BQ), lw.attn.o_HQ,
+                                          lw.attn.o_bias_H)
+            mlp_BH, ids_BK = self._mlp(lw, self._norm(x_BH, lw.post_norm_H), active_B)
             if ids_BK is not None:
                 routes.write_decode(lw.moe.moe_layer, rows_B, pos_B, ids_BK)
             x_BH = x_BH + mlp_BH
-        return self.linear(rms_norm(x_BH, self.final_norm_H, self.eps), self.lm_head_VH)
+        return self.linear(self._norm(x_BH, self.final_norm_H), self.lm_head_VH)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.eps, offset=self.norm_offset)
 
     def _paged_kernel_fits(self, kv: KVCache) -> bool:
         """Decode attention reads the KV blocks in place (paged_attention.py) rather than gathering them: CUDA with
@@ -209,9 +244,12 @@ class MoEForward:
 
     def _load_layer(self, loader: _Loader, i: int, site: RouterSite | None) -> _Layer:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        if i in self.linear_layers:
+            attn = load_linear_attention(loader.take, p + "linear_attn.", self.linear_spec)
+        else:
+            attn = self._load_mla(loader, i, a) if self.mla else self._load_attention(loader, i, a)
         lw = _Layer(input_norm_H=loader.take(p + "input_layernorm.weight", dtype=self.norm_dtype),
-                    post_norm_H=loader.take(p + "post_attention_layernorm.weight", dtype=self.norm_dtype),
-                    attn=self._load_mla(loader, i, a) if self.mla else self._load_attention(loader, i, a))
+                    post_norm_H=loader.take(p + "post_attention_layernorm.weight", dtype=self.norm_dtype), attn=attn)
         if site is None:
             lw.mlp_gate_up_IH = loader.take(m + "gate_proj.weight", m + "up_proj.weight")
             lw.mlp_down_HI = loader.take(m + "down_proj.weight")
@@ -225,6 +263,7 @@ class MoEForward:
             qkv_bias_Q=loader.take(*(f"{a}{x}_proj.bias" for x in "qkv"), optional=True),
             o_HQ=loader.take(a + "o_proj.weight"), o_bias_H=loader.take(a + "o_proj.bias", optional=True),
             window=self.windows[i], sinks_H=loader.take(a + "sinks", optional=True),
+            gated=self.family in _GATED_ATTENTION, norm_offset=self.norm_offset,
         )
         q_norm = loader.sd.get(a + "q_norm.weight")
         if q_norm is not None and q_norm.numel() == self.head_dim:
@@ -347,10 +386,10 @@ def _windows(model: PreTrainedModel, max_seq_len: int) -> list[int | None]:
             raise NotImplementedError(f"the rollout engine needs per-layer attention types for a sliding window: got "
                                       f"sliding_window={window} < max_seq_len={max_seq_len} and no layer_types")
         return [None] * cfg.num_hidden_layers
-    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    unknown = set(layer_types) - {"full_attention", "sliding_attention", "linear_attention"}
     if unknown:
-        raise NotImplementedError(f"the rollout engine implements full and sliding-window attention: got layer "
-                                  f"types {sorted(unknown)}")
+        raise NotImplementedError(f"the rollout engine implements full, sliding-window and gated delta-net linear "
+                                  f"attention: got layer types {sorted(unknown)}")
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
