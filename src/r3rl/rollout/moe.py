@@ -184,7 +184,8 @@ def _weighted_sum(y_TKH: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor
     """Sum over k of each expert output times its gate weight, rounded as HF's experts (grouped_mm, the default)
     round it: the product in the promoted dtype (bfloat16 gate weights, GPT-OSS and Qwen: each product rounded to
     bfloat16; float32 gate weights, the sigmoid families: exact), the sum over k accumulated in float32, then one cast
-    to the hidden dtype. A bmm would keep the products unrounded (and round float32 weights to bfloat16 first)."""
+    to the hidden dtype. A bmm would keep the products unrounded (and round float32 weights to bfloat16 first). The
+    fused kernels (`fused_moe`, MoEKernel.FUSED) round the same way."""
     return (y_TKH * weights_TK.unsqueeze(-1)).sum(dim=1).to(y_TKH.dtype)
 
 
