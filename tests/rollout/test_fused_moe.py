@@ -384,9 +384,11 @@ def test_fused_moe_gpt_oss_bf16_on_gpu_matches_grouped_mm_and_hf_rounding(T):
     control = fm.fused_moe_reference(x, ids, w.float(), gu, dn, emulate_rounding=True, **kw)
     u, u_control = _ulps(fused, emu), _ulps(fused, control)
     same, same_control = (u == 0).float().mean().item(), (u_control == 0).float().mean().item()
-    # the interpreter test shows bitwise equality when accumulation orders agree; here, with H = I = 2880, an estimated
-    # few % of the outputs see an order-induced flip, while dropping the product rounding changes about a third
-    assert same >= 0.75 and same_control < same - 0.1, (same, same_control, u.max().item())
+    # the interpreter test shows bitwise equality when accumulation orders agree. On CPU at this shape (8 experts),
+    # float32 vs float64 accumulation under the same emulation leaves 99.87% bitwise and 99.96% within 1 ulp (the
+    # rest: sums that cancel), while dropping the product rounding leaves 60% bitwise
+    assert same >= 0.97 and (u <= 1).float().mean().item() >= 0.99, (same, u.max().item())
+    assert same_control < same - 0.2, (same, same_control)
 
 
 @pytest.mark.gpu
