@@ -1,6 +1,6 @@
 """Fused MoE experts for the rollout engine on GPU (Triton), on HF's fused `[E, 2I, H]` gate/up layout: SwiGLU
-experts (gate rows then up rows, no biases) and GPT-OSS experts (interleaved gate/up rows, a clamped GLU, biases on
-gate/up and down).
+experts (gate rows then up rows) and GPT-OSS experts (interleaved gate/up rows, a clamped GLU), either with optional
+biases on gate/up `[E, 2I]` and down `[E, H]` (GPT-OSS has both).
 
 Three steps, no host sync (CUDA-graph safe):
   1. alignment: group the (token, k) rows by expert and pad each expert's group to a multiple of the block size, so
@@ -197,9 +197,9 @@ def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
     """The same computation in torch over the same `align_block_size` blocks (CPU, tests; one matmul per block).
 
     Computes in `compute_dtype` (float32 by default: the accuracy yardstick) and returns x's dtype. With
-    `emulate_rounding`, rounds where the kernels round: the activation to x's dtype, and, when the gate weights are in
-    x's low-precision dtype, each expert output (with its bias) to x's dtype and, when the gate weights are in that
-    dtype too, each weighted product (HF's rounding); the sum over k stays in `compute_dtype`."""
+    `emulate_rounding`, rounds where the kernels round (for a bf16/fp16 x): the activation, each expert output (with
+    its bias) and, when the gate weights are in x's dtype too, each weighted product, all to x's dtype (HF's rounding
+    from the expert output on); the sum over k stays in `compute_dtype`."""
     T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH)
     K, out_dtype = ids_TK.shape[1], x_TH.dtype
     round_output = emulate_rounding and _low_precision(x_TH)
