@@ -12,9 +12,6 @@ from r3rl.models.presets import init_model, preset_available
 from r3rl.replay import RoutingReplay
 
 FAMILIES = ["tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2", "tiny-qwen3-next"]
-# families whose engine forward is not wired yet: Qwen3-Next's gated delta-net layer and its recurrent state cache
-# exist (r3rl.rollout.attention_linear) but forward.py does not compose them yet
-ENGINE_PENDING = {"tiny-qwen3-next"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -57,10 +54,9 @@ def test_injected_fault_fails_the_check(checkpoint, fault):
 
 @pytest.mark.parametrize("fault", [Fault.NONE, Fault.SHIFT])
 def test_check_with_the_engine_rollout(checkpoint, fault):
-    """The default rollout (r3rl's engine, its own kernels in bf16; MLA for DeepSeek-V3): replay passes the check,
+    """The default rollout (r3rl's engine, its own kernels in bf16; MLA for DeepSeek-V3, gated delta-net layers over
+    the per-slot state cache for Qwen3-Next): replay passes the check,
     a shift fails it."""
-    if any(checkpoint.name.startswith(p) for p in ENGINE_PENDING):
-        pytest.skip(f"{checkpoint.name}: the engine forward does not compose this family's layers yet")
     replay = ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True)
     report = run_check(CheckRunConfig(replay=replay, model=str(checkpoint), rollout=RolloutKind.ENGINE, batch_size=4,
                                       prompt_len=8, response_len=12, inject_fault=fault))

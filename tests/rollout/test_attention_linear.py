@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from r3rl.models.presets import make_config, preset_available
+from r3rl.rollout.attention import rowwise_linear
 from r3rl.rollout.attention_linear import (
     LINEAR_ATTENTION_PARAMS,
     LinearAttentionSpec,
@@ -58,7 +59,7 @@ def _engine_layer(cfg, layer):
 
 
 def _run(lengths, steps, *, rows=None, chunk_size=64, seed=0, forget=None, honor_lengths=True, slots=4,
-         dtype=torch.float32):
+         dtype=torch.float32, batch_invariant=False):
     """(engine outputs, HF outputs) per request: its prompt's real positions, then each decode step."""
     cfg, layer = _hf_layer(seed)
     layer.to(dtype)
@@ -83,7 +84,7 @@ def _run(lengths, steps, *, rows=None, chunk_size=64, seed=0, forget=None, honor
         for t in range(steps):
             if forget is not None:
                 getattr(state, forget)(0).zero_()
-            steps_out.append(linear_attention_decode(w, decode[t], state, 0))
+            steps_out.append(linear_attention_decode(w, decode[t], state, 0, batch_invariant=batch_invariant))
         mine, ref = [], []
         for n, x in enumerate(prompts):
             full = torch.cat([x, decode[:, rows[n]]])
@@ -92,11 +93,13 @@ def _run(lengths, steps, *, rows=None, chunk_size=64, seed=0, forget=None, honor
     return mine, ref, lengths
 
 
-@pytest.mark.parametrize(("chunk_size", "atol"), [(64, ATOL), (16, 2 * ATOL)])
-def test_prefill_then_decode_equals_hf_over_the_full_sequence(chunk_size, atol):
+@pytest.mark.parametrize(("chunk_size", "atol", "batch_invariant"), [(64, ATOL, False), (16, 2 * ATOL, False),
+                                                                    (64, ATOL, True)])
+def test_prefill_then_decode_equals_hf_over_the_full_sequence(chunk_size, atol, batch_invariant):
     """Mixed lengths (one past a 64-token chunk), right-padded, into slots in another order than the batch. HF's
     layer chunks by 64 (max error 6e-7 here); chunks of 16 sum in another order over the 70-token prompt (9e-6)."""
-    mine, ref, lengths = _run([5, 70, 2], steps=4, rows=[2, 0, 1], chunk_size=chunk_size)
+    mine, ref, lengths = _run([5, 70, 2], steps=4, rows=[2, 0, 1], chunk_size=chunk_size,
+                              batch_invariant=batch_invariant)
     for n, (a, b) in enumerate(zip(mine, ref, strict=True)):
         assert b.abs().mean() > 0.05  # a signal, not zeros
         torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m, n=n: f"request {n}: {m}")
@@ -127,6 +130,27 @@ def test_prefill_that_lets_padding_into_the_state_breaks_the_match():
     for a, b, n in zip(mine, ref, lengths, strict=True):
         err = (a[n:] - b[n:]).abs().max()
         assert err < ATOL if n == longest else err > 1e-2
+
+
+def test_batch_invariant_decode_does_not_depend_on_the_other_rows():
+    """The CPU engine's mode (with its row-wise projections): a row's output and new state are bitwise the same
+    decoded alone or among others."""
+    cfg, layer = _hf_layer(0)
+    spec, w = _engine_layer(cfg, layer)
+    g = torch.Generator().manual_seed(5)
+    x_BH = torch.randn(5, cfg.hidden_size, generator=g)
+    init = LinearStateCache.allocate(decoder_layers=[0], max_slots=5, spec=spec, dtype=torch.float32,
+                                     device=torch.device("cpu"))
+    init.conv_LSCW.normal_(generator=g)
+    init.recurrent_LSVKD.normal_(generator=g)
+    snap = init.snapshot(5)
+    with torch.no_grad():
+        together = linear_attention_decode(w, x_BH, init, 0, batch_invariant=True, linear=rowwise_linear)
+        state_together = init.recurrent_LSVKD.clone()
+        init.restore(snap)
+        alone = linear_attention_decode(w, x_BH[:1], init, 0, batch_invariant=True, linear=rowwise_linear)
+    assert torch.equal(alone[0], together[0])
+    assert torch.equal(init.recurrent_LSVKD[:, 0], state_together[:, 0])
 
 
 def test_copied_rows_decode_alike_and_restore_undoes_a_step():

@@ -14,14 +14,6 @@ from r3rl.train.trainer import Trainer
 
 FAMILIES = [p for p in ("tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2", "tiny-mixtral",
                         "tiny-olmoe", "tiny-qwen2-moe", "tiny-qwen3-next") if p in PRESETS]
-# the trainer rolls out with the engine, whose forward does not compose Qwen3-Next's gated delta-net layers yet
-# (r3rl.rollout.attention_linear holds the layer and its state cache); drop a preset from here once it does
-ENGINE_PENDING = {"tiny-qwen3-next"}
-
-
-def _needs_engine(preset: str) -> None:
-    if preset in ENGINE_PENDING:
-        pytest.skip(f"{preset}: the rollout engine does not compose this family's layers yet")
 
 
 def _cfg(tmp_path, preset: str, **kw) -> TrainConfig:
@@ -33,7 +25,6 @@ def _cfg(tmp_path, preset: str, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_r3_training_passes_the_check_on_every_family(tmp_path, preset):
-    _needs_engine(preset)
     summary = Trainer(_cfg(tmp_path, preset)).run()
     assert summary["verdict"] == "pass" and summary["routing_mismatch_mean"] == 0.0
     assert summary["tokens_checked"]["replay_backward"] > 0
@@ -41,6 +32,5 @@ def test_r3_training_passes_the_check_on_every_family(tmp_path, preset):
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_a_layer_permuted_trace_fails_the_check_on_every_family(tmp_path, preset):
-    _needs_engine(preset)
     with pytest.raises(AssertionError, match=r"R3 mismatch tokens \(\d+\) > threshold"):
         Trainer(_cfg(tmp_path, preset, inject_fault=Fault.PERMUTE_LAYERS)).run()

@@ -198,19 +198,30 @@ def linear_attention_prefill(w: LinearAttentionWeights, h_TH: torch.Tensor, leng
 
 
 def linear_attention_decode(w: LinearAttentionWeights, h_BH: torch.Tensor, state: LinearStateCache, layer: int, *,
-                            linear=F.linear) -> torch.Tensor:
+                            linear=F.linear, batch_invariant: bool = False) -> torch.Tensor:
     """One token for each of slots [0, B): reads and advances their conv and recurrent states in place (no
-    allocation in the cache, no host sync). Returns `[B, H]`."""
+    allocation in the cache, no host sync). Returns `[B, H]`.
+
+    `batch_invariant` (the CPU engine): the conv and the state reads as fixed-order elementwise sums instead of
+    conv1d / bmm, whose CPU kernels may pick a different summation order with the number of rows."""
     s, B = w.spec, h_BH.shape[0]
     mixed_BC, z_BVD, b_BV, a_BV = _project(w, h_BH, linear)
     conv_BCW = state.conv(layer)[:B]
     window_BCW = torch.cat([conv_BCW, mixed_BC.unsqueeze(2).to(conv_BCW.dtype)], dim=2)
     conv_BCW.copy_(window_BCW[:, :, 1:])
-    out_BC1 = F.conv1d(window_BCW.to(w.conv_C1W.dtype), w.conv_C1W, w.conv_bias_C, groups=window_BCW.shape[1])
-    conv_BC = ACT2FN[s.act](out_BC1).to(h_BH.dtype).squeeze(2)
+    window_BCW = window_BCW.to(w.conv_C1W.dtype)
+    if batch_invariant:
+        out_BC = window_BCW[:, :, 0] * w.conv_C1W[:, 0, 0]
+        for j in range(1, s.kernel):
+            out_BC = out_BC + window_BCW[:, :, j] * w.conv_C1W[:, 0, j]
+        out_BC = out_BC if w.conv_bias_C is None else out_BC + w.conv_bias_C
+    else:
+        out_BC = F.conv1d(window_BCW, w.conv_C1W, w.conv_bias_C, groups=window_BCW.shape[1]).squeeze(2)
+    conv_BC = ACT2FN[s.act](out_BC).to(h_BH.dtype)
     q_BGK, k_BGK, v_BVD, beta_BV, g_BV = _gates(w, conv_BC, b_BV, a_BV)
     q_BVK, k_BVK = _qk_heads(s, q_BGK, k_BGK)
-    o_BVD = _recurrent_step(state.recurrent(layer)[:B], q_BVK, k_BVK, v_BVD.float(), g_BV, beta_BV.float())
+    o_BVD = _recurrent_step(state.recurrent(layer)[:B], q_BVK, k_BVK, v_BVD.float(), g_BV, beta_BV.float(),
+                            batch_invariant=batch_invariant)
     return _output(w, o_BVD.to(h_BH.dtype), z_BVD, linear)
 
 
@@ -247,7 +258,7 @@ def _qk_heads(s: LinearAttentionSpec, q: torch.Tensor, k: torch.Tensor):
 
 
 def _recurrent_step(state_BVKD: torch.Tensor, q_BVK: torch.Tensor, k_BVK: torch.Tensor, v_BVD: torch.Tensor,
-                    g_BV: torch.Tensor, beta_BV: torch.Tensor) -> torch.Tensor:
+                    g_BV: torch.Tensor, beta_BV: torch.Tensor, *, batch_invariant: bool = False) -> torch.Tensor:
     """One step of the gated delta rule, updating `state_BVKD` in place; returns the output `[B, V, D]`.
 
     With S the old state and e = exp(g): S' = e S + k (beta (v - e k.S))^T and o = q.S' = e q.S + (q.k) delta. One
@@ -255,12 +266,23 @@ def _recurrent_step(state_BVKD: torch.Tensor, q_BVK: torch.Tensor, k_BVK: torch.
     state through memory three times and allocates nothing of its size (the state dominates decode at large batch)."""
     B, V, K, D = state_BVKD.shape
     s_RKD = state_BVKD.view(B * V, K, D)
-    read_R2D = torch.bmm(torch.stack([q_BVK, k_BVK], dim=2).view(B * V, 2, K), s_RKD)
+    q_RK, k_RK = q_BVK.reshape(B * V, K), k_BVK.reshape(B * V, K)
+    if batch_invariant:  # sums over K in a fixed order, row by row
+        read_R2D = torch.stack([q_RK[:, :1] * s_RKD[:, 0], k_RK[:, :1] * s_RKD[:, 0]], dim=1)
+        qk_R1 = q_RK[:, :1] * k_RK[:, :1]
+        for j in range(1, K):
+            read_R2D = read_R2D + torch.stack([q_RK[:, j : j + 1], k_RK[:, j : j + 1]], dim=1) * s_RKD[:, j : j + 1]
+            qk_R1 = qk_R1 + q_RK[:, j : j + 1] * k_RK[:, j : j + 1]
+    else:
+        read_R2D = torch.bmm(torch.stack([q_RK, k_RK], dim=1), s_RKD)
+        qk_R1 = (q_RK * k_RK).sum(-1, keepdim=True)
     decay_R1 = g_BV.exp().view(B * V, 1)
     delta_RD = (v_BVD.reshape(B * V, D) - decay_R1 * read_R2D[:, 1]) * beta_BV.reshape(B * V, 1)
-    qk_R1 = (q_BVK * k_BVK).sum(-1).view(B * V, 1)
     o_RD = decay_R1 * read_R2D[:, 0] + qk_R1 * delta_RD
-    s_RKD.mul_(decay_R1.unsqueeze(-1)).baddbmm_(k_BVK.reshape(B * V, K, 1), delta_RD.unsqueeze(1))
+    if batch_invariant:
+        s_RKD.mul_(decay_R1.unsqueeze(-1)).add_(k_RK.unsqueeze(-1) * delta_RD.unsqueeze(1))
+    else:
+        s_RKD.mul_(decay_R1.unsqueeze(-1)).baddbmm_(k_RK.unsqueeze(-1), delta_RD.unsqueeze(1))
     return o_RD.view(B, V, D)
 
 
