@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache capacity in tokens, paged and shared by all sequences (default: max-slots x "
                         "max-seq-len); when full, the newest requests are preempted and recomputed")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--moe-kernel", choices=["fused", "grouped_mm"], default="fused",
+                   help="CUDA experts: the fused Triton kernels where they apply (default), or torch's grouped_mm")
     p.add_argument("--device", default=None, help="engine device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="bfloat16 | float32 | float16 (default: bfloat16 on cuda, else float32)")
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level, engine=EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
                                                               kv_cache_tokens=args.kv_cache_tokens,
                                                               block_size=args.kv_block_size,
+                                                              fused_moe=args.moe_kernel == "fused",
                                                               device=args.device, dtype=args.dtype))
         except ValueError as e:  # bad flag values: exit 2 with one line, before the model loads
             parser.error(str(e))

@@ -39,6 +39,9 @@ class EngineConfig:
     blocks run out, the newest requests are preempted and recomputed later (same seeds, same tokens)."""
     block_size: int = 16
     """Tokens per KV block (the unit of paging and of prompt sharing between the samples of a group)."""
+    fused_moe: bool = True
+    """Run the experts through the fused Triton kernels on CUDA where they apply (SwiGLU and GPT-OSS experts);
+    False = the grouped_mm path."""
     device: str | torch.device | None = None
     """Engine device; None = the model's device (a checkpoint path: cuda when available, else cpu)."""
     dtype: str | torch.dtype | None = None

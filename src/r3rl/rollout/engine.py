@@ -86,7 +86,8 @@ class RolloutEngine:
         if cfg.batch_invariant is None:
             cfg.batch_invariant = device.type == "cpu"
         self.model = m = MoEForward(model, device=device, dtype=dtype, max_seq_len=cfg.max_seq_len,
-                                     max_slots=cfg.max_slots, batch_invariant=cfg.batch_invariant)
+                                     max_slots=cfg.max_slots, batch_invariant=cfg.batch_invariant,
+                                     fused_moe=cfg.fused_moe)
         del model  # the engine owns copies; a model passed in stays the caller's
         if cfg.use_cuda_graph and not graph_safe(m.moe_kernel, device, dtype):
             logger.warning("CUDA graphs off: the %s experts kernel syncs with the host for %s on %s (grouped_mm is "

@@ -81,7 +81,7 @@ class MoEForward:
     """The engine's copy of the weights and its prefill/decode forward (no autograd, no HF modules)."""
 
     def __init__(self, model: PreTrainedModel, *, device: torch.device, dtype: torch.dtype, max_seq_len: int,
-                 max_slots: int, batch_invariant: bool) -> None:
+                 max_slots: int, batch_invariant: bool, fused_moe: bool = True) -> None:
         cfg = model.config
         _check_supported(model)
         sites = {int(re.search(r"layers\.(\d+)\.", s.name).group(1)): s for s in find_routers(model)}  # raises
@@ -124,7 +124,7 @@ class MoEForward:
                             linear=self.linear, batch_invariant=batch_invariant,
                             probe=next(lw.moe for lw in self.layers if lw.moe is not None),
                             alpha=float(getattr(cfg, "swiglu_alpha", 1.702)),
-                            limit=float(getattr(cfg, "swiglu_limit", 7.0)))
+                            limit=float(getattr(cfg, "swiglu_limit", 7.0)), fused=fused_moe)
         self.moe_kernel = self.moe.kernel
         self._paged_fits: dict[int, bool] = {}  # block size -> decode attention reads the blocks in place (Triton)
 
