@@ -194,7 +194,8 @@ class MoEForward:
         for i, lw in enumerate(self.layers):
             h_BH = self._norm(x_BH, lw.input_norm_H)
             if isinstance(lw.attn, LinearAttentionWeights):
-                x_BH = x_BH + linear_attention_decode(lw.attn, h_BH, state, i, linear=self.linear)
+                x_BH = x_BH + linear_attention_decode(lw.attn, h_BH, state, i, linear=self.linear,
+                                                      batch_invariant=self.batch_invariant)
             elif self.mla:
                 x_BH = x_BH + mla_decode(lw.attn, h_BH, cos_BD, sin_BD, kv, self.kv_index[i], rows_B, pos_B, T,
                                          bias_by_window[None], self.linear, batch_invariant=self.batch_invariant)
