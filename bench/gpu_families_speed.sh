@@ -3,7 +3,7 @@
 set -x
 . bench/gpu_env.sh
 for b in 32 256; do
-  timeout 60 python3 bench/profile_decode.py --preset probe-qwen3-moe --batch $b 2>&1 | tail -28
+  timeout 60 python3 bench/profile_decode.py --preset probe-qwen3-moe --batch $b --rows 40 2>&1 | grep -v " INFO "
 done
 for p in probe-deepseek-v3 probe-glm4-moe probe-minimax-m2; do
   timeout 110 python3 bench/bench_rollout.py --presets $p --batches 32 256 --rounds 2 --hf-rounds 1 \

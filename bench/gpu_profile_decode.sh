@@ -1,6 +1,7 @@
-# Where one decode step of the engine goes (torch profiler, eager): experts through grouped_mm, then through the
-# fused MoE Triton kernels.
+# Where one decode step of the engine goes (torch profiler, eager): the default kernels (fused MoE, paged decode
+# attention) at batch 32 and 256, then the grouped_mm experts at batch 32 for comparison.
 set -x
 . bench/gpu_env.sh
-python3 bench/profile_decode.py --preset probe-qwen3-moe --batch 32 2>&1 | tail -45
-python3 bench/profile_decode.py --preset probe-qwen3-moe --batch 32 --fused-moe 2>&1 | tail -45
+python3 bench/profile_decode.py --preset probe-qwen3-moe --batch 32 --rows 40
+python3 bench/profile_decode.py --preset probe-qwen3-moe --batch 256 --rows 40
+python3 bench/profile_decode.py --preset probe-qwen3-moe --batch 32 --rows 25 --moe-kernel grouped_mm
