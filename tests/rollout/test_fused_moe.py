@@ -454,3 +454,22 @@ def test_fused_moe_replays_in_a_cuda_graph_with_new_routing(triton_align, act):
                                rtol=0)
     want = fm.fused_moe_reference(x2, ids2, w2, gu, dn, **kw).float()
     assert (out.float() - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and fm.available()), reason="needs CUDA and triton")
+def test_engine_falls_back_to_grouped_mm_when_the_kernels_do_not_build(monkeypatch, caplog):
+    from r3rl.models.presets import make_model
+    from r3rl.rollout import RolloutEngine
+    from r3rl.rollout.moe import MoEKernel
+
+    model = make_model("tiny-qwen3-moe", seed=0, device="cuda", dtype=torch.bfloat16)
+    assert RolloutEngine(model, max_slots=2, max_seq_len=64).model.moe_kernel is MoEKernel.FUSED
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: no kernel image for this device")
+
+    monkeypatch.setattr(fm, "fused_moe", broken)
+    engine = RolloutEngine(model, max_slots=2, max_seq_len=64)
+    assert engine.model.moe_kernel is MoEKernel.GROUPED_MM
+    assert "fused MoE kernels unavailable" in caplog.text

@@ -140,10 +140,24 @@ class MoEBlock:
         optional, either way)."""
         if not (fused_moe.available() and probe.gate_up_EIH.is_cuda):
             return False
-        if self.expert_act is ExpertAct.GPT_OSS:
-            return True
-        x = torch.linspace(-6, 6, 64, device=probe.gate_up_EIH.device)
-        return bool(torch.allclose(self.act(x), F.silu(x)))  # ACT2FN's class names vary across versions
+        if self.expert_act is not ExpertAct.GPT_OSS:
+            x = torch.linspace(-6, 6, 64, device=probe.gate_up_EIH.device)
+            if not torch.allclose(self.act(x), F.silu(x)):  # ACT2FN's class names vary across versions
+                return False
+        # compile and run the kernels once on two tokens (the installed triton must build them for this GPU); a
+        # failure falls back to grouped_mm with a warning rather than failing the first rollout
+        dev, H = probe.gate_up_EIH.device, probe.gate_up_EIH.shape[2]
+        try:
+            fused_moe.fused_moe(torch.zeros(2, H, dtype=probe.gate_up_EIH.dtype, device=dev),
+                                torch.zeros(2, 1, dtype=torch.int64, device=dev),
+                                torch.ones(2, 1, dtype=probe.gate_up_EIH.dtype, device=dev), probe.gate_up_EIH,
+                                probe.down_EHI, gate_up_bias_EI=probe.gate_up_bias_EI, down_bias_EH=probe.down_bias_EH,
+                                act=self.expert_act, alpha=self.alpha, limit=self.limit)
+        except Exception as e:  # noqa: BLE001 - any triton build or launch error
+            logger.warning("fused MoE kernels unavailable on %s (%s: %s); using grouped_mm", dev, type(e).__name__,
+                           str(e).splitlines()[0] if str(e) else "")
+            return False
+        return True
 
     def _expert_mlp_grouped(self, x_RH, sorted_R, w: MoEWeights) -> torch.Tensor:
         ends_E = torch.searchsorted(sorted_R, self._expert_ends_E, out_int32=True)  # on device: graph-safe
