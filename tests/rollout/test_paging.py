@@ -188,3 +188,25 @@ def test_cuda_graphs_with_shared_prompts_and_preemption_in_bf16():
         assert len(o.output_ids) == 60 and o.trace.expert_ids.shape[0] == len(o.prompt_ids) + 59
     engine.table.check()
     assert engine.table.num_free == engine.table.num_blocks - 1
+
+
+def test_admission_keeps_a_block_of_headroom_so_it_does_not_force_a_preemption(model, monkeypatch):
+    """Two 16-token prompts (two whole blocks each) that both grow at their first decode, in a pool of 4 blocks: the
+    second must wait for the first rather than be admitted, prefilled, and preempted at once (a wasted prefill)."""
+
+    def run(headroom: bool):
+        engine = RolloutEngine(model, max_slots=4, max_seq_len=32, block_size=8, kv_cache_tokens=32)
+        if not headroom:  # negative control: admission without the reserve
+            monkeypatch.setattr(engine, "_grows", lambda req, held: 0)
+        prefilled = _count_prefill_tokens(engine)
+        reqs = [EngineRequest(request_id=f"a{i}", input_ids=list(range(1 + i, 17 + i)),
+                              sampling=SamplingParams(max_new_tokens=8, seed=i, temperature=1.0)) for i in range(2)]
+        outs = engine.generate(reqs)
+        return engine, sum(prefilled), outs
+
+    engine, tokens, outs = run(headroom=True)
+    assert engine.num_preemptions == 0 and tokens == 32
+    control, control_tokens, control_outs = run(headroom=False)
+    assert control.num_preemptions >= 1 and control_tokens > 32
+    for a, b in zip(outs, control_outs, strict=True):  # the same tokens either way (seeded recompute)
+        _same(a, b)

@@ -360,16 +360,21 @@ class RolloutEngine:
         shortest prompt first; the slots are filled in that order."""
         table, bs = self.table, self.table.block_size
         room, free = self.config.max_slots - len(self._slots), table.num_free
+        # one block of headroom for every request that will still grow, so that an admission does not force the
+        # next decode step to preempt (with the default pool, every slot's longest sequence fits and this never binds)
+        reserve = sum(self._grows(r.req, table.num_blocks_of(i)) for i, r in enumerate(self._slots))
         groups: dict[tuple[int, ...], list[_Running]] = {}
         while room > 0 and (self._preempted or self._waiting):
             queue = self._preempted or self._waiting
             head = queue[0]
-            key = tuple((head.req if isinstance(head, _Running) else head).input_ids)
+            req = head.req if isinstance(head, _Running) else head
+            key = tuple(req.input_ids)
             need = (1 if len(key) % bs else 0) if key in groups else blocks_for(len(key), bs)
-            if need > free:
+            grow = self._grows(req, blocks_for(len(key), bs))
+            if need + reserve + grow > free:
                 break  # FIFO: later requests wait too
             queue.popleft()
-            room, free = room - 1, free - need
+            room, free, reserve = room - 1, free - need, reserve + grow
             if isinstance(head, _Running):  # preempted: restarts from its prompt with the same seed
                 r = head
                 r.version_start = self._weight_version
@@ -388,6 +393,10 @@ class RolloutEngine:
             slot += len(group)
         table.sync()
         return [g for _, g in ordered]
+
+    def _grows(self, req: EngineRequest, held: int) -> int:
+        """1 when a request holding `held` blocks will need another before it can finish."""
+        return int(blocks_for(len(req.input_ids) + req.sampling.max_new_tokens, self.table.block_size) > held)
 
     def _reserve_decode_blocks(self) -> None:
         """Every running request gets the block its next decode position needs; when too few are free, the newest
