@@ -14,6 +14,7 @@ a `ProtocolError` carrying the field path as the client wrote it (`input_ids[3]`
 from __future__ import annotations
 
 import base64
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,10 @@ def generate_response(batch: GenerateBatch, item: GenerateItem, out: EngineOutpu
         if len(out.output_logprobs) != n_out:
             raise RuntimeError(f"engine must return one logprob per output token: got {len(out.output_logprobs)}, "
                                f"expected {n_out}")
+        bad = next((i for i, lp in enumerate(out.output_logprobs) if not math.isfinite(lp)), None)
+        if bad is not None:  # JSON has no infinities: refuse (500) rather than send null
+            raise RuntimeError(f"engine returned a non-finite logprob for sample {meta.id}: "
+                               f"{out.output_logprobs[bad]} at output position {bad}")
         meta.output_token_logprobs = [(float(lp), int(t), None) for lp, t in zip(out.output_logprobs, out.output_ids,
                                                                                  strict=True)]
         meta.logprob_temperature = out.logprob_temperature
