@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="serving load: Poisson arrivals at this many requests/s (default inf: all at once, bounded "
                         "by the concurrency)")
+    p.add_argument("--max-hold-steps", type=int, default=None,
+                   help="started server: engine steps a new request may be held so admissions come in batches "
+                        "(R3RL_SERVE_MAX_HOLD_STEPS; default: the server's, 8 on CUDA, 0 on CPU; 0 = off)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--vocab", type=int, default=256, help="prompt token ids are drawn from [0, vocab)")
     p.add_argument("--seed", type=int, default=0)
@@ -132,6 +135,9 @@ class LevelReport:
     """Routing payload received (MB of base64), rl load."""
     client_cpu_s: float = 0.0
     """CPU seconds the benchmark client itself spent on the level; near duration_s means the client was the limit."""
+    server: dict = field(default_factory=dict)
+    """The server's engine worker over the level (`r3rl serve`'s /server_info engine_stats, differenced; empty for
+    a server without them): steps/s, mean decode batch, share of steps that prefilled, step times, idle share."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,10 +171,14 @@ async def run_all(url: str, args) -> dict:
         for c in args.concurrency:
             n = args.num_prompts or max(4 * c, 8)
             prompts = [_prompt(rng, args.prompt_len, args.vocab) for _ in range(n)]
+            before = await _engine_stats(client)
             levels.append(await serving_level(client, prompts, c, args))
+            levels[-1].server = server_delta(before, await _engine_stats(client))
             logger.info("%s", json.dumps(asdict(levels[-1])))
         if args.rl_prompts > 0:
+            before = await _engine_stats(client)
             levels.append(await rl_level(client, rng, args))
+            levels[-1].server = server_delta(before, await _engine_stats(client))
             logger.info("%s", json.dumps(asdict(levels[-1])))
     finally:
         await client.close()
@@ -247,6 +257,41 @@ def _summarize(load: str, concurrency: int, results: list[RequestResult], durati
         routed_mb=sum(r.routed_bytes for r in ok) / 1e6, client_cpu_s=client_cpu_s)
 
 
+async def _engine_stats(client: RawClient) -> dict:
+    """`engine_stats` of /server_info, or {} (another server, or an older r3rl)."""
+    try:
+        status, payload = await client.request("GET", "/server_info")
+        if status != 200:
+            return {}
+        return json.loads(payload).get("engine_stats") or {}
+    except (HttpError, ValueError, AttributeError):
+        return {}
+
+
+def server_delta(before: dict, after: dict) -> dict:
+    """What the server's engine worker did between two `engine_stats` snapshots."""
+    keys = ("steps", "prefill_steps", "admitted", "finished", "generated_tokens", "step_s", "idle_s", "uptime_s")
+    if not before or not after or any(k not in before or k not in after for k in keys):
+        return {}
+    d = {k: after[k] - before[k] for k in keys}
+    steps, prefills = d["steps"], d["prefill_steps"]
+    rows = after["mean_batch"] * after["steps"] - before["mean_batch"] * before["steps"]
+    prefill_s = (after["mean_prefill_step_ms"] * after["prefill_steps"]
+                 - before["mean_prefill_step_ms"] * before["prefill_steps"]) / 1e3
+    return {
+        "steps": steps, "steps_per_s": steps / d["uptime_s"] if d["uptime_s"] else 0.0,
+        "mean_batch": rows / steps if steps else 0.0,
+        "prefill_step_share": prefills / steps if steps else 0.0,
+        "admitted_per_prefill": d["admitted"] / prefills if prefills else 0.0,
+        "mean_step_ms": 1e3 * d["step_s"] / steps if steps else 0.0,
+        "mean_decode_only_step_ms": 1e3 * (d["step_s"] - prefill_s) / (steps - prefills) if steps > prefills else 0.0,
+        "mean_prefill_step_ms": 1e3 * prefill_s / prefills if prefills else 0.0,
+        "engine_busy_share": d["step_s"] / d["uptime_s"] if d["uptime_s"] else 0.0,
+        "idle_share": d["idle_s"] / d["uptime_s"] if d["uptime_s"] else 0.0,
+        "max_hold_steps": after.get("max_hold_steps"),
+    }
+
+
 def _stats(x: np.ndarray) -> dict:
     return {"mean": float(np.mean(x)), "p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99))}
 
@@ -271,6 +316,20 @@ def print_table(report: dict) -> None:
               f"{lv['ttft_ms']['p50']:.0f} / {lv['ttft_ms']['p99']:.0f} | "
               f"{lv['itl_ms']['p50']:.2f} / {lv['itl_ms']['p99']:.2f} | "
               f"{lv['client_cpu_s']:.1f} / {lv['duration_s']:.1f} |")
+    if any(lv.get("server") for lv in report["levels"]):
+        print("\nServer's engine worker per level (/server_info engine_stats): steps/s, mean decode batch, steps "
+              "that also prefilled, step ms (all / decode only / with prefill), engine busy share (in engine.step)")
+        print("\n| load | concurrency | steps/s | mean batch | prefill steps | admitted per prefill | step ms | "
+              "decode-only ms | prefill-step ms | engine busy | max hold steps |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for lv in report["levels"]:
+            sv = lv.get("server") or {}
+            if sv:
+                print(f"| {lv['load']} | {lv['concurrency']} | {sv['steps_per_s']:.0f} | {sv['mean_batch']:.1f} | "
+                      f"{100 * sv['prefill_step_share']:.0f}% | {sv['admitted_per_prefill']:.1f} | "
+                      f"{sv['mean_step_ms']:.2f} | {sv['mean_decode_only_step_ms']:.2f} | "
+                      f"{sv['mean_prefill_step_ms']:.2f} | {100 * sv['engine_busy_share']:.0f}% | "
+                      f"{sv['max_hold_steps']} |")
     rl = [lv for lv in report["levels"] if lv["load"] == "rl"]
     if rl:
         print(f"\nrl: one batch request per GRPO group, routes + logprobs returned; rollout wall time "
@@ -379,7 +438,10 @@ def _start_server(args, startup_timeout: float = 600.0) -> _Server:
     cmd += ["--dtype", args.dtype] if args.dtype else []
     log_path = os.path.join(tempfile.mkdtemp(prefix="bench_serving_log_"), "server.log")
     log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.max_hold_steps is not None:
+        env["R3RL_SERVE_MAX_HOLD_STEPS"] = str(args.max_hold_steps)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = _Server(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
     logger.info("started r3rl serve (pid %d) on %s, log %s", proc.pid, server.url, log_path)
     deadline = time.monotonic() + startup_timeout

@@ -39,8 +39,25 @@ def test_quick_run_against_a_started_server(tmp_path, capsys):
         assert lv["ttft_ms"] == lv["latency_ms"]  # not streamed: said, not hidden
     assert rl[0]["failed"] == 0 and round(rl[0]["output_tok_s"] * rl[0]["duration_s"]) == 2 * 3 * 8
     assert rl[0]["routed_mb"] > 0, "the RL load asks for the routes"
+    for lv in report["levels"]:  # the server's own view of each level, from /server_info engine_stats
+        sv = lv["server"]
+        assert sv["steps"] >= 7 and sv["mean_batch"] >= 1 and sv["mean_step_ms"] > 0, sv
+        assert 0 < sv["prefill_step_share"] <= 1 and sv["max_hold_steps"] == 0  # CPU: no holding
+    assert report["levels"][1]["server"]["mean_batch"] > report["levels"][0]["server"]["mean_batch"]
     table = capsys.readouterr().out
-    assert "| rl (2 x 3) |" in table and "not streamed" in table
+    assert "| rl (2 x 3) |" in table and "not streamed" in table and "Server's engine worker" in table
+
+
+def test_server_delta_needs_both_snapshots():
+    bench = _bench()
+    snap = {"steps": 10, "prefill_steps": 2, "admitted": 4, "finished": 4, "generated_tokens": 40, "step_s": 0.1,
+            "idle_s": 0.5, "uptime_s": 1.0, "mean_batch": 4.0, "mean_prefill_step_ms": 20.0}
+    later = {**snap, "steps": 20, "prefill_steps": 3, "step_s": 0.3, "uptime_s": 2.0, "mean_batch": 3.0,
+             "mean_prefill_step_ms": 30.0}
+    d = bench.server_delta(snap, later)
+    assert d["steps"] == 10 and d["mean_batch"] == 2.0 and d["mean_prefill_step_ms"] == 50.0
+    assert abs(d["mean_decode_only_step_ms"] - 1e3 * (0.2 - 0.05) / 9) < 1e-9
+    assert bench.server_delta({}, later) == {} and bench.server_delta(snap, {"steps": 1}) == {}
 
 
 def test_failed_requests_are_counted():

@@ -8,6 +8,7 @@ from r3rl.models.presets import make_model
 from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
 from r3rl.rollout.worker import (
     MAX_STEP_FAILURES,
+    AdmissionConfig,
     EngineStepFailed,
     EngineUnavailable,
     EngineWorker,
@@ -139,3 +140,65 @@ def test_cancel_frees_the_slots_of_running_requests():
     results, short = asyncio.run(run())
     assert all(isinstance(r, RequestAborted) for r in results) and len(short.output_ids) == 3
     assert not engine.has_work()
+
+
+def _long(rid, n=60):
+    return EngineRequest(request_id=rid, input_ids=[1, 2], sampling=SamplingParams(max_new_tokens=n, seed=0))
+
+
+@pytest.mark.parametrize("hold", [0, 1000])
+def test_new_requests_are_held_while_others_run_and_a_cancelled_held_one_never_runs(hold):
+    """With holding on, a lone new request waits (up to max_hold_steps) while the engine runs two others; cancelled
+    meanwhile it never reaches the engine. Negative control: with holding off it is admitted, and runs, at once."""
+    engine = RolloutEngine(make_model("tiny-qwen3-moe"), max_slots=4, max_seq_len=1024)
+
+    async def run():
+        worker = EngineWorker(engine, admission=AdmissionConfig(max_hold_steps=hold, min_batch_fraction=1.0))
+        worker.start()
+        futures = worker.submit_all([_long("l0", 1000), _long("l1", 1000)])
+        while worker.num_running < 2:
+            await asyncio.sleep(0.01)
+        futures.append(worker.submit(_long("late", 40)))
+        await asyncio.sleep(0.1)
+        worker.cancel(["late", "l0", "l1"])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        worker.stop(10)
+        return results, worker.stats()
+
+    results, stats = asyncio.run(run())
+    assert all(isinstance(r, RequestAborted) for r in results) and not engine.has_work()
+    if hold:
+        assert stats["held_requests"] == 1 and stats["admitted"] == 2, "the held request must never reach the engine"
+    else:
+        assert stats["held_requests"] == 0 and stats["admitted"] == 3
+
+
+def test_held_requests_are_admitted_after_max_hold_steps_and_stats_count_the_steps():
+    """A held request still runs once max_hold_steps pass; the counters match the work (30 tokens = 29 steps: the
+    prefill step emits the first token)."""
+    engine = RolloutEngine(make_model("tiny-qwen3-moe"), max_slots=4, max_seq_len=64)
+
+    async def run():
+        worker = EngineWorker(engine, admission=AdmissionConfig(max_hold_steps=3, min_batch_fraction=1.0))
+        worker.start()
+        long = worker.submit_all([_long("l0", 30), _long("l1", 30)])
+        while worker.num_running < 2:
+            await asyncio.sleep(0.01)
+        late = await worker.submit(_req("late"))
+        await asyncio.gather(*long)
+        worker.stop(10)
+        return late, worker.stats()
+
+    late, stats = asyncio.run(run())
+    assert len(late.output_ids) == 3 and stats["held_requests"] == 1 and stats["admitted"] == 3
+    assert stats["prefill_steps"] == 2 and stats["finished"] == 3 and stats["generated_tokens"] == 63
+    assert stats["steps"] == 29 and 2 <= stats["mean_batch"] <= 3 and stats["mean_step_ms"] > 0
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"max_hold_steps": -1}, "max_hold_steps must be >= 0: got -1"),
+    ({"min_batch_fraction": 1.5}, r"min_batch_fraction must be in \[0, 1\]"),
+])
+def test_bad_admission_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdmissionConfig(**kwargs)
