@@ -381,3 +381,30 @@ def test_update_between_steps_keeps_or_aborts_requests_in_flight(server_factory,
     assert answer.json()["success"] and answer.json()["weight_version"] == 2
     assert resp.status_code == 503 and resp.json()["error"]["type"] == "RequestAborted", resp.text
     assert httpx.get(f"{srv.url}/get_model_info").json()["weight_version"] == 2
+
+
+def test_default_admission_holds_on_cuda_only_and_the_env_override_is_checked(monkeypatch):
+    """CPU engines (batch invariant: one prefill per request anyway) hold nothing; R3RL_SERVE_MAX_HOLD_STEPS
+    overrides, and a bad value is refused naming the variable."""
+    from r3rl.models.presets import make_model
+    from r3rl.rollout import RolloutEngine
+    from r3rl.rollout.server import default_admission
+
+    engine = RolloutEngine(make_model("tiny-qwen3-moe"), max_slots=2, max_seq_len=32)
+    monkeypatch.delenv("R3RL_SERVE_MAX_HOLD_STEPS", raising=False)
+    assert default_admission(engine).max_hold_steps == 0
+    monkeypatch.setenv("R3RL_SERVE_MAX_HOLD_STEPS", "8")
+    assert default_admission(engine).max_hold_steps == 8
+    monkeypatch.setenv("R3RL_SERVE_MAX_HOLD_STEPS", "-1")
+    with pytest.raises(ValueError, match="R3RL_SERVE_MAX_HOLD_STEPS must be a non-negative integer: got '-1'"):
+        default_admission(engine)
+
+
+def test_server_info_reports_the_engine_workers_counters(server):
+    before = httpx.get(f"{server.url}/server_info").json()["engine_stats"]
+    resp = httpx.post(f"{server.url}/generate", json={"input_ids": [[1, 2], [3]], "sampling_params":
+                                                      {"max_new_tokens": 5}}, timeout=60)
+    after = httpx.get(f"{server.url}/server_info").json()["engine_stats"]
+    assert resp.status_code == 200 and [len(o["output_ids"]) for o in resp.json()] == [5, 5]
+    assert after["finished"] - before["finished"] == 2 and after["generated_tokens"] - before["generated_tokens"] == 10
+    assert after["steps"] - before["steps"] >= 4 and after["max_hold_steps"] == 0
