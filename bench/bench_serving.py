@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "by the concurrency)")
     p.add_argument("--max-hold-steps", type=int, default=None,
                    help="started server: engine steps a new request may be held so admissions come in batches "
-                        "(R3RL_SERVE_MAX_HOLD_STEPS; default: the server's, 8 on CUDA, 0 on CPU; 0 = off)")
+                        "(serve --max-hold-steps; default: the server's, 0 = off)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--vocab", type=int, default=256, help="prompt token ids are drawn from [0, vocab)")
     p.add_argument("--seed", type=int, default=0)
@@ -436,11 +436,10 @@ def _start_server(args, startup_timeout: float = 600.0) -> _Server:
            "127.0.0.1", "--port", str(port), "--max-slots", str(args.max_slots), "--max-seq-len", str(max_seq_len)]
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
+    cmd += ["--max-hold-steps", str(args.max_hold_steps)] if args.max_hold_steps is not None else []
     log_path = os.path.join(tempfile.mkdtemp(prefix="bench_serving_log_"), "server.log")
     log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.max_hold_steps is not None:
-        env["R3RL_SERVE_MAX_HOLD_STEPS"] = str(args.max_hold_steps)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = _Server(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
     logger.info("started r3rl serve (pid %d) on %s, log %s", proc.pid, server.url, log_path)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache capacity in tokens, paged and shared by all sequences (default: max-slots x "
                         "max-seq-len); when full, the newest requests are preempted and recomputed")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--max-hold-steps", type=int, default=0,
+                   help="hold new requests up to this many engine steps while others run, so prefills come in "
+                        "batches (0: admit at once)")
     p.add_argument("--moe-kernel", choices=["fused", "grouped_mm"], default="fused",
                    help="CUDA experts: the fused Triton kernels where they apply (default), or torch's grouped_mm")
     p.add_argument("--device", default=None, help="engine device (default: cuda when available, else cpu)")
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ServerConfig(
                 model=args.model, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout_s,
                 keep_alive_timeout_s=args.keep_alive_timeout_s, max_body_bytes=args.max_body_bytes,
+                max_hold_steps=args.max_hold_steps,
                 log_level=args.log_level, engine=EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
                                                               kv_cache_tokens=args.kv_cache_tokens,
                                                               block_size=args.kv_block_size,

@@ -383,21 +383,14 @@ def test_update_between_steps_keeps_or_aborts_requests_in_flight(server_factory,
     assert httpx.get(f"{srv.url}/get_model_info").json()["weight_version"] == 2
 
 
-def test_default_admission_holds_on_cuda_only_and_the_env_override_is_checked(monkeypatch):
-    """CPU engines (batch invariant: one prefill per request anyway) hold nothing; R3RL_SERVE_MAX_HOLD_STEPS
-    overrides, and a bad value is refused naming the variable."""
-    from r3rl.models.presets import make_model
-    from r3rl.rollout import RolloutEngine
-    from r3rl.rollout.server import default_admission
+def test_admission_holding_is_a_server_flag_checked_before_the_model_loads(tmp_path):
+    """`serve --max-hold-steps` (default 0: admit at once) reaches ServerConfig; a negative value is refused."""
+    from r3rl.rollout.config import ServerConfig
 
-    engine = RolloutEngine(make_model("tiny-qwen3-moe"), max_slots=2, max_seq_len=32)
-    monkeypatch.delenv("R3RL_SERVE_MAX_HOLD_STEPS", raising=False)
-    assert default_admission(engine).max_hold_steps == 0
-    monkeypatch.setenv("R3RL_SERVE_MAX_HOLD_STEPS", "8")
-    assert default_admission(engine).max_hold_steps == 8
-    monkeypatch.setenv("R3RL_SERVE_MAX_HOLD_STEPS", "-1")
-    with pytest.raises(ValueError, match="R3RL_SERVE_MAX_HOLD_STEPS must be a non-negative integer: got '-1'"):
-        default_admission(engine)
+    (tmp_path / "config.json").write_text("{}")
+    assert ServerConfig(model=str(tmp_path)).max_hold_steps == 0
+    with pytest.raises(ValueError, match="max_hold_steps must be >= 0: got -1"):
+        ServerConfig(model=str(tmp_path), max_hold_steps=-1)
 
 
 def test_server_info_reports_the_engine_workers_counters(server):

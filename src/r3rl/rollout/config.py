@@ -86,6 +86,9 @@ class ServerConfig:
     httpx: 5 s), so a client never sends on a connection the server is closing."""
     max_body_bytes: int = 64 * 2**20
     """Larger request bodies are answered 413 without being parsed."""
+    max_hold_steps: int = 0
+    """Engine steps a new request may be held back while others run, so that prefills come in batches
+    (worker.AdmissionConfig); 0 = hand every request to the engine at once."""
     log_level: str = "info"
     """Python/uvicorn log level."""
 
@@ -96,6 +99,8 @@ class ServerConfig:
                              f"{self.log_level!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535]: got {self.port}")
+        if self.max_hold_steps < 0:
+            raise ValueError(f"max_hold_steps must be >= 0: got {self.max_hold_steps}")
         for name in ("drain_timeout_s", "keep_alive_timeout_s", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0: got {getattr(self, name)}")

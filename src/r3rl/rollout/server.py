@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -51,14 +50,12 @@ from r3rl.rollout.weights import WeightLoadError, load_checkpoint_tensors
 from r3rl.rollout.wire import GenerateBatch, engine_request, generate_response, parse_generate_request, validation_error
 from r3rl.rollout.worker import AdmissionConfig, EngineStepFailed, EngineUnavailable, EngineWorker, RequestAborted
 
-__all__ = ["create_app", "serve", "load_tokenizer", "default_admission"]
+__all__ = ["create_app", "serve", "load_tokenizer"]
 
 logger = logging.getLogger("r3rl.rollout.server")
 
 SWITCH_INTERVAL_S = 2e-4  # the GIL switch interval of a serving process (see serve())
 
-_CUDA_HOLD_STEPS = 8  # default AdmissionConfig.max_hold_steps on CUDA
-_HOLD_ENV = "R3RL_SERVE_MAX_HOLD_STEPS"
 _INLINE_PARSE_BYTES = 64 * 2**10  # /generate bodies up to this are parsed on the event loop, larger in the pool
 
 
@@ -74,13 +71,14 @@ class _ServerState:
 def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None, *,
                admission: AdmissionConfig | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. The worker thread starts and stops with the app's lifespan. `admission`:
-    when new requests reach the engine (default `default_admission(engine)`)."""
+    when new requests reach the engine (default: `config.max_hold_steps`)."""
     info = ModelInfo(
         model_path=str(config.model), num_layers=engine.num_layers, top_k=engine.top_k,
         num_experts=engine.num_experts, vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
         weight_version=engine.weight_version, dtype=str(engine.dtype), device=str(engine.device),
     )
-    worker = EngineWorker(engine, admission=admission if admission is not None else default_admission(engine))
+    admission = admission if admission is not None else AdmissionConfig(max_hold_steps=config.max_hold_steps)
+    worker = EngineWorker(engine, admission=admission)
     state = _ServerState(config=config, worker=worker, tokenizer=tokenizer, info=info)
 
     @contextlib.asynccontextmanager
@@ -252,18 +250,6 @@ def serve(config: ServerConfig) -> int:
     logger.info("server stopped%s", f" (forced by a second {signal.Signals(server.forced_by).name})"
                 if server.forced_by else "")
     return 128 + server.forced_by if server.forced_by else 0
-
-
-def default_admission(engine: RolloutEngine) -> AdmissionConfig:
-    """Batched admissions where a prefill has a fixed cost per step (CUDA: eager prefill between graph-replayed
-    decodes); none on CPU, whose batch-invariant engine prefills each request alone anyway. The environment variable
-    R3RL_SERVE_MAX_HOLD_STEPS overrides `max_hold_steps` (0 turns holding off), for A/B measurements."""
-    hold = os.environ.get(_HOLD_ENV)
-    if hold is not None:
-        if not hold.isdigit():
-            raise ValueError(f"{_HOLD_ENV} must be a non-negative integer: got {hold!r}")
-        return AdmissionConfig(max_hold_steps=int(hold))
-    return AdmissionConfig(max_hold_steps=_CUDA_HOLD_STEPS if engine.device.type == "cuda" else 0)
 
 
 def load_tokenizer(path: str):
