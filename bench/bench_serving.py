@@ -41,8 +41,9 @@ import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 
-import httpx
 import numpy as np
+
+from r3rl.rollout.client import wait_until_healthy
 
 logger = logging.getLogger("bench_serving")
 
@@ -443,19 +444,12 @@ def _start_server(args, startup_timeout: float = 600.0) -> _Server:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = _Server(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
     logger.info("started r3rl serve (pid %d) on %s, log %s", proc.pid, server.url, log_path)
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"r3rl serve exited with {proc.returncode} during startup; log tail:\n"
-                               f"{_tail(log_path)}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"r3rl serve did not answer /health within {startup_timeout:.0f} s (log {log_path})")
+    try:
+        wait_until_healthy(server.url, timeout_s=startup_timeout, proc=proc)
+    except RuntimeError as e:
+        server.stop()
+        raise RuntimeError(f"{e}; log {log_path} ends:\n{_tail(log_path)}") from None
+    return server
 
 
 def _tail(path: str, chars: int = 3000) -> str:

@@ -14,14 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from r3rl.models.presets import init_model
+from r3rl.rollout.client import wait_until_healthy
 
 SERVER_MAX_SEQ_LEN = 256
 SERVER_MAX_SLOTS = 64
@@ -65,18 +64,12 @@ def start_server(model_dir: Path, log_path: Path, *, max_slots: int = SERVER_MAX
     log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerProcess(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, max_seq_len=max_seq_len)
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode} during startup:\n{server.log()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop(timeout=5)
-    pytest.fail(f"server did not answer /health within {startup_timeout}s:\n{server.log()[-3000:]}")
+    try:
+        wait_until_healthy(server.url, timeout_s=startup_timeout, proc=proc)
+    except RuntimeError as e:
+        server.stop(timeout=5)
+        pytest.fail(f"{e}:\n{server.log()[-3000:]}")
+    return server
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,7 @@ __all__ = [
     "decode_generate_output",
     "weight_version_int",
     "generate_sync",
+    "wait_until_healthy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -332,6 +335,22 @@ def generate_sync(
             return await client.generate(input_ids_list, sampling_params)
 
     return asyncio.run(run())
+
+
+def wait_until_healthy(base_url: str, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll `GET /health` until it answers 200 (a server just started). Raises RuntimeError when `proc` (the server's
+    process) exits first or `timeout_s` passes; callers add their log tail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server at {base_url} exited with {proc.returncode} during startup")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server at {base_url} did not answer /health within {timeout_s:.0f} s")
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
