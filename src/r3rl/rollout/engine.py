@@ -358,6 +358,8 @@ class RolloutEngine:
         """Take preempted, then waiting requests while there are free slots and KV blocks for their prompts; give
         them blocks. Returns them as prompt groups (requests with the same prompt share its blocks and one prefill),
         shortest prompt first; the slots are filled in that order."""
+        if not (self._preempted or self._waiting):
+            return []
         table, bs = self.table, self.table.block_size
         room, free = self.config.max_slots - len(self._slots), table.num_free
         # one block of headroom for every request that will still grow, so that an admission does not force the

@@ -124,7 +124,6 @@ class EngineWorker:
         return int(self.engine.weight_version)  # an int attribute read: safe from any thread
 
     def start(self) -> None:
-        self._started = time.monotonic()
         self._thread.start()
 
     def stats(self) -> dict[str, Any]:
