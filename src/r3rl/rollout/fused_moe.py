@@ -8,8 +8,9 @@ Three steps, no host sync (CUDA-graph safe):
      are dropped. By default three small Triton kernels (atomic counts, a one-program scan, atomic placement);
      `align_block_size` is the same in torch ops (a stable sort; `FusedMoEConfig.triton_align=False`).
   2. `_gate_up_kernel`: per block, `silu(x @ gate^T) * (x @ up^T)` (or GPT-OSS's `gpt_oss_glu` of the biased gate
-     and up), gate and up accumulated side by side from the one fused weight, bias and activation applied in float32
-     before the single rounding to the activation dtype.
+     and up), gate and up accumulated side by side from the one fused weight. In bf16/fp16 every intermediate is
+     rounded where HF's eager experts round it (the matmul result, the bias add, each op of the activation), so the
+     rollout computes what the training forward computes; in float32 nothing is rounded.
   3. `_down_kernel`: per block, `act @ down^T` (+ the down bias, per (token, k) row), multiplied by each row's gate
      weight, stored in (token, k) order in float32; the top-k reduction is one `sum` over k (deterministic, no
      atomics), then one cast to the hidden dtype.
@@ -174,7 +175,7 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
         T * K, H, n_inter, x_TH.stride(0), gate_up_EIH.stride(0), gate_up_EIH.stride(1), gu_bias.stride(0),
         act_MI.stride(0), float(alpha), float(limit),
         TOP_K=K, GPT_OSS=act is ExpertAct.GPT_OSS, HAS_BIAS=gate_up_bias_EI is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ROUND_GLU=_low_precision(x_TH), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y_RH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)  # dropped rows stay zero
     weights_R = weights_TK.reshape(-1).contiguous()
@@ -197,13 +198,16 @@ def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
     """The same computation in torch over the same `align_block_size` blocks (CPU, tests; one matmul per block).
 
     Computes in `compute_dtype` (float32 by default: the accuracy yardstick) and returns x's dtype. With
-    `emulate_rounding`, rounds where the kernels round (for a bf16/fp16 x): the activation, each expert output (with
-    its bias) and, when the gate weights are in x's dtype too, each weighted product, all to x's dtype (HF's rounding
-    from the expert output on); the sum over k stays in `compute_dtype`."""
+    `emulate_rounding`, rounds where the kernels (and HF's eager experts) round for a bf16/fp16 x: each matmul result,
+    each bias add, each op of the activation, each expert output and, when the gate weights are in x's dtype too,
+    each weighted product, all to x's dtype; the sum over k stays in `compute_dtype`."""
     T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH)
     K, out_dtype = ids_TK.shape[1], x_TH.dtype
     round_output = emulate_rounding and _low_precision(x_TH)
     round_product = emulate_rounding and _rounds_product(x_TH, weights_TK)
+    def rnd(t: torch.Tensor) -> torch.Tensor:  # HF's rounding of a result to the hidden dtype (bf16/fp16 only)
+        return t.to(out_dtype).to(compute_dtype) if round_output else t
+
     align = align_block_size(ids_TK, E, block_m, valid_T)
     num_blocks = int(align.num_padded.item()) // block_m  # host sync: fine for a reference
     x_TH = torch.cat([x_TH, x_TH.new_zeros(1, H)]).to(compute_dtype)  # row T: padding slots read zeros
@@ -212,30 +216,33 @@ def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
     for b in range(num_blocks):
         rows_M = align.row_ids_M[b * block_m : (b + 1) * block_m].long()
         e = int(align.block_expert_B[b])
-        gate_up_MI = x_TH[torch.where(rows_M < T * K, rows_M // K, T)] @ gate_up_EIH[e].to(compute_dtype).T
+        gate_up_MI = rnd(x_TH[torch.where(rows_M < T * K, rows_M // K, T)] @ gate_up_EIH[e].to(compute_dtype).T)
         if gate_up_bias_EI is not None:
-            gate_up_MI = gate_up_MI + gate_up_bias_EI[e].to(compute_dtype)
+            gate_up_MI = rnd(gate_up_MI + gate_up_bias_EI[e].to(compute_dtype))
         if act is ExpertAct.GPT_OSS:
-            act_MI = gpt_oss_glu(gate_up_MI, alpha, limit)
+            act_MI = gpt_oss_glu(gate_up_MI, alpha, limit, round_to=out_dtype if round_output else None)
         else:
-            act_MI = F.silu(gate_up_MI[:, :n_inter]) * gate_up_MI[:, n_inter:]
+            act_MI = rnd(F.silu(gate_up_MI[:, :n_inter])) * gate_up_MI[:, n_inter:]
         if emulate_rounding:
             act_MI = act_MI.to(out_dtype).to(compute_dtype)
-        out_MH = act_MI @ down_EHI[e].to(compute_dtype).T
+        out_MH = rnd(act_MI @ down_EHI[e].to(compute_dtype).T)
         if down_bias_EH is not None:
-            out_MH = out_MH + down_bias_EH[e].to(compute_dtype)
-        if round_output:
-            out_MH = out_MH.to(out_dtype).to(compute_dtype)
+            out_MH = rnd(out_MH + down_bias_EH[e].to(compute_dtype))
         out_MH = out_MH * w_R[rows_M].unsqueeze(1)
         y_RH[rows_M] = out_MH.to(out_dtype).to(compute_dtype) if round_product else out_MH
     return y_RH[: T * K].view(T, K, H).sum(1).to(out_dtype)
 
 
-def gpt_oss_glu(gate_up_RI: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """GPT-OSS's clamped GLU on interleaved gate/up columns (HF's `GptOssExperts._apply_gate`, same op order)."""
+def gpt_oss_glu(gate_up_RI: torch.Tensor, alpha: float, limit: float,
+                round_to: torch.dtype | None = None) -> torch.Tensor:
+    """GPT-OSS's clamped GLU on interleaved gate/up columns (HF's `GptOssExperts._apply_gate`, same op order).
+    `round_to` rounds every op's result to that dtype, as HF's eager ops on bf16 tensors do (float32 compute)."""
+    def rnd(t: torch.Tensor) -> torch.Tensor:
+        return t if round_to is None else t.to(round_to).to(gate_up_RI.dtype)
+
     gate_RI = gate_up_RI[..., ::2].clamp(min=None, max=limit)
     up_RI = gate_up_RI[..., 1::2].clamp(min=-limit, max=limit)
-    return (up_RI + 1) * (gate_RI * torch.sigmoid(gate_RI * alpha))
+    return rnd(up_RI + 1) * rnd(gate_RI * rnd(torch.sigmoid(rnd(gate_RI * alpha))))
 
 
 # --- private ---------------------------------------------------------------------------------------------------------
@@ -309,8 +316,8 @@ if triton is not None:
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H,
                         n_inter, stride_xt, stride_we, stride_wn, stride_be, stride_om, alpha, limit,
-                        TOP_K: tl.constexpr, GPT_OSS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        TOP_K: tl.constexpr, GPT_OSS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_GLU: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
@@ -340,18 +347,34 @@ if triton is not None:
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+        dt = out_ptr.dtype.element_ty
+        if ROUND_GLU:  # HF: the expert matmul returns the hidden dtype
+            acc_g = acc_g.to(dt).to(tl.float32)
+            acc_u = acc_u.to(dt).to(tl.float32)
         if HAS_BIAS:
             b_ptr = bias_ptr + expert * stride_be
             acc_g += tl.load(b_ptr + gate_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(b_ptr + up_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if GPT_OSS:  # float32, in `gpt_oss_glu`'s op order
+            if ROUND_GLU:  # and then adds the bias in it
+                acc_g = acc_g.to(dt).to(tl.float32)
+                acc_u = acc_u.to(dt).to(tl.float32)
+        if GPT_OSS:  # in `gpt_oss_glu`'s op order
             gate = tl.minimum(acc_g, limit)
             up = tl.minimum(tl.maximum(acc_u, -limit), limit)
-            act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+            if ROUND_GLU:  # every elementwise op of HF's eager GLU rounds to the hidden dtype
+                scaled = (gate * alpha).to(dt).to(tl.float32)
+                sig = (1.0 / (1.0 + tl.exp(-scaled))).to(dt).to(tl.float32)
+                glu = (gate * sig).to(dt).to(tl.float32)
+                act = (up + 1.0).to(dt).to(tl.float32) * glu
+            else:
+                act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
         else:
-            act = acc_g * tl.sigmoid(acc_g) * acc_u
+            silu = acc_g / (1.0 + tl.exp(-acc_g))  # torch's silu formula
+            if ROUND_GLU:
+                silu = silu.to(dt).to(tl.float32)
+            act = silu * acc_u
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+        tl.store(out_ptrs, act.to(dt), mask=n_ok[None, :])
 
     @triton.jit
     def _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
@@ -416,11 +439,13 @@ if triton is not None:
             acc = tl.dot(a, w, acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if ROUND_OUTPUT:  # HF's rounding: the expert matmul returns the hidden dtype
+            acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
         if HAS_BIAS:  # per (token, k) row, before the gate weight (HF: weight * (down(act) + bias))
             acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if ROUND_OUTPUT:  # the bias is added in the hidden dtype
+                acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
         gate_w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if ROUND_OUTPUT:  # HF's rounding: the expert output in the hidden dtype
-            acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
         acc = acc * gate_w[:, None]
         if ROUND_PRODUCT:  # and, with gate weights in that dtype, the product too
             acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
