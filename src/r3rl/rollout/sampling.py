@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from r3rl.rollout import sampling_kernel
 from r3rl.rollout.protocol import GREEDY_TEMPERATURE, SamplingParams
 
 __all__ = ["SamplingMode", "SlotParams", "sample_tokens", "fold_seed", "group_seed", "splitmix64", "vocab_keys"]
@@ -94,13 +95,19 @@ def vocab_keys(vocab_size: int, device: torch.device | str) -> torch.Tensor:
 
 
 def sample_tokens(
-    logits_BV: torch.Tensor, params: SlotParams, counter_B: torch.Tensor, mode: SamplingMode, vocab_keys_V: torch.Tensor
+    logits_BV: torch.Tensor, params: SlotParams, counter_B: torch.Tensor, mode: SamplingMode, vocab_keys_V: torch.Tensor,
+    *, fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row. `counter_B` is the position the sampled token takes in its sequence.
 
     Returns (tokens_B int64, logprobs_B float32). Every op is row-wise, so a row's result does not depend on the
-    other rows.
+    other rows. On CUDA with triton, GREEDY and SAMPLE batches run as one kernel (`sampling_kernel`, the same
+    computation in one pass over the logits); `fused=False` keeps the torch ops below.
     """
+    if fused and mode is not SamplingMode.FILTERED and logits_BV.is_cuda and sampling_kernel.available():
+        return sampling_kernel.sample_fused(logits_BV, params.temperature_B, params.seed_B,
+                                           params.logprob_temperature_B, counter_B,
+                                           sample=mode is SamplingMode.SAMPLE, greedy_temperature=GREEDY_TEMPERATURE)
     logits_BV = logits_BV.float()
     # x / 1.0 == x exactly: rows with raw log-probs are bitwise what log_softmax(logits) gives
     logprobs_BV = torch.log_softmax(logits_BV / params.logprob_temperature_B.unsqueeze(1), dim=-1)
