@@ -101,3 +101,101 @@ def test_paged_decode_kernel_in_bf16_is_as_close_to_float32_as_the_gather_path(w
     assert kernel_err <= torch_err * 1.05 + 1e-3, (kernel_err, torch_err)
     got32 = pa.paged_decode_attention(q, k_pool, v_pool, table, pos, scale=D**-0.5, window=window, sinks_H=sinks_H)
     torch.testing.assert_close(got32, want, atol=1e-4, rtol=1e-4)  # float32 pools: IEEE dots, no TF32
+
+
+# --- q/k norm + RoPE + KV write in one kernel ------------------------------------------------------------------------
+_INTERPRET_QK = r"""
+import sys, torch
+from r3rl.rollout.attention import AttentionWeights, qkv
+from r3rl.rollout.kv_cache import DecodeWhere
+from r3rl.rollout.paged_attention import qk_norm_rope_write
+from test_paged_attention import qk_case
+if sys.argv[1] == "bf16":
+    from test_fused_moe import _interpreter_with_gpu_bf16
+    _interpreter_with_gpu_bf16()
+dtype = torch.bfloat16 if sys.argv[1] == "bf16" else torch.float32
+for norm in (True, False):
+    for R in (16, 8):   # full rotary; partial (GLM-4.5 rotates half of each head)
+        print(norm, R, qk_case(dtype, norm, R))
+print("ok")
+"""
+
+
+def qk_case(dtype, norm: bool, R: int) -> dict:
+    """Kernel vs the torch path (attention.qkv, then KVCache.write_decode's scatter) on one decode step; asserts."""
+    from r3rl.rollout.attention import AttentionWeights, qkv
+    from r3rl.rollout.kv_cache import DecodeWhere
+    from r3rl.rollout.paged_attention import qk_norm_rope_write
+
+    g = torch.Generator().manual_seed(R + norm)
+    B, Hq, Hkv, D, N, bs = 5, 4, 2, 16, 9, 16
+    qkv_BQ = (torch.randn(B, (Hq + 2 * Hkv) * D, generator=g) * 2).to(dtype)
+    norm_XD = (1 + 0.3 * torch.randn(Hq + Hkv, D, generator=g)).to(dtype) if norm else None
+    inv = 1.0 / 10000 ** (torch.arange(0, R, 2).float() / R)
+    emb = torch.cat([torch.arange(64).float().unsqueeze(1) * inv] * 2, dim=1)
+    sign = torch.cat([-torch.ones(R // 2), torch.ones(R // 2)])
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype) * sign.to(dtype)
+    pos = torch.tensor([0, 5, 17, 40, 62])  # pos + 1 (the control) stays inside the 64-row tables
+    where = DecodeWhere(blk_B=torch.tensor([3, 1, 8, 4, 6]), off_B=pos % bs)
+    w = AttentionWeights(qkv_QH=None, qkv_bias_Q=None, o_HQ=None, o_bias_H=None, qk_norm_XD=norm_XD)
+    q_want, k_want, v_want, _ = qkv(w, qkv_BQ, cos[pos], sin[pos], num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                                    eps=1e-6, clip_qkv=None, linear=lambda x, W, b: x)
+    k_pool_want, v_pool_want = torch.zeros(N, Hkv, bs, D, dtype=dtype), torch.zeros(N, Hkv, bs, D, dtype=dtype)
+    k_pool_want[where.blk_B, :, where.off_B] = k_want
+    v_pool_want[where.blk_B, :, where.off_B] = v_want
+    k_pool, v_pool = torch.zeros_like(k_pool_want), torch.zeros_like(v_pool_want)
+    q = qk_norm_rope_write(qkv_BQ, norm_XD, cos, sin, pos, where.blk_B, where.off_B, k_pool, v_pool, num_heads=Hq,
+                           num_kv_heads=Hkv, eps=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(q, q_want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k_pool, k_pool_want, atol=1e-5, rtol=1e-5)
+    same = ((q == q_want).float().mean().item(), (k_pool == k_pool_want).float().mean().item())
+    if dtype == torch.bfloat16:  # bitwise but for float32 sums that round differently now and then
+        assert min(same) >= 0.98, same
+    assert torch.equal(v_pool, v_pool_want)
+    # negative control: the next position's rotation (an off-by-one pos) is caught by the same comparison
+    q_bad = qk_norm_rope_write(qkv_BQ, norm_XD, cos, sin, pos + 1, where.blk_B, where.off_B, k_pool.clone(),
+                               v_pool.clone(), num_heads=Hq, num_kv_heads=Hkv, eps=1e-6)
+    assert (q_bad.float() - q_want.float()).abs().max() > 1e-2
+    return {"q bitwise": same[0], "k bitwise": same[1]}
+
+
+@pytest.mark.skipif(not pa.available(), reason="triton not installed (the kernel runs in the GPU test)")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_qk_norm_rope_write_kernel_in_interpreter_matches_the_torch_path(dtype):
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _INTERPRET_QK, dtype], capture_output=True, text=True, timeout=180,
+                         env=env)
+    assert out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and pa.available()), reason="needs CUDA and triton")
+def test_qk_norm_rope_write_kernel_on_gpu_matches_the_torch_path():
+    with torch.device("cuda"):
+        for norm in (True, False):
+            for R in (16, 8):
+                print(norm, R, qk_case(torch.bfloat16, norm, R))
+
+
+@pytest.mark.skipif(not pa.available(), reason="triton not installed")
+def test_qk_norm_rope_write_kernel_compiles_for_sm90():
+    """The interpreter runs the kernel's Python; compile it for an H100/H200 here (no GPU needed), with and without
+    the norm, full and partial rotary."""
+    import triton
+    import triton.backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend here")
+    kernel = pa._qk_rope_write_kernel
+    types = dict(qkv_ptr="*bf16", norm_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", pos_ptr="*i64", blk_ptr="*i64",
+                 off_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", q_ptr="*bf16", stride_b="i32", eps="fp32")
+    for norm, R in [(True, 128), (False, 64)]:
+        constexprs = dict(HQ=32, HKV=4, D=128, R=R, BS=16, HAS_NORM=norm)
+        sig = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
+        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert ("sqrt.rn.f32" in ptx) == norm, (norm, R)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from r3rl.rollout.attention import rms_norm, rope
-from r3rl.rollout.kv_cache import KVCache
+from r3rl.rollout.kv_cache import DecodeWhere, KVCache
 
 __all__ = ["MLAWeights", "mla_prefill", "mla_decode"]
 
@@ -80,7 +80,7 @@ def mla_prefill(w: MLAWeights, h_TH: torch.Tensor, N: int, P: int, cos_TR: torch
 
 
 def mla_decode(w: MLAWeights, h_BH: torch.Tensor, cos_BR: torch.Tensor, sin_BR: torch.Tensor, kv: KVCache,
-               layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, T: int, bias_BHT: torch.Tensor,
+               layer: int, where: DecodeWhere, T: int, bias_BHT: torch.Tensor,
                linear, *, batch_invariant: bool) -> torch.Tensor:
     """One token per row over its slot's cached latents (absorbed weights). Returns `[B, M]` after o_proj.
 
@@ -89,7 +89,7 @@ def mla_decode(w: MLAWeights, h_BH: torch.Tensor, cos_BR: torch.Tensor, sin_BR: 
     B, H, C = h_BH.shape[0], w.num_heads, w.kv_lora_rank
     q_nope_BHA, q_rot_BHR = _queries(w, h_BH, cos_BR, sin_BR, linear)
     c_BC, kr_BR = _latents(w, h_BH, cos_BR, sin_BR, linear)
-    _write(kv, layer, c_BC, kr_BR, C, decode=(rows_B, pos_B))
+    _write(kv, layer, c_BC, kr_BR, C, decode=where)
     c_ctx_B1TC, kr_ctx_B1TC = kv.context(layer, B, T)
     c_BTC, kr_BTR = c_ctx_B1TC[:, 0], kr_ctx_B1TC[:, 0, :, : w.rope_dim]
     w_uk_HAC, w_uv_HUC = w.absorbed()
@@ -137,5 +137,4 @@ def _write(kv: KVCache, layer: int, c_TC, kr_TR, C: int, *, prefill=None, decode
         N, P, rows_N = prefill
         kv.write_prefill(layer, rows_N, c_TC.view(N, 1, P, C), kr_TC.view(N, 1, P, C))
     else:
-        rows_B, pos_B = decode
-        kv.write_decode(layer, rows_B, pos_B, c_TC.unsqueeze(1), kr_TC.unsqueeze(1))
+        kv.write_decode(layer, decode, c_TC.unsqueeze(1), kr_TC.unsqueeze(1))

@@ -46,7 +46,7 @@ from r3rl.rollout.attention_linear import (
     load_linear_attention,
 )
 from r3rl.rollout.attention_mla import MLAWeights, mla_decode, mla_prefill
-from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
+from r3rl.rollout.kv_cache import DecodeWhere, KVCache, NullRoutingCapture, RoutingCapture
 from r3rl.rollout.moe import ExpertAct, MoEBlock, MoEKernel, MoEWeights
 
 __all__ = ["MoEKernel", "MoEForward"]
@@ -183,7 +183,7 @@ class MoEForward:
         """One token for each of slots [0, B), attending over positions [0, T) (a multiple of the KV block size);
         linear-attention layers advance the slots' states in place. Returns logits `[B, V]`."""
         B = tokens_B.shape[0]
-        rows_B = self._arange[:B]
+        where = DecodeWhere.of(kv.table, self._arange[:B], pos_B)  # once per step, for every layer's writes
         in_place = self._paged_kernel_fits(kv)
         # additive masks, built once per step (one per distinct window): row b sees positions <= pos_B[b]
         bias_by_window = {} if in_place else {
@@ -197,12 +197,19 @@ class MoEForward:
                 x_BH = x_BH + linear_attention_decode(lw.attn, h_BH, state, i, linear=self.linear,
                                                       batch_invariant=self.batch_invariant)
             elif self.mla:
-                x_BH = x_BH + mla_decode(lw.attn, h_BH, cos_BD, sin_BD, kv, self.kv_index[i], rows_B, pos_B, T,
+                x_BH = x_BH + mla_decode(lw.attn, h_BH, cos_BD, sin_BD, kv, self.kv_index[i], where, T,
                                          bias_by_window[None], self.linear, batch_invariant=self.batch_invariant)
             else:
                 j = self.kv_index[i]
-                q_BHD, k_BHD, v_BHD, gate_BQ = self._qkv(lw, h_BH, cos_BD, sin_BD)
-                kv.write_decode(j, rows_B, pos_B, k_BHD, v_BHD)
+                if in_place and self._qk_kernel_fits(lw.attn):  # one kernel: q/k norm, RoPE, K/V written
+                    gate_BQ = None
+                    q_BHD = paged_attention.qk_norm_rope_write(
+                        self.linear(h_BH, lw.attn.qkv_QH, lw.attn.qkv_bias_Q), lw.attn.qk_norm_XD, self.cos_PD,
+                        self.sin_PD, pos_B, where.blk_B, where.off_B, kv.k_LNHbD[j], kv.v_LNHbD[j],
+                        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, eps=self.eps)
+                else:
+                    q_BHD, k_BHD, v_BHD, gate_BQ = self._qkv(lw, h_BH, cos_BD, sin_BD)
+                    kv.write_decode(j, where, k_BHD, v_BHD)
                 if in_place:
                     o_BH = paged_attention.paged_decode_attention(
                         q_BHD, kv.k_LNHbD[j], kv.v_LNHbD[j], kv.table.table_SM, pos_B, scale=self.scale,
@@ -215,7 +222,7 @@ class MoEForward:
                                           lw.attn.o_bias_H)
             mlp_BH, ids_BK = self._mlp(lw, self._norm(x_BH, lw.post_norm_H), active_B)
             if ids_BK is not None:
-                routes.write_decode(lw.moe.moe_layer, rows_B, pos_B, ids_BK)
+                routes.write_decode(lw.moe.moe_layer, where, ids_BK)
             x_BH = x_BH + mlp_BH
         return self.linear(self._norm(x_BH, self.final_norm_H), self.lm_head_VH)
 
@@ -231,6 +238,12 @@ class MoEForward:
                 device=self.embed_VH.device, head_dim=self.head_dim, block_size=bs, num_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads)
         return self._paged_fits[bs]
+
+    def _qk_kernel_fits(self, attn: AttentionWeights) -> bool:
+        """Decode computes q/k and writes K/V in one Triton kernel (`paged_attention.qk_norm_rope_write`)."""
+        return paged_attention.qk_fits(
+            whole_projection_norm=attn.q_norm is not None, gated=attn.gated, zero_centered=attn.norm_offset,
+            clip_qkv=self.clip_qkv, rotary_dims=self.cos_PD.shape[1], head_dim=self.head_dim)
 
     # --- layer pieces -------------------------------------------------------------------------------------------------
     def _qkv(self, lw: _Layer, h_TH: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor):

@@ -30,7 +30,7 @@ import torch
 from r3rl.rollout.paging import BlockTable, blocks_for
 from r3rl.trace import RoutingTrace, compact_dtype
 
-__all__ = ["KVCache", "RoutingCapture", "NullRoutingCapture"]
+__all__ = ["DecodeWhere", "KVCache", "RoutingCapture", "NullRoutingCapture"]
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
 
@@ -40,6 +40,20 @@ def _where(table: BlockTable, rows_N: torch.Tensor, P: int, arange_P: torch.Tens
     right-padded prompt) land in the null block."""
     pos_P = arange_P[:P]
     return table.table_SM[rows_N.unsqueeze(1), pos_P // table.block_size], pos_P % table.block_size
+
+
+@dataclass(frozen=True)
+class DecodeWhere:
+    """Where each decode row's new token goes: block `blk_B[b]`, offset `off_B[b]` (computed once per step, shared by
+    every layer's KV and routing writes)."""
+
+    blk_B: torch.Tensor
+    off_B: torch.Tensor
+
+    @classmethod
+    def of(cls, table: BlockTable, rows_B: torch.Tensor, pos_B: torch.Tensor) -> DecodeWhere:
+        bs = table.block_size
+        return cls(table.table_SM[rows_B, pos_B // bs], pos_B % bs)
 
 
 @dataclass(frozen=True)
@@ -67,13 +81,10 @@ class KVCache:
         self.k_LNHbD[layer][blk_NP, :, off_NP] = k_NHPD.transpose(1, 2)
         self.v_LNHbD[layer][blk_NP, :, off_NP] = v_NHPD.transpose(1, 2)
 
-    def write_decode(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, k_BHD: torch.Tensor,
-                     v_BHD: torch.Tensor) -> None:
-        """One token per slot: slot rows_B[b] at position pos_B[b]."""
-        bs = self.table.block_size
-        blk_B, off_B = self.table.table_SM[rows_B, pos_B // bs], pos_B % bs
-        self.k_LNHbD[layer][blk_B, :, off_B] = k_BHD
-        self.v_LNHbD[layer][blk_B, :, off_B] = v_BHD
+    def write_decode(self, layer: int, where: DecodeWhere, k_BHD: torch.Tensor, v_BHD: torch.Tensor) -> None:
+        """One token per decode row, at `where` (computed once per step)."""
+        self.k_LNHbD[layer][where.blk_B, :, where.off_B] = k_BHD
+        self.v_LNHbD[layer][where.blk_B, :, where.off_B] = v_BHD
 
     def context(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`[batch, kv_heads, length, head_dim]` of slots [0, batch), positions [0, length) (a multiple of the block
@@ -115,10 +126,8 @@ class RoutingCapture:
         blk_NP, off_NP = _where(self.table, rows_N, ids_NPK.shape[1], self._arange)
         self.routes_NbLK[blk_NP, off_NP, layer] = ids_NPK.to(self.routes_NbLK.dtype)
 
-    def write_decode(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, ids_BK: torch.Tensor) -> None:
-        bs = self.table.block_size
-        self.routes_NbLK[self.table.table_SM[rows_B, pos_B // bs], pos_B % bs, layer] = ids_BK.to(
-            self.routes_NbLK.dtype)
+    def write_decode(self, layer: int, where: DecodeWhere, ids_BK: torch.Tensor) -> None:
+        self.routes_NbLK[where.blk_B, where.off_B, layer] = ids_BK.to(self.routes_NbLK.dtype)
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[RoutingTrace]:
         """Traces of `slots`, each of its first `num_rows` positions, in one gather and one device-to-host copy. Ids
@@ -151,7 +160,7 @@ class NullRoutingCapture:
     def write_prefill(self, layer: int, rows_N: torch.Tensor, ids_NPK: torch.Tensor) -> None:
         pass
 
-    def write_decode(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, ids_BK: torch.Tensor) -> None:
+    def write_decode(self, layer: int, where: DecodeWhere, ids_BK: torch.Tensor) -> None:
         pass
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[None]:

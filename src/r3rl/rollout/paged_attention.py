@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["available", "fits", "paged_decode_attention"]
+__all__ = ["available", "fits", "qk_fits", "paged_decode_attention", "qk_norm_rope_write"]
 
 
 def available() -> bool:
@@ -38,6 +38,40 @@ def fits(*, device: torch.device, head_dim: int, block_size: int, num_heads: int
     pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
     return (available() and device.type == "cuda" and pow2(head_dim) and pow2(block_size)
             and num_heads % num_kv_heads == 0)
+
+
+def qk_fits(*, whole_projection_norm: bool, gated: bool, zero_centered: bool, clip_qkv: float | None,
+            rotary_dims: int, head_dim: int) -> bool:
+    """`qk_norm_rope_write` computes this layer's q/k: per-head RMSNorm or none, RoPE on the first `rotary_dims`
+    (even) dims, no output gate, no clipping, no whole-projection or zero-centered norms (those keep the torch ops)."""
+    return (not (whole_projection_norm or gated or zero_centered) and clip_qkv is None and rotary_dims % 2 == 0
+            and 0 < rotary_dims <= head_dim)
+
+
+def qk_norm_rope_write(qkv_BQ: torch.Tensor, qk_norm_XD: torch.Tensor | None, cos_PR: torch.Tensor,
+                       sin_PR: torch.Tensor, pos_B: torch.Tensor, blk_B: torch.Tensor, off_B: torch.Tensor,
+                       k_NHbD: torch.Tensor, v_NHbD: torch.Tensor, *, num_heads: int, num_kv_heads: int, eps: float
+                       ) -> torch.Tensor:
+    """One decode token per row: from the fused projection `qkv_BQ` ([q heads, k heads, v heads] x head dim), the
+    per-head RMSNorm of q and k (`qk_norm_XD`: q_norm's weight on the q heads, k_norm's on the k heads; None: no
+    norm), RoPE at position `pos_B` (cos and signed sin tables `[P, R]`, as `attention.rope_tables` makes them), the
+    key and value written into the pools at (`blk_B`, `off_B`); returns the rotated queries `[B, Hq, D]`. One launch
+    for what the torch path does in ~9 (copy, norm, weight, roll, three rounded RoPE ops, two KV scatters); every
+    intermediate is rounded to the model dtype where those ops (and HF) round it."""
+    (B, Q), (_, Hkv, bs, D), R = qkv_BQ.shape, k_NHbD.shape, cos_PR.shape[1]
+    Hq = num_heads
+    if Q != (Hq + 2 * Hkv) * D or Hkv != num_kv_heads or qkv_BQ.stride(1) != 1:
+        raise ValueError(f"qk_norm_rope_write: qkv {tuple(qkv_BQ.shape)} (last dim contiguous) must be "
+                         f"[B, (Hq={Hq} + 2 * Hkv={num_kv_heads}) * D={D}] for pools {tuple(k_NHbD.shape)}")
+    if qk_norm_XD is not None and tuple(qk_norm_XD.shape) != (Hq + Hkv, D):
+        raise ValueError(f"qk_norm_rope_write: qk norm weight {tuple(qk_norm_XD.shape)}, expected "
+                         f"[{Hq + Hkv}, {D}]")
+    q_BHD = torch.empty(B, Hq, D, dtype=qkv_BQ.dtype, device=qkv_BQ.device)
+    norm = qk_norm_XD if qk_norm_XD is not None else qkv_BQ  # a dummy pointer without a norm
+    _qk_rope_write_kernel[(B, Hq + 2 * Hkv)](
+        qkv_BQ, norm, cos_PR, sin_PR, pos_B, blk_B, off_B, k_NHbD, v_NHbD, q_BHD, qkv_BQ.stride(0), float(eps),
+        HQ=Hq, HKV=Hkv, D=D, R=R, BS=bs, HAS_NORM=qk_norm_XD is not None, num_warps=1)
+    return q_BHD
 
 
 def paged_decode_attention(q_BHD: torch.Tensor, k_NHbD: torch.Tensor, v_NHbD: torch.Tensor, table_SM: torch.Tensor,
@@ -112,3 +146,37 @@ if triton is not None:
         out = acc / l_i[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(g < G)[:, None])
+
+    @triton.jit
+    def _qk_rope_write_kernel(qkv_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, blk_ptr, off_ptr, k_ptr, v_ptr, q_ptr,
+                              stride_b, eps, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                              BS: tl.constexpr, HAS_NORM: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # q heads, then k heads, then v heads
+        dt = q_ptr.dtype.element_ty
+        d = tl.arange(0, D)
+        row = qkv_ptr + b.to(tl.int64) * stride_b
+        slot = (tl.load(blk_ptr + b).to(tl.int64) * HKV * BS + tl.load(off_ptr + b)) * D  # + head * BS * D
+        if h < HQ + HKV:
+            partner = tl.where(d < R, (d + R // 2) % R, d)  # rotate_half's source of each rotated dim
+            x = tl.load(row + h * D + d).to(tl.float32)
+            x_p = tl.load(row + h * D + partner).to(tl.float32)
+            if HAS_NORM:  # HF: x * rsqrt(mean(x^2) + eps), rounded, then times the weight, rounded
+                rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, 0) / D + eps))
+                x = (x * rstd).to(dt).to(tl.float32)
+                x = (x * tl.load(norm_ptr + h * D + d).to(tl.float32)).to(dt).to(tl.float32)
+                x_p = (x_p * rstd).to(dt).to(tl.float32)
+                x_p = (x_p * tl.load(norm_ptr + h * D + partner).to(tl.float32)).to(dt).to(tl.float32)
+            pos = tl.load(pos_ptr + b).to(tl.int64)
+            rot = d < R
+            c = tl.load(cos_ptr + pos * R + d, mask=rot, other=1.0).to(tl.float32)
+            s = tl.load(sin_ptr + pos * R + d, mask=rot, other=0.0).to(tl.float32)
+            # x * cos + rotate_half(x) * sin, three rounded ops (attention.rope); dims past R pass through
+            y = tl.where(rot, ((x * c).to(dt).to(tl.float32) + (x_p * s).to(dt).to(tl.float32)), x)
+            if h < HQ:
+                tl.store(q_ptr + (b.to(tl.int64) * HQ + h) * D + d, y.to(dt))
+            else:
+                tl.store(k_ptr + slot + (h - HQ) * BS * D + d, y.to(dt))
+        else:
+            v = tl.load(row + h * D + d)
+            tl.store(v_ptr + slot + (h - HQ - HKV) * BS * D + d, v)
