@@ -121,7 +121,7 @@ print("ok")
 """
 
 
-def qk_case(dtype, norm: bool, R: int) -> dict:
+def qk_case(dtype, norm: bool, R: int, device: str = "cpu") -> dict:
     """Kernel vs the torch path (attention.qkv, then KVCache.write_decode's scatter) on one decode step; asserts."""
     from r3rl.rollout.attention import AttentionWeights, qkv
     from r3rl.rollout.kv_cache import DecodeWhere
@@ -136,11 +136,14 @@ def qk_case(dtype, norm: bool, R: int) -> dict:
     sign = torch.cat([-torch.ones(R // 2), torch.ones(R // 2)])
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype) * sign.to(dtype)
     pos = torch.tensor([0, 5, 17, 40, 62])  # pos + 1 (the control) stays inside the 64-row tables
-    where = DecodeWhere(blk_B=torch.tensor([3, 1, 8, 4, 6]), off_B=pos % bs)
+    where = DecodeWhere(blk_B=torch.tensor([3, 1, 8, 4, 6]).to(device), off_B=(pos % bs).to(device))
+    qkv_BQ, cos, sin, pos = qkv_BQ.to(device), cos.to(device), sin.to(device), pos.to(device)
+    norm_XD = None if norm_XD is None else norm_XD.to(device)
     w = AttentionWeights(qkv_QH=None, qkv_bias_Q=None, o_HQ=None, o_bias_H=None, qk_norm_XD=norm_XD)
     q_want, k_want, v_want, _ = qkv(w, qkv_BQ, cos[pos], sin[pos], num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                                     eps=1e-6, clip_qkv=None, linear=lambda x, W, b: x)
-    k_pool_want, v_pool_want = torch.zeros(N, Hkv, bs, D, dtype=dtype), torch.zeros(N, Hkv, bs, D, dtype=dtype)
+    k_pool_want = torch.zeros(N, Hkv, bs, D, dtype=dtype, device=device)
+    v_pool_want = torch.zeros_like(k_pool_want)
     k_pool_want[where.blk_B, :, where.off_B] = k_want
     v_pool_want[where.blk_B, :, where.off_B] = v_want
     k_pool, v_pool = torch.zeros_like(k_pool_want), torch.zeros_like(v_pool_want)
@@ -173,10 +176,9 @@ def test_qk_norm_rope_write_kernel_in_interpreter_matches_the_torch_path(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and pa.available()), reason="needs CUDA and triton")
 def test_qk_norm_rope_write_kernel_on_gpu_matches_the_torch_path():
-    with torch.device("cuda"):
-        for norm in (True, False):
-            for R in (16, 8):
-                print(norm, R, qk_case(torch.bfloat16, norm, R))
+    for norm in (True, False):
+        for R in (16, 8):
+            print(norm, R, qk_case(torch.bfloat16, norm, R, device="cuda"))
 
 
 @pytest.mark.skipif(not pa.available(), reason="triton not installed")
