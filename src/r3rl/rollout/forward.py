@@ -231,10 +231,13 @@ class MoEForward:
 
     def _paged_kernel_fits(self, kv: KVCache) -> bool:
         """Decode attention reads the KV blocks in place (paged_attention.py) rather than gathering them: CUDA with
-        triton, not batch-invariant, not MLA (its absorbed attention reads gathered latents)."""
+        triton, not batch-invariant, not MLA (its absorbed attention reads gathered latents), no attention sinks:
+        GPT-OSS's HF attention rounds its scores and sink softmax to bf16, which the torch path reproduces and the
+        kernel's float32 softmax does not, and GPT-OSS amplifies the difference past the engine-vs-HF gate."""
         bs = kv.table.block_size
         if bs not in self._paged_fits:
-            self._paged_fits[bs] = not (self.batch_invariant or self.mla) and paged_attention.fits(
+            sinks = any(getattr(lw.attn, "sinks_H", None) is not None for lw in self.layers)
+            self._paged_fits[bs] = not (self.batch_invariant or self.mla or sinks) and paged_attention.fits(
                 device=self.embed_VH.device, head_dim=self.head_dim, block_size=bs, num_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads)
         return self._paged_fits[bs]
