@@ -54,8 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hf-cap-batch", type=int, default=0,
                    help="from this batch on, HF generates --hf-cap-tokens tokens (0: never, HF = engine tokens)")
     p.add_argument("--hf-cap-tokens", type=int, default=32)
-    p.add_argument("--moe-kernel", choices=["auto", "fused", "grouped_mm"], default="auto",
-                   help="the engine's experts (EngineConfig.fused_moe: auto, True, False)")
+    p.add_argument("--moe-kernel", choices=["fused", "grouped_mm"], default="fused",
+                   help="the engine's experts (EngineConfig.fused_moe)")
     p.add_argument("--hf-experts", choices=["auto", "grouped_mm"], default="auto",
                    help="HF's experts path in generate: auto = transformers' choice (decode switches grouped_mm to "
                         "batched_mm, which copies the selected experts' weights per token and runs out of memory "
@@ -84,7 +84,7 @@ def main() -> None:
         model = make_model(preset, seed=args.seed, device=device, dtype=dtype)
         max_seq_len = args.prompt_len + max(args.new_tokens, args.gate_tokens)
         max_slots = max(args.batches + [args.gate_batch])
-        fused = {"auto": None, "fused": True, "grouped_mm": False}[args.moe_kernel]
+        fused = args.moe_kernel == "fused"
         engines = {capture: RolloutEngine(model, max_slots=max_slots, max_seq_len=max_seq_len, capture_routing=capture,
                                           fused_moe=fused)
                    for capture in (True, False)}

@@ -79,9 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-hold-steps", type=int, default=0,
                    help="hold new requests up to this many engine steps while others run, so prefills come in "
                         "batches (0: admit at once)")
-    p.add_argument("--moe-kernel", choices=["auto", "fused", "grouped_mm"], default="auto",
-                   help="CUDA experts: auto = fused Triton kernels for SwiGLU experts, grouped_mm for GPT-OSS (whose "
-                        "gate against HF fails with the kernels); fused = the kernels wherever they apply; grouped_mm")
+    p.add_argument("--moe-kernel", choices=["fused", "grouped_mm"], default="fused",
+                   help="CUDA experts: the fused Triton kernels where they apply (default), or torch's grouped_mm")
     p.add_argument("--device", default=None, help="engine device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="bfloat16 | float32 | float16 (default: bfloat16 on cuda, else float32)")
@@ -127,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level, engine=EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
                                                               kv_cache_tokens=args.kv_cache_tokens,
                                                               block_size=args.kv_block_size,
-                                                              fused_moe={"auto": None, "fused": True,
-                                                                         "grouped_mm": False}[args.moe_kernel],
+                                                              fused_moe=args.moe_kernel == "fused",
                                                               device=args.device, dtype=args.dtype))
         except ValueError as e:  # bad flag values: exit 2 with one line, before the model loads
             parser.error(str(e))

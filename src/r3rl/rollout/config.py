@@ -39,11 +39,9 @@ class EngineConfig:
     blocks run out, the newest requests are preempted and recomputed later (same seeds, same tokens)."""
     block_size: int = 16
     """Tokens per KV block (the unit of paging and of prompt sharing between the samples of a group)."""
-    fused_moe: bool | None = None
-    """Experts on CUDA: None (auto) = the fused Triton kernels for SwiGLU experts and torch's grouped_mm for GPT-OSS
-    experts (the kernels sum in another order than HF's cuBLAS GEMMs, and GPT-OSS amplifies that: its engine-vs-HF
-    gate fails with them on an H200, |d logprob| 0.117 against 0.030); True = the fused kernels wherever they apply
-    (GPT-OSS too, ~1.6x faster decode there); False = grouped_mm everywhere."""
+    fused_moe: bool = True
+    """Run the experts through the fused Triton kernels on CUDA where they apply (SwiGLU and GPT-OSS experts);
+    False = the grouped_mm path."""
     device: str | torch.device | None = None
     """Engine device; None = the model's device (a checkpoint path: cuda when available, else cpu)."""
     dtype: str | torch.dtype | None = None

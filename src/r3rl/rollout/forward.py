@@ -81,7 +81,7 @@ class MoEForward:
     """The engine's copy of the weights and its prefill/decode forward (no autograd, no HF modules)."""
 
     def __init__(self, model: PreTrainedModel, *, device: torch.device, dtype: torch.dtype, max_seq_len: int,
-                 max_slots: int, batch_invariant: bool, fused_moe: bool | None = None) -> None:
+                 max_slots: int, batch_invariant: bool, fused_moe: bool = True) -> None:
         cfg = model.config
         _check_supported(model)
         sites = {int(re.search(r"layers\.(\d+)\.", s.name).group(1)): s for s in find_routers(model)}  # raises

@@ -61,10 +61,8 @@ class MoEBlock:
 
     def __init__(self, *, num_experts: int, act: Callable, expert_act: ExpertAct, linear: Callable,
                  batch_invariant: bool, probe: MoEWeights, alpha: float = 1.702, limit: float = 7.0,
-                 fused: bool | None = None) -> None:
+                 fused: bool = True) -> None:
         self.num_experts, self.act, self.expert_act, self.linear = num_experts, act, expert_act, linear
-        if fused is None:  # auto: see EngineConfig.fused_moe (GPT-OSS's gate against HF fails with the kernels)
-            fused = expert_act is not ExpertAct.GPT_OSS
         self.alpha, self.limit = alpha, limit
         self._expert_ends_E = torch.arange(1, num_experts + 1, device=probe.gate_up_EIH.device)
         if batch_invariant:
