@@ -7,8 +7,12 @@ the block holding the first visible position and mask the rest; attention sinks 
 denominator at the end, as the extra softmax column HF drops. No host sync: CUDA-graph safe (the row's length comes
 from `pos_B` on the device).
 
+Before it, `qk_norm_rope_write` turns each row's fused q/k/v projection into normed, rotated queries and writes the
+key and value into the row's block (one launch per layer instead of ~9 torch kernels), rounding as the torch ops do.
+
 The torch path (kv_cache.KVCache.context: gather the blocks, then attention.decode_attention) stays the CPU, the
-batch-invariant and the MLA path, and the reference these kernels are tested against:
+batch-invariant and the MLA path, the path of models with attention sinks (GPT-OSS: HF rounds its scores and sink
+softmax to bf16, this kernel does not), and the reference these kernels are tested against:
 
     pytest tests/rollout/test_paged_attention.py      # the kernel under TRITON_INTERPRET=1 on CPU, and on GPU
 
