@@ -223,8 +223,7 @@ def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
             act_MI = gpt_oss_glu(gate_up_MI, alpha, limit, round_to=out_dtype if round_output else None)
         else:
             act_MI = rnd(F.silu(gate_up_MI[:, :n_inter])) * gate_up_MI[:, n_inter:]
-        if emulate_rounding:
-            act_MI = act_MI.to(out_dtype).to(compute_dtype)
+        act_MI = rnd(act_MI)
         out_MH = rnd(act_MI @ down_EHI[e].to(compute_dtype).T)
         if down_bias_EH is not None:
             out_MH = rnd(out_MH + down_bias_EH[e].to(compute_dtype))

@@ -64,7 +64,7 @@ def qk_norm_rope_write(qkv_BQ: torch.Tensor, qk_norm_XD: torch.Tensor | None, co
     intermediate is rounded to the model dtype where those ops (and HF) round it."""
     (B, Q), (_, Hkv, bs, D), R = qkv_BQ.shape, k_NHbD.shape, cos_PR.shape[1]
     Hq = num_heads
-    if Q != (Hq + 2 * Hkv) * D or Hkv != num_kv_heads or qkv_BQ.stride(1) != 1:
+    if Q != (Hq + 2 * Hkv) * D or Hkv != num_kv_heads or qkv_BQ.stride(1) != 1:  # noqa: SIM300 (Q: a width)
         raise ValueError(f"qk_norm_rope_write: qkv {tuple(qkv_BQ.shape)} (last dim contiguous) must be "
                          f"[B, (Hq={Hq} + 2 * Hkv={num_kv_heads}) * D={D}] for pools {tuple(k_NHbD.shape)}")
     if qk_norm_XD is not None and tuple(qk_norm_XD.shape) != (Hq + Hkv, D):

@@ -95,8 +95,8 @@ def vocab_keys(vocab_size: int, device: torch.device | str) -> torch.Tensor:
 
 
 def sample_tokens(
-    logits_BV: torch.Tensor, params: SlotParams, counter_B: torch.Tensor, mode: SamplingMode, vocab_keys_V: torch.Tensor,
-    *, fused: bool = True,
+    logits_BV: torch.Tensor, params: SlotParams, counter_B: torch.Tensor, mode: SamplingMode,
+    vocab_keys_V: torch.Tensor, *, fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row. `counter_B` is the position the sampled token takes in its sequence.
 

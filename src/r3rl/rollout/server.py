@@ -292,7 +292,8 @@ class _Server(uvicorn.Server):
 
 
 def _prepare(state: _ServerState, body: bytes) -> tuple[GenerateBatch, list[EngineRequest]]:
-    """Parse, validate and tokenize a /generate body (runs in the thread pool). Raises ProtocolError."""
+    """Parse, validate and tokenize a /generate body (on the event loop for small bodies, else in the thread pool).
+    Raises ProtocolError."""
     max_seq_len = state.info.max_seq_len
     batch = parse_generate_request(_json(body), max_seq_len=max_seq_len,
                                    max_text_chars=max_seq_len * TEXT_CHARS_PER_TOKEN)

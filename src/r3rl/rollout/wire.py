@@ -183,8 +183,8 @@ def generate_response(batch: GenerateBatch, item: GenerateItem, out: EngineOutpu
         if len(out.output_logprobs) != n_out:
             raise RuntimeError(f"engine must return one logprob per output token: got {len(out.output_logprobs)}, "
                                f"expected {n_out}")
-        bad = next((i for i, lp in enumerate(out.output_logprobs) if not math.isfinite(lp)), None)
-        if bad is not None:  # JSON has no infinities: refuse (500) rather than send null
+        if not all(map(math.isfinite, out.output_logprobs)):  # JSON has no infinities: refuse (500), not null
+            bad = next(i for i, lp in enumerate(out.output_logprobs) if not math.isfinite(lp))
             raise RuntimeError(f"engine returned a non-finite logprob for sample {meta.id}: "
                                f"{out.output_logprobs[bad]} at output position {bad}")
         meta.output_token_logprobs = [(float(lp), int(t), None) for lp, t in zip(out.output_logprobs, out.output_ids,

@@ -313,10 +313,9 @@ class EngineWorker:
             self.error = error
             pending, self._pending = list(self._pending), deque()
             commands, self._commands = list(self._commands), deque()
-        for fut in self._inflight.values():
-            _resolve(fut, error=EngineStepFailed(f"engine failed: {error!r}"))
-        for _, fut in [*pending, *commands]:
-            _resolve(fut, error=EngineUnavailable(f"engine failed: {error!r}"))
+        msg = f"engine failed: {error!r}"  # one exception per future: a raised instance carries its traceback
+        _resolve_many([(fut, None, EngineStepFailed(msg)) for fut in self._inflight.values()]
+                      + [(fut, None, EngineUnavailable(msg)) for _, fut in [*pending, *commands]])
         self._inflight.clear()
         self.num_running = 0
 
@@ -324,10 +323,9 @@ class EngineWorker:
         """Called with the lock held."""
         pending, self._pending = list(self._pending), deque()
         commands, self._commands = list(self._commands), deque()
-        for _, fut in [*pending, *commands]:
-            _resolve(fut, error=EngineUnavailable(f"server is stopping: {reason}"))
-        for fut in self._inflight.values():
-            _resolve(fut, error=RequestAborted(f"server is stopping: {reason}"))
+        msg = f"server is stopping: {reason}"
+        _resolve_many([(fut, None, EngineUnavailable(msg)) for _, fut in [*pending, *commands]]
+                      + [(fut, None, RequestAborted(msg)) for fut in self._inflight.values()])
         self._inflight.clear()
         self.engine.abort_all()
         self.num_running = 0
@@ -335,8 +333,7 @@ class EngineWorker:
     def abort_inflight(self, reason: str) -> int:
         """Worker thread only (from a command): fail every running request with `RequestAborted`."""
         n = len(self._inflight)
-        for fut in self._inflight.values():
-            _resolve(fut, error=RequestAborted(reason))
+        _resolve_many([(fut, None, RequestAborted(reason)) for fut in self._inflight.values()])
         self._inflight.clear()
         self.engine.abort_all()
         return n
@@ -361,10 +358,4 @@ def _resolve_many(items: list[tuple[asyncio.Future, Any, BaseException | None]])
 
 def _resolve(fut: asyncio.Future, *, result=None, error: BaseException | None = None) -> None:
     """Complete `fut` on its own event loop, from any thread; a cancelled future (client gone) is skipped."""
-
-    def done() -> None:
-        if not fut.done():
-            fut.set_exception(error) if error is not None else fut.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-        fut.get_loop().call_soon_threadsafe(done)
+    _resolve_many([(fut, result, error)])

@@ -251,9 +251,9 @@ def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
                             logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
                             sync_address=cfg.weight_sync_address)
     max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
-    engine = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
-                          kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device, dtype=cfg.dtype)
-    return EngineBackend(model, config=engine, logprobs_at_temperature=at_temperature)
+    engine_cfg = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
+                              kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device, dtype=cfg.dtype)
+    return EngineBackend.from_config(model, engine_cfg, logprobs_at_temperature=at_temperature)
 
 
 def _max_prompt_len(cfg: TrainConfig) -> int:
