@@ -286,7 +286,8 @@ class EngineWorker:
 
     def _take_admissions(self) -> list[tuple[EngineRequest, asyncio.Future]]:
         """The pending requests to hand to the engine now (all, or none while they are held). Lock held."""
-        if not self._pending:
+        if not self._pending:  # (a hold whose requests were all cancelled ends here too)
+            self._held_steps = 0
             return []
         cfg, running = self.admission, len(self._inflight)
         if (cfg.max_hold_steps and running and not self._stopping and self._held_steps < cfg.max_hold_steps
