@@ -62,7 +62,7 @@ def qkv(w: AttentionWeights, h_TH: torch.Tensor, cos_TD: torch.Tensor, sin_TD: t
     if clip_qkv is not None:
         qk_TXD, v_THD = qk_TXD.clamp(-clip_qkv, clip_qkv), v_THD.clamp(-clip_qkv, clip_qkv)
     if w.qk_norm_XD is not None and w.norm_offset:  # zero-centered per-head RMSNorm, in float32 (Qwen3-Next)
-        qk_TXD = (F.rms_norm(qk_TXD.float(), (D,), eps=eps) * (1.0 + w.qk_norm_XD.float())).to(qk_TXD.dtype)
+        qk_TXD = rms_norm(qk_TXD, w.qk_norm_XD, eps, offset=True)
     elif w.qk_norm_XD is not None:  # RMSNorm per head, q_norm on q heads and k_norm on k heads
         qk_TXD = F.rms_norm(qk_TXD, (D,), eps=eps) * w.qk_norm_XD
     qk_TXD = rope(qk_TXD, cos_TD, sin_TD)
