@@ -4,10 +4,10 @@
 argmax, and the Gumbel-max sample argmax(logits / temperature + g) with the counter-based hash noise g. In torch
 that is ~25 kernels over `[B, V]` (the hash alone is ten int64 passes), ~0.45 ms of a 5 ms decode step at batch 256
 on an H200. Here one program per row walks the vocabulary in chunks once and keeps, in float32 registers: the online
-max and sum of exp for the log-softmax, the running greedy argmax, and the running sampled argmax with the raw logit
-at it. Same hash, same uniform bits, same Gumbel transform, same first-index tie-breaking: the tokens are the torch
-path's (the transcendental functions may differ in the last float32 bit, which flips a token only on an exact tie of
-noisy scores), the log-probs agree to float32 rounding.
+max and sum of exp for the log-softmax, the running greedy argmax, and the running sampled argmax (whose raw logit is
+read once at the end). Same hash, same uniform bits, same Gumbel transform, same first-index tie-breaking: the tokens
+are the torch path's (the transcendental functions may differ in the last float32 bit, which flips a token only on
+an exact tie of noisy scores), the log-probs agree to float32 rounding.
 
 Top-k / top-p rows (SamplingMode.FILTERED) need a sort of the vocabulary and stay on the torch path.
 
@@ -87,7 +87,6 @@ if triton is not None:
         g_idx = tl.zeros((), tl.int32)
         s_best = tl.full((), float("-inf"), tl.float32)
         s_idx = tl.zeros((), tl.int32)
-        s_raw = tl.zeros((), tl.float32)
         for v0 in range(0, V, BLOCK_V):
             v = v0 + offs
             ok = v < V
@@ -110,13 +109,12 @@ if triton is not None:
                 c_best = tl.max(y, 0)
                 c_idx = tl.argmax(y, 0, tie_break_left=True)
                 take = c_best > s_best
-                s_raw = tl.where(take, tl.sum(tl.where(offs == c_idx, x, 0.0), 0), s_raw)
                 s_idx = tl.where(take, v0 + c_idx, s_idx)
                 s_best = tl.where(take, c_best, s_best)
         token = g_idx
         raw = g_best
         if SAMPLE:
             token = tl.where(samples, s_idx, g_idx)
-            raw = tl.where(samples, s_raw, g_best)
+            raw = tl.where(samples, tl.load(base + s_idx).to(tl.float32), g_best)  # the sampled token's logit
         tl.store(tokens_ptr + row, token.to(tl.int64))
         tl.store(logprobs_ptr + row, tl.math.div_rn(raw, lp_t) - m - tl.log(s))
