@@ -215,4 +215,4 @@ def test_models_with_attention_sinks_keep_the_torch_decode_attention():
     for preset, in_place in (("tiny-gpt-oss", False), ("tiny-qwen3-moe", True)):
         engine = RolloutEngine(make_model(preset, seed=0, device="cuda", dtype=torch.bfloat16), max_slots=2,
                                max_seq_len=64)
-        assert engine.model._paged_kernel_fits(engine.kv) is in_place, preset
+        assert engine.model.decodes_in_place(engine.kv) is in_place, preset

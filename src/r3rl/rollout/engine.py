@@ -226,6 +226,7 @@ class RolloutEngine:
         self._waiting.clear()
         self._preempted.clear()
         self._slots = []
+        self._pos_S.zero_()
         if self.table is not None:
             self.table.reset()
         self._request_ids.clear()
@@ -351,6 +352,9 @@ class RolloutEngine:
                 buf[dst_M] = buf[src_M]
             if self.state is not None:  # linear-attention state lives per slot, not in blocks
                 self.state.copy_rows(src_M, dst_M)
+        # freed tail slots become CUDA-graph padding rows: position 0, so decode attention does not walk the stale
+        # length of the request that left them
+        self._pos_S[keep : len(self._slots)] = 0
         self._slots = slots
 
     # --- private: admission and KV blocks -------------------------------------------------------------------------
@@ -362,6 +366,8 @@ class RolloutEngine:
             return []
         table, bs = self.table, self.table.block_size
         room, free = self.config.max_slots - len(self._slots), table.num_free
+        if room == 0:  # every slot busy (the usual GRPO case): no per-slot headroom sum
+            return []
         # one block of headroom for every request that will still grow, so that an admission does not force the
         # next decode step to preempt (with the default pool, every slot's longest sequence fits and this never binds)
         reserve = sum(self._grows(r.req, table.num_blocks_of(i)) for i, r in enumerate(self._slots))
@@ -494,6 +500,8 @@ class RolloutEngine:
         bs, max_T = self.table.block_size, self.table.max_blocks * self.table.block_size
         if cfg.batch_invariant:
             T = max_T  # attention over the whole context: its shape must not depend on other rows
+        elif self.model.decodes_in_place(self.kv):
+            T = max_T  # the kernel reads each row's own length; T would only multiply the CUDA graphs
         else:  # a power of two (few graphs), in whole KV blocks
             T = next_power_of_two(max(r.next_pos for r in self._slots) + 1, minimum=64, maximum=cfg.max_seq_len)
             T = min(blocks_for(T, bs) * bs, max_T)

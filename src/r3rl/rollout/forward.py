@@ -184,7 +184,7 @@ class MoEForward:
         linear-attention layers advance the slots' states in place. Returns logits `[B, V]`."""
         B = tokens_B.shape[0]
         where = DecodeWhere.of(kv.table, self._arange[:B], pos_B)  # once per step, for every layer's writes
-        in_place = self._paged_kernel_fits(kv)
+        in_place = self.decodes_in_place(kv)
         # additive masks, built once per step (one per distinct window): row b sees positions <= pos_B[b]
         bias_by_window = {} if in_place else {
             w: decode_bias(pos_B, T, self.num_heads, self.num_kv_heads, self.embed_VH.dtype, w)
@@ -229,7 +229,7 @@ class MoEForward:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.eps, offset=self.norm_offset)
 
-    def _paged_kernel_fits(self, kv: KVCache) -> bool:
+    def decodes_in_place(self, kv: KVCache) -> bool:
         """Decode attention reads the KV blocks in place (paged_attention.py) rather than gathering them: CUDA with
         triton, not batch-invariant, not MLA (its absorbed attention reads gathered latents), no attention sinks:
         GPT-OSS's HF attention rounds its scores and sink softmax to bf16, which the torch path reproduces and the
