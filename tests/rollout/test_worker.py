@@ -1,6 +1,7 @@
 """The server's engine worker in-process: a failed engine step fails only the requests it was running."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -96,7 +97,9 @@ def test_requests_lost_by_the_engine_fail_and_mark_the_worker_dead():
         worker.start()
         with pytest.raises(EngineStepFailed, match="lost by the engine"):
             await worker.submit(_req("a"))
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 10  # the worker thread ends right after failing the request: wait for it
+        while worker.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         alive = worker.alive
         worker.stop(10)
         return alive
@@ -159,7 +162,10 @@ def test_new_requests_are_held_while_others_run_and_a_cancelled_held_one_never_r
         while worker.num_running < 2:
             await asyncio.sleep(0.01)
         futures.append(worker.submit(_long("late", 40)))
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 10  # until the worker has seen it: held (hold on) or admitted (hold off)
+        while time.monotonic() < deadline and (worker.stats()["held_requests"] if hold
+                                               else worker.stats()["admitted"] - 2) < 1:
+            await asyncio.sleep(0.01)
         worker.cancel(["late", "l0", "l1"])
         results = await asyncio.gather(*futures, return_exceptions=True)
         worker.stop(10)
