@@ -10,13 +10,13 @@ engine's grouped_mm path and under CUDA-graph replay.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_util import compile_sm90, run_interpreted
 
 from r3rl.rollout import fused_moe as fm
 
@@ -284,10 +284,7 @@ print("ok")
 
 @pytest.mark.skipif(not fm.available(), reason="triton not installed (the kernels run in the GPU test)")
 def test_triton_kernels_in_interpreter_match_loop():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, timeout=120, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_interpreted(_INTERPRET)
 
 
 _INTERPRET_GPT_OSS = """
@@ -341,26 +338,7 @@ def test_triton_kernels_gpt_oss_and_bf16_rounding_in_interpreter():
     """GPT-OSS experts (biases, interleaved clamped GLU, padding rows, top-4) in float32 against HF's formula, and the
     bf16 rounding of both activations against its torch emulation, through Triton's interpreter (given the GPU's
     bf16 semantics by `_interpreter_with_gpu_bf16`)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _INTERPRET_GPT_OSS], capture_output=True, text=True, timeout=120,
-                         env=env)
-    assert out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
-
-
-def _compile_sm90(kernel, pointers: dict, constexprs: dict) -> str:
-    """Compile a kernel for an H100/H200 (sm90) without a GPU (Triton's front end, LLVM and ptxas); returns its PTX.
-    `pointers` maps pointer arguments to their element type; other non-constexpr arguments are int32 or, named in
-    `floats`, float32."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = kernel.arg_names
-    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("alpha", "limit") else "i32")
-           for n in names}
-    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    run_interpreted(_INTERPRET_GPT_OSS)
 
 
 @pytest.mark.skipif(not fm.available(), reason="triton not installed")
@@ -371,21 +349,18 @@ def test_kernels_compile_for_sm90_and_keep_the_bf16_roundings():
     no-rounding variant (float32 hidden states) is the control: none of them."""
     import re
 
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend here")
     bf16 = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "act_ptr", "weights_ptr")}
+    bf16.update(alpha="fp32", limit="fp32")
     idx = {n: "*i32" for n in ("row_ids_ptr", "block_expert_ptr", "num_padded_ptr")}
     tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
     for act in fm.ExpertAct:
-        ptx = _compile_sm90(fm._gate_up_kernel, {**bf16, **idx},
-                            dict(TOP_K=4, GPT_OSS=act is fm.ExpertAct.GPT_OSS, HAS_BIAS=True, **tiles))
+        ptx = compile_sm90(fm._gate_up_kernel, {**bf16, **idx},
+                           dict(TOP_K=4, GPT_OSS=act is fm.ExpertAct.GPT_OSS, HAS_BIAS=True, ROUND_GLU=True, **tiles))
         assert "mma" in ptx, act  # tensor-core GEMM
     roundings = {}
     for flags in [(False, False), (True, False), (True, True)]:
-        ptx = _compile_sm90(fm._down_kernel, {**bf16, **idx, "out_ptr": "*fp32"},
-                            dict(HAS_BIAS=True, ROUND_OUTPUT=flags[0], ROUND_PRODUCT=flags[1], **tiles))
+        ptx = compile_sm90(fm._down_kernel, {**bf16, **idx, "out_ptr": "*fp32"},
+                           dict(HAS_BIAS=True, ROUND_OUTPUT=flags[0], ROUND_PRODUCT=flags[1], **tiles))
         roundings[flags] = len(re.findall(r"cvt\.rn\.bf16(x2)?\.f32|mul(\.rn)?\.bf16", ptx))
     assert roundings[(False, False)] == 0 < roundings[(True, False)] < roundings[(True, True)], roundings
 

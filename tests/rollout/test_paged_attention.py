@@ -6,12 +6,9 @@ attention.decode_attention): under Triton's CPU interpreter (float32) and, on GP
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _triton_util import compile_sm90, run_interpreted
 
 from r3rl.rollout import paged_attention as pa
 
@@ -54,9 +51,7 @@ print("ok")
 
 @pytest.mark.skipif(not pa.available(), reason="triton not installed (the kernel runs in the GPU test)")
 def test_paged_decode_kernel_in_interpreter_matches_the_gather_path():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, timeout=180, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_interpreted(_INTERPRET)
 
 
 def test_the_kernel_applies_only_where_its_tiles_fit():
@@ -106,9 +101,6 @@ def test_paged_decode_kernel_in_bf16_is_as_close_to_float32_as_the_gather_path(w
 # --- q/k norm + RoPE + KV write in one kernel ------------------------------------------------------------------------
 _INTERPRET_QK = r"""
 import sys, torch
-from r3rl.rollout.attention import AttentionWeights, qkv
-from r3rl.rollout.kv_cache import DecodeWhere
-from r3rl.rollout.paged_attention import qk_norm_rope_write
 from test_paged_attention import qk_case
 if sys.argv[1] == "bf16":
     from test_fused_moe import _interpreter_with_gpu_bf16
@@ -166,11 +158,7 @@ def qk_case(dtype, norm: bool, R: int, device: str = "cpu") -> dict:
 @pytest.mark.skipif(not pa.available(), reason="triton not installed (the kernel runs in the GPU test)")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_qk_norm_rope_write_kernel_in_interpreter_matches_the_torch_path(dtype):
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _INTERPRET_QK, dtype], capture_output=True, text=True, timeout=180,
-                         env=env)
-    assert out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+    run_interpreted(_INTERPRET_QK, dtype)
 
 
 @pytest.mark.gpu
@@ -185,21 +173,10 @@ def test_qk_norm_rope_write_kernel_on_gpu_matches_the_torch_path():
 def test_qk_norm_rope_write_kernel_compiles_for_sm90():
     """The interpreter runs the kernel's Python; compile it for an H100/H200 here (no GPU needed), with and without
     the norm, full and partial rotary."""
-    import triton
-    import triton.backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    kernel = pa._qk_rope_write_kernel
     types = dict(qkv_ptr="*bf16", norm_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", pos_ptr="*i64", blk_ptr="*i64",
                  off_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", q_ptr="*bf16", stride_b="i32", eps="fp32")
     for norm, R in [(True, 128), (False, 64)]:
-        constexprs = dict(HQ=32, HKV=4, D=128, R=R, BS=16, HAS_NORM=norm)
-        sig = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
-        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = compile_sm90(pa._qk_rope_write_kernel, types, dict(HQ=32, HKV=4, D=128, R=R, BS=16, HAS_NORM=norm))
         assert ("sqrt.rn.f32" in ptx) == norm, (norm, R)
 
 

@@ -6,12 +6,9 @@ fused=False): the same tokens and log-probs, under Triton's CPU interpreter and,
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from _triton_util import compile_sm90, run_interpreted
 
 from r3rl.rollout import sampling_kernel as sk
 
@@ -69,10 +66,7 @@ def compare(device: str, *, B: int, V: int, dtype: torch.dtype, block_v: int = 4
 
 @pytest.mark.skipif(not sk.available(), reason="triton not installed (the kernel runs in the GPU test)")
 def test_sampler_kernel_in_interpreter_matches_torch_sampler():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _INTERPRET], capture_output=True, text=True, timeout=300, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+    run_interpreted(_INTERPRET)
 
 
 def test_sampler_kernel_rejects_bad_shapes():
@@ -100,20 +94,9 @@ def test_sampler_kernel_on_gpu_matches_torch_sampler(B):
 def test_sampler_kernel_compiles_for_sm90():
     """The interpreter runs the kernel's Python with numpy semantics; compile it for an H100/H200 here (no GPU
     needed) so that the uint32 hash and the chunk loop also pass Triton's compiler, for both modes."""
-    import triton
-    import triton.backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    kernel = sk._sample_kernel
     types = dict(logits_ptr="*bf16", temperature_ptr="*fp32", seed_ptr="*i64", lp_temperature_ptr="*fp32",
                  counter_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32", stride_b="i32", V="i32",
                  greedy_temperature="fp32")
     for sample in (False, True):
-        constexprs = dict(SAMPLE=sample, BLOCK_V=4096)
-        sig = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
-        src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = compile_sm90(sk._sample_kernel, types, dict(SAMPLE=sample, BLOCK_V=4096))
         assert ("mul.lo.s32" in ptx or "mul.lo.u32" in ptx) == sample  # the hash's wrapping 32-bit multiplies
