@@ -105,7 +105,7 @@ def main() -> None:
                           engine=EngineConfig(max_slots=args.max_slots))
     sys.setswitchinterval(server.SWITCH_INTERVAL_S)  # as serve() sets it
     uvicorn.run(server.create_app(config, engine), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False)
+                access_log=False, timeout_keep_alive=config.keep_alive_timeout_s)  # as serve() runs it
 
 
 if __name__ == "__main__":
