@@ -68,17 +68,15 @@ class _ServerState:
     loop: asyncio.AbstractEventLoop | None = None
 
 
-def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None, *,
-               admission: AdmissionConfig | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`. The worker thread starts and stops with the app's lifespan. `admission`:
-    when new requests reach the engine (default: `config.max_hold_steps`)."""
+def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> FastAPI:
+    """The FastAPI app serving `engine`. The worker thread starts and stops with the app's lifespan; new requests
+    reach the engine as `config.max_hold_steps` says."""
     info = ModelInfo(
         model_path=str(config.model), num_layers=engine.num_layers, top_k=engine.top_k,
         num_experts=engine.num_experts, vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
         weight_version=engine.weight_version, dtype=str(engine.dtype), device=str(engine.device),
     )
-    admission = admission if admission is not None else AdmissionConfig(max_hold_steps=config.max_hold_steps)
-    worker = EngineWorker(engine, admission=admission)
+    worker = EngineWorker(engine, admission=AdmissionConfig(max_hold_steps=config.max_hold_steps))
     state = _ServerState(config=config, worker=worker, tokenizer=tokenizer, info=info)
 
     @contextlib.asynccontextmanager
