@@ -114,9 +114,9 @@ print("ok")
 
 
 def qk_case(dtype, norm: bool, R: int, device: str = "cpu") -> dict:
-    """Kernel vs the torch path (attention.qkv, then KVCache.write_decode's scatter) on one decode step; asserts."""
+    """Kernel vs the torch path (attention.qkv, then KVCache.write's scatter) on one decode step; asserts."""
     from r3rl.rollout.attention import AttentionWeights, qkv
-    from r3rl.rollout.kv_cache import DecodeWhere
+    from r3rl.rollout.kv_cache import TokenWhere
     from r3rl.rollout.paged_attention import qk_norm_rope_write
 
     g = torch.Generator().manual_seed(R + norm)
@@ -128,7 +128,7 @@ def qk_case(dtype, norm: bool, R: int, device: str = "cpu") -> dict:
     sign = torch.cat([-torch.ones(R // 2), torch.ones(R // 2)])
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype) * sign.to(dtype)
     pos = torch.tensor([0, 5, 17, 40, 62])  # pos + 1 (the control) stays inside the 64-row tables
-    where = DecodeWhere(blk_B=torch.tensor([3, 1, 8, 4, 6]).to(device), off_B=(pos % bs).to(device))
+    where = TokenWhere(blk=torch.tensor([3, 1, 8, 4, 6]).to(device), off=(pos % bs).to(device))
     qkv_BQ, cos, sin, pos = qkv_BQ.to(device), cos.to(device), sin.to(device), pos.to(device)
     norm_XD = None if norm_XD is None else norm_XD.to(device)
     w = AttentionWeights(qkv_QH=None, qkv_bias_Q=None, o_HQ=None, o_bias_H=None, qk_norm_XD=norm_XD)
@@ -136,10 +136,10 @@ def qk_case(dtype, norm: bool, R: int, device: str = "cpu") -> dict:
                                     eps=1e-6, clip_qkv=None, linear=lambda x, W, b: x)
     k_pool_want = torch.zeros(N, Hkv, bs, D, dtype=dtype, device=device)
     v_pool_want = torch.zeros_like(k_pool_want)
-    k_pool_want[where.blk_B, :, where.off_B] = k_want
-    v_pool_want[where.blk_B, :, where.off_B] = v_want
+    k_pool_want[where.blk, :, where.off] = k_want
+    v_pool_want[where.blk, :, where.off] = v_want
     k_pool, v_pool = torch.zeros_like(k_pool_want), torch.zeros_like(v_pool_want)
-    q = qk_norm_rope_write(qkv_BQ, norm_XD, cos, sin, pos, where.blk_B, where.off_B, k_pool, v_pool, num_heads=Hq,
+    q = qk_norm_rope_write(qkv_BQ, norm_XD, cos, sin, pos, where.blk, where.off, k_pool, v_pool, num_heads=Hq,
                            num_kv_heads=Hkv, eps=1e-6)
     if dtype == torch.float32:
         torch.testing.assert_close(q, q_want, atol=1e-5, rtol=1e-5)
@@ -149,7 +149,7 @@ def qk_case(dtype, norm: bool, R: int, device: str = "cpu") -> dict:
         assert min(same) >= 0.98, same
     assert torch.equal(v_pool, v_pool_want)
     # negative control: the next position's rotation (an off-by-one pos) is caught by the same comparison
-    q_bad = qk_norm_rope_write(qkv_BQ, norm_XD, cos, sin, pos + 1, where.blk_B, where.off_B, k_pool.clone(),
+    q_bad = qk_norm_rope_write(qkv_BQ, norm_XD, cos, sin, pos + 1, where.blk, where.off, k_pool.clone(),
                                v_pool.clone(), num_heads=Hq, num_kv_heads=Hkv, eps=1e-6)
     assert (q_bad.float() - q_want.float()).abs().max() > 1e-2
     return {"q bitwise": same[0], "k bitwise": same[1]}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from r3rl.rollout.attention import rms_norm, rope
-from r3rl.rollout.kv_cache import DecodeWhere, KVCache
+from r3rl.rollout.kv_cache import KVCache, TokenWhere
 
 __all__ = ["MLAWeights", "mla_prefill", "mla_decode"]
 
@@ -62,12 +62,12 @@ class MLAWeights:
 
 
 def mla_prefill(w: MLAWeights, h_TH: torch.Tensor, N: int, P: int, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
-                kv: KVCache, layer: int, rows_N: torch.Tensor, linear) -> torch.Tensor:
+                kv: KVCache, layer: int, where: TokenWhere, linear) -> torch.Tensor:
     """Attention output (after o_proj) `[T, M]` of N right-padded prompts; writes their latents into the cache."""
     H, A, U, C = w.num_heads, w.nope_dim, w.v_dim, w.kv_lora_rank
     q_nope_THA, q_rot_THR = _queries(w, h_TH, cos_TR, sin_TR, linear)
     c_TC, kr_TR = _latents(w, h_TH, cos_TR, sin_TR, linear)
-    _write(kv, layer, c_TC, kr_TR, C, prefill=(N, P, rows_N))
+    _write(kv, layer, where, c_TC, kr_TR, C)
     kv_THX = linear(c_TC, w.kv_b_XC).view(-1, H, A + U)
     k_THD = torch.cat([kv_THX[..., :A], kr_TR.unsqueeze(1).expand(-1, H, -1)], dim=-1)
     q_THD = torch.cat([q_nope_THA, q_rot_THR], dim=-1)
@@ -80,7 +80,7 @@ def mla_prefill(w: MLAWeights, h_TH: torch.Tensor, N: int, P: int, cos_TR: torch
 
 
 def mla_decode(w: MLAWeights, h_BH: torch.Tensor, cos_BR: torch.Tensor, sin_BR: torch.Tensor, kv: KVCache,
-               layer: int, where: DecodeWhere, T: int, bias_BHT: torch.Tensor,
+               layer: int, where: TokenWhere, T: int, bias_BHT: torch.Tensor,
                linear, *, batch_invariant: bool) -> torch.Tensor:
     """One token per row over its slot's cached latents (absorbed weights). Returns `[B, M]` after o_proj.
 
@@ -89,7 +89,7 @@ def mla_decode(w: MLAWeights, h_BH: torch.Tensor, cos_BR: torch.Tensor, sin_BR: 
     B, H, C = h_BH.shape[0], w.num_heads, w.kv_lora_rank
     q_nope_BHA, q_rot_BHR = _queries(w, h_BH, cos_BR, sin_BR, linear)
     c_BC, kr_BR = _latents(w, h_BH, cos_BR, sin_BR, linear)
-    _write(kv, layer, c_BC, kr_BR, C, decode=where)
+    _write(kv, layer, where, c_BC, kr_BR, C)
     c_ctx_B1TC, kr_ctx_B1TC = kv.context(layer, B, T)
     c_BTC, kr_BTR = c_ctx_B1TC[:, 0], kr_ctx_B1TC[:, 0, :, : w.rope_dim]
     w_uk_HAC, w_uv_HUC = w.absorbed()
@@ -130,11 +130,8 @@ def _rope(w: MLAWeights, x_THR, cos_TR, sin_TR):
     return rope(x_THR, cos_TR, sin_TR)
 
 
-def _write(kv: KVCache, layer: int, c_TC, kr_TR, C: int, *, prefill=None, decode=None) -> None:
-    """K <- the latent c, V <- the rotary key kr zero-padded to C dims (one kv head)."""
+def _write(kv: KVCache, layer: int, where: TokenWhere, c_TC, kr_TR, C: int) -> None:
+    """K <- the latent c, V <- the rotary key kr zero-padded to C dims (one kv head), tokens laid out as `where`."""
     kr_TC = F.pad(kr_TR, (0, C - kr_TR.shape[-1]))
-    if prefill is not None:
-        N, P, rows_N = prefill
-        kv.write_prefill(layer, rows_N, c_TC.view(N, 1, P, C), kr_TC.view(N, 1, P, C))
-    else:
-        kv.write_decode(layer, decode, c_TC.unsqueeze(1), kr_TC.unsqueeze(1))
+    shape = (*where.blk.shape, 1, C)
+    kv.write(layer, where, c_TC.view(shape), kr_TC.view(shape))

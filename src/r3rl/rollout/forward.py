@@ -46,7 +46,7 @@ from r3rl.rollout.attention_linear import (
     load_linear_attention,
 )
 from r3rl.rollout.attention_mla import MLAWeights, mla_decode, mla_prefill
-from r3rl.rollout.kv_cache import DecodeWhere, KVCache, NullRoutingCapture, RoutingCapture
+from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture, TokenWhere
 from r3rl.rollout.moe import ExpertAct, MoEBlock, MoEKernel, MoEWeights
 
 __all__ = ["MoEKernel", "MoEForward"]
@@ -154,18 +154,20 @@ class MoEForward:
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         valid_T = (self._arange[:P].unsqueeze(0) < lengths_N.unsqueeze(1)).flatten() if N > 1 else None
         cos_TD, sin_TD = self.cos_PD[:P].repeat(N, 1), self.sin_PD[:P].repeat(N, 1)
+        where = TokenWhere.prefill(kv.table, rows_N, self._arange[:P])  # once, for every layer's writes
         x_TH = self.embed_VH[tokens_NP.flatten()]
         for i, lw in enumerate(self.layers):
             h_TH = self._norm(x_TH, lw.input_norm_H)
             if isinstance(lw.attn, LinearAttentionWeights):
                 x_TH = x_TH + linear_attention_prefill(lw.attn, h_TH, lengths_N, rows_N, state, i, linear=self.linear)
             elif self.mla:
-                x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, self.kv_index[i], rows_N,
+                x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, self.kv_index[i], where,
                                           self.linear)
             else:
                 q_THD, k_THD, v_THD, gate_TQ = self._qkv(lw, h_TH, cos_TD, sin_TD)
-                k_NHPD, v_NHPD = (t.view(N, P, Hkv, D).transpose(1, 2) for t in (k_THD, v_THD))
-                kv.write_prefill(self.kv_index[i], rows_N, k_NHPD, v_NHPD)
+                k_NPHD, v_NPHD = (t.view(N, P, Hkv, D) for t in (k_THD, v_THD))
+                kv.write(self.kv_index[i], where, k_NPHD, v_NPHD)
+                k_NHPD, v_NHPD = k_NPHD.transpose(1, 2), v_NPHD.transpose(1, 2)
                 q_NHPD = q_THD.view(N, P, Hq, D).transpose(1, 2)
                 o_NHPD = prefill_attention(lw.attn, q_NHPD, k_NHPD, v_NHPD, self.scale)
                 o_TQ = o_NHPD.transpose(1, 2).reshape(N * P, Hq * D)
@@ -173,7 +175,7 @@ class MoEForward:
                                           lw.attn.o_bias_H)
             mlp_TH, ids_TK = self._mlp(lw, self._norm(x_TH, lw.post_norm_H), valid_T)
             if ids_TK is not None:
-                routes.write_prefill(lw.moe.moe_layer, rows_N, ids_TK.view(N, P, -1))
+                routes.write(lw.moe.moe_layer, where, ids_TK.view(N, P, -1))
             x_TH = x_TH + mlp_TH
         last_NH = x_TH.view(N, P, -1)[self._arange[:N], lengths_N - 1]
         return self.linear(self._norm(last_NH, self.final_norm_H), self.lm_head_VH)
@@ -183,7 +185,7 @@ class MoEForward:
         """One token for each of slots [0, B), attending over positions [0, T) (a multiple of the KV block size);
         linear-attention layers advance the slots' states in place. Returns logits `[B, V]`."""
         B = tokens_B.shape[0]
-        where = DecodeWhere.of(kv.table, self._arange[:B], pos_B)  # once per step, for every layer's writes
+        where = TokenWhere.decode(kv.table, self._arange[:B], pos_B)  # once per step, for every layer's writes
         in_place = self.decodes_in_place(kv)
         # additive masks, built once per step (one per distinct window): row b sees positions <= pos_B[b]
         bias_by_window = {} if in_place else {
@@ -205,11 +207,11 @@ class MoEForward:
                     gate_BQ = None
                     q_BHD = paged_attention.qk_norm_rope_write(
                         self.linear(h_BH, lw.attn.qkv_QH, lw.attn.qkv_bias_Q), lw.attn.qk_norm_XD, self.cos_PD,
-                        self.sin_PD, pos_B, where.blk_B, where.off_B, kv.k_LNHbD[j], kv.v_LNHbD[j],
+                        self.sin_PD, pos_B, where.blk, where.off, kv.k_LNHbD[j], kv.v_LNHbD[j],
                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, eps=self.eps)
                 else:
                     q_BHD, k_BHD, v_BHD, gate_BQ = self._qkv(lw, h_BH, cos_BD, sin_BD)
-                    kv.write_decode(j, where, k_BHD, v_BHD)
+                    kv.write(j, where, k_BHD, v_BHD)
                 if in_place:
                     o_BH = paged_attention.paged_decode_attention(
                         q_BHD, kv.k_LNHbD[j], kv.v_LNHbD[j], kv.table.table_SM, pos_B, scale=self.scale,
@@ -222,7 +224,7 @@ class MoEForward:
                                           lw.attn.o_bias_H)
             mlp_BH, ids_BK = self._mlp(lw, self._norm(x_BH, lw.post_norm_H), active_B)
             if ids_BK is not None:
-                routes.write_decode(lw.moe.moe_layer, where, ids_BK)
+                routes.write(lw.moe.moe_layer, where, ids_BK)
             x_BH = x_BH + mlp_BH
         return self.linear(self._norm(x_BH, self.final_norm_H), self.lm_head_VH)
 

@@ -30,30 +30,31 @@ import torch
 from r3rl.rollout.paging import BlockTable, blocks_for
 from r3rl.trace import RoutingTrace, compact_dtype
 
-__all__ = ["DecodeWhere", "KVCache", "RoutingCapture", "NullRoutingCapture"]
+__all__ = ["TokenWhere", "KVCache", "RoutingCapture", "NullRoutingCapture"]
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
 
 
-def _where(table: BlockTable, rows_N: torch.Tensor, P: int, arange_P: torch.Tensor):
-    """(block, offset) `[N, P]` of positions [0, P) of slots rows_N. Positions past a slot's blocks (the padding of a
-    right-padded prompt) land in the null block."""
-    pos_P = arange_P[:P]
-    return table.table_SM[rows_N.unsqueeze(1), pos_P // table.block_size], pos_P % table.block_size
-
-
 @dataclass(frozen=True)
-class DecodeWhere:
-    """Where each decode row's new token goes: block `blk_B[b]`, offset `off_B[b]` (computed once per step, shared by
-    every layer's KV and routing writes)."""
+class TokenWhere:
+    """Where new tokens go: block `blk[...]`, offset `off[...]`, `[B]` for a decode step or `[N, P]` for a prefill.
+    Computed once per forward and shared by every layer's KV and routing writes."""
 
-    blk_B: torch.Tensor
-    off_B: torch.Tensor
+    blk: torch.Tensor
+    off: torch.Tensor
 
     @classmethod
-    def of(cls, table: BlockTable, rows_B: torch.Tensor, pos_B: torch.Tensor) -> DecodeWhere:
+    def decode(cls, table: BlockTable, rows_B: torch.Tensor, pos_B: torch.Tensor) -> TokenWhere:
+        """Slot rows_B[b]'s token at position pos_B[b]."""
         bs = table.block_size
         return cls(table.table_SM[rows_B, pos_B // bs], pos_B % bs)
+
+    @classmethod
+    def prefill(cls, table: BlockTable, rows_N: torch.Tensor, pos_P: torch.Tensor) -> TokenWhere:
+        """Positions pos_P (= [0, P)) of slots rows_N. Positions past a slot's blocks (the padding of a right-padded
+        prompt) land in the null block."""
+        bs = table.block_size
+        return cls(table.table_SM[rows_N.unsqueeze(1), pos_P // bs], pos_P % bs)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,6 @@ class KVCache:
     k_LNHbD: torch.Tensor
     v_LNHbD: torch.Tensor
     table: BlockTable
-    _arange: torch.Tensor
 
     @classmethod
     def allocate(cls, *, num_layers: int, table: BlockTable, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -69,22 +69,16 @@ class KVCache:
         shape = (num_layers, table.num_blocks, num_kv_heads, table.block_size, head_dim)
         # zeros, not empty: masked positions are multiplied by 0 in attention, and 0 * NaN would leak
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   table, torch.arange(table.max_blocks * table.block_size, device=device))
+                   table)
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k_LNHbD.numel() * self.k_LNHbD.element_size()
 
-    def write_prefill(self, layer: int, rows_N: torch.Tensor, k_NHPD: torch.Tensor, v_NHPD: torch.Tensor) -> None:
-        """Keys/values of N prompts (padded to P) into slots rows_N, positions [0, P)."""
-        blk_NP, off_NP = _where(self.table, rows_N, k_NHPD.shape[2], self._arange)
-        self.k_LNHbD[layer][blk_NP, :, off_NP] = k_NHPD.transpose(1, 2)
-        self.v_LNHbD[layer][blk_NP, :, off_NP] = v_NHPD.transpose(1, 2)
-
-    def write_decode(self, layer: int, where: DecodeWhere, k_BHD: torch.Tensor, v_BHD: torch.Tensor) -> None:
-        """One token per decode row, at `where` (computed once per step)."""
-        self.k_LNHbD[layer][where.blk_B, :, where.off_B] = k_BHD
-        self.v_LNHbD[layer][where.blk_B, :, where.off_B] = v_BHD
+    def write(self, layer: int, where: TokenWhere, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values `[*where.blk.shape, kv_heads, head_dim]` of one layer at `where`."""
+        self.k_LNHbD[layer][where.blk, :, where.off] = k
+        self.v_LNHbD[layer][where.blk, :, where.off] = v
 
     def context(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`[batch, kv_heads, length, head_dim]` of slots [0, batch), positions [0, length) (a multiple of the block
@@ -116,18 +110,14 @@ class RoutingCapture:
         dtype = _TORCH_DTYPES[compact_dtype(num_experts)]
         self.routes_NbLK = torch.zeros(table.num_blocks, table.block_size, num_layers, top_k, dtype=dtype,
                                        device=device)
-        self._arange = torch.arange(table.max_blocks * table.block_size, device=device)
 
     @property
     def nbytes(self) -> int:
         return self.routes_NbLK.numel() * self.routes_NbLK.element_size()
 
-    def write_prefill(self, layer: int, rows_N: torch.Tensor, ids_NPK: torch.Tensor) -> None:
-        blk_NP, off_NP = _where(self.table, rows_N, ids_NPK.shape[1], self._arange)
-        self.routes_NbLK[blk_NP, off_NP, layer] = ids_NPK.to(self.routes_NbLK.dtype)
-
-    def write_decode(self, layer: int, where: DecodeWhere, ids_BK: torch.Tensor) -> None:
-        self.routes_NbLK[where.blk_B, where.off_B, layer] = ids_BK.to(self.routes_NbLK.dtype)
+    def write(self, layer: int, where: TokenWhere, ids: torch.Tensor) -> None:
+        """Top-k ids `[*where.blk.shape, top_k]` of one MoE layer at `where`."""
+        self.routes_NbLK[where.blk, where.off, layer] = ids.to(self.routes_NbLK.dtype)
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[RoutingTrace]:
         """Traces of `slots`, each of its first `num_rows` positions, in one gather and one device-to-host copy. Ids
@@ -157,10 +147,7 @@ class NullRoutingCapture:
 
     nbytes = 0
 
-    def write_prefill(self, layer: int, rows_N: torch.Tensor, ids_NPK: torch.Tensor) -> None:
-        pass
-
-    def write_decode(self, layer: int, where: DecodeWhere, ids_BK: torch.Tensor) -> None:
+    def write(self, layer: int, where: TokenWhere, ids: torch.Tensor) -> None:
         pass
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[None]:
