@@ -119,6 +119,9 @@ class MoEForward:
         del self.config, self.hf_layers
         self.views, self.shapes = loader.views, loader.shapes  # for update_weights
         self.cos_PD, self.sin_PD = rope_tables(model, max_seq_len, device, dtype)
+        # per decoder layer: decode may compute q/k and write K/V in one kernel (when attention reads in place)
+        self._qk_kernel = [isinstance(lw.attn, AttentionWeights) and self._qk_kernel_fits(lw.attn)
+                           for lw in self.layers]
         self._arange = torch.arange(max(max_seq_len, max_slots), device=device)
         self.moe = MoEBlock(num_experts=self.num_experts, act=self.act, expert_act=self.expert_act,
                             linear=self.linear, batch_invariant=batch_invariant,
@@ -203,7 +206,7 @@ class MoEForward:
                                          bias_by_window[None], self.linear, batch_invariant=self.batch_invariant)
             else:
                 j = self.kv_index[i]
-                if in_place and self._qk_kernel_fits(lw.attn):  # one kernel: q/k norm, RoPE, K/V written
+                if in_place and self._qk_kernel[i]:  # one kernel: q/k norm, RoPE, K/V written
                     gate_BQ = None
                     q_BHD = paged_attention.qk_norm_rope_write(
                         self.linear(h_BH, lw.attn.qkv_QH, lw.attn.qkv_bias_Q), lw.attn.qk_norm_XD, self.cos_PD,
