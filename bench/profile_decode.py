@@ -22,12 +22,16 @@ ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--steps", type=int, default=5)
 ap.add_argument("--rows", type=int, default=30, help="kernels listed (the largest first)")
 ap.add_argument("--moe-kernel", choices=["fused", "grouped_mm"], default="fused")
+ap.add_argument("--torch-router", action="store_true", help="the fused experts with the torch router (A/B of the "
+                "fused router kernel, r3rl.rollout.router_kernel)")
 args = ap.parse_args()
 
 model = make_model(args.preset, device="cuda", dtype=torch.bfloat16)
 engine = RolloutEngine(model, max_slots=args.batch, max_seq_len=192, device="cuda", dtype="bfloat16",
                        use_cuda_graph=False, fused_moe=args.moe_kernel == "fused")
 del model
+if args.torch_router:
+    engine.model.moe.fused_router = False
 g = torch.Generator().manual_seed(0)
 for b in range(args.batch):
     ids = torch.randint(0, 256, (64,), generator=g).tolist()
@@ -43,5 +47,5 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
 averages = prof.key_averages()
 print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 total_us = sum(e.self_device_time_total for e in averages)
-print(f"moe kernel {engine.model.moe_kernel.value}; CUDA time per decode step: {total_us / args.steps / 1e3:.3f} ms "
+print(f"moe kernel {engine.model.moe_kernel.value}, fused router {engine.model.moe.fused_router}; CUDA time per decode step: {total_us / args.steps / 1e3:.3f} ms "
       f"(eager: the CUDA graph removes launch gaps, not kernel time)")

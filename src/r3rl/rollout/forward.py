@@ -176,10 +176,7 @@ class MoEForward:
                 o_TQ = o_NHPD.transpose(1, 2).reshape(N * P, Hq * D)
                 x_TH = x_TH + self.linear(o_TQ if gate_TQ is None else o_TQ * torch.sigmoid(gate_TQ), lw.attn.o_HQ,
                                           lw.attn.o_bias_H)
-            mlp_TH, ids_TK = self._mlp(lw, self._norm(x_TH, lw.post_norm_H), valid_T)
-            if ids_TK is not None:
-                routes.write(lw.moe.moe_layer, where, ids_TK.view(N, P, -1))
-            x_TH = x_TH + mlp_TH
+            x_TH = x_TH + self._mlp(lw, self._norm(x_TH, lw.post_norm_H), valid_T, routes, where)
         last_NH = x_TH.view(N, P, -1)[self._arange[:N], lengths_N - 1]
         return self.linear(self._norm(last_NH, self.final_norm_H), self.lm_head_VH)
 
@@ -225,10 +222,7 @@ class MoEForward:
                                             self.scale)
                 x_BH = x_BH + self.linear(o_BH if gate_BQ is None else o_BH * torch.sigmoid(gate_BQ), lw.attn.o_HQ,
                                           lw.attn.o_bias_H)
-            mlp_BH, ids_BK = self._mlp(lw, self._norm(x_BH, lw.post_norm_H), active_B)
-            if ids_BK is not None:
-                routes.write(lw.moe.moe_layer, where, ids_BK)
-            x_BH = x_BH + mlp_BH
+            x_BH = x_BH + self._mlp(lw, self._norm(x_BH, lw.post_norm_H), active_B, routes, where)
         return self.linear(self._norm(x_BH, self.final_norm_H), self.lm_head_VH)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -258,11 +252,13 @@ class MoEForward:
         return qkv(lw.attn, h_TH, cos_TD, sin_TD, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                    head_dim=self.head_dim, eps=self.eps, clip_qkv=self.clip_qkv, linear=self.linear)
 
-    def _mlp(self, lw: _Layer, h_TH: torch.Tensor, valid_T: torch.Tensor | None):
-        """(output, top-k ids or None). `valid_T` False marks padding rows, kept out of the experts."""
+    def _mlp(self, lw: _Layer, h_TH: torch.Tensor, valid_T: torch.Tensor | None,
+             routes: RoutingCapture | NullRoutingCapture, where: TokenWhere) -> torch.Tensor:
+        """The layer's MLP; a MoE layer's top-k ids go into the routing capture. `valid_T` False marks padding
+        rows, kept out of the experts."""
         if lw.moe is None:
-            return self.moe.dense_mlp(h_TH, lw.mlp_gate_up_IH, lw.mlp_down_HI), None
-        return self.moe(lw.moe, h_TH, valid_T)
+            return self.moe.dense_mlp(h_TH, lw.mlp_gate_up_IH, lw.mlp_down_HI)
+        return self.moe(lw.moe, h_TH, valid_T, routes.target(lw.moe.moe_layer, where))[0]
 
     def _load_layer(self, loader: _Loader, i: int, site: RouterSite | None) -> _Layer:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."

@@ -5,15 +5,18 @@ biases on gate/up `[E, 2I]` and down `[E, H]` (GPT-OSS has both).
 Three steps, no host sync (CUDA-graph safe):
   1. alignment: group the (token, k) rows by expert and pad each expert's group to a multiple of the block size, so
      that every block of BLOCK_M rows belongs to one expert; rows routed to the sentinel expert E (padding tokens)
-     are dropped. By default three small Triton kernels (atomic counts, a one-program scan, atomic placement);
-     `align_block_size` is the same in torch ops (a stable sort; `FusedMoEConfig.triton_align=False`).
+     are dropped. By default three small Triton kernels (atomic counts, a one-program scan that also fills the row
+     buffer, atomic placement: `align_counted` after the count); the engine's fused router counts inside its routing
+     kernel (`r3rl.rollout.router_kernel`) and passes the alignment in (`align=`). `align_block_size` is the same in
+     torch ops (a stable sort; `FusedMoEConfig.triton_align=False`).
   2. `_gate_up_kernel`: per block, `silu(x @ gate^T) * (x @ up^T)` (or GPT-OSS's `gpt_oss_glu` of the biased gate
      and up), gate and up accumulated side by side from the one fused weight. In bf16/fp16 every intermediate is
      rounded where HF's eager experts round it (the matmul result, the bias add, each op of the activation), so the
      rollout computes what the training forward computes; in float32 nothing is rounded.
   3. `_down_kernel`: per block, `act @ down^T` (+ the down bias, per (token, k) row), multiplied by each row's gate
-     weight, stored in (token, k) order in float32; the top-k reduction is one `sum` over k (deterministic, no
-     atomics), then one cast to the hidden dtype.
+     weight, stored in (token, k) order (float32; in the hidden dtype when the product is rounded to it, see below);
+     the top-k reduction is one `sum` over k (float32 accumulation, deterministic, no atomics), then one cast to the
+     hidden dtype.
 Rounding of the weighted sum is HF's (grouped_mm experts, `r3rl.rollout.moe._weighted_sum`): each expert output
 (with its bias) is rounded to the hidden dtype (HF's expert matmul returns it); with gate weights in the hidden dtype
 (bfloat16: Qwen, GPT-OSS) its product with the weight is rounded to it again, with float32 gate weights (the sigmoid
@@ -47,8 +50,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["ExpertAct", "FusedMoEConfig", "Alignment", "available", "default_config", "align_block_size", "fused_moe",
-           "fused_moe_reference", "gpt_oss_glu"]
+__all__ = ["ExpertAct", "FusedMoEConfig", "Alignment", "available", "default_config", "align_block_size",
+           "align_counted", "fused_moe", "fused_moe_reference", "gpt_oss_glu"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,20 +150,25 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
               down_EHI: torch.Tensor, *, valid_T: torch.Tensor | None = None,
               gate_up_bias_EI: torch.Tensor | None = None, down_bias_EH: torch.Tensor | None = None,
               act: ExpertAct = ExpertAct.SWIGLU, alpha: float = 1.702, limit: float = 7.0,
-              config: FusedMoEConfig | None = None) -> torch.Tensor:
+              config: FusedMoEConfig | None = None, align: Alignment | None = None) -> torch.Tensor:
     """`sum_k weights_TK[t, k] * (down[e] @ glu(gate_up[e] @ x_t + b_gate_up[e]) + b_down[e])`, e = ids_TK[t, k]
     (Triton). glu: `silu(gate) * up` (SWIGLU, gate rows first) or `gpt_oss_glu` (GPT_OSS, interleaved rows).
 
     gate_up_EIH: `[E, 2I, H]`; down_EHI: `[E, H, I]`; optional biases `[E, 2I]` and `[E, H]` (the down bias is added
     to each (token, k) row before its gate weight multiplies it, as HF does). `valid_T` False (or id E) drops a row
     (its token's output is zero). Returns `[T, H]` in x's dtype, the weighted sum rounded as HF rounds it (module
-    docstring)."""
+    docstring). `align`: the rows already aligned for `config` (`align_counted`, `router_kernel.route_align`;
+    `valid_T` is then already applied)."""
     if not available():
         raise RuntimeError("fused_moe needs triton (not importable here); use fused_moe_reference")
     T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH)
     K = ids_TK.shape[1]
     cfg = config or default_config(T * K, E)
-    if cfg.triton_align:
+    if align is not None:
+        if align.block_m != cfg.block_m:
+            raise ValueError(f"fused_moe: the alignment's block_m ({align.block_m}) must be the config's "
+                             f"({cfg.block_m})")
+    elif cfg.triton_align:
         align = _align_triton(ids_TK, E, cfg.block_m, valid_T)
     else:
         align = align_block_size(ids_TK, E, cfg.block_m, valid_T)
@@ -177,7 +185,9 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
         TOP_K=K, GPT_OSS=act is ExpertAct.GPT_OSS, HAS_BIAS=gate_up_bias_EI is not None,
         ROUND_GLU=_low_precision(x_TH), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    y_RH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)  # dropped rows stay zero
+    # dropped rows stay zero; a product rounded to x's dtype is stored in it (exact, half the traffic)
+    y_RH = torch.zeros(T * K, H, dtype=x_TH.dtype if _rounds_product(x_TH, weights_TK) else torch.float32,
+                       device=x_TH.device)
     weights_R = weights_TK.reshape(-1).contiguous()
     _down_kernel[(num_blocks, triton.cdiv(H, cfg.block_n))](
         act_MI, down_EHI, dn_bias, y_RH, weights_R, align.row_ids_M, align.block_expert_B, align.num_padded,
@@ -246,23 +256,36 @@ def gpt_oss_glu(gate_up_RI: torch.Tensor, alpha: float, limit: float,
 
 # --- private ---------------------------------------------------------------------------------------------------------
 def _align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int, valid_T: torch.Tensor | None) -> Alignment:
-    """`align_block_size` in three launches (count, scan, place) plus two fills; same buffers and invariants."""
-    (T, K), E, dev = ids_TK.shape, num_experts, ids_TK.device
+    """`align_block_size` in three launches (count, then `align_counted`'s scan and place); same buffers and
+    invariants."""
+    (T, K), E = ids_TK.shape, num_experts
+    ids_R = ids_TK.reshape(-1).contiguous()
+    valid = valid_T if valid_T is not None else ids_R  # any pointer when HAS_VALID is False
+    counts_E = torch.zeros(E, dtype=torch.int32, device=ids_TK.device)
+    _count_kernel[(triton.cdiv(T * K, _ALIGN_BLOCK),)](ids_R, valid, counts_E, T * K, E, TOP_K=K,
+                                                      HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
+    return align_counted(ids_TK, counts_E, block_m, valid_T)
+
+
+def align_counted(ids_TK: torch.Tensor, counts_E: torch.Tensor, block_m: int,
+                  valid_T: torch.Tensor | None = None) -> Alignment:
+    """The alignment of `ids_TK` once its routed rows are counted per expert in `counts_E` (int32 `[E]`; rows of
+    tokens with `valid_T` False, or with the sentinel id E, not counted): one scan program (group starts, block
+    experts, the padded row buffer filled with the sentinel, `counts_E` zeroed again for reuse) and one placement
+    launch. `r3rl.rollout.router_kernel` counts inside its routing kernel."""
+    (T, K), E, dev = ids_TK.shape, counts_E.shape[0], ids_TK.device
     R = T * K
     num_blocks = (R + E * (block_m - 1) + block_m - 1) // block_m
     ids_R = ids_TK.reshape(-1).contiguous()
     valid = valid_T if valid_T is not None else ids_R  # any pointer when HAS_VALID is False
-    counts_E = torch.zeros(E, dtype=torch.int32, device=dev)
     cursor_E = torch.empty(E, dtype=torch.int32, device=dev)
-    row_ids_M = torch.full((num_blocks * block_m,), R, dtype=torch.int32, device=dev)
+    row_ids_M = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(R, _ALIGN_BLOCK),)
-    _count_kernel[grid](ids_R, valid, counts_E, R, E, TOP_K=K, HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
-    _scan_kernel[(1,)](counts_E, cursor_E, block_expert_B, num_padded, E, num_blocks, BLOCK_M=block_m,
-                       E_POW2=triton.next_power_of_2(E), CHUNK=64)
-    _place_kernel[grid](ids_R, valid, cursor_E, row_ids_M, R, E, TOP_K=K, HAS_VALID=valid_T is not None,
-                        BLOCK=_ALIGN_BLOCK)
+    _scan_kernel[(1,)](counts_E, cursor_E, block_expert_B, num_padded, row_ids_M, E, num_blocks, R, BLOCK_M=block_m,
+                       E_POW2=triton.next_power_of_2(E), CHUNK=64, FILL=1024)
+    _place_kernel[(triton.cdiv(R, _ALIGN_BLOCK),)](ids_R, valid, cursor_E, row_ids_M, R, E, TOP_K=K,
+                                                   HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
     return Alignment(row_ids_M=row_ids_M, block_expert_B=block_expert_B, num_padded=num_padded, block_m=block_m)
 
 
@@ -394,11 +417,16 @@ if triton is not None:
         tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
 
     @triton.jit
-    def _scan_kernel(counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, E, num_blocks, BLOCK_M: tl.constexpr,
-                     E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    def _scan_kernel(counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, row_ids_ptr, E, num_blocks, num_rows,
+                     BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
         offs_e = tl.arange(0, E_POW2)
         e_ok = offs_e < E
         padded = (tl.load(counts_ptr + offs_e, mask=e_ok, other=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        tl.debug_barrier()
+        tl.store(counts_ptr + offs_e, tl.zeros((E_POW2,), tl.int32), mask=e_ok)  # zeroed for the next call
+        for m0 in range(0, num_blocks * BLOCK_M, FILL):  # every padded slot starts as the sentinel (no row)
+            offs_m = m0 + tl.arange(0, FILL)
+            tl.store(row_ids_ptr + offs_m, tl.full((FILL,), num_rows, tl.int32), mask=offs_m < num_blocks * BLOCK_M)
         end = tl.cumsum(padded, 0)
         tl.store(cursor_ptr + offs_e, end - padded, mask=e_ok)  # each expert's first padded position
         tl.store(num_padded_ptr, tl.sum(padded, 0))

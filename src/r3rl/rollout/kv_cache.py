@@ -12,7 +12,8 @@ gathers each row's blocks into a `[rows, kv_heads, T, head_dim]` context (whole 
 then merge with the kv heads into one batch dimension of a plain batched matmul.
 
 Routing capture writes the top-k ids of every (token, MoE layer) into `routes_NbLK` on the device, inside the forward
-(and inside the CUDA graph): no host sync per token. Rows are copied to the host once, when requests finish
+(and inside the CUDA graph; on GPU inside the fused router kernel, through a layer's `RouteTarget`): no host sync per
+token. Rows are copied to the host once, when requests finish
 (`read`: one gather and one copy for all the requests that finish in a step); a sample that shares its prompt's
 blocks reads the prompt's routing from them, so every trace covers its whole prompt. With capture off the engine
 holds a `NullRoutingCapture` instead, chosen once, so the forward never branches on a flag.
@@ -30,7 +31,7 @@ import torch
 from r3rl.rollout.paging import BlockTable, blocks_for
 from r3rl.trace import RoutingTrace, compact_dtype
 
-__all__ = ["TokenWhere", "KVCache", "RoutingCapture", "NullRoutingCapture"]
+__all__ = ["TokenWhere", "RouteTarget", "KVCache", "RoutingCapture", "NullRoutingCapture"]
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
 
@@ -55,6 +56,23 @@ class TokenWhere:
         prompt) land in the null block."""
         bs = table.block_size
         return cls(table.table_SM[rows_N.unsqueeze(1), pos_P // bs], pos_P % bs)
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    """Where one MoE layer's top-k ids go in the routing capture: token t's at `routes_NbK[blk_T[t], off_T[t]]`.
+    The MoE block writes them (`write`, or inside the fused router kernel: `r3rl.rollout.router_kernel`)."""
+
+    routes_NbK: torch.Tensor
+    """The capture's `[blocks, block_size, top_k]` view of one MoE layer (strided: the layer axis is sliced)."""
+    blk_T: torch.Tensor
+    """KV block of each token (int64)."""
+    off_T: torch.Tensor
+    """Offset in that block (int64)."""
+
+    def write(self, ids_TK: torch.Tensor) -> None:
+        """The torch path: one cast and one scatter."""
+        self.routes_NbK[self.blk_T, self.off_T] = ids_TK.to(self.routes_NbK.dtype)
 
 
 @dataclass(frozen=True)
@@ -115,9 +133,14 @@ class RoutingCapture:
     def nbytes(self) -> int:
         return self.routes_NbLK.numel() * self.routes_NbLK.element_size()
 
+    def target(self, layer: int, where: TokenWhere) -> RouteTarget:
+        """Where MoE layer `layer`'s top-k ids of the tokens at `where` go (flattened in the forward's token order)."""
+        blk = where.blk.reshape(-1)
+        return RouteTarget(self.routes_NbLK[:, :, layer], blk, where.off.expand_as(where.blk).reshape(-1))
+
     def write(self, layer: int, where: TokenWhere, ids: torch.Tensor) -> None:
         """Top-k ids `[*where.blk.shape, top_k]` of one MoE layer at `where`."""
-        self.routes_NbLK[where.blk, where.off, layer] = ids.to(self.routes_NbLK.dtype)
+        self.target(layer, where).write(ids.reshape(-1, ids.shape[-1]))
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[RoutingTrace]:
         """Traces of `slots`, each of its first `num_rows` positions, in one gather and one device-to-host copy. Ids
@@ -146,6 +169,9 @@ class NullRoutingCapture:
     """Routing capture turned off: same interface, does nothing, returns no trace."""
 
     nbytes = 0
+
+    def target(self, layer: int, where: TokenWhere) -> None:
+        return None
 
     def write(self, layer: int, where: TokenWhere, ids: torch.Tensor) -> None:
         pass

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from r3rl.models.routing import RouterSpec, route, router_logits
-from r3rl.rollout import fused_moe
+from r3rl.rollout import fused_moe, router_kernel
 from r3rl.rollout.fused_moe import ExpertAct  # defined next to the kernels that switch on it; public here
+from r3rl.rollout.kv_cache import RouteTarget
 
 __all__ = ["MoEKernel", "ExpertAct", "MoEWeights", "MoEBlock"]
 
@@ -73,24 +74,46 @@ class MoEBlock:
             self.kernel, self._expert_mlp = MoEKernel.GROUPED_MM, self._expert_mlp_grouped
         else:
             self.kernel, self._expert_mlp = MoEKernel.LOOP, self._expert_mlp_loop
+        # the fused experts' router in one Triton kernel (scores, top-k, gate weights, capture write, expert counts)
+        self.fused_router = self.kernel is MoEKernel.FUSED and probe.router_spec is not None and router_kernel.fits(
+            probe.router_spec, probe.correction_E, probe.gate_up_EIH.device)
+        self._counts_E = (torch.zeros(num_experts, dtype=torch.int32, device=probe.gate_up_EIH.device)
+                          if self.fused_router else None)  # reused by every layer, left zeroed by each call
 
-    def __call__(self, w: MoEWeights, h_TH: torch.Tensor, valid_T: torch.Tensor | None):
-        """(output, top-k ids). `valid_T` False marks padding rows, kept out of the experts."""
+    def __call__(self, w: MoEWeights, h_TH: torch.Tensor, valid_T: torch.Tensor | None,
+                 target: RouteTarget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, top-k ids). `valid_T` False marks padding rows, kept out of the experts. `target`: where the
+        routing capture takes this layer's ids (every token's, padding included)."""
         logits_TE = router_logits(w.router_spec, h_TH, w.router_EH, w.router_bias_E, linear=self.linear)
+        if self.fused_router:
+            (T, K), E = (h_TH.shape[0], w.router_spec.top_k), self.num_experts
+            cfg = fused_moe.default_config(T * K, E)
+            weights_TK, ids_TK, align = router_kernel.route_align(w.router_spec, logits_TE, self._counts_E,
+                                                                  block_m=cfg.block_m, valid_T=valid_T, target=target)
+            out_TH = fused_moe.fused_moe(h_TH, ids_TK, weights_TK, w.gate_up_EIH, w.down_EHI, valid_T=valid_T,
+                                         gate_up_bias_EI=w.gate_up_bias_EI, down_bias_EH=w.down_bias_EH,
+                                         act=self.expert_act, alpha=self.alpha, limit=self.limit, config=cfg,
+                                         align=align)
+            return self._add_shared(w, h_TH, out_TH), ids_TK
         # sorted: a family's sorted=False top-k may order the k ids differently with the number of rows, which would
         # change the sum over k and break batch invariance; the set of experts is the family's
         weights_TK, ids_TK = route(w.router_spec, logits_TE, w.correction_E, sorted_topk=True,
                                    batch_invariant=self._expert_mlp is None)
+        if target is not None:
+            target.write(ids_TK)
         if self._expert_mlp is None:
             out_TH = self._experts_gather(h_TH, ids_TK, weights_TK, w)
         else:
             out_TH = self._experts_sorted(h_TH, ids_TK, weights_TK, valid_T, w)
-        if w.shared_gate_up_IH is not None:
-            shared_TH = self.dense_mlp(h_TH, w.shared_gate_up_IH, w.shared_down_HI)
-            if w.shared_gate_1H is not None:  # Qwen2-MoE: a sigmoid gate on the shared expert
-                shared_TH = torch.sigmoid(self.linear(h_TH, w.shared_gate_1H)) * shared_TH
-            out_TH = out_TH + shared_TH
-        return out_TH, ids_TK
+        return self._add_shared(w, h_TH, out_TH), ids_TK
+
+    def _add_shared(self, w: MoEWeights, h_TH: torch.Tensor, out_TH: torch.Tensor) -> torch.Tensor:
+        if w.shared_gate_up_IH is None:
+            return out_TH
+        shared_TH = self.dense_mlp(h_TH, w.shared_gate_up_IH, w.shared_down_HI)
+        if w.shared_gate_1H is not None:  # Qwen2-MoE: a sigmoid gate on the shared expert
+            shared_TH = torch.sigmoid(self.linear(h_TH, w.shared_gate_1H)) * shared_TH
+        return out_TH + shared_TH
 
     def dense_mlp(self, h_TH: torch.Tensor, gate_up_IH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:
         gate_TI, up_TI = self.linear(h_TH, gate_up_IH).chunk(2, dim=-1)
