@@ -47,5 +47,6 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
 averages = prof.key_averages()
 print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 total_us = sum(e.self_device_time_total for e in averages)
-print(f"moe kernel {engine.model.moe_kernel.value}, fused router {engine.model.moe.fused_router}; CUDA time per decode step: {total_us / args.steps / 1e3:.3f} ms "
+print(f"moe kernel {engine.model.moe_kernel.value}, fused router {engine.model.moe.fused_router}; "
+      f"CUDA time per decode step: {total_us / args.steps / 1e3:.3f} ms "
       f"(eager: the CUDA graph removes launch gaps, not kernel time)")

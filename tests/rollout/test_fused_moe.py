@@ -329,6 +329,11 @@ got = fm.fused_moe(xb, ids, wb, gub, dnb, config=cfg, **kw)
 exact = fm.fused_moe_reference(xb, ids, wb.float(), gub, dnb, emulate_rounding=True, **kw)
 print("control: bitwise", (got == exact).float().mean().item())
 assert (got == exact).float().mean() < 0.9
+# the decoder layer's residual added in the sum-over-k pass: bitwise the two torch ops (out, then residual + out)
+res = (torch.randn(T, H, generator=torch.Generator().manual_seed(9)) * 4).bfloat16()
+fused_res = fm.fused_moe(xb, ids, wb, gub, dnb, config=cfg, residual_TH=res, **kw)
+assert torch.equal(fused_res, res + got), (fused_res.float() - (res + got).float()).abs().max()
+assert not torch.equal(fused_res, got)  # control: the comparison sees the residual
 print("ok")
 """
 

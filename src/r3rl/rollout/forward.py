@@ -176,7 +176,7 @@ class MoEForward:
                 o_TQ = o_NHPD.transpose(1, 2).reshape(N * P, Hq * D)
                 x_TH = x_TH + self.linear(o_TQ if gate_TQ is None else o_TQ * torch.sigmoid(gate_TQ), lw.attn.o_HQ,
                                           lw.attn.o_bias_H)
-            x_TH = x_TH + self._mlp(lw, self._norm(x_TH, lw.post_norm_H), valid_T, routes, where)
+            x_TH = self._mlp(lw, self._norm(x_TH, lw.post_norm_H), valid_T, routes, where, x_TH)
         last_NH = x_TH.view(N, P, -1)[self._arange[:N], lengths_N - 1]
         return self.linear(self._norm(last_NH, self.final_norm_H), self.lm_head_VH)
 
@@ -222,7 +222,7 @@ class MoEForward:
                                             self.scale)
                 x_BH = x_BH + self.linear(o_BH if gate_BQ is None else o_BH * torch.sigmoid(gate_BQ), lw.attn.o_HQ,
                                           lw.attn.o_bias_H)
-            x_BH = x_BH + self._mlp(lw, self._norm(x_BH, lw.post_norm_H), active_B, routes, where)
+            x_BH = self._mlp(lw, self._norm(x_BH, lw.post_norm_H), active_B, routes, where, x_BH)
         return self.linear(self._norm(x_BH, self.final_norm_H), self.lm_head_VH)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -253,12 +253,12 @@ class MoEForward:
                    head_dim=self.head_dim, eps=self.eps, clip_qkv=self.clip_qkv, linear=self.linear)
 
     def _mlp(self, lw: _Layer, h_TH: torch.Tensor, valid_T: torch.Tensor | None,
-             routes: RoutingCapture | NullRoutingCapture, where: TokenWhere) -> torch.Tensor:
-        """The layer's MLP; a MoE layer's top-k ids go into the routing capture. `valid_T` False marks padding
-        rows, kept out of the experts."""
+             routes: RoutingCapture | NullRoutingCapture, where: TokenWhere, residual_TH: torch.Tensor) -> torch.Tensor:
+        """`residual_TH` + the layer's MLP of `h_TH`; a MoE layer's top-k ids go into the routing capture. `valid_T`
+        False marks padding rows, kept out of the experts."""
         if lw.moe is None:
-            return self.moe.dense_mlp(h_TH, lw.mlp_gate_up_IH, lw.mlp_down_HI)
-        return self.moe(lw.moe, h_TH, valid_T, routes.target(lw.moe.moe_layer, where))[0]
+            return residual_TH + self.moe.dense_mlp(h_TH, lw.mlp_gate_up_IH, lw.mlp_down_HI)
+        return self.moe(lw.moe, h_TH, valid_T, routes.target(lw.moe.moe_layer, where), residual_TH)[0]
 
     def _load_layer(self, loader: _Loader, i: int, site: RouterSite | None) -> _Layer:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."

@@ -15,8 +15,8 @@ Three steps, no host sync (CUDA-graph safe):
      rollout computes what the training forward computes; in float32 nothing is rounded.
   3. `_down_kernel`: per block, `act @ down^T` (+ the down bias, per (token, k) row), multiplied by each row's gate
      weight, stored in (token, k) order (float32; in the hidden dtype when the product is rounded to it, see below);
-     the top-k reduction is one `sum` over k (float32 accumulation, deterministic, no atomics), then one cast to the
-     hidden dtype.
+     the top-k reduction is `_sum_k_kernel` (float32 accumulation, deterministic, no atomics; dropped rows skipped),
+     one cast to the hidden dtype, optionally the decoder layer's residual added in the same pass.
 Rounding of the weighted sum is HF's (grouped_mm experts, `r3rl.rollout.moe._weighted_sum`): each expert output
 (with its bias) is rounded to the hidden dtype (HF's expert matmul returns it); with gate weights in the hidden dtype
 (bfloat16: Qwen, GPT-OSS) its product with the weight is rounded to it again, with float32 gate weights (the sigmoid
@@ -150,7 +150,8 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
               down_EHI: torch.Tensor, *, valid_T: torch.Tensor | None = None,
               gate_up_bias_EI: torch.Tensor | None = None, down_bias_EH: torch.Tensor | None = None,
               act: ExpertAct = ExpertAct.SWIGLU, alpha: float = 1.702, limit: float = 7.0,
-              config: FusedMoEConfig | None = None, align: Alignment | None = None) -> torch.Tensor:
+              config: FusedMoEConfig | None = None, align: Alignment | None = None,
+              residual_TH: torch.Tensor | None = None) -> torch.Tensor:
     """`sum_k weights_TK[t, k] * (down[e] @ glu(gate_up[e] @ x_t + b_gate_up[e]) + b_down[e])`, e = ids_TK[t, k]
     (Triton). glu: `silu(gate) * up` (SWIGLU, gate rows first) or `gpt_oss_glu` (GPT_OSS, interleaved rows).
 
@@ -158,7 +159,8 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     to each (token, k) row before its gate weight multiplies it, as HF does). `valid_T` False (or id E) drops a row
     (its token's output is zero). Returns `[T, H]` in x's dtype, the weighted sum rounded as HF rounds it (module
     docstring). `align`: the rows already aligned for `config` (`align_counted`, `router_kernel.route_align`;
-    `valid_T` is then already applied)."""
+    `valid_T` is then already applied). `residual_TH`: returns `residual_TH + out` instead (the decoder layer's
+    residual add, in the same kernel as the sum over k, rounded as the two torch ops round)."""
     if not available():
         raise RuntimeError("fused_moe needs triton (not importable here); use fused_moe_reference")
     T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH)
@@ -185,8 +187,9 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
         TOP_K=K, GPT_OSS=act is ExpertAct.GPT_OSS, HAS_BIAS=gate_up_bias_EI is not None,
         ROUND_GLU=_low_precision(x_TH), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # dropped rows stay zero; a product rounded to x's dtype is stored in it (exact, half the traffic)
-    y_RH = torch.zeros(T * K, H, dtype=x_TH.dtype if _rounds_product(x_TH, weights_TK) else torch.float32,
+    # a product rounded to x's dtype is stored in it (exact, half the traffic); dropped rows are left unwritten and
+    # skipped by the sum over k
+    y_RH = torch.empty(T * K, H, dtype=x_TH.dtype if _rounds_product(x_TH, weights_TK) else torch.float32,
                        device=x_TH.device)
     weights_R = weights_TK.reshape(-1).contiguous()
     _down_kernel[(num_blocks, triton.cdiv(H, cfg.block_n))](
@@ -196,7 +199,15 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
         ROUND_PRODUCT=_rounds_product(x_TH, weights_TK),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y_RH.view(T, K, H).sum(1).to(x_TH.dtype)
+    out_TH = torch.empty_like(x_TH)
+    res = residual_TH.contiguous() if residual_TH is not None else x_TH  # any pointer when HAS_RESIDUAL is False
+    ids = ids_TK.contiguous()
+    valid = valid_T if valid_T is not None else ids
+    block_h = min(1024, triton.next_power_of_2(H))
+    _sum_k_kernel[(T, triton.cdiv(H, block_h))](
+        y_RH, ids, valid, res, out_TH, H, E, TOP_K=K, K_POW2=triton.next_power_of_2(K), HAS_VALID=valid_T is not None,
+        HAS_RESIDUAL=residual_TH is not None, BLOCK_H=block_h, num_warps=4)
+    return out_TH
 
 
 def fused_moe_reference(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -442,6 +453,27 @@ if triton is not None:
         offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
         pos = tl.atomic_add(cursor_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
         tl.store(row_ids_ptr + pos, offs.to(tl.int32), mask=ok)
+
+    @triton.jit
+    def _sum_k_kernel(y_ptr, ids_ptr, valid_ptr, res_ptr, out_ptr, H, E, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                      HAS_VALID: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Token t's output: the sum over its routed (token, k) rows (float32, then one cast), plus the residual
+        (`residual + out` in the hidden dtype: float32 add, one more rounding). Dropped rows (an invalid token, the
+        sentinel expert) add nothing; the down kernel never wrote them."""
+        t = tl.program_id(0).to(tl.int64)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < H
+        offs_k = tl.arange(0, K_POW2)
+        routed = (offs_k < TOP_K) & (tl.load(ids_ptr + t * TOP_K + offs_k, mask=offs_k < TOP_K, other=E) < E)
+        if HAS_VALID:
+            routed = routed & (tl.load(valid_ptr + t + offs_k * 0) != 0)  # (a vector: the interpreter's masks)
+        y = tl.load(y_ptr + (t * TOP_K + offs_k)[:, None] * H + offs_h[None, :], mask=routed[:, None] & h_ok[None, :],
+                    other=0.0)
+        dt = out_ptr.dtype.element_ty
+        out = tl.sum(y.to(tl.float32), axis=0).to(dt)
+        if HAS_RESIDUAL:
+            out = (tl.load(res_ptr + t * H + offs_h, mask=h_ok, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dt)
+        tl.store(out_ptr + t * H + offs_h, out, mask=h_ok)
 
     @triton.jit
     def _down_kernel(act_ptr, w_ptr, bias_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr,

@@ -81,9 +81,11 @@ class MoEBlock:
                           if self.fused_router else None)  # reused by every layer, left zeroed by each call
 
     def __call__(self, w: MoEWeights, h_TH: torch.Tensor, valid_T: torch.Tensor | None,
-                 target: RouteTarget | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 target: RouteTarget | None = None,
+                 residual_TH: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, top-k ids). `valid_T` False marks padding rows, kept out of the experts. `target`: where the
-        routing capture takes this layer's ids (every token's, padding included)."""
+        routing capture takes this layer's ids (every token's, padding included). `residual_TH`: the output is
+        `residual_TH + moe(h_TH)` (the fused kernels add it in their last pass)."""
         logits_TE = router_logits(w.router_spec, h_TH, w.router_EH, w.router_bias_E, linear=self.linear)
         if self.fused_router:
             (T, K), E = (h_TH.shape[0], w.router_spec.top_k), self.num_experts
@@ -93,8 +95,10 @@ class MoEBlock:
             out_TH = fused_moe.fused_moe(h_TH, ids_TK, weights_TK, w.gate_up_EIH, w.down_EHI, valid_T=valid_T,
                                          gate_up_bias_EI=w.gate_up_bias_EI, down_bias_EH=w.down_bias_EH,
                                          act=self.expert_act, alpha=self.alpha, limit=self.limit, config=cfg,
-                                         align=align)
-            return self._add_shared(w, h_TH, out_TH), ids_TK
+                                         align=align, residual_TH=residual_TH if w.shared_gate_up_IH is None else None)
+            if w.shared_gate_up_IH is None:
+                return out_TH, ids_TK
+            return _plus(residual_TH, self._add_shared(w, h_TH, out_TH)), ids_TK
         # sorted: a family's sorted=False top-k may order the k ids differently with the number of rows, which would
         # change the sum over k and break batch invariance; the set of experts is the family's
         weights_TK, ids_TK = route(w.router_spec, logits_TE, w.correction_E, sorted_topk=True,
@@ -105,7 +109,7 @@ class MoEBlock:
             out_TH = self._experts_gather(h_TH, ids_TK, weights_TK, w)
         else:
             out_TH = self._experts_sorted(h_TH, ids_TK, weights_TK, valid_T, w)
-        return self._add_shared(w, h_TH, out_TH), ids_TK
+        return _plus(residual_TH, self._add_shared(w, h_TH, out_TH)), ids_TK
 
     def _add_shared(self, w: MoEWeights, h_TH: torch.Tensor, out_TH: torch.Tensor) -> torch.Tensor:
         if w.shared_gate_up_IH is None:
@@ -215,6 +219,10 @@ class MoEBlock:
             logger.warning("grouped_mm is unavailable for %s on %s (%s); using the per-expert loop and no CUDA "
                            "graphs", x_RH.dtype, x_RH.device, str(e).splitlines()[0])
             return False
+
+
+def _plus(residual_TH: torch.Tensor | None, out_TH: torch.Tensor) -> torch.Tensor:
+    return out_TH if residual_TH is None else residual_TH + out_TH
 
 
 def _weighted_sum(y_TKH: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
