@@ -31,6 +31,11 @@ class EngineConfig:
     """Record every token's experts; off holds a no-op capture (no trace is returned)."""
     batch_invariant: bool | None = None
     """Row-wise kernels, so a request's tokens do not depend on its batch (slow); None = on for CPU."""
+    overlap_schedule: bool | None = None
+    """Launch the next decode step before reading back the last one, so the host's scheduling runs while the device
+    decodes (SGLang's overlap scheduler); a request that stops is then decoded once more, its extra token dropped,
+    and a step's finished requests come back one `step()` later. Same tokens and traces either way. None = on with
+    CUDA graphs."""
     prefill_token_budget: int = 16384
     """Max padded tokens (requests x longest prompt) in one batched prefill."""
     kv_cache_tokens: int | None = None

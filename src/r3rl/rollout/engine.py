@@ -107,21 +107,34 @@ class RolloutEngine:
         self._arange_P = torch.arange(max(S, cfg.max_seq_len), device=device)
         self._n_active = torch.zeros((), dtype=torch.int64, device=device)  # live rows of a padded graph batch
         self._vocab_keys_V = vocab_keys(m.vocab_size, device)
+        # host copies of a decode step's tokens and log-probs, two sets: with the overlap schedule one step is read
+        # back while the next one's copy is queued (pinned on CUDA: the copies are asynchronous)
+        pin = device.type == "cuda"
+        self._host_out = [(torch.zeros(S, dtype=torch.int64, pin_memory=pin),
+                           torch.zeros(S, dtype=torch.float32, pin_memory=pin)) for _ in range(2)]
+        if cfg.overlap_schedule is None:
+            cfg.overlap_schedule = bool(cfg.use_cuda_graph)
 
         # --- host state ---------------------------------------------------------------------------------------------
         self._waiting: deque[EngineRequest] = deque()
         self._preempted: deque[_Running] = deque()  # admitted before the waiting requests
         self.num_preemptions = 0
+        self.num_launched_ahead = 0  # decode steps launched before the previous one was read back (overlap schedule)
         self._slots: list[_Running] = []  # index = slot; running requests are always slots [0, n)
         self._request_ids: set[str] = set()
         self._seed_rng = random.Random()  # seeds of requests that bring none
         self._weight_version = 0
         self._graphs = DecodeGraphs(S, device)
+        self._inflight: _Inflight | None = None  # a decode step launched and not yet read back (overlap schedule)
+        self._next_plan: tuple[SamplingMode, int] | None = None  # the next launch's, prepared while the device works
+        self._ready: list[EngineOutput] = []  # finished while draining (abort, update_weights): the next step's
         logger.info(
             "rollout engine: %s, %d MoE layers, %d experts, top-%d, slots=%d, max_seq_len=%d, device=%s, dtype=%s, "
-            "moe=%s, cuda_graph=%s, batch_invariant=%s, kv_cache=%.1f MiB (%d tokens, blocks of %d), routing=%.1f MiB",
+            "moe=%s, cuda_graph=%s, overlap=%s, batch_invariant=%s, kv_cache=%.1f MiB (%d tokens, blocks of %d), "
+            "routing=%.1f MiB",
             m.family, m.num_moe_layers, m.num_experts, m.top_k, S, cfg.max_seq_len, device, dtype, m.moe_kernel.value,
-            cfg.use_cuda_graph, cfg.batch_invariant, self.kv.nbytes / 2**20, self.table.capacity_tokens,
+            cfg.use_cuda_graph, cfg.overlap_schedule, cfg.batch_invariant, self.kv.nbytes / 2**20,
+            self.table.capacity_tokens,
             self.table.block_size, self.routes.nbytes / 2**20,
         )
 
@@ -175,7 +188,7 @@ class RolloutEngine:
         self._request_ids.add(req.request_id)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._preempted or self._slots)
+        return bool(self._waiting or self._preempted or self._slots or self._inflight or self._ready)
 
     @property
     def memory_released(self) -> bool:
@@ -222,7 +235,8 @@ class RolloutEngine:
         """Drop every waiting and running request (e.g. after a failed step); returns their ids. The buffers stay:
         a slot's cache is rewritten by the next prefill, so the engine is ready for new requests."""
         dropped = ([r.request_id for r in self._waiting] + [r.req.request_id for r in self._preempted]
-                   + [r.req.request_id for r in self._slots])
+                   + [r.req.request_id for r in self._slots] + [o.request_id for o in self._ready])
+        self._inflight, self._next_plan, self._ready = None, None, []  # a launched step's writes are overwritten
         self._waiting.clear()
         self._preempted.clear()
         self._slots = []
@@ -235,8 +249,11 @@ class RolloutEngine:
     def abort(self, request_ids: list[str]) -> list[str]:
         """Drop these requests, waiting or running, and free their slots (e.g. their client went away); returns the
         ids found. Unknown ids are ignored (the request may have finished already)."""
+        self._drain()
         wanted = set(request_ids)
-        found = [r.request_id for r in self._waiting if r.request_id in wanted]
+        found = [o.request_id for o in self._ready if o.request_id in wanted]
+        self._ready = [o for o in self._ready if o.request_id not in wanted]
+        found += [r.request_id for r in self._waiting if r.request_id in wanted]
         self._waiting = deque(r for r in self._waiting if r.request_id not in wanted)
         found += [r.req.request_id for r in self._preempted if r.req.request_id in wanted]
         self._preempted = deque(r for r in self._preempted if r.req.request_id not in wanted)
@@ -266,8 +283,23 @@ class RolloutEngine:
 
     @torch.no_grad()
     def step(self) -> list[EngineOutput]:
-        """Admit and prefill waiting requests, then one decode step for every running slot. Returns finished."""
-        finished: list[EngineOutput] = []
+        """Admit and prefill waiting requests, then one decode step for every running slot. Returns finished.
+
+        With the overlap schedule (`EngineConfig.overlap_schedule`) a step launches the next decode before it reads
+        back the one in flight, while no admission is due; the host's work (reading tokens back, stop checks,
+        releasing slots, reserving blocks) then runs while the device decodes. Requests come back one call later."""
+        finished, self._ready = self._ready, []
+        if self._inflight is not None:
+            plan, self._next_plan = self._next_plan, None
+            launched = self._launch(*plan) if plan is not None and not self._admission_due() else None
+            finished += self._collect(self._inflight)
+            if not self._slots:  # every request `launched` decodes has finished: nothing to read back
+                launched = None
+            self._inflight = launched
+            if launched is not None:
+                self.num_launched_ahead += 1
+                self._next_plan = self._plan(ahead=1)  # the device is busy with `launched`
+                return finished
         groups = self._admit()
         if groups:
             slot0 = len(self._slots)
@@ -276,8 +308,11 @@ class RolloutEngine:
             finished += self._release_finished()
         if self._slots:
             self._reserve_decode_blocks()
-            self._decode()
-            finished += self._release_finished()
+            launched = self._launch(*self._plan(ahead=0))
+            if self.config.overlap_schedule:
+                self._inflight, self._next_plan = launched, self._plan(ahead=1)
+            else:
+                finished += self._collect(launched)
         return finished
 
     # --- weights --------------------------------------------------------------------------------------------------
@@ -292,6 +327,7 @@ class RolloutEngine:
         """
         views = self.model.views
         check_tensor_names(named_tensors, self.model.shapes, where="update_weights", require_all=strict)
+        self._drain()  # a launched step's tokens are the old weights': read them back under the old version
         for name, t in named_tensors.items():  # FSDP2 shards gathered one tensor at a time, then freed
             views[name].copy_(materialize(t))
         self._weight_version = self._weight_version + 1 if version is None else int(version)
@@ -305,6 +341,8 @@ class RolloutEngine:
 
     def _emit(self, rows: list[_Running], tokens: list[int], logprobs: list[float]) -> None:
         for r, tok, lp in zip(rows, tokens, logprobs, strict=True):
+            if r.finish_reason:  # stopped a step earlier: the overlap schedule decoded it once more
+                continue
             r.output_ids.append(tok)
             r.logprobs.append(lp)
             if tok in r.stop_ids:
@@ -406,17 +444,20 @@ class RolloutEngine:
         """1 when a request holding `held` blocks will need another before it can finish."""
         return int(blocks_for(len(req.input_ids) + req.sampling.max_new_tokens, self.table.block_size) > held)
 
-    def _reserve_decode_blocks(self) -> None:
-        """Every running request gets the block its next decode position needs; when too few are free, the newest
-        requests (the last slots) are preempted until the others fit."""
+    def _reserve_decode_blocks(self, ahead: int = 0, *, preempt: bool = True) -> bool:
+        """Every running request gets the block its next decode position needs (`ahead` decode steps in flight
+        whose tokens the host has not read back yet); when too few are free, the newest requests (the last slots)
+        are preempted until the others fit, or, with `preempt` False, nothing is reserved and False is returned."""
         table, bs = self.table, self.table.block_size
-        need = [i for i, r in enumerate(self._slots) if r.next_pos // bs >= table.num_blocks_of(i)]
+        need = [i for i, r in enumerate(self._slots) if (r.next_pos + ahead) // bs >= table.num_blocks_of(i)]
+        if len(need) > table.num_free and not preempt:
+            return False
         while len(need) > table.num_free:  # terminates: one request alone always fits (BlockTable checks)
             self._preempt(len(self._slots) - 1)
             need = [i for i in need if i < len(self._slots)]
-        for i in need:
-            table.append(i, table.allocate(1))
+        table.append_each(need, table.allocate(len(need)))
         table.sync()
+        return True
 
     def _preempt(self, i: int) -> None:
         r = self._slots[i]
@@ -493,8 +534,19 @@ class RolloutEngine:
             longest = longest_if
         return batches
 
-    def _decode(self) -> None:
-        n = len(self._slots)
+    # --- private: decode steps (plan, launch, collect) -----------------------------------------------------------
+    def _admission_due(self) -> bool:
+        """Waiting requests and a free slot: the next step admits before it decodes (no launch ahead)."""
+        return bool(self._waiting or self._preempted) and len(self._slots) < self.config.max_slots
+
+    def _plan(self, *, ahead: int) -> tuple[SamplingMode, int] | None:
+        """(sampling mode, attention length) of the next decode of the running slots, their blocks reserved;
+        `ahead`: steps in flight (1: planned while one runs, without preempting: None when blocks run short or
+        nothing would continue)."""
+        if not self._slots:
+            return None
+        if ahead and not self._reserve_decode_blocks(ahead, preempt=False):
+            return None
         cfg = self.config
         mode = SamplingMode.for_params([r.req.sampling for r in self._slots])
         bs, max_T = self.table.block_size, self.table.max_blocks * self.table.block_size
@@ -503,9 +555,14 @@ class RolloutEngine:
         elif self.model.decodes_in_place(self.kv):
             T = max_T  # the kernel reads each row's own length; T would only multiply the CUDA graphs
         else:  # a power of two (few graphs), in whole KV blocks
-            T = next_power_of_two(max(r.next_pos for r in self._slots) + 1, minimum=64, maximum=cfg.max_seq_len)
-            T = min(blocks_for(T, bs) * bs, max_T)
-        if cfg.use_cuda_graph:
+            longest = max(r.next_pos for r in self._slots) + ahead
+            T = min(blocks_for(next_power_of_two(longest + 1, minimum=64, maximum=cfg.max_seq_len), bs) * bs, max_T)
+        return mode, T
+
+    def _launch(self, mode: SamplingMode, T: int) -> _Inflight:
+        """One decode step of the running slots, queued on the device with the copy of its outputs to the host."""
+        n = len(self._slots)
+        if self.config.use_cuda_graph:
             B = self._graphs.bucket(n)
             if n < B:
                 self._n_active.fill_(n)
@@ -514,8 +571,28 @@ class RolloutEngine:
             self._decode_rows(n, T, mode, masked=False)
         self._tokens_S[:n] = self._next_tokens_S[:n]
         self._pos_S[:n] += 1
-        # note: the one host sync of a decode step (the scheduler needs the tokens to stop requests)
-        self._emit(self._slots, self._next_tokens_S[:n].tolist(), self._next_logprobs_S[:n].tolist())
+        tokens, logprobs = self._host_out[0]
+        self._host_out.reverse()  # the next launch copies into the other set
+        tokens[:n].copy_(self._next_tokens_S[:n], non_blocking=True)
+        logprobs[:n].copy_(self._next_logprobs_S[:n], non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return _Inflight(rows=list(self._slots), tokens=tokens[:n], logprobs=logprobs[:n], done=done)
+
+    def _collect(self, step: _Inflight) -> list[EngineOutput]:
+        """Read a launched step back: its tokens to their requests, then the finished ones out."""
+        if step.done is not None:
+            step.done.synchronize()  # note: the one host sync of a decode step (stop checks need the tokens)
+        self._emit(step.rows, step.tokens.tolist(), step.logprobs.tolist())
+        return self._release_finished()
+
+    def _drain(self) -> None:
+        """Read back the step in flight (its finished requests go out with the next `step()`)."""
+        if self._inflight is not None:
+            step, self._inflight, self._next_plan = self._inflight, None, None
+            self._ready += self._collect(step)
 
     def _decode_rows(self, B: int, T: int, mode: SamplingMode, *, masked: bool) -> None:
         """Decode rows [0, B) attending over T positions; writes the sampled tokens and logprobs of those rows.
@@ -542,6 +619,16 @@ class RolloutEngine:
             self.state.restore(snapshot)
 
         return self._graphs.get((B, T, mode, masked), run)
+
+
+@dataclass
+class _Inflight:
+    """A decode step launched and not yet read back."""
+
+    rows: list[_Running]  # the running requests at launch, in slot order
+    tokens: torch.Tensor  # [rows] host copies, written by the step's queued copies
+    logprobs: torch.Tensor
+    done: torch.cuda.Event | None  # recorded after the copies (None on CPU, where they are synchronous)
 
 
 @dataclass(eq=False)

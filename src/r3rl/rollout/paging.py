@@ -96,6 +96,20 @@ class BlockTable:
         row += blocks
         self._dirty.add(slot)
 
+    def append_each(self, slots: list[int], blocks: list[int]) -> None:
+        """One more block for each of `slots` (blocks[i] to slots[i]): a decode step's reservations in one write."""
+        for slot, b in zip(slots, blocks, strict=True):
+            row = self._slots[slot]
+            if len(row) >= self.max_blocks:
+                raise RuntimeError(f"slot {slot} would hold {len(row) + 1} blocks, more than max_seq_len allows "
+                                   f"({self.max_blocks})")
+            self._refs[b] += 1
+            row.append(b)
+        if slots:
+            cols = [len(self._slots[s]) - 1 for s in slots]
+            self._host_SM[slots, cols] = torch.tensor(blocks, dtype=torch.int64)
+            self._dirty.update(slots)
+
     def release(self, slot: int) -> None:
         """Drop the slot's references; blocks no other slot holds become free. The row points at the null block."""
         for b in self._slots[slot]:
@@ -124,7 +138,10 @@ class BlockTable:
         """Copy the rows edited since the last sync into the device table."""
         if self._dirty:
             rows = torch.tensor(sorted(self._dirty))
-            self.table_SM[rows.to(self.table_SM.device)] = self._host_SM[rows].to(self.table_SM.device)
+            # non_blocking: the source is a temporary the driver stages at once; a blocking copy would wait for the
+            # decode step in flight (overlap schedule)
+            dev = self.table_SM.device
+            self.table_SM[rows.to(dev, non_blocking=True)] = self._host_SM[rows].to(dev, non_blocking=True)
             self._dirty.clear()
 
     def check(self) -> None:
