@@ -157,7 +157,8 @@ def _mr(values: list[float]) -> dict:
 
 
 def run_engine(engine: RolloutEngine, prompts: list[list[int]], new_tokens: int, temperature: float):
-    """Time every step (each ends with the host reading the sampled tokens, i.e. a device sync)."""
+    """Time every step (each reads a decode step's sampled tokens back, i.e. a device sync; with the overlap schedule
+    the step before the one it launches)."""
     for i, prompt in enumerate(prompts):
         engine.add_request(EngineRequest(request_id=str(i), input_ids=prompt, sampling=SamplingParams(
             max_new_tokens=new_tokens, temperature=temperature, seed=i)))
