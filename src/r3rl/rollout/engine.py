@@ -214,6 +214,27 @@ class RolloutEngine:
         if self.kv is None:
             self.table, self.kv, self.routes, self.state = self._allocate_caches()
 
+    def capture_decode_graphs(self, modes: tuple[SamplingMode, ...] = (SamplingMode.GREEDY, SamplingMode.SAMPLE)
+                              ) -> int:
+        """Capture the decode CUDA graph of every batch bucket (padded and exact) for `modes` now, rather than on
+        first use inside a step (a capture takes tens of ms; a server meets new batch sizes all the time). Needs an
+        idle engine; does nothing without CUDA graphs or where the graphs also depend on the context length (decode
+        attention that gathers). Returns the number of graphs captured."""
+        if self.has_work():
+            raise RuntimeError(f"capture_decode_graphs needs an idle engine: got {self.num_running} running and "
+                               f"{self.num_waiting} waiting request(s)")
+        if not self.config.use_cuda_graph or self.kv is None or not (
+                self.config.batch_invariant or self.model.decodes_in_place(self.kv)):
+            return 0
+        T, before = self.table.max_blocks * self.table.block_size, len(self._graphs)
+        with torch.no_grad():  # free slots: rows [0, B) decode at position 0 of the null block (a write sink)
+            for mode in modes:
+                for B in self._graphs.buckets:
+                    for masked in (True, False):
+                        self._graph(B, T, mode, masked=masked)
+        self._pos_S.zero_()
+        return len(self._graphs) - before
+
     def _allocate_caches(self):
         cfg, m = self.config, self.model
         per_slot = blocks_for(cfg.max_seq_len, cfg.block_size)
