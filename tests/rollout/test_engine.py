@@ -313,24 +313,27 @@ def test_cuda_graph_engine_matches_hf_forward_in_bf16(preset):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_decode_graphs_captured_up_front_cover_every_batch_and_change_no_token():
+def test_warmup_captures_every_batchs_graph_up_front_and_changes_no_token():
     model = make_model("tiny-qwen3-moe", seed=1, device="cuda", dtype=torch.bfloat16)
     engine = RolloutEngine(model, max_slots=8, max_seq_len=128)
     assert engine.model.decodes_in_place(engine.kv)
-    n = engine.capture_decode_graphs()
-    assert n == len(engine._graphs) == len(engine._graphs.buckets) * 2 * 2  # buckets x padded/exact x two modes
-    outputs = engine.generate(_requests(7))  # greedy and sampled rows; 7, 6, ... live rows
+    warm = engine.warmup()
+    n = len(engine._graphs)
+    assert warm["graphs"] == n == len(engine._graphs.buckets) * 2 * 2  # buckets x padded/exact x two modes
+    assert warm["prefills"] == (6 if engine.model.moe_kernel is MoEKernel.FUSED else 0)
+    reqs = lambda: _requests(7, top_p=1.0, top_k=-1)  # noqa: E731 - greedy and sampled rows, no filters
+    outputs = engine.generate(reqs())  # 7, 6, ... live rows
     assert len(engine._graphs) == n, "a step still captured a graph"
-    lazy = RolloutEngine(model, max_slots=8, max_seq_len=128).generate(_requests(7))
+    lazy = RolloutEngine(model, max_slots=8, max_seq_len=128).generate(reqs())
     assert [o.output_ids for o in lazy] == [o.output_ids for o in outputs]
 
 
-def test_capture_decode_graphs_is_a_no_op_without_cuda_graphs_and_needs_an_idle_engine(qwen3):
+def test_warmup_is_a_no_op_on_cpu_and_needs_an_idle_engine(qwen3):
     engine = RolloutEngine(qwen3, max_slots=2, max_seq_len=64)
-    assert engine.capture_decode_graphs() == 0  # CPU: no CUDA graphs
+    assert engine.warmup() == {"graphs": 0, "prefills": 0}  # CPU: no CUDA graphs, no Triton kernels
     engine.add_request(_requests(1)[0])
     with pytest.raises(RuntimeError, match="needs an idle engine: got 0 running and 1 waiting"):
-        engine.capture_decode_graphs()
+        engine.warmup()
 
 
 # --- sampling distribution and edge cases -------------------------------------------------------------------------

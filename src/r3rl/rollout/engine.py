@@ -48,7 +48,8 @@ from transformers import PreTrainedModel
 from r3rl.models.loading import load_model, resolve_dtype
 from r3rl.rollout.attention_linear import LinearStateCache
 from r3rl.rollout.config import EngineConfig
-from r3rl.rollout.forward import MoEForward
+from r3rl.rollout.forward import MoEForward, MoEKernel
+from r3rl.rollout.fused_moe import config_tier_tokens
 from r3rl.rollout.graphs import DecodeGraphs, graph_safe, next_power_of_two
 from r3rl.rollout.kv_cache import KVCache, NullRoutingCapture, RoutingCapture
 from r3rl.rollout.paging import BlockTable, blocks_for
@@ -214,26 +215,38 @@ class RolloutEngine:
         if self.kv is None:
             self.table, self.kv, self.routes, self.state = self._allocate_caches()
 
-    def capture_decode_graphs(self, modes: tuple[SamplingMode, ...] = (SamplingMode.GREEDY, SamplingMode.SAMPLE)
-                              ) -> int:
-        """Capture the decode CUDA graph of every batch bucket (padded and exact) for `modes` now, rather than on
-        first use inside a step (a capture takes tens of ms; a server meets new batch sizes all the time). Needs an
-        idle engine; does nothing without CUDA graphs or where the graphs also depend on the context length (decode
-        attention that gathers). Returns the number of graphs captured."""
+    def warmup(self, modes: tuple[SamplingMode, ...] = (SamplingMode.GREEDY, SamplingMode.SAMPLE)) -> dict[str, int]:
+        """Do now what the first steps would do on the way (`r3rl serve` calls it before its first request): capture
+        the decode CUDA graph of every batch bucket (padded and exact) for `modes`, and build the fused MoE kernels
+        of every prefill size tier (a capture takes tens of ms, a Triton build seconds; a server meets new batch
+        and prompt sizes all the time). Needs an idle engine; graphs only with CUDA graphs where they do not also
+        depend on the context length (decode attention that gathers). Returns what it did: {"graphs": captured,
+        "prefills": prefill passes run}."""
         if self.has_work():
-            raise RuntimeError(f"capture_decode_graphs needs an idle engine: got {self.num_running} running and "
+            raise RuntimeError(f"warmup needs an idle engine: got {self.num_running} running and "
                                f"{self.num_waiting} waiting request(s)")
-        if not self.config.use_cuda_graph or self.kv is None or not (
-                self.config.batch_invariant or self.model.decodes_in_place(self.kv)):
-            return 0
-        T, before = self.table.max_blocks * self.table.block_size, len(self._graphs)
-        with torch.no_grad():  # free slots: rows [0, B) decode at position 0 of the null block (a write sink)
-            for mode in modes:
-                for B in self._graphs.buckets:
-                    for masked in (True, False):
-                        self._graph(B, T, mode, masked=masked)
-        self._pos_S.zero_()
-        return len(self._graphs) - before
+        done = {"graphs": 0, "prefills": 0}
+        if self.kv is None or self.device.type != "cuda":
+            return done
+        cfg, S = self.config, self.config.max_slots
+        with torch.no_grad():  # idle slots: their rows write into the null block (a sink)
+            if self.model.moe_kernel is MoEKernel.FUSED:
+                for tokens in config_tier_tokens(self.num_experts, self.top_k, cfg.prefill_token_budget):
+                    for several in (False, True):  # one prompt, and right-padded ones (a validity mask)
+                        P = max(1, min(cfg.max_seq_len, tokens // 2 if several else tokens))
+                        N = min(S, max(2, -(-tokens // P))) if several else 1
+                        self.model.prefill(torch.zeros(N, P, dtype=torch.int64, device=self.device),
+                                           torch.full((N,), P, device=self.device), self._arange_P[:N], self.kv,
+                                           self.routes, self.state)
+                        done["prefills"] += 1
+            if cfg.use_cuda_graph and (cfg.batch_invariant or self.model.decodes_in_place(self.kv)):
+                T, before = self.table.max_blocks * self.table.block_size, len(self._graphs)
+                for mode in modes:
+                    for B in self._graphs.buckets:
+                        for masked in (True, False):
+                            self._graph(B, T, mode, masked=masked)
+                done["graphs"] = len(self._graphs) - before
+        return done
 
     def _allocate_caches(self):
         cfg, m = self.config, self.model

@@ -50,7 +50,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["ExpertAct", "FusedMoEConfig", "Alignment", "available", "default_config", "align_block_size",
+__all__ = ["ExpertAct", "FusedMoEConfig", "Alignment", "available", "default_config", "config_tier_tokens",
+           "align_block_size",
            "align_counted", "fused_moe", "fused_moe_reference", "gpt_oss_glu"]
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,14 @@ def default_config(num_rows: int, num_experts: int) -> FusedMoEConfig:
     if per_expert <= 64:
         return FusedMoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)
     return FusedMoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def config_tier_tokens(num_experts: int, top_k: int, max_tokens: int) -> list[int]:
+    """A token count in each of `default_config`'s tiers (at most `max_tokens`): running the kernels once at each
+    builds every variant a rollout will use (`RolloutEngine.warmup`), instead of inside the first prefill that
+    reaches a tier (a Triton build takes seconds)."""
+    counts = [max(1, 2 * num_experts // top_k), 32 * num_experts // top_k, 128 * num_experts // top_k]  # mid-tier
+    return sorted({min(c, max_tokens) for c in counts})
 
 
 @dataclass
@@ -346,7 +355,7 @@ if triton is not None:
         rows = tl.load(row_ids_ptr + offs_m)
         return expert, offs_m, rows, rows < num_rows
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
     def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H,
                         n_inter, stride_xt, stride_we, stride_wn, stride_be, stride_om, alpha, limit,
                         TOP_K: tl.constexpr, GPT_OSS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_GLU: tl.constexpr,
@@ -421,13 +430,13 @@ if triton is not None:
             ok = ok & (tl.load(valid_ptr + offs // TOP_K, mask=ok, other=0) != 0)
         return offs, e, ok
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
     def _count_kernel(ids_ptr, valid_ptr, counts_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
                       BLOCK: tl.constexpr):
         offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
         tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_blocks", "num_rows"])  # one build for every token count
     def _scan_kernel(counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, row_ids_ptr, E, num_blocks, num_rows,
                      BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
         offs_e = tl.arange(0, E_POW2)
@@ -447,7 +456,7 @@ if triton is not None:
             expert = tl.minimum(tl.sum(before.to(tl.int32), 1), E - 1)
             tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < num_blocks)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
     def _place_kernel(ids_ptr, valid_ptr, cursor_ptr, row_ids_ptr, num_rows, E, TOP_K: tl.constexpr,
                       HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
         offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
@@ -475,7 +484,7 @@ if triton is not None:
             out = (tl.load(res_ptr + t * H + offs_h, mask=h_ok, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dt)
         tl.store(out_ptr + t * H + offs_h, out, mask=h_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
     def _down_kernel(act_ptr, w_ptr, bias_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr,
                      num_rows, H, n_inter, stride_am, stride_we, stride_wn, stride_be, stride_or,
                      HAS_BIAS: tl.constexpr, ROUND_OUTPUT: tl.constexpr, ROUND_PRODUCT: tl.constexpr,

@@ -113,7 +113,7 @@ def _interpreted() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one build for every token count
     def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, valid_ptr, routes_ptr, blk_ptr, off_ptr, T, E,
                       stride_rn, stride_rb, renorm_eps, scaling, K: tl.constexpr, K_POW2: tl.constexpr,
                       E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, SOFTMAX_FIRST: tl.constexpr,

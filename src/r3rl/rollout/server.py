@@ -235,8 +235,10 @@ def serve(config: ServerConfig) -> int:
     128 + signal number when a second signal forced the stop."""
     engine = RolloutEngine.from_pretrained(config.model, config.engine)
     t0 = time.perf_counter()
-    if captured := engine.capture_decode_graphs():  # before the first request, not inside the steps that meet them
-        logger.info("captured %d decode CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
+    warm = engine.warmup()  # graphs and kernel builds before the first request, not inside the steps that meet them
+    if any(warm.values()):
+        logger.info("warm-up: %d decode CUDA graphs, %d prefill passes in %.1f s", warm["graphs"], warm["prefills"],
+                    time.perf_counter() - t0)
     # The engine thread releases the GIL in every torch call and must take it back from the event loop, which holds
     # it for up to the switch interval (5 ms by default) while it parses requests and encodes responses: at high
     # concurrency a decode step then waits several intervals. A short interval keeps the engine thread fed
