@@ -10,7 +10,10 @@ numerical engine from the HF training forward, as SGLang is.
 
 Scheduling: `step()` admits waiting requests into free slots while the KV cache has blocks for their prompts,
 prefills them (batched, right-padded), then decodes every running slot once. Running requests occupy slots [0, n):
-a finished slot is refilled by moving the last request into it (a block-table row, no KV copied).
+a finished slot is refilled by moving the last request into it (a block-table row, no KV copied). With the overlap
+schedule (on with CUDA graphs) a step queues the next decode before it reads the last one back, while no admission is
+due, so the host's bookkeeping runs while the device decodes; a stopped request is then decoded once more (its extra
+token dropped) and finished requests come back one `step()` later.
 
 Paged KV (paging.py, kv_cache.py): tokens live in blocks of a shared pool (`kv_cache_tokens`), so memory is bounded
 by the tokens in use. Requests admitted together with the same prompt (a GRPO group: n samples of one prompt) are

@@ -1,5 +1,5 @@
 """CUDA graphs of the rollout engine's decode step: one per (batch bucket, KV-length bucket, sampling mode, padded or
-not), captured on first use and replayed after.
+not), captured on first use (or all at once by `RolloutEngine.warmup`) and replayed after.
 
     graphs = DecodeGraphs(max_slots=64, device=torch.device("cuda"))
     graphs.get((graphs.bucket(n), T, mode, masked), run=lambda: decode_rows(...)).replay()
