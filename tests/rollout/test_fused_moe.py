@@ -292,6 +292,11 @@ import dataclasses, torch
 from r3rl.rollout import fused_moe as fm
 from test_fused_moe import _gpt_oss_problem, _per_row_loop, _ulps, _interpreter_with_gpu_bf16
 _interpreter_with_gpu_bf16()
+_empty = torch.empty
+def _nan_empty(*args, **kwargs):   # rows a kernel leaves unwritten must never be read (dropped (token, k) rows)
+    t = _empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+fm.torch.empty = _nan_empty
 GPT = fm.ExpertAct.GPT_OSS
 T, H, E, I, K = 19, 64, 6, 48, 4   # top-4 as GPT-OSS; I=48, H=64 not multiples of the 32-wide tiles
 x, ids, w, gu, dn, bgu, bdn = _gpt_oss_problem(T, H, E, I, K, seed=5)

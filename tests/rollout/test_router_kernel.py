@@ -18,6 +18,7 @@ from test_fused_moe import _check_alignment
 from r3rl.models.routing import RouterSpec, Scoring, route
 from r3rl.rollout import fused_moe as fm
 from r3rl.rollout import router_kernel as rk
+from r3rl.rollout.kv_cache import RouteTarget
 
 # the families' softmax routers: Qwen3 / Qwen2-MoE (renormalized, cast back), Mixtral (upcast logits), OLMoE (no
 # renormalization), GPT-OSS (top-k of the logits, softmax over k), a scaled one
@@ -27,6 +28,7 @@ SPECS = {
     "olmoe": dict(scoring=Scoring.SOFTMAX, cast_to_logits_dtype=True),
     "gpt_oss": dict(scoring=Scoring.TOPK_SOFTMAX),
     "scaled_fp32": dict(scoring=Scoring.SOFTMAX, renormalize=True, scaling_factor=2.5),
+    "fp32_weights": dict(scoring=Scoring.SOFTMAX, renormalize=True),  # bf16 logits, float32 gate weights
 }
 
 
@@ -41,8 +43,9 @@ def distinct_logits(T: int, E: int, *, seed: int, device: str = "cpu", dtype=tor
 
 def compare(name: str, T: int, E: int, K: int, *, device: str = "cpu", dtype=torch.bfloat16, seed: int = 0,
             with_valid: bool = True, spec_override: dict | None = None) -> str:
-    """Kernel vs `routing.route`: ids equal, weights within a float32 ulp of the sum (bf16: equal), capture written at
-    each token's (block, offset) and nowhere else, alignment invariants, counts left zeroed. Raises on a mismatch."""
+    """Kernel vs `routing.route`: ids equal, weights within a float32 ulp or two of the sums (bf16: one ulp on at most
+    5% of them), capture written at each token's (block, offset) and nowhere else, alignment invariants, counts left
+    zeroed. Raises on a mismatch."""
     spec = RouterSpec(num_experts=E, top_k=K, **{**SPECS[name], **(spec_override or {})})
     ref_spec = RouterSpec(num_experts=E, top_k=K, **SPECS[name])
     logits = distinct_logits(T, E, seed=seed, device=device, dtype=dtype)
@@ -50,7 +53,7 @@ def compare(name: str, T: int, E: int, K: int, *, device: str = "cpu", dtype=tor
     valid = (torch.rand(T, generator=g) > 0.2).to(device) if with_valid else None
     routes = torch.zeros(T + 3, 4, 2, K, dtype=torch.uint8, device=device)  # [blocks, block_size, layers, K]
     slots = torch.randperm((T + 3) * 4, generator=g)[:T].to(device)
-    target = rk.RouteTarget(routes[:, :, 1], slots // 4, slots % 4)
+    target = RouteTarget(routes[:, :, 1], slots // 4, slots % 4)
     counts = torch.zeros(E, dtype=torch.int32, device=device)
     w, ids, align = rk.route_align(spec, logits, counts, block_m=16, valid_T=valid, target=target)
     w_ref, ids_ref = route(ref_spec, logits, sorted_topk=True)
@@ -72,11 +75,31 @@ def compare(name: str, T: int, E: int, K: int, *, device: str = "cpu", dtype=tor
     return f"{name} T={T} E={E} K={K} max|dw|={(w.float() - w_ref.float()).abs().max():.2e} differ={differ:.1%}"
 
 
+def odd_rows(device: str = "cpu") -> str:
+    """Equal scores take the lowest experts first; a NaN row and a row of -inf logits still get K distinct ids in
+    range (the capture skips the trace's duplicate check: top-k ids are distinct by construction); no target."""
+    E, K = 16, 4
+    spec = RouterSpec(num_experts=E, top_k=K, **SPECS["qwen3"])
+    logits = torch.zeros(3, E, dtype=torch.bfloat16, device=device)
+    logits[1, 3] = float("nan")
+    w, ids, _ = rk.route_align(spec, logits, torch.zeros(E, dtype=torch.int32, device=device), block_m=16)
+    assert ids[0].tolist() == [0, 1, 2, 3] and (w[0].float() == 0.25).all(), (ids[0], w[0])
+    gpt = RouterSpec(num_experts=E, top_k=K, **SPECS["gpt_oss"])
+    inf = torch.full((2, E), float("-inf"), dtype=torch.bfloat16, device=device)
+    inf[0, 7] = 1.0
+    _, ids_inf, _ = rk.route_align(gpt, inf, torch.zeros(E, dtype=torch.int32, device=device), block_m=16)
+    for row in [*ids[1:], *ids_inf]:
+        assert len(set(row.tolist())) == K and row.min() >= 0 and row.max() < E, row
+    assert ids_inf[0, 0] == 7
+    return "odd rows ok"
+
+
 _INTERPRET = r"""
 import torch
 from test_fused_moe import _interpreter_with_gpu_bf16
-from test_router_kernel import SPECS, compare
+from test_router_kernel import SPECS, compare, odd_rows
 _interpreter_with_gpu_bf16()   # float32 -> bf16 rounds to nearest even, as on the GPU
+print(odd_rows())
 for name in SPECS:
     print(compare(name, T=19, E=64, K=8, dtype=torch.float32 if name == "scaled_fp32" else torch.bfloat16))
 print(compare("qwen3", T=5, E=40, K=3, with_valid=False))   # E not a power of two, K not either, no padding tokens
@@ -108,6 +131,13 @@ def test_router_kernel_fits_softmax_families_only():
     assert not rk.fits(RouterSpec(num_experts=16, top_k=4), None, torch.device("cpu"))
 
 
+def test_config_tier_tokens_land_in_every_tier():
+    for E, K in [(128, 8), (64, 8), (16, 4), (512, 10)]:
+        tiers = {fm.default_config(t * K, E) for t in fm.config_tier_tokens(E, K, 1 << 20)}
+        assert len(tiers) == 3, (E, K, tiers)
+    assert fm.config_tier_tokens(128, 8, 100) == [32, 100]  # capped at the prefill budget
+
+
 @pytest.mark.skipif(not fm.available(), reason="triton not installed")
 def test_route_align_names_bad_inputs():
     spec = RouterSpec(num_experts=8, top_k=2)
@@ -137,6 +167,7 @@ def test_router_kernel_compiles_for_sm90_with_cuda_expf():
 @pytest.mark.skipif(not (torch.cuda.is_available() and fm.available()), reason="needs CUDA and triton")
 @pytest.mark.parametrize("T", [32, 256, 1000])
 def test_router_kernel_on_gpu_matches_family_routing(T):
+    print(odd_rows("cuda"))
     for name in SPECS:
         print(compare(name, T=T, E=128, K=8, device="cuda", seed=T,
                       dtype=torch.float32 if name == "scaled_fp32" else torch.bfloat16))
@@ -164,10 +195,10 @@ def test_moe_block_fused_router_matches_torch_router_on_gpu(T):
     valid = torch.rand(T, generator=g, device="cuda") > 0.1
     routes = torch.zeros(T, 2, 8, dtype=torch.uint8, device="cuda")
     slots = torch.arange(2 * T, device="cuda")[::2]
-    out, ids = block(w, x, valid, rk.RouteTarget(routes, slots // 2, slots % 2))
+    out, ids = block(w, x, valid, RouteTarget(routes, slots // 2, slots % 2))
     block.fused_router = False
     routes_ref = torch.zeros_like(routes)
-    out_ref, ids_ref = block(w, x, valid, rk.RouteTarget(routes_ref, slots // 2, slots % 2))
+    out_ref, ids_ref = block(w, x, valid, RouteTarget(routes_ref, slots // 2, slots % 2))
     same = (ids.sort(1).values == ids_ref.sort(1).values).all(1)
     assert same.float().mean() > 0.99, same.float().mean()  # near-ties of computed logits may order differently
     # the capture holds each token's ids in k order (equal scores may take another order than torch.topk's)

@@ -166,19 +166,25 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
 
     gate_up_EIH: `[E, 2I, H]`; down_EHI: `[E, H, I]`; optional biases `[E, 2I]` and `[E, H]` (the down bias is added
     to each (token, k) row before its gate weight multiplies it, as HF does). `valid_T` False (or id E) drops a row
-    (its token's output is zero). Returns `[T, H]` in x's dtype, the weighted sum rounded as HF rounds it (module
-    docstring). `align`: the rows already aligned for `config` (`align_counted`, `router_kernel.route_align`;
-    `valid_T` is then already applied). `residual_TH`: returns `residual_TH + out` instead (the decoder layer's
-    residual add, in the same kernel as the sum over k, rounded as the two torch ops round)."""
+    (its token's output is zero, or the residual). Returns `[T, H]` in x's dtype, the weighted sum rounded as HF
+    rounds it (module docstring). `align`: the rows already aligned for `config` (`align_counted`,
+    `router_kernel.route_align`), with the same `valid_T` passed here too (the sum over k skips the rows it
+    dropped). `residual_TH`: returns `residual_TH + out` instead (x's shape and dtype; the decoder layer's residual
+    add, in the same kernel as the sum over k, rounded as the two torch ops round)."""
     if not available():
         raise RuntimeError("fused_moe needs triton (not importable here); use fused_moe_reference")
     T, H, E, n_inter = _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_EI, down_bias_EH)
     K = ids_TK.shape[1]
     cfg = config or default_config(T * K, E)
+    if residual_TH is not None and (residual_TH.shape != x_TH.shape or residual_TH.dtype != x_TH.dtype):
+        raise ValueError(f"fused_moe: residual_TH must match x ({x_TH.dtype} {tuple(x_TH.shape)}): got "
+                         f"{residual_TH.dtype} {tuple(residual_TH.shape)}")
     if align is not None:
-        if align.block_m != cfg.block_m:
-            raise ValueError(f"fused_moe: the alignment's block_m ({align.block_m}) must be the config's "
-                             f"({cfg.block_m})")
+        bm = cfg.block_m
+        slots = (T * K + E * (bm - 1) + bm - 1) // bm * bm
+        if align.block_m != bm or align.row_ids_M.shape[0] != slots:
+            raise ValueError(f"fused_moe: the alignment must be for this call's {T * K} rows in blocks of {bm} "
+                             f"({slots} slots): got blocks of {align.block_m}, {align.row_ids_M.shape[0]} slots")
     elif cfg.triton_align:
         align = _align_triton(ids_TK, E, cfg.block_m, valid_T)
     else:
@@ -304,8 +310,8 @@ def align_counted(ids_TK: torch.Tensor, counts_E: torch.Tensor, block_m: int,
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     _scan_kernel[(1,)](counts_E, cursor_E, block_expert_B, num_padded, row_ids_M, E, num_blocks, R, BLOCK_M=block_m,
                        E_POW2=triton.next_power_of_2(E), CHUNK=64, FILL=1024)
-    _place_kernel[(triton.cdiv(R, _ALIGN_BLOCK),)](ids_R, valid, cursor_E, row_ids_M, R, E, TOP_K=K,
-                                                   HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
+    _place_kernel[(triton.cdiv(R, _ALIGN_BLOCK),)](ids_R, valid, cursor_E, row_ids_M, R, E, row_ids_M.shape[0],
+                                                   TOP_K=K, HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
     return Alignment(row_ids_M=row_ids_M, block_expert_B=block_expert_B, num_padded=num_padded, block_m=block_m)
 
 
@@ -457,11 +463,11 @@ if triton is not None:
             tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < num_blocks)
 
     @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
-    def _place_kernel(ids_ptr, valid_ptr, cursor_ptr, row_ids_ptr, num_rows, E, TOP_K: tl.constexpr,
+    def _place_kernel(ids_ptr, valid_ptr, cursor_ptr, row_ids_ptr, num_rows, E, num_slots, TOP_K: tl.constexpr,
                       HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
         offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
         pos = tl.atomic_add(cursor_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
-        tl.store(row_ids_ptr + pos, offs.to(tl.int32), mask=ok)
+        tl.store(row_ids_ptr + pos, offs.to(tl.int32), mask=ok & (pos < num_slots))  # never past the buffer
 
     @triton.jit
     def _sum_k_kernel(y_ptr, ids_ptr, valid_ptr, res_ptr, out_ptr, H, E, TOP_K: tl.constexpr, K_POW2: tl.constexpr,

@@ -138,13 +138,10 @@ class RoutingCapture:
         blk = where.blk.reshape(-1)
         return RouteTarget(self.routes_NbLK[:, :, layer], blk, where.off.expand_as(where.blk).reshape(-1))
 
-    def write(self, layer: int, where: TokenWhere, ids: torch.Tensor) -> None:
-        """Top-k ids `[*where.blk.shape, top_k]` of one MoE layer at `where`."""
-        self.target(layer, where).write(ids.reshape(-1, ids.shape[-1]))
-
     def read(self, slots: list[int], num_rows: list[int]) -> list[RoutingTrace]:
         """Traces of `slots`, each of its first `num_rows` positions, in one gather and one device-to-host copy. Ids
-        come from top-k, so the row invariants hold by construction and `RoutingTrace.from_ids`'s O(rows) check is
+        come from top-k (torch's, or the fused router's, which keeps a row's ids distinct and in range even on NaN
+        scores), so the row invariants hold by construction and `RoutingTrace.from_ids`'s O(rows) check is
         skipped."""
         if not slots:
             return []
@@ -172,9 +169,6 @@ class NullRoutingCapture:
 
     def target(self, layer: int, where: TokenWhere) -> None:
         return None
-
-    def write(self, layer: int, where: TokenWhere, ids: torch.Tensor) -> None:
-        pass
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[None]:
         return [None] * len(slots)

@@ -1,5 +1,6 @@
 """The rollout engine's MoE block, shared by every family: routing (the family's arithmetic, from
-`r3rl.models.routing`, on the engine's copy of the router tensors), routed experts, and an optional shared expert.
+`r3rl.models.routing`, on the engine's copy of the router tensors; on GPU with the fused experts, the same arithmetic
+in one Triton kernel, `r3rl.rollout.router_kernel`), routed experts, and an optional shared expert.
 
 Experts run as fused Triton kernels (CUDA with triton installed, SwiGLU with SiLU or GPT-OSS experts:
 `r3rl.rollout.fused_moe`), a sorted grouped matmul, a per-row gather (batch-invariant, CPU) or a per-expert loop
@@ -75,10 +76,9 @@ class MoEBlock:
         else:
             self.kernel, self._expert_mlp = MoEKernel.LOOP, self._expert_mlp_loop
         # the fused experts' router in one Triton kernel (scores, top-k, gate weights, capture write, expert counts)
-        self.fused_router = self.kernel is MoEKernel.FUSED and probe.router_spec is not None and router_kernel.fits(
-            probe.router_spec, probe.correction_E, probe.gate_up_EIH.device)
-        self._counts_E = (torch.zeros(num_experts, dtype=torch.int32, device=probe.gate_up_EIH.device)
-                          if self.fused_router else None)  # reused by every layer, left zeroed by each call
+        self._counts_E = torch.zeros(num_experts, dtype=torch.int32, device=probe.gate_up_EIH.device)  # reused by
+        # every layer, left zeroed by each call
+        self.fused_router = self.kernel is MoEKernel.FUSED and self._fused_router_fits(probe)
 
     def __call__(self, w: MoEWeights, h_TH: torch.Tensor, valid_T: torch.Tensor | None,
                  target: RouteTarget | None = None,
@@ -87,7 +87,7 @@ class MoEBlock:
         routing capture takes this layer's ids (every token's, padding included). `residual_TH`: the output is
         `residual_TH + moe(h_TH)` (the fused kernels add it in their last pass)."""
         logits_TE = router_logits(w.router_spec, h_TH, w.router_EH, w.router_bias_E, linear=self.linear)
-        if self.fused_router:
+        if self.fused_router and w.correction_E is None:  # (every layer of a family routes alike; this one surely)
             (T, K), E = (h_TH.shape[0], w.router_spec.top_k), self.num_experts
             cfg = fused_moe.default_config(T * K, E)
             weights_TK, ids_TK, align = router_kernel.route_align(w.router_spec, logits_TE, self._counts_E,
@@ -183,6 +183,21 @@ class MoEBlock:
         except Exception as e:  # noqa: BLE001 - any triton build or launch error
             logger.warning("fused MoE kernels unavailable on %s (%s: %s); using grouped_mm", dev, type(e).__name__,
                            str(e).splitlines()[0] if str(e) else "")
+            return False
+        return True
+
+    def _fused_router_fits(self, probe: MoEWeights) -> bool:
+        """The router kernel computes this family's routing and builds for this GPU (run once on two tokens; a
+        failure keeps the torch router, with a warning)."""
+        if probe.router_spec is None or not router_kernel.fits(probe.router_spec, probe.correction_E,
+                                                               probe.gate_up_EIH.device):
+            return False
+        try:
+            logits = torch.zeros(2, self.num_experts, dtype=probe.router_EH.dtype, device=probe.router_EH.device)
+            router_kernel.route_align(probe.router_spec, logits, self._counts_E, block_m=16)
+        except Exception as e:  # noqa: BLE001 - any triton build or launch error
+            logger.warning("fused router kernel unavailable on %s (%s: %s); using the torch router",
+                           logits.device, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return False
         return True
 

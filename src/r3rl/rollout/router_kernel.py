@@ -104,7 +104,11 @@ def route_align(spec: RouterSpec, logits_TE: torch.Tensor, counts_E: torch.Tenso
         K=K, K_POW2=triton.next_power_of_2(K), E_POW2=e_pow2, BLOCK_T=block_t, SOFTMAX_FIRST=softmax_first,
         RENORMALIZE=spec.renormalize and softmax_first, SCALE=spec.scaling_factor != 1.0 and softmax_first,
         HAS_VALID=valid_T is not None, HAS_TARGET=target is not None, LIBDEVICE=not _interpreted())
-    return weights_TK, ids_TK, align_counted(ids_TK, counts_E, block_m, valid_T)
+    try:
+        return weights_TK, ids_TK, align_counted(ids_TK, counts_E, block_m, valid_T)
+    except BaseException:  # the scan never ran: leave the shared counts zeroed for the next call
+        counts_E.zero_()
+        raise
 
 
 def _interpreted() -> bool:
@@ -134,13 +138,15 @@ if triton is not None:
         offs_k = tl.arange(0, K_POW2)
         ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
         vals = tl.full((BLOCK_T, K_POW2), float("-inf"), dtype=tl.float32)
+        free = e_ok[None, :] & (offs_t[:, None] >= 0)  # [BLOCK_T, E_POW2]: experts not chosen yet
         for k in tl.static_range(K):  # k passes of argmax: descending, the lowest expert first among ties
-            best = tl.max(s, axis=1)
-            idx = tl.min(tl.where(s == best[:, None], offs_e[None, :], E_POW2), axis=1)
-            idx = tl.minimum(idx, E - 1)  # a NaN row matches nothing: keep the id in range
+            best = tl.max(tl.where(free, s, float("-inf")), axis=1)
+            idx = tl.min(tl.where(free & (s == best[:, None]), offs_e[None, :], E_POW2), axis=1)
+            # a NaN score matches nothing: the lowest free expert, so that a row's k ids stay distinct and in range
+            idx = tl.where(idx < E_POW2, idx, tl.min(tl.where(free, offs_e[None, :], E_POW2), axis=1))
             ids = tl.where(offs_k[None, :] == k, idx[:, None], ids)
             vals = tl.where(offs_k[None, :] == k, best[:, None], vals)
-            s = tl.where(offs_e[None, :] == idx[:, None], float("-inf"), s)
+            free = free & (offs_e[None, :] != idx[:, None])
         k_ok = offs_k < K
         if SOFTMAX_FIRST:
             w = vals
