@@ -1,4 +1,5 @@
-# Session 16: decode graphs captured at server start (RolloutEngine.capture_decode_graphs) - its GPU test, then the
+# Session 16: decode graphs captured at server start (RolloutEngine.capture_decode_graphs, since renamed warmup) - its
+# GPU test, then the
 # serving benchmark again (the steps that admitted requests used to capture new batch buckets' graphs).
 set -x
 . bench/gpu_env.sh

@@ -1,5 +1,7 @@
-"""Where the host's time in one engine decode step goes (cProfile), with CUDA graphs on as in a real run: the GPU
-idles while the host schedules, samples nothing and copies tokens back, so host time adds to every decode step.
+"""Where the host's time in one engine decode step goes (cProfile), with CUDA graphs on as in a real run. Without
+the overlap schedule the device idles while the host reads tokens back, checks stops, releases slots and reserves
+blocks, so that time adds to every decode step; with it (the default on CUDA) that work runs while the next step
+decodes, and the wall time per step shows what is left.
 
     python bench/profile_host.py --preset bench-qwen3-moe --batch 256      # GPU
 

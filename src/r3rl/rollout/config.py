@@ -34,8 +34,9 @@ class EngineConfig:
     overlap_schedule: bool | None = None
     """Launch the next decode step before reading back the last one, so the host's scheduling runs while the device
     decodes (SGLang's overlap scheduler); a request that stops is then decoded once more, its extra token dropped,
-    and a step's finished requests come back one `step()` later. Same tokens and traces either way. None = on with
-    CUDA graphs."""
+    and a step's finished requests come back one `step()` later. Batch-invariant engines give the same tokens and
+    traces either way; on GPU the batches differ (a stopped row stays one step longer, admissions wait one), and
+    with them the kernels' rounding. None = on with CUDA graphs."""
     prefill_token_budget: int = 16384
     """Max padded tokens (requests x longest prompt) in one batched prefill."""
     kv_cache_tokens: int | None = None

@@ -42,6 +42,7 @@ import logging
 import os
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,6 +232,7 @@ class RolloutEngine:
         done = {"graphs": 0, "prefills": 0}
         if self.kv is None or self.device.type != "cuda":
             return done
+        self.table.sync()  # idle slots' device rows point at the null block
         cfg, S = self.config, self.config.max_slots
         with torch.no_grad():  # idle slots: their rows write into the null block (a sink)
             if self.model.moe_kernel is MoEKernel.FUSED:
@@ -286,11 +288,10 @@ class RolloutEngine:
     def abort(self, request_ids: list[str]) -> list[str]:
         """Drop these requests, waiting or running, and free their slots (e.g. their client went away); returns the
         ids found. Unknown ids are ignored (the request may have finished already)."""
-        self._drain()
         wanted = set(request_ids)
-        found = [o.request_id for o in self._ready if o.request_id in wanted]
-        self._ready = [o for o in self._ready if o.request_id not in wanted]
-        found += [r.request_id for r in self._waiting if r.request_id in wanted]
+        if any(r.req.request_id in wanted for r in self._slots):
+            self._drain()  # (a request that finishes in the drain is done, not aborted: the next step returns it)
+        found = [r.request_id for r in self._waiting if r.request_id in wanted]
         self._waiting = deque(r for r in self._waiting if r.request_id not in wanted)
         found += [r.req.request_id for r in self._preempted if r.req.request_id in wanted]
         self._preempted = deque(r for r in self._preempted if r.req.request_id not in wanted)
@@ -329,14 +330,15 @@ class RolloutEngine:
         if self._inflight is not None:
             plan, self._next_plan = self._next_plan, None
             launched = self._launch(*plan) if plan is not None and not self._admission_due() else None
-            finished += self._collect(self._inflight)
+            outputs = self._collect_later(self._inflight)
             if not self._slots:  # every request `launched` decodes has finished: nothing to read back
                 launched = None
             self._inflight = launched
             if launched is not None:
                 self.num_launched_ahead += 1
                 self._next_plan = self._plan(ahead=1)  # the device is busy with `launched`
-                return finished
+                return finished + outputs()  # (waits for the finished requests' traces, queued after `launched`)
+            finished += outputs()
         groups = self._admit()
         if groups:
             slot0 = len(self._slots)
@@ -349,7 +351,7 @@ class RolloutEngine:
             if self.config.overlap_schedule:
                 self._inflight, self._next_plan = launched, self._plan(ahead=1)
             else:
-                finished += self._collect(launched)
+                finished += self._collect_later(launched)()
         return finished
 
     # --- weights --------------------------------------------------------------------------------------------------
@@ -389,22 +391,30 @@ class RolloutEngine:
 
     def _release_finished(self) -> list[EngineOutput]:
         """Outputs of finished slots (traces read before any move), then refill their slots from the tail."""
+        return self._release_finished_later()()
+
+    def _release_finished_later(self) -> Callable[[], list[EngineOutput]]:
+        """`_release_finished` whose outputs are built by the returned function: the finished slots are released
+        now, their traces' copy to the host is queued, and the caller waits for it only when it calls the function."""
         done = [i for i, r in enumerate(self._slots) if r.finish_reason]
         if not done:
-            return []
+            return list
+        rows = [self._slots[i] for i in done]
         wanted = [i for i in done if self._slots[i].req.return_routed_experts]
-        traces = dict(zip(wanted, self.routes.read(wanted, [self._slots[i].next_pos for i in wanted]), strict=True))
-        outputs = []
-        for i in done:
-            r = self._slots[i]
-            outputs.append(EngineOutput(
-                request_id=r.req.request_id, prompt_ids=list(r.req.input_ids), output_ids=r.output_ids,
-                output_logprobs=r.logprobs, logprob_temperature=r.req.sampling.logprob_temperature,
-                finish_reason=r.finish_reason, trace=traces.get(i), weight_version=self._weight_version,
-                weight_version_start=r.version_start,
-            ))
+        traces_later = self.routes.read_later(wanted, [self._slots[i].next_pos for i in wanted])
+        version = self._weight_version
+        for r in rows:
             self._request_ids.discard(r.req.request_id)
         self._remove_slots(done)
+
+        def outputs() -> list[EngineOutput]:
+            traces = dict(zip(wanted, traces_later(), strict=True))
+            return [EngineOutput(
+                request_id=r.req.request_id, prompt_ids=list(r.req.input_ids), output_ids=r.output_ids,
+                output_logprobs=r.logprobs, logprob_temperature=r.req.sampling.logprob_temperature,
+                finish_reason=r.finish_reason, trace=traces.get(i), weight_version=version,
+                weight_version_start=r.version_start) for i, r in zip(done, rows, strict=True)]
+
         return outputs
 
     def _remove_slots(self, done: list[int]) -> None:
@@ -421,8 +431,9 @@ class RolloutEngine:
             self.table.move(src, dst)
             slots[dst] = self._slots[src]
         if holes:
-            dst_M = torch.tensor(holes, device=self.device)
-            src_M = torch.tensor(movers, device=self.device)
+            # non_blocking: with the overlap schedule a decode step is in flight; these small copies need not wait
+            dst_M = torch.tensor(holes).to(self.device, non_blocking=True)
+            src_M = torch.tensor(movers).to(self.device, non_blocking=True)
             for buf in (self._tokens_S, self._pos_S, *vars(self._params).values()):
                 buf[dst_M] = buf[src_M]
             if self.state is not None:  # linear-attention state lives per slot, not in blocks
@@ -573,8 +584,18 @@ class RolloutEngine:
 
     # --- private: decode steps (plan, launch, collect) -----------------------------------------------------------
     def _admission_due(self) -> bool:
-        """Waiting requests and a free slot: the next step admits before it decodes (no launch ahead)."""
-        return bool(self._waiting or self._preempted) and len(self._slots) < self.config.max_slots
+        """The next waiting request would be admitted (a free slot, and blocks by `_admit`'s rule): the next step
+        admits before it decodes (no launch ahead). A request that does not fit yet does not stop the overlap."""
+        queue = self._preempted or self._waiting
+        if not queue or len(self._slots) >= self.config.max_slots:
+            return False
+        req = queue[0].req if isinstance(queue[0], _Running) else queue[0]
+        held = blocks_for(len(req.input_ids), self.table.block_size)
+        need, free = held + self._grows(req, held), self.table.num_free
+        if need + len(self._slots) <= free:  # fits whatever the running requests still claim (one block each)
+            return True
+        return need <= free and need + sum(self._grows(r.req, self.table.num_blocks_of(i))
+                                           for i, r in enumerate(self._slots)) <= free
 
     def _plan(self, *, ahead: int) -> tuple[SamplingMode, int] | None:
         """(sampling mode, attention length) of the next decode of the running slots, their blocks reserved;
@@ -615,21 +636,22 @@ class RolloutEngine:
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))  # the engine's device, not the thread's current one
         return _Inflight(rows=list(self._slots), tokens=tokens[:n], logprobs=logprobs[:n], done=done)
 
-    def _collect(self, step: _Inflight) -> list[EngineOutput]:
-        """Read a launched step back: its tokens to their requests, then the finished ones out."""
+    def _collect_later(self, step: _Inflight) -> Callable[[], list[EngineOutput]]:
+        """Read a launched step back: its tokens to their requests, the finished ones released; returns the function
+        that builds their outputs (`_release_finished_later`)."""
         if step.done is not None:
-            step.done.synchronize()  # note: the one host sync of a decode step (stop checks need the tokens)
+            step.done.synchronize()  # note: a decode step's host sync (stop checks need the tokens)
         self._emit(step.rows, step.tokens.tolist(), step.logprobs.tolist())
-        return self._release_finished()
+        return self._release_finished_later()
 
     def _drain(self) -> None:
         """Read back the step in flight (its finished requests go out with the next `step()`)."""
         if self._inflight is not None:
             step, self._inflight, self._next_plan = self._inflight, None, None
-            self._ready += self._collect(step)
+            self._ready += self._collect_later(step)()
 
     def _decode_rows(self, B: int, T: int, mode: SamplingMode, *, masked: bool) -> None:
         """Decode rows [0, B) attending over T positions; writes the sampled tokens and logprobs of those rows.

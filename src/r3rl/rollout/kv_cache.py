@@ -23,6 +23,7 @@ Both allocate once; nothing here reallocates, so CUDA graphs that captured these
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,23 +140,42 @@ class RoutingCapture:
         return RouteTarget(self.routes_NbLK[:, :, layer], blk, where.off.expand_as(where.blk).reshape(-1))
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[RoutingTrace]:
-        """Traces of `slots`, each of its first `num_rows` positions, in one gather and one device-to-host copy. Ids
-        come from top-k (torch's, or the fused router's, which keeps a row's ids distinct and in range even on NaN
-        scores), so the row invariants hold by construction and `RoutingTrace.from_ids`'s O(rows) check is
-        skipped."""
+        """Traces of `slots`, each of its first `num_rows` positions (`read_later`, waited for at once)."""
+        return self.read_later(slots, num_rows)()
+
+    def read_later(self, slots: list[int], num_rows: list[int]) -> Callable[[], list[RoutingTrace]]:
+        """Queue the gather of `slots`' traces and their copy to the host now (before their blocks can be reused);
+        the returned function waits for the copy and builds the traces, so the host can do other work meanwhile.
+        One gather and one device-to-host copy for all of them. Ids come from top-k (torch's, or the fused router's,
+        which keeps a row's ids distinct and in range even on NaN scores), so the row invariants hold by
+        construction and `RoutingTrace.from_ids`'s O(rows) check is skipped."""
         if not slots:
-            return []
+            return list
         bs = self.table.block_size
         blocks = [self.table.blocks(s)[: blocks_for(n, bs)] for s, n in zip(slots, num_rows, strict=True)]
-        idx = torch.tensor([b for row in blocks for b in row], device=self.routes_NbLK.device)
-        # note: a host sync, once per step that finishes requests; copy=True since on CPU .cpu() would alias
-        ids = self.routes_NbLK[idx].to("cpu", copy=True).numpy()
-        ids = ids.reshape(-1, *ids.shape[2:])
-        out, start = [], 0
-        for row, n in zip(blocks, num_rows, strict=True):
-            out.append(RoutingTrace(np.ascontiguousarray(ids[start : start + n]), self.num_experts))
-            start += len(row) * bs
-        return out
+        dev = self.routes_NbLK.device
+        idx = torch.tensor([b for row in blocks for b in row]).to(dev, non_blocking=True)
+        gathered = self.routes_NbLK[idx]  # a copy: later writes into these blocks do not reach it
+        done = None
+        if gathered.is_cuda:  # to (pinned) host memory without waiting; the event marks its end
+            host = gathered.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(dev))
+        else:
+            host = gathered
+
+        def traces() -> list[RoutingTrace]:
+            if done is not None:
+                done.synchronize()  # note: a host sync, once per step that finishes requests
+            ids = host.numpy()
+            ids = ids.reshape(-1, *ids.shape[2:])
+            out, start = [], 0
+            for row, n in zip(blocks, num_rows, strict=True):
+                out.append(RoutingTrace(np.ascontiguousarray(ids[start : start + n]), self.num_experts))
+                start += len(row) * bs
+            return out
+
+        return traces
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         src_M, dst_M = (torch.tensor(x, device=self.routes_NbLK.device) for x in (src, dst))
@@ -172,6 +192,9 @@ class NullRoutingCapture:
 
     def read(self, slots: list[int], num_rows: list[int]) -> list[None]:
         return [None] * len(slots)
+
+    def read_later(self, slots: list[int], num_rows: list[int]) -> Callable[[], list[None]]:
+        return lambda: [None] * len(slots)
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         pass

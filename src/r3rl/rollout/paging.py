@@ -98,11 +98,12 @@ class BlockTable:
 
     def append_each(self, slots: list[int], blocks: list[int]) -> None:
         """One more block for each of `slots` (blocks[i] to slots[i]): a decode step's reservations in one write."""
+        for slot in slots:  # every bound first: a refusal changes nothing
+            if len(self._slots[slot]) >= self.max_blocks:
+                raise RuntimeError(f"slot {slot} would hold {len(self._slots[slot]) + 1} blocks, more than "
+                                   f"max_seq_len allows ({self.max_blocks})")
         for slot, b in zip(slots, blocks, strict=True):
             row = self._slots[slot]
-            if len(row) >= self.max_blocks:
-                raise RuntimeError(f"slot {slot} would hold {len(row) + 1} blocks, more than max_seq_len allows "
-                                   f"({self.max_blocks})")
             self._refs[b] += 1
             row.append(b)
         if slots:
