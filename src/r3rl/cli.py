@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "batches (0: admit at once)")
     p.add_argument("--moe-kernel", choices=["fused", "grouped_mm"], default="fused",
                    help="CUDA experts: the fused Triton kernels where they apply (default), or torch's grouped_mm")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="read each decode step back before launching the next (default with CUDA graphs: the next "
+                        "step is queued first, so the host's scheduling overlaps the device)")
     p.add_argument("--device", default=None, help="engine device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="bfloat16 | float32 | float16 (default: bfloat16 on cuda, else float32)")
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               kv_cache_tokens=args.kv_cache_tokens,
                                                               block_size=args.kv_block_size,
                                                               fused_moe=args.moe_kernel == "fused",
+                                                              overlap_schedule=(False if args.disable_overlap_schedule
+                                                                                else None),
                                                               device=args.device, dtype=args.dtype))
         except ValueError as e:  # bad flag values: exit 2 with one line, before the model loads
             parser.error(str(e))

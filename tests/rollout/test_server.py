@@ -393,6 +393,18 @@ def test_admission_holding_is_a_server_flag_checked_before_the_model_loads(tmp_p
         ServerConfig(model=str(tmp_path), max_hold_steps=-1)
 
 
+def test_disable_overlap_schedule_reaches_the_engine_config(tmp_path, monkeypatch):
+    from r3rl import cli
+    from r3rl.rollout import server as server_module
+
+    (tmp_path / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(server_module, "serve", lambda cfg: seen.append(cfg) or 0)
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 0
+    assert cli.main(["serve", "--model", str(tmp_path), "--disable-overlap-schedule"]) == 0
+    assert [c.engine.overlap_schedule for c in seen] == [None, False]  # None: on with CUDA graphs
+
+
 def test_server_info_reports_the_engine_workers_counters(server):
     before = httpx.get(f"{server.url}/server_info").json()["engine_stats"]
     resp = httpx.post(f"{server.url}/generate", json={"input_ids": [[1, 2], [3]], "sampling_params":
