@@ -3,9 +3,8 @@
 import pytest
 import torch
 
+from r3rl.models.presets import TINY_FAMILIES as FAMILIES
 from r3rl.models.presets import make_model
-
-FAMILIES = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe"]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -4,13 +4,12 @@ control)."""
 import pytest
 import torch
 
-from r3rl.models.presets import make_model, preset_available
+from r3rl.models.presets import TINY_NEW_FAMILIES, make_model, preset_available
 from r3rl.replay import RoutingReplay
 from r3rl.trace import ReplayBatch
 
 # (preset, token id bound: None = the vocabulary): the byte range for the families of tests/models/test_families.py
-PRESETS = [("tiny-qwen3-moe", None)] + [(p, 256) for p in ("tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss",
-                                                           "tiny-minimax-m2", "tiny-qwen3-next")]
+PRESETS = [("tiny-qwen3-moe", None)] + [(p, 256) for p in TINY_NEW_FAMILIES]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

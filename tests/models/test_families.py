@@ -15,12 +15,12 @@ import torch
 
 from r3rl.check import ReplayCheck
 from r3rl.models import find_routers, routed_forward
-from r3rl.models.presets import make_model, preset_available
+from r3rl.models.presets import TINY_NEW_FAMILIES, make_model, preset_available
 from r3rl.models.routing import gate_weights, scores
 from r3rl.replay import RoutingReplay
 from r3rl.trace import ReplayBatch
 
-NEW_FAMILIES = ["tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2", "tiny-qwen3-next"]
+NEW_FAMILIES = TINY_NEW_FAMILIES
 GROUPED = ["tiny-deepseek-v3", "tiny-glm4-moe"]  # sigmoid + correction bias + group-limited top-k + dense layer 0
 
 

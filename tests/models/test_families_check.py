@@ -8,10 +8,10 @@ import pytest
 
 from r3rl.commands.check import run_check
 from r3rl.config import CheckRunConfig, Fault, ReplayConfig, RolloutKind
-from r3rl.models.presets import init_model, preset_available
+from r3rl.models.presets import TINY_NEW_FAMILIES, init_model, preset_available
 from r3rl.replay import RoutingReplay
 
-FAMILIES = ["tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2", "tiny-qwen3-next"]
+FAMILIES = TINY_NEW_FAMILIES
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

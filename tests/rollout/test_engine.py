@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from r3rl.check import ReplayCheck
 from r3rl.models import UnsupportedRouterError, find_routers
-from r3rl.models.presets import EOS_ID, init_model, make_config, make_model
+from r3rl.models.presets import EOS_ID, TINY_FAMILIES, init_model, make_config, make_model
 from r3rl.replay import RoutingReplay
 from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
 from r3rl.rollout.forward import MoEKernel
@@ -25,7 +25,7 @@ from r3rl.rollout.graphs import batch_buckets
 from r3rl.trace import RoutingTrace
 from r3rl.train.data import layout_padded
 
-FAMILIES = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe"]
+FAMILIES = TINY_FAMILIES
 # float32 on both sides, different kernels (fused qkv, row-wise matmuls, own attention, gathered experts): observed
 # differences are ~1e-6. 1e-4 leaves margin for reduction order while staying far below what a wrong position, a
 # stale cache entry or a different expert would cause (>= 1e-2 on these models).

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from r3rl.models import find_routers
-from r3rl.models.presets import make_model, preset_available
+from r3rl.models.presets import TINY_NEW_FAMILIES, make_model, preset_available
 from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
 
-ENGINE_FAMILIES = ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-gpt-oss", "tiny-deepseek-v3", "tiny-qwen3-next"]
+ENGINE_FAMILIES = TINY_NEW_FAMILIES
 LOGPROB_ATOL = 1e-4  # as tests/rollout/test_engine.py: float32 both sides, different kernels
 
 

@@ -8,12 +8,11 @@ one-token shift is not a fault its zero-overlap check can see there; permuting l
 import pytest
 
 from r3rl.config import Fault, ReplayConfig
-from r3rl.models.presets import PRESETS
+from r3rl.models.presets import PRESETS, TINY_FAMILIES, TINY_NEW_FAMILIES
 from r3rl.train.config import TrainConfig
 from r3rl.train.trainer import Trainer
 
-FAMILIES = [p for p in ("tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2", "tiny-mixtral",
-                        "tiny-olmoe", "tiny-qwen2-moe", "tiny-qwen3-next") if p in PRESETS]
+FAMILIES = [p for p in (*TINY_NEW_FAMILIES, *TINY_FAMILIES) if p != "tiny-qwen3-moe" and p in PRESETS]
 
 
 def _cfg(tmp_path, preset: str, **kw) -> TrainConfig:

@@ -46,7 +46,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from r3rl.models.adapters import find_routers
 
 __all__ = ["PRESETS", "ModelPreset", "make_config", "make_model", "make_tokenizer", "init_model", "preset_available",
-           "ROUTER_LOGIT_STD", "CORRECTION_BIAS_STD"]
+           "ROUTER_LOGIT_STD", "CORRECTION_BIAS_STD", "TINY_FAMILIES", "TINY_NEW_FAMILIES"]
+
+TINY_FAMILIES = ("tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe")
+"""The CPU-fast presets of the first four families (softmax routers)."""
+TINY_NEW_FAMILIES = ("tiny-deepseek-v3", "tiny-glm4-moe", "tiny-gpt-oss", "tiny-minimax-m2", "tiny-qwen3-next")
+"""The CPU-fast presets of the families added later, each with its routing features on (groups, correction bias,
+scaling, dense first layer, shared expert, sinks and windows, linear attention)."""
 
 ROUTER_LOGIT_STD = 2.0
 CORRECTION_BIAS_STD = 0.1  # sigmoid scores of logits with std 2 spread over ~[0.1, 0.9]: a bias this size flips picks
