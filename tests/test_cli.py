@@ -121,14 +121,3 @@ def test_init_model_writes_a_loadable_checkpoint(tmp_path):
     assert 1.0 < (h @ sites[0].router.weight.T).std() < 4.0
     proc = r3rl("check", *SMALL, "--model", str(out), "--use-rollout-routing-replay", "--ci-test")
     assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-@pytest.mark.parametrize("flags, message", [
-    (("--kv-cache-tokens", "100"), "kv_cache_tokens must hold one request of max_seq_len=1024 tokens: got 100"),
-    (("--kv-block-size", "0"), "block_size must be >= 1: got 0"),
-])
-def test_serve_kv_cache_flags_are_refused_before_the_model_loads(tmp_path, flags, message):
-    (tmp_path / "config.json").write_text("{}")  # never read: the flags are refused first
-    proc = r3rl("serve", "--model", str(tmp_path), *flags)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
-    assert "Traceback" not in proc.stderr

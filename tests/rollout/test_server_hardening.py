@@ -235,6 +235,8 @@ def test_global_log_level_is_honoured_by_serve(server_factory):
     (["--dtype", "int8"], "int8"),
     (["--device", "nope"], "device"),
     (["--max-body-bytes", "0"], "max_body_bytes"),
+    (["--kv-cache-tokens", "100"], "kv_cache_tokens must hold one request of max_seq_len=1024 tokens: got 100"),
+    (["--kv-block-size", "0"], "block_size must be >= 1: got 0"),
     ([], "config.json"),
 ])
 def test_bad_serve_flags_exit_2_before_loading(tmp_path, flags, named):
