@@ -271,14 +271,12 @@ async def _engine_stats(client: RawClient) -> dict:
 
 def server_delta(before: dict, after: dict) -> dict:
     """What the server's engine worker did between two `engine_stats` snapshots."""
-    keys = ("steps", "prefill_steps", "admitted", "finished", "generated_tokens", "step_s", "idle_s", "uptime_s")
+    keys = ("steps", "prefill_steps", "admitted", "finished", "generated_tokens", "step_s", "prefill_step_s",
+            "decoded_rows", "idle_s", "uptime_s")
     if not before or not after or any(k not in before or k not in after for k in keys):
         return {}
     d = {k: after[k] - before[k] for k in keys}
-    steps, prefills = d["steps"], d["prefill_steps"]
-    rows = after["mean_batch"] * after["steps"] - before["mean_batch"] * before["steps"]
-    prefill_s = (after["mean_prefill_step_ms"] * after["prefill_steps"]
-                 - before["mean_prefill_step_ms"] * before["prefill_steps"]) / 1e3
+    steps, prefills, rows, prefill_s = d["steps"], d["prefill_steps"], d["decoded_rows"], d["prefill_step_s"]
     return {
         "steps": steps, "steps_per_s": steps / d["uptime_s"] if d["uptime_s"] else 0.0,
         "mean_batch": rows / steps if steps else 0.0,

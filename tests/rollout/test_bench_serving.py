@@ -51,11 +51,11 @@ def test_quick_run_against_a_started_server(tmp_path, capsys):
 def test_server_delta_needs_both_snapshots():
     bench = _bench()
     snap = {"steps": 10, "prefill_steps": 2, "admitted": 4, "finished": 4, "generated_tokens": 40, "step_s": 0.1,
-            "idle_s": 0.5, "uptime_s": 1.0, "mean_batch": 4.0, "mean_prefill_step_ms": 20.0}
-    later = {**snap, "steps": 20, "prefill_steps": 3, "step_s": 0.3, "uptime_s": 2.0, "mean_batch": 3.0,
-             "mean_prefill_step_ms": 30.0}
+            "prefill_step_s": 0.04, "decoded_rows": 40, "idle_s": 0.5, "uptime_s": 1.0}
+    later = {**snap, "steps": 20, "prefill_steps": 3, "step_s": 0.3, "prefill_step_s": 0.09, "decoded_rows": 60,
+             "uptime_s": 2.0}
     d = bench.server_delta(snap, later)
-    assert d["steps"] == 10 and d["mean_batch"] == 2.0 and d["mean_prefill_step_ms"] == 50.0
+    assert d["steps"] == 10 and d["mean_batch"] == 2.0 and abs(d["mean_prefill_step_ms"] - 50.0) < 1e-9
     assert abs(d["mean_decode_only_step_ms"] - 1e3 * (0.2 - 0.05) / 9) < 1e-9
     assert bench.server_delta({}, later) == {} and bench.server_delta(snap, {"steps": 1}) == {}
 

@@ -128,7 +128,9 @@ class EngineWorker:
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: steps, prefill steps, admitted and finished requests, generated tokens, the mean
-        decode batch and step times (decode-only steps vs steps that also prefilled), busy and idle seconds."""
+        decode batch and step times (decode-only steps vs steps that also prefilled), busy and idle seconds, and the
+        totals behind those means (decoded rows, seconds in steps that prefilled), so a client can difference two
+        snapshots exactly."""
         st = _Stats(**vars(self._stats))  # a copy: the worker thread keeps counting
         decode_only = st.steps - st.prefill_steps
         return {
@@ -138,7 +140,8 @@ class EngineWorker:
             "mean_step_ms": 1e3 * st.step_s / st.steps if st.steps else 0.0,
             "mean_decode_only_step_ms": 1e3 * (st.step_s - st.prefill_step_s) / decode_only if decode_only else 0.0,
             "mean_prefill_step_ms": 1e3 * st.prefill_step_s / st.prefill_steps if st.prefill_steps else 0.0,
-            "step_s": st.step_s, "idle_s": st.idle_s, "uptime_s": time.monotonic() - self._started,
+            "step_s": st.step_s, "prefill_step_s": st.prefill_step_s, "decoded_rows": st.decoded_rows,
+            "idle_s": st.idle_s, "uptime_s": time.monotonic() - self._started,
             "max_hold_steps": self.admission.max_hold_steps,
         }
 
