@@ -192,12 +192,13 @@ class MoEBlock:
         if probe.router_spec is None or not router_kernel.fits(probe.router_spec, probe.correction_E,
                                                                probe.gate_up_EIH.device):
             return False
+        dev = probe.router_EH.device
         try:
-            logits = torch.zeros(2, self.num_experts, dtype=probe.router_EH.dtype, device=probe.router_EH.device)
+            logits = torch.zeros(2, self.num_experts, dtype=probe.router_EH.dtype, device=dev)
             router_kernel.route_align(probe.router_spec, logits, self._counts_E, block_m=16)
         except Exception as e:  # noqa: BLE001 - any triton build or launch error
             logger.warning("fused router kernel unavailable on %s (%s: %s); using the torch router",
-                           logits.device, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                           dev, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return False
         return True
 
