@@ -1,4 +1,5 @@
-"""Shared by the Triton kernel tests: run a script under Triton's CPU interpreter, compile a kernel for sm90."""
+"""Shared by the Triton kernel tests: run a script under Triton's CPU interpreter (with the GPU's bf16 semantics),
+compile a kernel for sm90."""
 
 from __future__ import annotations
 
@@ -36,3 +37,32 @@ def compile_sm90(kernel, types: dict[str, str], constexprs: dict) -> str:
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+def interpreter_with_gpu_bf16() -> None:
+    """Give Triton's CPU interpreter the GPU's bf16 semantics, which the kernels rely on: float32 -> bf16 rounds to
+    nearest even (the interpreter truncates) and `tl.dot` on bf16 tiles multiplies the values with a float32
+    accumulator (the interpreter multiplies the raw uint16 payloads). Only the interpreter is patched, not the kernels.
+    """
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    cast, dot = ti.InterpreterBuilder.cast_impl, ti.InterpreterBuilder.create_dot
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return ti.TensorHandle(bits.reshape(np.shape(src.data)), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def as_f32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    ti.InterpreterBuilder.cast_impl = cast_impl
+    ti.InterpreterBuilder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+    ti.InterpreterBuilder.create_dot = lambda self, a, b, d, *args: dot(self, as_f32(a), as_f32(b), d, *args)

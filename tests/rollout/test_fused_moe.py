@@ -72,34 +72,6 @@ def _ulps(a, b):
     return (ordered(a) - ordered(b)).abs()
 
 
-def _interpreter_with_gpu_bf16():
-    """Give Triton's CPU interpreter the GPU's bf16 semantics, which the kernels rely on: float32 -> bf16 rounds to
-    nearest even (the interpreter truncates) and `tl.dot` on bf16 tiles multiplies the values with a float32
-    accumulator (the interpreter multiplies the raw uint16 payloads). Only the interpreter is patched, not the kernels.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as ti
-
-    cast, dot = ti.InterpreterBuilder.cast_impl, ti.InterpreterBuilder.create_dot
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            bits = f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            return ti.TensorHandle(bits.reshape(np.shape(src.data)), tl.bfloat16)
-        return cast(self, src, dst_type)
-
-    def as_f32(h):
-        if h.dtype.scalar != tl.bfloat16:
-            return h
-        return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    ti.InterpreterBuilder.cast_impl = cast_impl
-    ti.InterpreterBuilder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
-    ti.InterpreterBuilder.create_dot = lambda self, a, b, d, *args: dot(self, as_f32(a), as_f32(b), d, *args)
-
-
 def _check_alignment(a, ids_TK, valid_T, E, BM):
     (T, K), R, n = ids_TK.shape, ids_TK.numel(), int(a.num_padded)
     assert n % BM == 0 and a.row_ids_M.shape[0] % BM == 0 and a.row_ids_M.shape[0] >= n
@@ -290,8 +262,9 @@ def test_triton_kernels_in_interpreter_match_loop():
 _INTERPRET_GPT_OSS = """
 import dataclasses, torch
 from r3rl.rollout import fused_moe as fm
-from test_fused_moe import _gpt_oss_problem, _per_row_loop, _ulps, _interpreter_with_gpu_bf16
-_interpreter_with_gpu_bf16()
+from _triton_util import interpreter_with_gpu_bf16
+from test_fused_moe import _gpt_oss_problem, _per_row_loop, _ulps
+interpreter_with_gpu_bf16()
 _empty = torch.empty
 def _nan_empty(*args, **kwargs):   # rows a kernel leaves unwritten must never be read (dropped (token, k) rows)
     t = _empty(*args, **kwargs)
@@ -347,7 +320,7 @@ print("ok")
 def test_triton_kernels_gpt_oss_and_bf16_rounding_in_interpreter():
     """GPT-OSS experts (biases, interleaved clamped GLU, padding rows, top-4) in float32 against HF's formula, and the
     bf16 rounding of both activations against its torch emulation, through Triton's interpreter (given the GPU's
-    bf16 semantics by `_interpreter_with_gpu_bf16`)."""
+    bf16 semantics by `_triton_util.interpreter_with_gpu_bf16`)."""
     run_interpreted(_INTERPRET_GPT_OSS)
 
 

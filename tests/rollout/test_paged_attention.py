@@ -103,8 +103,8 @@ _INTERPRET_QK = r"""
 import sys, torch
 from test_paged_attention import qk_case
 if sys.argv[1] == "bf16":
-    from test_fused_moe import _interpreter_with_gpu_bf16
-    _interpreter_with_gpu_bf16()
+    from _triton_util import interpreter_with_gpu_bf16
+    interpreter_with_gpu_bf16()
 dtype = torch.bfloat16 if sys.argv[1] == "bf16" else torch.float32
 for norm in (True, False):
     for R in (16, 8):   # full rotary; partial (GLM-4.5 rotates half of each head)

@@ -96,9 +96,9 @@ def odd_rows(device: str = "cpu") -> str:
 
 _INTERPRET = r"""
 import torch
-from test_fused_moe import _interpreter_with_gpu_bf16
+from _triton_util import interpreter_with_gpu_bf16
 from test_router_kernel import SPECS, compare, odd_rows
-_interpreter_with_gpu_bf16()   # float32 -> bf16 rounds to nearest even, as on the GPU
+interpreter_with_gpu_bf16()   # float32 -> bf16 rounds to nearest even, as on the GPU
 print(odd_rows())
 for name in SPECS:
     print(compare(name, T=19, E=64, K=8, dtype=torch.float32 if name == "scaled_fp32" else torch.bfloat16))

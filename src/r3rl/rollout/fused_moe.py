@@ -144,7 +144,7 @@ def align_block_size(ids_TK: torch.Tensor, num_experts: int, block_m: int,
     sorted_R, order_R = torch.sort(flat_R, stable=True)
     rank_R = torch.arange(R, device=dev) - start_E1[sorted_R]
     expert_R = sorted_R.clamp(max=E - 1)
-    num_blocks = (R + E * (block_m - 1) + block_m - 1) // block_m
+    num_blocks = _num_blocks(R, E, block_m)
     M = num_blocks * block_m
     dest_R = torch.where(sorted_R < E, padded_end_E[expert_R] - padded_E[expert_R] + rank_R, M)  # M: a dump slot
     row_ids_M = torch.full((M + 1,), R, dtype=torch.int32, device=dev)
@@ -181,7 +181,7 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
                          f"{residual_TH.dtype} {tuple(residual_TH.shape)}")
     if align is not None:
         bm = cfg.block_m
-        slots = (T * K + E * (bm - 1) + bm - 1) // bm * bm
+        slots = _num_blocks(T * K, E, bm) * bm
         if align.block_m != bm or align.row_ids_M.shape[0] != slots:
             raise ValueError(f"fused_moe: the alignment must be for this call's {T * K} rows in blocks of {bm} "
                              f"({slots} slots): got blocks of {align.block_m}, {align.row_ids_M.shape[0]} slots")
@@ -301,7 +301,7 @@ def align_counted(ids_TK: torch.Tensor, counts_E: torch.Tensor, block_m: int,
     launch. `r3rl.rollout.router_kernel` counts inside its routing kernel."""
     (T, K), E, dev = ids_TK.shape, counts_E.shape[0], ids_TK.device
     R = T * K
-    num_blocks = (R + E * (block_m - 1) + block_m - 1) // block_m
+    num_blocks = _num_blocks(R, E, block_m)
     ids_R = ids_TK.reshape(-1).contiguous()
     valid = valid_T if valid_T is not None else ids_R  # any pointer when HAS_VALID is False
     cursor_E = torch.empty(E, dtype=torch.int32, device=dev)
@@ -316,6 +316,11 @@ def align_counted(ids_TK: torch.Tensor, counts_E: torch.Tensor, block_m: int,
 
 
 _ALIGN_BLOCK = 1024  # rows per program of the count and place kernels
+
+
+def _num_blocks(rows: int, num_experts: int, block_m: int) -> int:
+    """Blocks of the alignment's static worst case: every row placed, each expert's group padded by block_m - 1."""
+    return (rows + num_experts * (block_m - 1) + block_m - 1) // block_m
 
 
 def _low_precision(x_TH: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ then merge with the kv heads into one batch dimension of a plain batched matmul.
 Routing capture writes the top-k ids of every (token, MoE layer) into `routes_NbLK` on the device, inside the forward
 (and inside the CUDA graph; on GPU inside the fused router kernel, through a layer's `RouteTarget`): no host sync per
 token. Rows are copied to the host once, when requests finish
-(`read`: one gather and one copy for all the requests that finish in a step); a sample that shares its prompt's
+(`read_later`: one gather and one copy for all the requests that finish in a step); a sample that shares its prompt's
 blocks reads the prompt's routing from them, so every trace covers its whole prompt. With capture off the engine
 holds a `NullRoutingCapture` instead, chosen once, so the forward never branches on a flag.
 
@@ -56,7 +56,8 @@ class TokenWhere:
         """Positions pos_P (= [0, P)) of slots rows_N. Positions past a slot's blocks (the padding of a right-padded
         prompt) land in the null block."""
         bs = table.block_size
-        return cls(table.table_SM[rows_N.unsqueeze(1), pos_P // bs], pos_P % bs)
+        return cls(table.table_SM[rows_N.unsqueeze(1), pos_P // bs],
+                   (pos_P % bs).expand(rows_N.shape[0], -1).contiguous())  # [N, P] once, not per layer
 
 
 @dataclass(frozen=True)
@@ -136,16 +137,12 @@ class RoutingCapture:
 
     def target(self, layer: int, where: TokenWhere) -> RouteTarget:
         """Where MoE layer `layer`'s top-k ids of the tokens at `where` go (flattened in the forward's token order)."""
-        blk = where.blk.reshape(-1)
-        return RouteTarget(self.routes_NbLK[:, :, layer], blk, where.off.expand_as(where.blk).reshape(-1))
-
-    def read(self, slots: list[int], num_rows: list[int]) -> list[RoutingTrace]:
-        """Traces of `slots`, each of its first `num_rows` positions (`read_later`, waited for at once)."""
-        return self.read_later(slots, num_rows)()
+        return RouteTarget(self.routes_NbLK[:, :, layer], where.blk.reshape(-1), where.off.reshape(-1))
 
     def read_later(self, slots: list[int], num_rows: list[int]) -> Callable[[], list[RoutingTrace]]:
-        """Queue the gather of `slots`' traces and their copy to the host now (before their blocks can be reused);
-        the returned function waits for the copy and builds the traces, so the host can do other work meanwhile.
+        """Traces of `slots`, each of its first `num_rows` positions: their gather and copy to the host are queued
+        now (before their blocks can be reused); the returned function waits for the copy and builds the traces, so
+        the host can do other work meanwhile.
         One gather and one device-to-host copy for all of them. Ids come from top-k (torch's, or the fused router's,
         which keeps a row's ids distinct and in range even on NaN scores), so the row invariants hold by
         construction and `RoutingTrace.from_ids`'s O(rows) check is skipped."""
@@ -189,9 +186,6 @@ class NullRoutingCapture:
 
     def target(self, layer: int, where: TokenWhere) -> None:
         return None
-
-    def read(self, slots: list[int], num_rows: list[int]) -> list[None]:
-        return [None] * len(slots)
 
     def read_later(self, slots: list[int], num_rows: list[int]) -> Callable[[], list[None]]:
         return lambda: [None] * len(slots)

@@ -174,17 +174,12 @@ class MoEBlock:
         # compile and run the kernels once on two tokens (the installed triton must build them for this GPU); a
         # failure falls back to grouped_mm with a warning rather than failing the first rollout
         dev, H = probe.gate_up_EIH.device, probe.gate_up_EIH.shape[2]
-        try:
-            fused_moe.fused_moe(torch.zeros(2, H, dtype=probe.gate_up_EIH.dtype, device=dev),
-                                torch.zeros(2, 1, dtype=torch.int64, device=dev),
-                                torch.ones(2, 1, dtype=probe.gate_up_EIH.dtype, device=dev), probe.gate_up_EIH,
-                                probe.down_EHI, gate_up_bias_EI=probe.gate_up_bias_EI, down_bias_EH=probe.down_bias_EH,
-                                act=self.expert_act, alpha=self.alpha, limit=self.limit)
-        except Exception as e:  # noqa: BLE001 - any triton build or launch error
-            logger.warning("fused MoE kernels unavailable on %s (%s: %s); using grouped_mm", dev, type(e).__name__,
-                           str(e).splitlines()[0] if str(e) else "")
-            return False
-        return True
+        return _kernel_trial("fused MoE kernels", "grouped_mm", dev, lambda: fused_moe.fused_moe(
+            torch.zeros(2, H, dtype=probe.gate_up_EIH.dtype, device=dev),
+            torch.zeros(2, 1, dtype=torch.int64, device=dev),
+            torch.ones(2, 1, dtype=probe.gate_up_EIH.dtype, device=dev), probe.gate_up_EIH, probe.down_EHI,
+            gate_up_bias_EI=probe.gate_up_bias_EI, down_bias_EH=probe.down_bias_EH, act=self.expert_act,
+            alpha=self.alpha, limit=self.limit))
 
     def _fused_router_fits(self, probe: MoEWeights) -> bool:
         """The router kernel computes this family's routing and builds for this GPU (run once on two tokens; a
@@ -193,14 +188,9 @@ class MoEBlock:
                                                                probe.gate_up_EIH.device):
             return False
         dev = probe.router_EH.device
-        try:
-            logits = torch.zeros(2, self.num_experts, dtype=probe.router_EH.dtype, device=dev)
-            router_kernel.route_align(probe.router_spec, logits, self._counts_E, block_m=16)
-        except Exception as e:  # noqa: BLE001 - any triton build or launch error
-            logger.warning("fused router kernel unavailable on %s (%s: %s); using the torch router",
-                           dev, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            return False
-        return True
+        return _kernel_trial("fused router kernel", "the torch router", dev, lambda: router_kernel.route_align(
+            probe.router_spec, torch.zeros(2, self.num_experts, dtype=probe.router_EH.dtype, device=dev),
+            self._counts_E, block_m=16))
 
     def _expert_mlp_grouped(self, x_RH, sorted_R, w: MoEWeights) -> torch.Tensor:
         ends_E = torch.searchsorted(sorted_R, self._expert_ends_E, out_int32=True)  # on device: graph-safe
@@ -235,6 +225,18 @@ class MoEBlock:
             logger.warning("grouped_mm is unavailable for %s on %s (%s); using the per-expert loop and no CUDA "
                            "graphs", x_RH.dtype, x_RH.device, str(e).splitlines()[0])
             return False
+
+
+def _kernel_trial(what: str, fallback: str, device: torch.device, run: Callable[[], object]) -> bool:
+    """Run a Triton kernel once (the installed triton must build it for this GPU); False, with a warning, on any
+    build or launch error, so the engine falls back rather than failing its first rollout."""
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - any triton build or launch error
+        logger.warning("%s unavailable on %s (%s: %s); using %s", what, device, type(e).__name__,
+                       str(e).splitlines()[0] if str(e) else "", fallback)
+        return False
+    return True
 
 
 def _plus(residual_TH: torch.Tensor | None, out_TH: torch.Tensor) -> torch.Tensor:
