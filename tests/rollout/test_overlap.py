@@ -8,8 +8,8 @@ updates in flight, and leave no block behind.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from _outputs import same_output
 
 from r3rl.models.presets import make_model
 from r3rl.rollout import EngineRequest, RolloutEngine, SamplingParams
@@ -30,11 +30,7 @@ def _requests(n=7, *, stop_every=3, seed0=0):
             for i in range(n)]
 
 
-def _same(a, b):
-    assert (a.request_id, a.finish_reason) == (b.request_id, b.finish_reason)
-    assert a.output_ids == b.output_ids, (a.request_id, a.output_ids, b.output_ids)
-    assert a.output_logprobs == b.output_logprobs, a.request_id
-    np.testing.assert_array_equal(a.trace.expert_ids, b.trace.expert_ids)
+_same = same_output
 
 
 def _both(model, reqs, **cfg):

@@ -133,6 +133,7 @@ class RolloutEngine:
         self._inflight: _Inflight | None = None  # a decode step launched and not yet read back (overlap schedule)
         self._next_plan: tuple[SamplingMode, int] | None = None  # the next launch's, prepared while the device works
         self._ready: list[EngineOutput] = []  # finished while draining (abort, update_weights): the next step's
+        self._mode: SamplingMode | None = None  # the running slots' sampling mode; None when they changed
         logger.info(
             "rollout engine: %s, %d MoE layers, %d experts, top-%d, slots=%d, max_seq_len=%d, device=%s, dtype=%s, "
             "moe=%s, cuda_graph=%s, overlap=%s, batch_invariant=%s, kv_cache=%.1f MiB (%d tokens, blocks of %d), "
@@ -244,8 +245,9 @@ class RolloutEngine:
                                            torch.full((N,), P, device=self.device), self._arange_P[:N], self.kv,
                                            self.routes, self.state)
                         done["prefills"] += 1
-            if cfg.use_cuda_graph and (cfg.batch_invariant or self.model.decodes_in_place(self.kv)):
-                T, before = self.table.max_blocks * self.table.block_size, len(self._graphs)
+            T = self._fixed_decode_T()
+            if cfg.use_cuda_graph and T is not None:
+                before = len(self._graphs)
                 for mode in modes:
                     for B in self._graphs.buckets:
                         for masked in (True, False):
@@ -278,7 +280,7 @@ class RolloutEngine:
         self._inflight, self._next_plan, self._ready = None, None, []  # a launched step's writes are overwritten
         self._waiting.clear()
         self._preempted.clear()
-        self._slots = []
+        self._slots, self._mode = [], None
         self._pos_S.zero_()
         if self.table is not None:
             self.table.reset()
@@ -343,6 +345,7 @@ class RolloutEngine:
         if groups:
             slot0 = len(self._slots)
             self._slots += [r for g in groups for r in g]
+            self._mode = None
             self._prefill(slot0, groups)
             finished += self._release_finished()
         if self._slots:
@@ -441,7 +444,7 @@ class RolloutEngine:
         # freed tail slots become CUDA-graph padding rows: position 0, so decode attention does not walk the stale
         # length of the request that left them
         self._pos_S[keep : len(self._slots)] = 0
-        self._slots = slots
+        self._slots, self._mode = slots, None
 
     # --- private: admission and KV blocks -------------------------------------------------------------------------
     def _admit(self) -> list[list[_Running]]:
@@ -456,12 +459,12 @@ class RolloutEngine:
             return []
         # one block of headroom for every request that will still grow, so that an admission does not force the
         # next decode step to preempt (with the default pool, every slot's longest sequence fits and this never binds)
-        reserve = sum(self._grows(r.req, table.num_blocks_of(i)) for i, r in enumerate(self._slots))
+        reserve = self._headroom()
         groups: dict[tuple[int, ...], list[_Running]] = {}
         while room > 0 and (self._preempted or self._waiting):
             queue = self._preempted or self._waiting
             head = queue[0]
-            req = head.req if isinstance(head, _Running) else head
+            req = _request(head)
             key = tuple(req.input_ids)
             need = (1 if len(key) % bs else 0) if key in groups else blocks_for(len(key), bs)
             grow = self._grows(req, blocks_for(len(key), bs))
@@ -488,6 +491,11 @@ class RolloutEngine:
         table.sync()
         return [g for _, g in ordered]
 
+    def _headroom(self) -> int:
+        """Blocks the running requests may still claim: one for each that will still grow (`_admit` keeps them)."""
+        held = self.table.num_blocks_of
+        return sum(self._grows(r.req, held(i)) for i, r in enumerate(self._slots))
+
     def _grows(self, req: EngineRequest, held: int) -> int:
         """1 when a request holding `held` blocks will need another before it can finish."""
         return int(blocks_for(len(req.input_ids) + req.sampling.max_new_tokens, self.table.block_size) > held)
@@ -497,7 +505,8 @@ class RolloutEngine:
         whose tokens the host has not read back yet); when too few are free, the newest requests (the last slots)
         are preempted until the others fit, or, with `preempt` False, nothing is reserved and False is returned."""
         table, bs = self.table, self.table.block_size
-        need = [i for i, r in enumerate(self._slots) if (r.next_pos + ahead) // bs >= table.num_blocks_of(i)]
+        held = table.num_blocks_of
+        need = [i for i, r in enumerate(self._slots) if (r.next_pos + ahead) // bs >= held(i)]
         if len(need) > table.num_free and not preempt:
             return False
         while len(need) > table.num_free:  # terminates: one request alone always fits (BlockTable checks)
@@ -589,13 +598,12 @@ class RolloutEngine:
         queue = self._preempted or self._waiting
         if not queue or len(self._slots) >= self.config.max_slots:
             return False
-        req = queue[0].req if isinstance(queue[0], _Running) else queue[0]
+        req = _request(queue[0])
         held = blocks_for(len(req.input_ids), self.table.block_size)
         need, free = held + self._grows(req, held), self.table.num_free
         if need + len(self._slots) <= free:  # fits whatever the running requests still claim (one block each)
             return True
-        return need <= free and need + sum(self._grows(r.req, self.table.num_blocks_of(i))
-                                           for i, r in enumerate(self._slots)) <= free
+        return need + self._headroom() <= free
 
     def _plan(self, *, ahead: int) -> tuple[SamplingMode, int] | None:
         """(sampling mode, attention length) of the next decode of the running slots, their blocks reserved;
@@ -605,17 +613,23 @@ class RolloutEngine:
             return None
         if ahead and not self._reserve_decode_blocks(ahead, preempt=False):
             return None
-        cfg = self.config
-        mode = SamplingMode.for_params([r.req.sampling for r in self._slots])
-        bs, max_T = self.table.block_size, self.table.max_blocks * self.table.block_size
-        if cfg.batch_invariant:
-            T = max_T  # attention over the whole context: its shape must not depend on other rows
-        elif self.model.decodes_in_place(self.kv):
-            T = max_T  # the kernel reads each row's own length; T would only multiply the CUDA graphs
-        else:  # a power of two (few graphs), in whole KV blocks
+        if self._mode is None:  # recomputed only when the running requests change
+            self._mode = SamplingMode.for_params([r.req.sampling for r in self._slots])
+        T = self._fixed_decode_T()
+        if T is None:  # a power of two (few graphs), in whole KV blocks
             longest = max(r.next_pos for r in self._slots) + ahead
-            T = min(blocks_for(next_power_of_two(longest + 1, minimum=64, maximum=cfg.max_seq_len), bs) * bs, max_T)
-        return mode, T
+            bs, max_len = self.table.block_size, self.config.max_seq_len
+            T = min(blocks_for(next_power_of_two(longest + 1, minimum=64, maximum=max_len), bs) * bs,
+                    self.table.max_blocks * bs)
+        return self._mode, T
+
+    def _fixed_decode_T(self) -> int | None:
+        """The attention length of every decode step when it does not depend on the rows (the whole context), else
+        None: batch-invariant (a row's shapes must not depend on other rows), or decode attention that reads each
+        row's own length in place (T would only multiply the CUDA graphs)."""
+        if self.config.batch_invariant or self.model.decodes_in_place(self.kv):
+            return self.table.max_blocks * self.table.block_size
+        return None
 
     def _launch(self, mode: SamplingMode, T: int) -> _Inflight:
         """One decode step of the running slots, queued on the device with the copy of its outputs to the host."""
@@ -678,6 +692,11 @@ class RolloutEngine:
             self.state.restore(snapshot)
 
         return self._graphs.get((B, T, mode, masked), run)
+
+
+def _request(queued: EngineRequest | _Running) -> EngineRequest:
+    """The request of a queue entry (waiting: the request; preempted: its running state)."""
+    return queued.req if isinstance(queued, _Running) else queued
 
 
 @dataclass
