@@ -33,7 +33,7 @@ def test_check_passes_with_r3_and_writes_the_report(tmp_path):
     assert rep["counts"]["checks"] == rep["counts"]["replay_forward"] + rep["counts"]["replay_backward"]
     assert len(rep["layers"]) == 4 and all(layer["zero_overlap"] == 0 for layer in rep["layers"])
     assert set(rep["layers"][0]) == {"layer", "tokens", "zero_overlap", "exact_match", "mean_overlap"}
-    assert rep["with_replay"]["routing_mismatch"] == 0.0
+    assert rep["with_replay"]["routing_mismatch"] == 0.0 and 0.0 <= rep["with_replay"]["router_live_mismatch"] <= 1.0
     assert set(rep["without_replay"]) == {"routing_mismatch", "mean_abs_logprob_diff", "k3_kl"}
     assert "R3 wrapper: replay_backward branch taken (rank 0, n_tokens=80, topk=4" in proc.stderr
     assert "R3 check (rank 0, stage replay_forward): n_tokens=" in proc.stderr
@@ -46,6 +46,7 @@ def test_check_fails_with_injected_fault(tmp_path, fault):
     assert proc.returncode == 1
     assert rep["verdict"] == "fail" and rep["reason"].startswith("R3 mismatch tokens (")
     assert sum(layer["zero_overlap"] for layer in rep["layers"]) > 0
+    assert rep["with_replay"]["routing_mismatch"] > 0  # read at the experts' inputs, against the trace as received
     assert "R3 mismatch (rank 0" in proc.stderr  # offending tokens shown before the failure
 
 

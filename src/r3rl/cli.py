@@ -196,6 +196,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-max-response-len", type=int, default=12)
     g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
+    g.add_argument("--rollout-dtype", default="bfloat16",
+                   help="in-process engine's dtype, apart from --dtype (production: a bf16 rollout against fp32 "
+                        "master weights; each weight sync casts into it): bfloat16 | float32 | float16 | same "
+                        "(= --dtype)")
     g.add_argument("--rollout-kv-cache-tokens", type=int, default=None,
                    help="in-process engine: KV cache capacity in tokens (default: every slot at its longest)")
     g.add_argument("--weight-sync", choices=["disk", "nccl", "gloo"], default="disk",
@@ -294,6 +298,12 @@ def train_config_from_args(args: argparse.Namespace):
     resolve_dtype(dtype)
     _check_output_path("--run-dir", str(Path(args.run_dir) / "metrics.jsonl"))
     resolve_threshold(args.r3_check_threshold)
+    rollout_dtype = None if args.rollout_dtype == "same" else args.rollout_dtype
+    if rollout_dtype is not None:
+        try:
+            resolve_dtype(rollout_dtype)
+        except ValueError as e:
+            raise ValueError(f"--rollout-dtype: {e} (or same)") from None
     return TrainConfig(
         replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
@@ -302,6 +312,7 @@ def train_config_from_args(args: argparse.Namespace):
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, rollout_kv_cache_tokens=args.rollout_kv_cache_tokens,
+        rollout_dtype=rollout_dtype,
         release_rollout_memory=args.release_rollout_memory,
         max_staleness=args.max_staleness, stale_samples=StalePolicy(args.stale_samples),
         weight_sync=args.weight_sync, weight_sync_address=args.weight_sync_address,

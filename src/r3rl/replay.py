@@ -176,11 +176,12 @@ class RoutingReplay:
                 self._recording = None
 
     @contextlib.contextmanager
-    def replay(self, batch: ReplayBatch, *, capture: Recording | None = None) -> Iterator[None]:
+    def replay(self, batch: ReplayBatch, *, live: Recording | None = None) -> Iterator[None]:
         """Replay `batch` (`[N, L, K]` in the forward's token order) in every forward and recompute inside.
 
-        `capture`: also record the experts each first-pass forward used (replayed ids, pad slots filled), e.g. to
-        measure routing mismatch against a trace from what the forward really did."""
+        `live`: also record, per first-pass call, the live router's top-k that the replay overrode (from the scores
+        the adapter computed anyway: no second router run), e.g. to measure what R3 removed (`router_live_mismatch`).
+        What the experts really used is read elsewhere, at their inputs (`r3rl.experts_tap`), never from here."""
         if batch.num_layers != self.num_layers or batch.top_k != self.top_k or batch.num_experts != self.num_experts:
             raise RoutingReplayError(
                 f"replay batch does not fit {type(self.model).__name__}: got (layers, top_k, experts)="
@@ -194,7 +195,7 @@ class RoutingReplay:
             self._context_id += 1
             self._model_checkpoints = self._checkpointing_enabled()
             self._batch = batch.to(device)
-            self._recording = capture
+            self._recording = live
             if self.check is not None:
                 self.check.to(device)  # counters on the model's device before any call: all-reducible on every rank
             try:
@@ -296,7 +297,7 @@ class RoutingReplay:
         elif stage is Stage.REPLAY_FORWARD and self._recompute_may_follow():
             track = True
         replay_TK = batch.expert_ids[:, layer, :]
-        check, capture = self.check, self._recording
+        check, live = self.check, self._recording
 
         def select(probs_TE: torch.Tensor) -> torch.Tensor:
             probs_TE = probs_TE.detach()  # selection is not differentiable: keep it out of the autograd graph
@@ -304,7 +305,8 @@ class RoutingReplay:
             # The live top-k reuses the scores the adapter computed (no second router): the check compares with
             # it, and rows that are all pad take it as is.
             shortcut = batch.has_pad and not batch.partial_pad
-            live_TK = torch.topk(probs_TE, K, dim=-1).indices if check is not None or shortcut else None
+            want_live = check is not None or shortcut or (live is not None and stage is Stage.REPLAY_FORWARD)
+            live_TK = torch.topk(probs_TE, K, dim=-1).indices if want_live else None
             valid_TK = replay_TK != batch.pad_value if batch.has_pad else None
             if valid_TK is None:
                 ids_TK = replay_TK
@@ -314,8 +316,8 @@ class RoutingReplay:
                 ids_TK = torch.where(valid_TK, replay_TK, live_TK)
             if check is not None:
                 check.observe(stage, layer, live_TK, ids_TK, valid_TK)
-            if capture is not None and stage is Stage.REPLAY_FORWARD:
-                capture.ids_per_layer[layer].append(ids_TK)
+            if live is not None and stage is Stage.REPLAY_FORWARD:
+                live.ids_per_layer[layer].append(live_TK)
             return ids_TK
 
         out = routed_forward(site, hidden, select)

@@ -12,7 +12,10 @@ Flow (one step of an RL update, minus the optimizer):
       replay, so the recompute during backward replays too (stage replay_backward);
   (c) the check's summary (evidence lines), the metrics with and without replay, and the verdict into the report.
 `--inject-fault shift|permute-layers` corrupts the trace before replay: the negative control, which must fail.
-The experts actually used are read by hooks on the experts modules, not from the replay code under test.
+The experts actually used are read at the experts modules' inputs (`r3rl.experts_tap`), not from the replay code
+under test, and counted against the rollout trace with the one definition `r3rl train` uses
+(`r3rl.train.metrics.routing_mismatch_counts`). Under replay, `router_live_mismatch` is what the live router would
+have chosen against the rollout trace: what the replay removed.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from transformers import DynamicCache
 
 from r3rl.check import CheckSummary, ReplayCheck, Stage, resolve_threshold
 from r3rl.config import CheckRunConfig, Fault, ReplayKind, RolloutKind
+from r3rl.experts_tap import ExpertsTap
 from r3rl.faults import corrupt_ids
 from r3rl.models import load_model, resolve_dtype
 from r3rl.models.loading import cache_kwargs, set_activation_checkpointing
 from r3rl.models.presets import make_model
-from r3rl.replay import RoutingReplay
+from r3rl.replay import Recording, RoutingReplay
 from r3rl.sample import Sample
 from r3rl.trace import ReplayBatch, RoutingTrace
 from r3rl.train.data import layout_padded
+from r3rl.train.metrics import routing_mismatch_per_layer
 
 __all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_hf_kv_cache"]
 
@@ -136,8 +141,6 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     rollout_logp_BR = torch.tensor([s.rollout_logprobs for s in samples], dtype=torch.float64)
     traces = [s.trace for s in samples]
     lengths = [s.num_tokens for s in samples]
-    rollout_ids_BSLK = layout_padded(traces, seq_len=P + R, lengths=lengths).expert_ids.view(
-        B, P + R, replay.num_layers, -1)
 
     threshold = resolve_threshold(rcfg.r3_check_threshold)
     report: dict = {"verdict": "fail", "threshold": threshold, "replay_mode": rcfg.kind.value,
@@ -145,9 +148,10 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
                     "model": cfg.model or f"preset:{cfg.preset}", "rollout": cfg.rollout.value,
                     "device": str(cfg.device), "dtype": cfg.dtype,
                     "batch_size": B, "prompt_len": P, "response_len": R}
+    tap, E = ExpertsTap(model), replay.num_experts
     with torch.no_grad(), replay.off():
-        live = _forward(model, tokens_BS, P)
-    report["without_replay"] = _metrics(live, rollout_ids_BSLK, rollout_logp_BR, P)
+        live = _forward(model, tap, tokens_BS, P)
+    report["without_replay"] = _metrics(live, traces, lengths, rollout_logp_BR, E)
 
     if rcfg.kind is ReplayKind.NONE:
         report.update(reason="no replay mode enabled (--use-rollout-routing-replay or --use-routing-replay): nothing "
@@ -156,17 +160,18 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
 
     if rcfg.kind is ReplayKind.R3:
         batch = layout_padded(traces, seq_len=P + R, lengths=lengths)
-        target_BSLK, target_rows = rollout_ids_BSLK, P + R - 1  # the last token has no rollout row
+        targets, drop_last = traces, 1  # the last token has no rollout row
     else:  # R2: the old-policy forward records, the update replays
         with torch.no_grad(), replay.record() as rec:
             model(tokens_BS, use_cache=False)
         batch = rec.batch()
-        target_BSLK, target_rows = batch.expert_ids.view(B, P + R, replay.num_layers, -1).cpu(), P + R
+        targets, drop_last = _traces(batch.expert_ids.view(B, P + R, replay.num_layers, -1), lengths, 0, E), 0
     batch = inject_fault(batch, cfg.inject_fault, B)
 
     reason = None
-    with torch.no_grad(), replay.replay(batch):
-        replayed = _forward(model, tokens_BS, P)
+    live_rec = Recording(replay.num_layers, E)  # the live top-k that the replay overrode
+    with torch.no_grad(), replay.replay(batch, live=live_rec):
+        replayed = _forward(model, tap, tokens_BS, P)
     set_activation_checkpointing(model, True, context_fn=replay.checkpoint_context_fn)
     model.train()
     try:
@@ -184,8 +189,10 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
         except AssertionError as e:
             reason, summary = str(e), check.last_summary
             logger.error("R3 check failed: %s", e)
-    report["with_replay"] = _metrics(replayed, rollout_ids_BSLK, rollout_logp_BR, P)
-    report["replay_target_mismatch"] = _set_mismatch(replayed.used_BSLK[:, :target_rows], target_BSLK[:, :target_rows])
+    report["with_replay"] = _metrics(replayed, traces, lengths, rollout_logp_BR, E)
+    live_BSLK = live_rec.batch().expert_ids.view(B, P + R, replay.num_layers, -1)
+    report["with_replay"]["router_live_mismatch"] = _mismatch(traces, _traces(live_BSLK, lengths, 1, E))
+    report["replay_target_mismatch"] = _mismatch(targets, _traces(replayed.used_BSLK, lengths, drop_last, E))
     report["counts"] = _counts(calls, summary)
     report["tokens_checked"] = summary.tokens_checked if summary else 0
     report["layers"] = [vars(layer) for layer in summary.layers] if summary else []
@@ -193,33 +200,31 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     return _finish(cfg, report)
 
 
-def _forward(model: nn.Module, tokens_BS: torch.Tensor, prompt_len: int) -> _ForwardResult:
-    used: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: used.append(args[1].detach()))
-             for name, m in model.named_modules() if name.endswith("mlp.experts")]
-    try:
+def _forward(model: nn.Module, tap: ExpertsTap, tokens_BS: torch.Tensor, prompt_len: int) -> _ForwardResult:
+    with tap.reading() as used:  # what the experts modules received
         logits = model(tokens_BS, use_cache=False).logits
-    finally:
-        for h in hooks:
-            h.remove()
     B, S = tokens_BS.shape
     logp_BR = torch.log_softmax(logits[:, prompt_len - 1 : -1].double(), -1).gather(-1, tokens_BS[:, prompt_len:, None])
-    used_BSLK = torch.stack([u.view(B, S, -1) for u in used], dim=2)
-    return _ForwardResult(logp_BR.squeeze(-1).cpu(), used_BSLK.cpu())
+    return _ForwardResult(logp_BR.squeeze(-1).cpu(), used.ids().view(B, S, tap.num_layers, -1))
 
 
-def _metrics(fwd: _ForwardResult, rollout_BSLK: torch.Tensor, rollout_logp_BR: torch.Tensor, prompt_len: int) -> dict:
-    rows = rollout_BSLK.shape[1] - 1  # the last token has no rollout row
-    mismatch = _set_mismatch(fwd.used_BSLK[:, :rows], rollout_BSLK[:, :rows])
+def _metrics(fwd: _ForwardResult, traces: list[RoutingTrace], lengths: list[int], rollout_logp_BR: torch.Tensor,
+             num_experts: int) -> dict:
+    mismatch = _mismatch(traces, _traces(fwd.used_BSLK, lengths, 1, num_experts))  # the last token: no rollout row
     log_ratio = fwd.logprobs_BR - rollout_logp_BR  # log p_train / p_rollout on rollout samples
     k3 = (log_ratio.exp() - 1 - log_ratio).mean().item()
     return {"routing_mismatch": mismatch, "mean_abs_logprob_diff": log_ratio.abs().mean().item(), "k3_kl": k3}
 
 
-def _set_mismatch(a_BSLK: torch.Tensor, b_BSLK: torch.Tensor) -> float:
-    """Fraction of (token, layer) whose expert sets differ."""
-    a, b = a_BSLK.long().sort(-1).values, b_BSLK.long().sort(-1).values
-    return (a != b).any(-1).double().mean().item()
+def _traces(ids_BSLK: torch.Tensor, lengths: list[int], drop_last: int, num_experts: int) -> list[RoutingTrace]:
+    """Per-sample traces of the first `length - drop_last` rows of a right-padded `[B, S, L, K]` forward."""
+    return [RoutingTrace.from_ids(ids_BSLK[b, : n - drop_last].cpu(), num_experts) for b, n in enumerate(lengths)]
+
+
+def _mismatch(reference: list[RoutingTrace], used: list[RoutingTrace]) -> float:
+    """Fraction of (token, layer) rows whose expert sets differ (the shared definition), mean over MoE layers."""
+    per_layer = routing_mismatch_per_layer(reference, used)
+    return sum(per_layer) / len(per_layer) if per_layer else 0.0
 
 
 def _counts(calls: dict[Stage, list[int]], summary: CheckSummary | None) -> dict:

@@ -9,6 +9,10 @@ that at least one run has:
     logprob_diff.png                 train_rollout_logprob_abs_diff          (log y)
     routing_mismatch.png             routing_mismatch, mean over MoE layers  (log y; symlog when a run has zeros,
                                                                               which is what R3 gives)
+    router_live_mismatch.png         router_live_mismatch: the live router's choice vs the rollout trace (what R3
+                                                                              removes; logged with and without R3)
+    extreme_tokens.png               train_rollout_extreme_frac              (symlog y)
+    logprob_diff_p99.png             train_rollout_logprob_abs_diff_p99      (log y)
     training.png                     ppo_kl, grad_norm, response_len_mean    (one panel each)
     routing_mismatch_heatmap_<label>.png   per run: routing_mismatch_per_layer, MoE layer x step (one colour
                                            scale shared by all the runs given)
@@ -36,6 +40,12 @@ _CURVES = [  # (file, metric, title, y label)
      "mean |log p_train - log p_rollout|"),
     ("routing_mismatch.png", "routing_mismatch", "routing mismatch (training vs rollout trace)",
      "fraction of (token, layer) with a different expert set"),
+    ("router_live_mismatch.png", "router_live_mismatch", "live router vs rollout trace (what R3 removes)",
+     "fraction of (token, layer) with a different expert set"),
+    ("extreme_tokens.png", "train_rollout_extreme_frac", "extreme tokens: |log p_train - log p_rollout| > ln 2",
+     "fraction of response tokens"),
+    ("logprob_diff_p99.png", "train_rollout_logprob_abs_diff_p99", "train-rollout |log-prob difference|, p99",
+     "p99 of |log p_train - log p_rollout|"),
 ]
 _TRAINING = [("ppo_kl", "PPO KL"), ("grad_norm", "grad norm"), ("response_len_mean", "response length")]
 

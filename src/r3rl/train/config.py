@@ -75,6 +75,10 @@ class TrainConfig:
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
     rollout_max_response_len: int = 12
+    rollout_dtype: str | None = "bfloat16"
+    """In-process engine: its parameter dtype, apart from the trainer's `dtype`, as in production (SGLang/vLLM serve
+    bf16, the trainer keeps fp32 master weights): every weight sync casts the trainer's tensors into it, so the
+    rollout's routing and log-probs really differ from the training forward's (what R3 removes). None: `dtype`."""
     rollout_max_slots: int = 128
     """In-process engine: sequences decoded together."""
     rollout_kv_cache_tokens: int | None = None

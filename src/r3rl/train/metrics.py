@@ -1,14 +1,21 @@
 """Step metrics: train-rollout consistency numbers, the per-layer routing mismatch, and where they are written.
 
     routing_mismatch_per_layer(rollout_traces, used_traces)  fraction of (token, layer) whose expert *sets* differ
-    train_rollout_metrics(train_logp_T, rollout_logp_T)       |log-prob diff| and the k3 KL estimate
+    RoutingMismatch()                                        the same counts summed over a step's forwards
+    train_rollout_metrics(train_logp_T, rollout_logp_T)       |log-prob diff|, its p99, extreme-token fraction, k3 KL
     MetricsWriter(run_dir)                                   metrics.jsonl (one line per step) + TensorBoard events
 
-The routing mismatch is measured whether or not R3 is on: the experts the training forward used against the ones
-the rollout recorded. It is the number R3 drives to zero.
+Routing mismatch has one definition (`routing_mismatch_counts`), used by `r3rl train` and `r3rl check`, and two
+readings, both against the rollout trace as received (before any `--inject-fault`), in every replay mode:
+  routing_mismatch      the experts each training forward really used, read at the experts modules' inputs
+                        (`r3rl.experts_tap`): 0 under R3 when replay works, > 0 when it does not or without replay;
+  router_live_mismatch  what the live router would have chosen (under R3: the live top-k the replay overrode): what
+                        R3 removed. Without replay both readings are the same routing.
 
 `train_rollout_k3_kl` estimates KL(rollout || train) per token with k3 = exp(r) - 1 - r, r = log p_train - log
-p_rollout, averaged over response tokens; `train_rollout_logprob_abs_diff` is mean |r| (slime's name).
+p_rollout, averaged over response tokens; `train_rollout_logprob_abs_diff` is mean |r| (slime's name),
+`train_rollout_logprob_abs_diff_p99` its 99th percentile, `train_rollout_extreme_frac` the fraction of tokens with
+|r| > ln 2 (AReaL's extreme-token fraction).
 """
 
 from __future__ import annotations
@@ -24,15 +31,18 @@ import torch
 
 from r3rl.trace import RoutingTrace
 
-__all__ = ["routing_mismatch_per_layer", "train_rollout_metrics", "MetricsWriter", "RunSummary"]
+__all__ = ["routing_mismatch_counts", "routing_mismatch_per_layer", "RoutingMismatch", "train_rollout_metrics",
+           "MetricsWriter", "RunSummary"]
 
 logger = logging.getLogger(__name__)
 
 
-def routing_mismatch_per_layer(rollout: Sequence[RoutingTrace | None], used: Sequence[RoutingTrace]) -> list[float]:
-    """Per MoE layer, the fraction of traced (token, layer) rows whose expert set differs between the rollout's
-    trace and the experts the training forward used. Rows that are pad in the rollout trace are not counted."""
-    diff = tokens = None
+def routing_mismatch_counts(rollout: Sequence[RoutingTrace | None],
+                            used: Sequence[RoutingTrace]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per MoE layer: (rows whose expert *set* differs, rows counted) between each sample's rollout trace and the
+    experts a forward used for it. Rows that are pad in the rollout trace are not counted; None without any trace.
+    The one definition of routing mismatch: `r3rl train` and `r3rl check` both count with it."""
+    diff = rows = None
     for b, (ref, got) in enumerate(zip(rollout, used, strict=True)):
         if ref is None:
             continue
@@ -44,16 +54,51 @@ def routing_mismatch_per_layer(rollout: Sequence[RoutingTrace | None], used: Seq
         counted = ~ref.pad_mask().any(-1)  # [rows, layers]
         d = ((a != c).any(-1) & counted).sum(0)
         n = counted.sum(0)
-        diff, tokens = (d, n) if diff is None else (diff + d, tokens + n)
-    if diff is None:
-        return []
-    return [float(x) / max(int(t), 1) for x, t in zip(diff, tokens, strict=True)]
+        diff, rows = (d, n) if diff is None else (diff + d, rows + n)
+    return None if diff is None else (diff, rows)
+
+
+def routing_mismatch_per_layer(rollout: Sequence[RoutingTrace | None], used: Sequence[RoutingTrace]) -> list[float]:
+    """Per MoE layer, the fraction of traced (token, layer) rows whose expert set differs between the rollout's
+    trace and the experts a forward used (`routing_mismatch_counts`)."""
+    counts = routing_mismatch_counts(rollout, used)
+    return [] if counts is None else _fractions(*counts)
+
+
+class RoutingMismatch:
+    """`routing_mismatch_counts` summed over several forwards of a step (the old-policy forward and each update)."""
+
+    def __init__(self) -> None:
+        self.diff: np.ndarray | None = None
+        self.rows: np.ndarray | None = None
+
+    def add(self, rollout: Sequence[RoutingTrace | None], used: Sequence[RoutingTrace]) -> None:
+        counts = routing_mismatch_counts(rollout, used)
+        if counts is not None:
+            self.diff, self.rows = counts if self.diff is None else (self.diff + counts[0], self.rows + counts[1])
+
+    def metrics(self, name: str) -> dict:
+        """`{name: mean over layers, name_per_layer: [...]}` (0.0 and [] when nothing was traced)."""
+        per_layer = [] if self.diff is None else _fractions(self.diff, self.rows)
+        return {name: sum(per_layer) / len(per_layer) if per_layer else 0.0, f"{name}_per_layer": per_layer}
+
+
+def _fractions(diff: np.ndarray, rows: np.ndarray) -> list[float]:
+    return [float(x) / max(int(t), 1) for x, t in zip(diff, rows, strict=True)]
+
+
+EXTREME_LOG_RATIO = math.log(2.0)
 
 
 def train_rollout_metrics(train_logp_T: torch.Tensor, rollout_logp_T: torch.Tensor) -> dict[str, float]:
-    r = (train_logp_T.double().cpu() - rollout_logp_T.double().cpu())
-    return {"train_rollout_logprob_abs_diff": r.abs().mean().item(),
-            "train_rollout_k3_kl": (r.exp() - 1 - r).mean().item()}
+    """Over response tokens, r = log p_train - log p_rollout: mean |r|, the k3 KL, the fraction with |r| > ln 2
+    (AReaL's extreme tokens: the probability ratio outside [1/2, 2]) and the 99th percentile of |r|."""
+    r = train_logp_T.double().cpu() - rollout_logp_T.double().cpu()
+    a = r.abs()
+    return {"train_rollout_logprob_abs_diff": a.mean().item(),
+            "train_rollout_k3_kl": (r.exp() - 1 - r).mean().item(),
+            "train_rollout_extreme_frac": (a > EXTREME_LOG_RATIO).double().mean().item(),
+            "train_rollout_logprob_abs_diff_p99": torch.quantile(a, 0.99).item() if a.numel() else 0.0}
 
 
 class MetricsWriter:
@@ -99,10 +144,13 @@ class RunSummary:
         self.zero_overlap: dict[str, int] = {}
         self.failed_steps: list[int] = []
         self.routing_mismatch: list[float] = []
+        self.router_live_mismatch: list[float] = []
 
     def add(self, metrics: dict) -> None:
         self.steps += 1
         self.routing_mismatch.append(metrics["routing_mismatch"])
+        if "router_live_mismatch" in metrics:
+            self.router_live_mismatch.append(metrics["router_live_mismatch"])
         for key, value in metrics.items():
             if key.startswith("r3_check_replay_") and key.endswith("_tokens"):
                 stage = key[len("r3_check_"):-len("_tokens")]
@@ -122,7 +170,9 @@ class RunSummary:
             error = error or f"the check saw no tokens in some stage: {self.tokens}"
         return {"verdict": verdict, "error": error, "steps": self.steps, "tokens_checked": self.tokens,
                 "failed_steps": self.failed_steps,
-                "routing_mismatch_mean": float(np.mean(self.routing_mismatch)) if self.routing_mismatch else None}
+                "routing_mismatch_mean": float(np.mean(self.routing_mismatch)) if self.routing_mismatch else None,
+                "router_live_mismatch_mean": float(np.mean(self.router_live_mismatch)) if self.router_live_mismatch
+                else None}
 
 
 def _jsonable(x):

@@ -3,10 +3,15 @@
   1. rollout through the RolloutBackend (engine in-process, or `--rollout-url`), traces recorded per token and layer;
   2. rewards and group advantages;
   3. reference log-probs: replay off (the reference routes freely), only when a KL term needs them;
-  4. old-policy log-probs: R3 replays the rollout trace, R2 records; routing mismatch vs the rollout trace measured;
+  4. old-policy log-probs: R3 replays the rollout trace, R2 records;
   5. update over micro-batches (gradient accumulation), every forward under replay, activation checkpointing on so
      the recompute in backward replays too (`replay_backward`);
   6. weight sync to the rollout backend; the next rollout checks that it used the new version.
+
+Routing metrics (`r3rl.train.metrics`), in every mode, against the rollout trace as received (before any
+`--inject-fault`): `routing_mismatch` reads the experts that the old-policy forward and every update forward really
+used at the experts modules' inputs (`r3rl.experts_tap`, never the replay's own record); `router_live_mismatch` is the
+live router's choice in the old-policy forward (under R3, the live top-k the replay overrode): what R3 removed.
 
 Log-probs: the trainer's are log_softmax(logits / rollout temperature), the distribution the rollout sampled from;
 the rollout log-probs it compares them with (`train_rollout_*` metrics, TIS and mask corrections) are asked of the
@@ -34,6 +39,7 @@ from torch import nn
 
 from r3rl.check import ReplayCheck
 from r3rl.config import Fault, ReplayKind
+from r3rl.experts_tap import ExpertsTap
 from r3rl.faults import corrupt_trace
 from r3rl.replay import Recording, RoutingReplay
 from r3rl.rollout.backend import RolloutBackend
@@ -43,7 +49,7 @@ from r3rl.trace import RoutingTrace
 from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig
 from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
 from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
-from r3rl.train.metrics import routing_mismatch_per_layer, train_rollout_metrics
+from r3rl.train.metrics import RoutingMismatch, train_rollout_metrics
 from r3rl.train.parallel import DistEnv, mean_over_ranks, pad_count, prompt_shard, sum_over_ranks
 
 __all__ = ["StepContext", "rl_step"]
@@ -68,10 +74,14 @@ class StepContext:
     stop_token_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
     env: DistEnv = field(default_factory=DistEnv)
+    tap: ExpertsTap | None = None
+    """Reads the experts each training forward used; built from `model` on the first step when None."""
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
     cfg, timer = ctx.cfg, _Timer(ctx.cfg.device)
+    if ctx.tap is None:
+        ctx.tap = ExpertsTap(ctx.model)
     with timer("rollout"):  # 1
         items = ctx.prompts.next_batch(cfg.rollout_batch_size)  # the same on every rank; each keeps its share
         items = [items[i] for i in prompt_shard(len(items), cfg.samples_per_optimizer_step // cfg.n_samples_per_prompt,
@@ -80,6 +90,7 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                                        n_samples_per_prompt=cfg.n_samples_per_prompt)
         stale = _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature,
                                max_staleness=cfg.max_staleness, policy=cfg.stale_samples)
+        received = [s.trace for s in samples]  # the routing metrics' reference: the trace before any fault
         if cfg.inject_fault is not Fault.NONE and step == 0:
             samples = [_with_trace(s, corrupt_trace(s.trace, cfg.inject_fault)) for s in samples]
         if cfg.release_rollout_memory:  # colocated: the update gets the KV cache's memory
@@ -94,7 +105,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     ci_diff = _ci_compare_reference(ctx, mbs, ref_logp) if ref_logp is not None and step == 0 and cfg.replay.strict \
         else None
     with timer("old_logprobs"):  # 4
-        train_logp, used, recorded = _old_logprobs(ctx, mbs)
+        used, live = RoutingMismatch(), RoutingMismatch()
+        train_logp, recorded = _old_logprobs(ctx, mbs, received, used, live)
     old_logp = train_logp if cfg.old_logprobs is LogprobSource.TRAIN else _rollout_logprobs(mbs)
     shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, len(samples)) if cfg.kl_coef else rewards
     adv_PN = group_advantages(shaped.view(-1, cfg.n_samples_per_prompt), cfg.loss.advantage_estimator,
@@ -102,7 +114,7 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     if cfg.stale_samples is StalePolicy.DROP:  # out of the policy gradient; groups and rank shares keep their shape
         adv_PN = adv_PN.flatten().masked_fill(torch.tensor(stale), 0.0).view_as(adv_PN)
     with timer("update"):  # 5
-        update = _update(ctx, samples, adv_PN.flatten().tolist(), old_logp, ref_logp, recorded)
+        update = _update(ctx, samples, adv_PN.flatten().tolist(), old_logp, ref_logp, recorded, received, used)
     # raises above the threshold; the verdict sums every rank's counters, the evidence lines are this rank's
     summary = ctx.check.summary(over_ranks=ctx.env.distributed) if ctx.check is not None else None
     with timer("weight_sync"):  # 6
@@ -116,9 +128,7 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                "stale_frac": sum(stale) / len(stale)}
     metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
                                      torch.cat([mb.rollout_logp_T for mb in mbs if not mb.is_padding]))
-    per_layer = routing_mismatch_per_layer([s.trace for s in samples], used)
-    metrics |= {"routing_mismatch": sum(per_layer) / len(per_layer) if per_layer else 0.0,
-                "routing_mismatch_per_layer": per_layer}
+    metrics |= used.metrics("routing_mismatch") | live.metrics("router_live_mismatch")
     metrics |= timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs if not mb.is_padding))
     if ci_diff is not None:
         metrics["ci_ref_logprob_max_abs_diff"] = ci_diff
@@ -151,32 +161,37 @@ def _ref_logprobs(ctx: StepContext, mbs: list[MicroBatch]) -> dict[int, torch.Te
 
 
 @torch.no_grad()
-def _old_logprobs(ctx: StepContext, mbs: list[MicroBatch]):
-    """Training-forward log-probs per sample before the update, the experts each sample used, and R2's recordings
-    (per sample, so that the update may lay samples out differently and each still replays its own routing)."""
+def _old_logprobs(ctx: StepContext, mbs: list[MicroBatch], received, used: RoutingMismatch, live: RoutingMismatch):
+    """Training-forward log-probs per sample before the update, and R2's recordings (per sample, so that the update
+    may lay samples out differently and each still replays its own routing). Adds to `used` the experts each sample
+    really used (read at the experts' inputs) and to `live` the live router's choice, both against `received`."""
     cfg, replay = ctx.cfg, ctx.replay
-    logp, used, recorded = {}, {}, {}
+    logp, recorded = {}, {}
     for mb in mbs:
-        if cfg.replay.kind is ReplayKind.R3:
-            rec = Recording(replay.num_layers, replay.num_experts)
-            with replay.replay(mb.replay, capture=rec):  # captures the experts used: the trace, pads filled
-                logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
-        else:  # R2 records what the update will replay; without replay we record to measure the mismatch
-            with replay.record() as rec:
-                logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
+        live_rec = Recording(replay.num_layers, replay.num_experts) if cfg.replay.kind is ReplayKind.R3 else None
+        with ctx.tap.reading() as tapped, (replay.replay(mb.replay, live=live_rec) if live_rec is not None
+                                           else replay.record()) as rec:
+            logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
         _scatter(logp, mb, token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature))
         if mb.is_padding:
             continue
-        for i, trace in zip(mb.sample_indices, mb.split_routing(rec.batch().expert_ids, replay.num_experts),
-                            strict=True):
-            used[i] = trace
-            if cfg.replay.kind is ReplayKind.R2:
+        used_traces = mb.split_routing(tapped.ids(), replay.num_experts)
+        reference = [received[i] for i in mb.sample_indices]
+        used.add(reference, used_traces)
+        # without replay (and in R2's recording forward) the live router's choice is what the experts used
+        live.add(reference, used_traces if live_rec is None
+                 else mb.split_routing(live_rec.batch().expert_ids, replay.num_experts))
+        if cfg.replay.kind is ReplayKind.R2:
+            for i, trace in zip(mb.sample_indices, mb.split_routing(rec.batch().expert_ids, replay.num_experts),
+                                strict=True):
                 recorded[i] = trace
-    return logp, [used[i] for i in range(len(used))], recorded
+    return logp, recorded
 
 
-def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded) -> dict:
-    """Optimizer steps over the rollout's samples, each accumulated over micro-batches under replay.
+def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded, received,
+            used: RoutingMismatch) -> dict:
+    """Optimizer steps over the rollout's samples, each accumulated over micro-batches under replay; adds to `used`
+    the experts each first-pass forward really used, against `received`.
 
     Data parallel: this rank's share of each optimizer step's samples; denominators are global token and sample
     counts and the loss is scaled by the world size (FSDP2 averages gradients), so the gradient is the global one."""
@@ -194,7 +209,7 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded)
         # FSDP2 reduce-scatters each micro-batch's gradients into the shards (deferring the sync to the last one
         # would hold a full unsharded gradient per rank)
         for mb in mbs:
-            with replay_mode(ctx, mb):
+            with replay_mode(ctx, mb), ctx.tap.reading() as tapped:
                 logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
                 logp_T = token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature)
                 loss, m = policy_loss(
@@ -208,6 +223,7 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded)
                 (loss * weight).backward()  # the checkpoint recompute replays here (replay_backward)
             if mb.is_padding:
                 continue
+            used.add([received[i] for i in mb.sample_indices], mb.split_routing(tapped.ids(), ctx.replay.num_experts))
             for k, v in m.items():
                 totals[k] += float(v)
             totals["loss"] += float(loss.detach())

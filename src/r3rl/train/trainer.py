@@ -252,7 +252,8 @@ def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
                             sync_address=cfg.weight_sync_address)
     max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
     engine_cfg = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
-                              kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device, dtype=cfg.dtype)
+                              kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device,
+                              dtype=cfg.rollout_dtype or cfg.dtype)
     return EngineBackend.from_config(model, engine_cfg, logprobs_at_temperature=at_temperature)
 
 
