@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on the first SIGTERM/SIGINT, wait this long for in-flight requests")
     p.add_argument("--keep-alive-timeout-s", type=float, default=75.0, help="close idle keep-alive connections after")
     p.add_argument("--max-body-bytes", type=int, default=64 * 2**20, help="larger request bodies are answered 413")
+    p.add_argument("--api-key", default=os.environ.get("R3RL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the weight-update endpoints (default: $R3RL_API_KEY; "
+                        "the environment keeps the key out of the process list)")
+    p.add_argument("--require-api-key-for-generate", action="store_true",
+                   help="/generate requires the API key too (default: only the weight-update endpoints)")
+    p.add_argument("--dist-timeout-s", type=float, default=120.0,
+                   help="NCCL/gloo weight sync: a rendezvous and each received tensor must complete within this")
+    p.add_argument("--body-read-timeout-s", type=float, default=60.0,
+                   help="a request body must arrive within this (408 and the connection closed otherwise)")
     return parser
 
 
@@ -125,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ServerConfig(
                 model=args.model, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout_s,
                 keep_alive_timeout_s=args.keep_alive_timeout_s, max_body_bytes=args.max_body_bytes,
-                max_hold_steps=args.max_hold_steps,
+                max_hold_steps=args.max_hold_steps, api_key=args.api_key,
+                require_api_key_for_generate=args.require_api_key_for_generate, dist_timeout_s=args.dist_timeout_s,
+                body_read_timeout_s=args.body_read_timeout_s,
                 log_level=args.log_level, engine=EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
                                                               kv_cache_tokens=args.kv_cache_tokens,
                                                               block_size=args.kv_block_size,

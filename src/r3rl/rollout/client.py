@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -109,10 +110,12 @@ class RolloutClient:
         max_connections: int = 512,
         keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         """`timeout` bounds one HTTP attempt (a long generation needs a long one); `max_retries` counts retries
         after the first attempt. `model_shape` is fetched from `/model_info` when not given. `transport` is for
-        tests (httpx.MockTransport)."""
+        tests (httpx.MockTransport). `api_key` (default: $R3RL_API_KEY) is sent as `Authorization: Bearer` (the
+        server's `--api-key`)."""
         if max_retries < 0 or backoff < 0:
             raise ValueError(f"max_retries and backoff must be >= 0: got {max_retries}, {backoff}")
         self.base_url = base_url.rstrip("/")
@@ -122,8 +125,10 @@ class RolloutClient:
         self.logprobs_at_temperature = logprobs_at_temperature
         self._shape = model_shape
         self._is_r3rl: bool | None = None
+        api_key = api_key if api_key is not None else os.environ.get("R3RL_API_KEY")
         self._http = httpx.AsyncClient(
             base_url=self.base_url, timeout=timeout, transport=transport,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                                 keepalive_expiry=keepalive_expiry_s),
         )

@@ -42,6 +42,7 @@ __all__ = [
     "UpdateWeightsFromDiskResponse",
     "ErrorBody",
     "ErrorResponse",
+    "parse_weight_version",
 ]
 
 MAX_BATCH = 4096  # items in one /generate call; larger batches should be split by the client
@@ -361,6 +362,19 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def parse_weight_version(value: str | None, field: str = "weight_version") -> int | None:
+    """A weight-update request's `weight_version` (a decimal string) -> int, or None when absent. Only ASCII digits
+    and values in [0, 2**63 - 1] (int64, what `/model_info` reports) are accepted: `str.isdigit` alone also takes
+    Unicode digits ("\u0663") and any length. Raises ProtocolError naming `field`."""
+    if value is None:
+        return None
+    if not (isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit()
+            and int(value) <= _SEED_MAX):
+        raise ProtocolError(f"{field} must be a decimal string of ASCII digits in [0, {_SEED_MAX}] (r3rl's weight "
+                            f"versions are int64): got {value!r:.80}", field)
+    return int(value)
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------
