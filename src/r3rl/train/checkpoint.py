@@ -11,11 +11,17 @@ the trainer state (optimizer, scheduler, RNGs, step, data cursor), written atomi
 A save writes into a hidden temporary directory and renames it into place only when complete, then repoints
 `latest`: a killed save never corrupts the last good checkpoint (a stale temporary directory is ignored and removed
 by the next save).
+
+Loading never runs code from the checkpoint: `trainer_state.pt` and `rng_rank*.pt` hold only tensors and plain
+data (dicts, lists, tuples, str, int, float, bool, None; the numpy RNG state as a list of ints) and are read with
+`torch.load(weights_only=True)`. A file that holds anything else (a pickle that would construct objects or call
+functions), or that is truncated or not a torch file, is a ValueError that names the file; nothing in it runs.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import os
 import random
 import shutil
@@ -136,16 +142,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_trainer_state(step_dir: Path, *, rank: int = 0) -> dict:
-    """The trainer state of `step_dir`, with this rank's RNG states."""
-    state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state of `step_dir`, with this rank's RNG states (tensors and plain data only, see above)."""
+    state = _load_plain(step_dir / STATE_FILE)
+    for key in ("step", "scheduler", "rng", "prompts"):
+        if key not in state:
+            raise ValueError(f"{step_dir / STATE_FILE}: not an r3rl trainer state (no '{key}'; keys: {sorted(state)})")
     rng_file = step_dir / f"rng_rank{rank}.pt"
     if rank and rng_file.is_file():
-        state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False)["rng"]
+        state["rng"] = _load_plain(rng_file)["rng"]
     return state
 
 
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain data (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -153,10 +165,27 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_plain(path: Path) -> dict:
+    """`torch.load(path, weights_only=True)`, every failure a one-line ValueError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # what weights_only refuses: a global, a reduce, an unknown opcode
+        raise ValueError(f"{path}: refused to load: it holds more than tensors and plain data, which a trainer state "
+                         "never does (tampered with, or not written by this r3rl); nothing in it was run") from None
+    except Exception as e:  # truncated, not a torch file, unreadable: whatever the reader tripped on
+        text = str(e).strip().splitlines()
+        raise ValueError(f"{path}: cannot be read as a trainer state, the checkpoint is damaged or incomplete "
+                         f"({type(e).__name__}{': ' + text[0][:160] if text else ''})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not an r3rl trainer state (a {type(state).__name__}, expected a dict)")
+    return state
 
 
 def _fsync_dir(path: Path) -> None:
