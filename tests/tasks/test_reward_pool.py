@@ -177,8 +177,11 @@ def test_the_worker_does_not_rerun_the_trainers_main_and_dies_with_it(plugins, t
         os.kill(os.getpid(), 9)
     """)
     env = os.environ | {"R3RL_TEST_PID_FILE": str(pid_file), "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, env=env, timeout=120)
-    assert "hung" in out.stdout, out.stderr
+    out = tmp_path / "out.txt"  # a file, not a pipe: a surviving worker would hold a pipe open
+    with out.open("w") as f:
+        subprocess.run([sys.executable, "-"], input=script, stdout=f, stderr=subprocess.STDOUT, text=True, env=env,
+                       timeout=120)
+    assert "hung" in out.read_text(), out.read_text()
     worker = int(pid_file.read_text())
     for _ in range(100):  # the worker polls its parent every second
         try:

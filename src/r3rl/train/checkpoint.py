@@ -177,8 +177,8 @@ def _load_plain(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # what weights_only refuses: a global, a reduce, an unknown opcode
-        raise ValueError(f"{path}: refused to load: it holds more than tensors and plain data, which a trainer state "
-                         "never does (tampered with, or not written by this r3rl); nothing in it was run") from None
+        raise ValueError(f"{path}: refused to load: it is not tensors and plain data, as a trainer state is (damaged, "
+                         "tampered with, or not written by this r3rl); nothing in it was run") from None
     except Exception as e:  # truncated, not a torch file, unreadable: whatever the reader tripped on
         text = str(e).strip().splitlines()
         raise ValueError(f"{path}: cannot be read as a trainer state, the checkpoint is damaged or incomplete "
