@@ -3,6 +3,7 @@ the run, two trainers cannot share a directory, and bad inputs are one-line erro
 
 import json
 import os
+import pickle
 import re
 import signal
 import socket
@@ -136,6 +137,44 @@ def test_a_damaged_trainer_state_is_a_one_line_error(tmp_path, capsys, damage, m
     state.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"not a checkpoint\n"}[damage])
     assert r3rl(*TINY, "--run-dir", tmp_path / "run", "--load", ckpt) == 2
     assert f"{state}: {message}" in last_error(capsys)
+
+
+def test_a_sharded_checkpoint_loads_and_its_malicious_metadata_or_item_does_not_run(tmp_path):
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from r3rl.train.checkpoint import _safe_dcp_planner, load_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.123)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path / "step" / "dcp"))
+    other = torch.nn.Linear(3, 2)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.5)
+    load_optimizer_state(tmp_path / "step", other, other_opt, {})  # the negative control: a real one loads
+    assert torch.equal(other.weight, model.weight) and other_opt.param_groups[0]["lr"] == 0.123
+
+    marker = tmp_path / "pwned"
+    meta = tmp_path / "step" / "dcp" / ".metadata"
+    meta.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(ValueError, match=rf"{meta}: refused to load: it names io.open, which"):
+        load_optimizer_state(tmp_path / "step", other, other_opt, {})
+    assert not marker.exists()
+
+    buf = io.BytesIO()
+    torch.save(_Payload(str(marker)), buf)
+    item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex("optim.x"), dest_offsets=torch.Size([0]),
+                    storage_index=MetadataIndex("optim.x"), storage_offsets=torch.Size([0]), lengths=torch.Size([0]))
+    with pytest.raises(ValueError, match=r"sharded checkpoint item optim.x: refused to load"):
+        _safe_dcp_planner().load_bytes(item, io.BytesIO(buf.getvalue()))
+    assert not marker.exists()
 
 
 def test_the_trainer_state_holds_only_what_weights_only_loads(tmp_path):

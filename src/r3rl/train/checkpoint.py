@@ -16,10 +16,14 @@ Loading never runs code from the checkpoint: `trainer_state.pt` and `rng_rank*.p
 data (dicts, lists, tuples, str, int, float, bool, None; the numpy RNG state as a list of ints) and are read with
 `torch.load(weights_only=True)`. A file that holds anything else (a pickle that would construct objects or call
 functions), or that is truncated or not a torch file, is a ValueError that names the file; nothing in it runs.
+A sharded checkpoint's `dcp/.metadata` (a plain pickle in torch.distributed.checkpoint) is read by an unpickler that
+admits only DCP's metadata classes, torch sizes, dtypes and paths, and its non-tensor items (torch.load with
+weights_only=False in DCP's default planner) must load with weights_only=True first.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import os
@@ -118,7 +122,9 @@ def load_optimizer_state(step_dir: Path, model, optimizer, state: dict, *, env=N
             logger.info("resharding %s: saved by %d ranks, loaded by %d", step_dir, saved_world, env.world_size)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(step_dir / DCP_DIR))
+        check_dcp_metadata(step_dir / DCP_DIR / ".metadata")  # a one-line error before dcp's own wrapping
+        dcp.load(sd, checkpoint_id=str(step_dir / DCP_DIR), storage_reader=_safe_dcp_reader(step_dir / DCP_DIR),
+                 planner=_safe_dcp_planner())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         return
     if distributed:
@@ -186,6 +192,69 @@ def _load_plain(path: Path) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not an r3rl trainer state (a {type(state).__name__}, expected a dict)")
     return state
+
+
+def check_dcp_metadata(path: Path):
+    """The metadata of a torch.distributed.checkpoint directory, unpickled with only its own classes admitted."""
+    try:
+        return _DcpMetadataUnpickler(io.BytesIO(Path(path).read_bytes())).load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: {e}; a sharded checkpoint's metadata holds only DCP's metadata "
+                         "classes (damaged, tampered with, or not written by torch.distributed.checkpoint); nothing "
+                         "in it was run") from None
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as sharded checkpoint metadata, the checkpoint is damaged or "
+                         f"incomplete ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    _OTHERS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata as meta
+
+        if module == meta.__name__:
+            ok = isinstance(getattr(meta, name, None), type) and getattr(meta, name).__module__ == module
+        elif module == "torch" and name != "Size":
+            ok = isinstance(getattr(torch, name, None), torch.dtype)
+        else:
+            ok = (module, name) in self._OTHERS
+        if not ok:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which sharded checkpoint metadata never does")
+        return super().find_class(module, name)
+
+
+def _safe_dcp_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _Reader(FileSystemReader):  # FileSystemReader.read_metadata with the admitting unpickler
+        def read_metadata(self, *args, **kwargs):
+            metadata = check_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _Reader(str(path))
+
+
+def _safe_dcp_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class _Planner(DefaultLoadPlanner):  # non-tensor items: loadable with weights_only=True, else refused
+        def load_bytes(self, read_item, value) -> None:
+            data = value.read()
+            try:
+                torch.load(io.BytesIO(data), weights_only=True)
+            except Exception as e:
+                raise ValueError(f"sharded checkpoint item {read_item.dest_index.fqn}: refused to load "
+                                 f"({type(e).__name__}); nothing in it was run") from None
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return _Planner()
 
 
 def _fsync_dir(path: Path) -> None:
