@@ -20,14 +20,15 @@ The worker is a fresh interpreter (`python -c`, as multiprocessing's "spawn" sta
 trainer's `__main__`, which spawn does and which breaks for `python - <script` or an unguarded script; not forked: no
 copy of the trainer's CUDA context or threads). It gets the trainer's sys.path and working directory, imports only
 `r3rl.tasks`, talks over a socketpair (the plug-in's prints go to the trainer's stdout/stderr, not into the
-protocol), and exits when the trainer closes the socket or stops running. One worker scores a batch in order, one call at a
-time (the timeout is per call, so it names the prompt and does not depend on the batch size), with one message out
-per batch and one back per call. This isolates mistakes; it is not a sandbox against a hostile plug-in (the
+protocol), and exits when the trainer closes the socket or stops running. One worker scores a batch in order, one
+call at a time (the timeout is per call, so it names the prompt and does not depend on the batch size), with one
+message out per batch and one back per call. This isolates mistakes; it is not a sandbox against a hostile plug-in (the
 plug-in runs as the user, as `--custom-rm-path` always did).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -140,10 +141,8 @@ def _stop(proc: subprocess.Popen, conn: Connection) -> None:
     """Kill the worker (it may be hung in the plug-in) and close the socket; safe to call twice."""
     if proc.poll() is None:
         proc.kill()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        pass
     conn.close()
 
 

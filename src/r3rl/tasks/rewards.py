@@ -201,7 +201,8 @@ def probe_reward(source) -> None:
                 if "subscriptable" in str(e) else "")
         raise ValueError(f"the reward failed its start-up call on the first prompt (response = its label): {e}{hint}."
                          f" Contract: f(response: str, item) with item.prompt, item.label, item.metadata, returning "
-                         f"a number in [{REWARD_RANGE[0]:g}, {REWARD_RANGE[1]:g}] (see r3rl/tasks/rewards.py)") from None
+                         f"a number in [{REWARD_RANGE[0]:g}, {REWARD_RANGE[1]:g}] (see r3rl/tasks/rewards.py)"
+                         ) from None
 
 
 class _CheckedReward:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import io
 import logging
-import pickle
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path

@@ -14,6 +14,7 @@ is a one-line ValueError naming the flag before any work.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -72,10 +73,8 @@ class DirLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
-        except OSError:
-            pass
         os.close(fd)  # closing the only descriptor drops the flock
 
     def __del__(self) -> None:  # a Trainer that failed half-built: do not hold the directory until exit
