@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_train_parser(sub) -> None:
     from r3rl.models.presets import PRESETS
+    from r3rl.tasks.reward_pool import DEFAULT_REWARD_TIMEOUT_S
+    from r3rl.tasks.rewards import BUILTIN_REWARDS
 
     p = sub.add_parser("train", help="RL training (GRPO/GSPO/REINFORCE++) with R3/R2 replay, verified every step",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,8 +195,15 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--input-key", default="prompt", help="prompt field of --prompt-data")
     g.add_argument("--label-key", default="label", help="label field of --prompt-data")
     g.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
-    g.add_argument("--custom-rm-path", default=None, help="reward function: module:function or file.py:function")
-    g.add_argument("--reward-fn", default="exact_match", help="built-in reward for --prompt-data (exact_match, math)")
+    g.add_argument("--custom-rm-path", default=None,
+                   help="reward function f(response, item) -> float in [0, 1]: module:function or file.py:function "
+                        "(item.prompt, item.label, item.metadata; the contract: r3rl/tasks/rewards.py); it runs in a "
+                        "worker process")
+    g.add_argument("--reward-timeout", type=float, default=DEFAULT_REWARD_TIMEOUT_S,
+                   help="seconds one --custom-rm-path call may take; past it the worker is killed and the run fails "
+                        "naming the prompt")
+    g.add_argument("--reward-fn", default="exact_match", choices=sorted(BUILTIN_REWARDS),
+                   help="built-in reward for --prompt-data, against the label")
     g.add_argument("--sft-steps", type=int, default=50, help="supervised warm-up steps on the labels before RL")
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
@@ -309,7 +318,8 @@ def train_config_from_args(args: argparse.Namespace):
         replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
         label_key=args.label_key, apply_chat_template=args.apply_chat_template, custom_rm_path=args.custom_rm_path,
-        reward_fn=args.reward_fn, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
+        reward_fn=args.reward_fn, reward_timeout_s=args.reward_timeout, rollout_url=args.rollout_url,
+        rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, rollout_kv_cache_tokens=args.rollout_kv_cache_tokens,
@@ -332,11 +342,13 @@ def train_config_from_args(args: argparse.Namespace):
 def _train(cfg) -> int:
     import json
 
+    from r3rl.tasks.rewards import RewardError
     from r3rl.train.trainer import Trainer
 
     try:
         summary = Trainer(cfg).run()
-    except AssertionError as e:  # the R3 check failed (the exact "R3 mismatch tokens (N) > threshold (M)" text)
+    except (AssertionError, RewardError) as e:  # the R3 check failed ("R3 mismatch tokens (N) > threshold (M)"),
+        # or the reward plug-in did (raised, exited, hung, died, or returned a value outside the contract)
         logger.error("r3rl train failed: %s", e)
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports for the run
             print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": cfg.run_dir}, indent=2))
@@ -351,10 +363,14 @@ def _verify_logs(args) -> int:
 
     from r3rl.commands.verify_logs import verify_logs
 
+    _check_output_path("--json", args.json)  # before the verdict: exit 2, never mistaken for a "fail" (exit 1)
     report = verify_logs([Path(p) for p in args.logs], threshold=args.threshold)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise ValueError(f"--json {args.json}: cannot write the report ({e.strerror or e})") from None
     print(json.dumps(report, indent=2))
     return 0 if report["verdict"] == "pass" else 1
 
@@ -403,6 +419,9 @@ def _check_config(args: argparse.Namespace):
     _check_device(args.device)
     resolve_dtype(args.dtype)
     _check_output_path("--report", args.report)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: no such checkpoint directory"
+                         + (" (it is a file)" if Path(args.model).exists() else ""))
     replay = replay_config_from_args(args)
     resolve_threshold(replay.r3_check_threshold)  # a bad $R3RL_TEST_R3_THRESHOLD is a flag error too
     if replay.kind is ReplayKind.NONE:

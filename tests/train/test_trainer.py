@@ -178,7 +178,7 @@ def test_dropped_stale_samples_leave_the_policy_gradient(tmp_path, monkeypatch):
 
     monkeypatch.setattr(step_module, "_update", spy)
     rm = tmp_path / "rm.py"  # a reward that varies within groups, so advantages are not all zero
-    rm.write_text("def reward(text, item):\n    return float(sum(map(ord, text)) % 3)\n")
+    rm.write_text("def reward(text, item):\n    return float(sum(map(ord, text)) % 3) / 2\n")
     rows = {}
     for policy in (StalePolicy.KEEP, StalePolicy.DROP):
         Trainer(small(tmp_path, name=policy.value, stale_samples=policy, max_staleness=1, num_rollout=1,

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r3rl.commands.textfile import check_text
+
 __all__ = ["plot_runs", "load_metrics", "RunMetrics"]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ def load_metrics(run_dir: Path) -> RunMetrics:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no metrics file (is {run_dir} a run directory of `r3rl train`?)")
+    check_text(path)  # a binary file: an error naming it, not a decoder's
     by_step: dict[int, dict] = {}
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -104,10 +107,15 @@ def plot_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[Path]:
     """Write the PNGs listed in the module docstring for `run_dirs` (overlaid) into `out_dir`; return their paths."""
     if not run_dirs:
         raise ValueError("plot: give at least one run directory")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file: give a directory for the plots")
     runs = [load_metrics(Path(d)) for d in run_dirs]
     _dedupe_labels(runs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out_dir}: cannot create the directory ({e.strerror or e})") from None
     written: list[Path] = []
 
     if any(r.series("reward_mean")[0] for r in runs):

@@ -3,7 +3,7 @@ built-in task), so the trainer draws prompts, rewards and supervised targets fro
 
     source = make_prompt_source(task="reverse", seed=0)                       # built-in task
     source = make_prompt_source(prompt_data="p.jsonl", reward_fn="math", seed=0)
-    items = source.next_batch(16); r = source.reward(text, items[0])
+    items = source.next_batch(16); r = source.reward(text, items[0]); rs = source.rewards(texts, items)
     state = source.state_dict()   # plain ints/strings; load_state_dict(state) continues exactly there
 
 Order: a dataset is read in epochs, each a shuffle seeded by (seed, epoch); a batch may span an epoch boundary. A
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from r3rl.tasks.base import PromptItem, Task
 from r3rl.tasks.builtin import get_task
-from r3rl.tasks.rewards import get_reward, load_reward_fn
+from r3rl.tasks.rewards import get_reward
 
 __all__ = ["PromptDataset", "TaskPromptSource", "make_prompt_source"]
 
@@ -91,6 +91,9 @@ class PromptDataset:
     def reward(self, response: str, item: PromptItem) -> float:
         return self.reward_fn(response, item)
 
+    def rewards(self, responses: list[str], items: list[PromptItem]) -> list[float]:
+        return _rewards(self.reward_fn, self.reward, responses, items)
+
     def sft_target(self, item: PromptItem) -> str:
         return item.label
 
@@ -136,6 +139,9 @@ class TaskPromptSource:
             return self.reward_fn(response, item)
         return self.task.reward(response, item.label)
 
+    def rewards(self, responses: list[str], items: list[PromptItem]) -> list[float]:
+        return _rewards(self.reward_fn, self.reward, responses, items)
+
     def sft_target(self, item: PromptItem) -> str:
         return self.task.sft_target(item)
 
@@ -153,10 +159,15 @@ class TaskPromptSource:
 
 def make_prompt_source(*, task: str = "reverse", prompt_data: str | None = None, input_key: str = "prompt",
                        label_key: str = "label", custom_rm_path: str | None = None, reward_fn: str = "exact_match",
-                       seed: int = 0, task_kwargs: dict | None = None):
+                       seed: int = 0, task_kwargs: dict | None = None, reward_timeout_s: float = 60.0,
+                       custom_reward: RewardFn | None = None):
     """The trainer's prompt source: `prompt_data` when given (rewarded by `custom_rm_path`, else the built-in
-    `reward_fn` against the label), else the built-in `task` (rewarded by `custom_rm_path`, else its own reward)."""
-    custom = load_reward_fn(custom_rm_path) if custom_rm_path else None
+    `reward_fn` against the label), else the built-in `task` (rewarded by `custom_rm_path`, else its own reward).
+    A `custom_rm_path` plug-in runs in a worker process (`RewardPool`, each call bounded by `reward_timeout_s`);
+    `custom_reward` passes one already started (the trainer shares one between its prompt sources)."""
+    from r3rl.tasks.reward_pool import RewardPool
+
+    custom = custom_reward or (RewardPool(custom_rm_path, timeout_s=reward_timeout_s) if custom_rm_path else None)
     if prompt_data is not None:
         reward = custom or _label_reward(get_reward(reward_fn))
         return PromptDataset.from_file(prompt_data, input_key=input_key, label_key=label_key, reward_fn=reward,
@@ -170,13 +181,31 @@ def _check_batch(n: int) -> None:
         raise ValueError(f"next_batch: n must be an int >= 0, got {n!r}")
 
 
+def _rewards(fn, one, responses: list[str], items: list[PromptItem]) -> list[float]:
+    """A batch of rewards: one round trip when `fn` batches (a RewardPool), else `one` call by call."""
+    if len(responses) != len(items):
+        raise ValueError(f"rewards: {len(responses)} responses for {len(items)} items")
+    batch = getattr(fn, "batch", None)
+    if batch is not None:
+        return batch(list(responses), list(items))
+    return [one(r, it) for r, it in zip(responses, items, strict=True)]
+
+
 def _label_reward(fn: Callable[[str, str], float]) -> RewardFn:
     return lambda response, item: fn(response, item.label)
 
 
 def _read_jsonl(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}): a .jsonl prompt file is UTF-8 JSON, one object a line") from None
+            if "\x00" in line:
+                raise ValueError(f"{path}:{line_no}: a NUL byte at column {line.index(chr(0)) + 1}: a binary file, "
+                                 "not UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:

@@ -58,7 +58,9 @@ class TrainConfig:
     custom_rm_path: str | None = None
     """`module:function` or `file.py:function` reward, called as f(response_text, prompt_item) -> float."""
     reward_fn: str = "exact_match"
-    """Built-in reward for `prompt_data` when no custom one is given (exact_match, math)."""
+    """Built-in reward for `prompt_data` when no custom one is given (a name in r3rl.tasks.BUILTIN_REWARDS)."""
+    reward_timeout_s: float = 60.0
+    """Seconds one call of the `custom_rm_path` reward may take (it runs in a worker process, killed past this)."""
 
     # --- rollout ------------------------------------------------------------------------------------------------
     rollout_url: list[str] = field(default_factory=list)
@@ -142,7 +144,7 @@ class TrainConfig:
         for name in ("sft_steps", "lr_warmup_steps", "max_staleness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0: got {getattr(self, name)}")
-        for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr"):
+        for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr", "reward_timeout_s"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a finite number > 0: got {v}")

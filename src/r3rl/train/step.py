@@ -86,8 +86,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
             ctx.rollout.release_memory()
     with timer("reward"):  # 2
         texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        rewards = torch.tensor([float(ctx.prompts.reward(texts[i], items[i // cfg.n_samples_per_prompt]))
-                                for i in range(len(samples))])
+        rewards = torch.tensor(ctx.prompts.rewards(texts, [items[i // cfg.n_samples_per_prompt]
+                                                           for i in range(len(samples))]), dtype=torch.float32)
     mbs = _micro_batches(ctx, samples, [0.0] * len(samples))
     with timer("ref_logprobs"):  # 3
         ref_logp = _ref_logprobs(ctx, mbs) if ctx.ref_model is not None else None

@@ -32,6 +32,8 @@ from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model, make_tokenizer
 from r3rl.replay import RoutingReplay
 from r3rl.sample import Sample
+from r3rl.tasks.reward_pool import RewardPool
+from r3rl.tasks.rewards import RewardError, probe_reward
 from r3rl.train.checkpoint import (
     capture_rng,
     load_optimizer_state,
@@ -42,6 +44,7 @@ from r3rl.train.checkpoint import (
 )
 from r3rl.train.config import TrainConfig
 from r3rl.train.data import make_micro_batches, token_logprobs
+from r3rl.train.lock import DirLock
 from r3rl.train.metrics import MetricsWriter, RunSummary
 from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
 from r3rl.train.step import StepContext, rl_step
@@ -53,6 +56,14 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
+        self.locks, self.reward = [], None  # released / stopped by close(), or here when construction fails
+        try:
+            self._init(cfg)
+        except BaseException:
+            self._release()
+            raise
+
+    def _init(self, cfg: TrainConfig) -> None:
         self.env = env = DistEnv.from_environ(cfg.device)
         cfg = self.cfg = dataclasses.replace(cfg, device=env.device(cfg.device))
         if env.distributed and cfg.samples_per_optimizer_step % (cfg.n_samples_per_prompt * env.world_size):
@@ -60,15 +71,18 @@ class Trainer:
                              f"({cfg.samples_per_optimizer_step}) must be a multiple of n_samples_per_prompt "
                              f"({cfg.n_samples_per_prompt}) x ranks ({env.world_size})")
         self.run_dir = Path(cfg.run_dir)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:  # one trainer per run dir and save dir; creates them, refuses one that cannot be written
+            self.locks = _lock_dirs(cfg)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.resume_dir = resolve_checkpoint(cfg.load) if cfg.load else None
         self.state = load_trainer_state(self.resume_dir, rank=env.rank) if self.resume_dir else None
+        if cfg.custom_rm_path:  # the plug-in runs in a worker process, shared by every prompt source of the run
+            self.reward = RewardPool(cfg.custom_rm_path, timeout_s=cfg.reward_timeout_s)
+        self.prompts = _prompt_source(cfg, seed=cfg.seed, reward=self.reward)
+        probe_reward(self.prompts)  # a reward that breaks its contract fails here, before any work
         self.model, self.tokenizer = self._load_policy()
-        self.prompts = _prompt_source(cfg, seed=cfg.seed)
         self.start_step = 0
         if self.state is None:
             self._sft_warmup()
@@ -134,7 +148,7 @@ class Trainer:
                     done = step + 1
                     if cfg.save and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.num_rollout):
                         self.save(done)
-        except AssertionError as e:  # the R3 check (or a --ci-test invariant) failed: record it, then fail the run
+        except (AssertionError, RewardError) as e:  # the R3 check, a --ci-test invariant or the reward plug-in failed
             error = str(e)
             raise
         finally:
@@ -153,14 +167,14 @@ class Trainer:
         from r3rl.rollout.protocol import SamplingParams
 
         cfg = self.cfg
-        source = _prompt_source(cfg, seed=cfg.seed + 104729)  # the same prompts at every evaluation, and on resume
+        source = _prompt_source(cfg, seed=cfg.seed + 104729, reward=self.reward)  # the same prompts every time
         items = source.next_batch(cfg.eval_prompts)
         prompts = [self.tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
         samples = self.rollout.generate(prompts, SamplingParams(
             max_new_tokens=cfg.rollout_max_response_len, temperature=0.0, stop_token_ids=_stop_ids(self.tokenizer),
             seed=0))
-        rewards = [float(source.reward(self.tokenizer.decode(s.response_ids, skip_special_tokens=True), it))
-                   for s, it in zip(samples, items, strict=True)]
+        rewards = source.rewards([self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples],
+                                 items)
         return {"eval_reward": sum(rewards) / len(rewards),  # every rank holds the same weights: no reduction
                 "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
 
@@ -174,6 +188,13 @@ class Trainer:
         self.replay.close()
         self.rollout.close()
         self.env.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self.reward is not None:
+            self.reward.close()
+        for lock in self.locks:
+            lock.release()
 
     # --- construction ---------------------------------------------------------------------------------------------
     def _load_policy(self):
@@ -203,7 +224,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.sft_steps == 0:
             return
-        source = _prompt_source(cfg, seed=cfg.seed + 7919)  # its own stream: the RL cursor is not touched
+        source = _prompt_source(cfg, seed=cfg.seed + 7919, reward=self.reward)  # its own stream, not the RL cursor
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.sft_lr, betas=cfg.adam_betas)
         eos = _stop_ids(self.tokenizer)
         self.model.train()
@@ -232,12 +253,25 @@ class Trainer:
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
-def _prompt_source(cfg: TrainConfig, *, seed: int):
+def _prompt_source(cfg: TrainConfig, *, seed: int, reward=None):
     from r3rl.tasks import make_prompt_source
 
     return make_prompt_source(task=cfg.task, prompt_data=cfg.prompt_data, input_key=cfg.input_key,
                               label_key=cfg.label_key, custom_rm_path=cfg.custom_rm_path, reward_fn=cfg.reward_fn,
-                              seed=seed)
+                              seed=seed, reward_timeout_s=cfg.reward_timeout_s, custom_reward=reward)
+
+
+def _lock_dirs(cfg: TrainConfig) -> list[DirLock]:
+    locks = []
+    for flag, d in (("--run-dir", cfg.run_dir), ("--save", cfg.save)):
+        if d is not None and all(Path(d).resolve() != lock.directory.resolve() for lock in locks):
+            try:
+                locks.append(DirLock.acquire(d, flag=flag))
+            except BaseException:
+                for lock in locks:
+                    lock.release()
+                raise
+    return locks
 
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
