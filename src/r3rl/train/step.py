@@ -68,6 +68,8 @@ class StepContext:
     stop_token_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
     env: DistEnv = field(default_factory=DistEnv)
+    layer_masks: object = None
+    """`LayoutPlan.layer_masks`: packed micro-batches of a family whose forward needs r3rl's layer masks."""
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
@@ -134,7 +136,7 @@ def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[flo
     use_traces = cfg.replay.kind is not ReplayKind.NONE or traces is not None
     mbs = [mb.to(cfg.device) for mb in make_micro_batches(
         samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
-        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices,
+        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,
         traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
     # ranks run the same number of forwards (FSDP collectives): the short ones repeat their last, as padding
     missing = pad_count(len(mbs), ctx.env) - len(mbs)

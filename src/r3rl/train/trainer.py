@@ -41,7 +41,7 @@ from r3rl.train.checkpoint import (
     save_checkpoint,
 )
 from r3rl.train.config import TrainConfig
-from r3rl.train.data import make_micro_batches, token_logprobs
+from r3rl.train.data import make_micro_batches, plan_layout, token_logprobs
 from r3rl.train.metrics import MetricsWriter, RunSummary
 from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
 from r3rl.train.step import StepContext, rl_step
@@ -68,6 +68,9 @@ class Trainer:
         self.resume_dir = resolve_checkpoint(cfg.load) if cfg.load else None
         self.state = load_trainer_state(self.resume_dir, rank=env.rank) if self.resume_dir else None
         self.model, self.tokenizer = self._load_policy()
+        # the layout this family trains in: one that cannot be packed correctly is trained padded (said once)
+        self.layout_plan = plan_layout(self.model, cfg.layout, dtype=resolve_dtype(cfg.dtype), log=env.is_main)
+        cfg = self.cfg = dataclasses.replace(cfg, layout=self.layout_plan.layout)
         self.prompts = _prompt_source(cfg, seed=cfg.seed)
         self.start_step = 0
         if self.state is None:
@@ -111,7 +114,7 @@ class Trainer:
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
-            env=env)
+            env=env, layer_masks=self.layout_plan.layer_masks)
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
@@ -217,7 +220,8 @@ class Trainer:
                                       response_ids=target, rollout_logprobs=[0.0] * len(target)))
             mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
                                      micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
-                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples))
+                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples),
+                                     layer_masks=self.layout_plan.layer_masks)
             n_tok = sum(mb.num_response_tokens for mb in mbs)
             opt.zero_grad(set_to_none=True)
             for mb in (m.to(cfg.device) for m in mbs):
