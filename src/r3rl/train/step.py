@@ -35,6 +35,7 @@ from torch import nn
 from r3rl.check import ReplayCheck
 from r3rl.config import Fault, ReplayKind
 from r3rl.faults import corrupt_trace
+from r3rl.models.chat import encode_prompt
 from r3rl.replay import Recording, RoutingReplay
 from r3rl.rollout.backend import RolloutBackend
 from r3rl.rollout.protocol import SamplingParams
@@ -237,13 +238,7 @@ def replay_mode(ctx: StepContext, mb: MicroBatch):
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 def _encode(ctx: StepContext, prompt: str) -> list[int]:
-    if ctx.cfg.apply_chat_template:
-        return list(ctx.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                      add_generation_prompt=True))
-    ids = ctx.tokenizer.encode(prompt, add_special_tokens=False)
-    if not ids:
-        raise ValueError(f"prompt {prompt[:60]!r} tokenizes to no tokens: this tokenizer cannot encode it")
-    return ids
+    return encode_prompt(ctx.tokenizer, prompt, chat_template=ctx.cfg.apply_chat_template)
 
 
 def _sampling(ctx: StepContext, step: int) -> SamplingParams:

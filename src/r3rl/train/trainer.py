@@ -28,6 +28,7 @@ import torch
 
 from r3rl.check import ReplayCheck, resolve_threshold
 from r3rl.models import load_model, resolve_dtype
+from r3rl.models.chat import encode_prompt
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model, make_tokenizer
 from r3rl.replay import RoutingReplay
@@ -158,7 +159,7 @@ class Trainer:
         cfg = self.cfg
         source = _prompt_source(cfg, seed=cfg.seed + 104729)  # the same prompts at every evaluation, and on resume
         items = source.next_batch(cfg.eval_prompts)
-        prompts = [self.tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
+        prompts = [encode_prompt(self.tokenizer, it.prompt, chat_template=cfg.apply_chat_template) for it in items]
         samples = self.rollout.generate(prompts, SamplingParams(
             max_new_tokens=cfg.rollout_max_response_len, temperature=0.0, stop_token_ids=_stop_ids(self.tokenizer),
             seed=0))
@@ -216,7 +217,8 @@ class Trainer:
             samples = []
             for it in items:
                 target = self.tokenizer.encode(source.sft_target(it), add_special_tokens=False) + eos[:1]
-                samples.append(Sample(prompt_ids=self.tokenizer.encode(it.prompt, add_special_tokens=False),
+                samples.append(Sample(prompt_ids=encode_prompt(self.tokenizer, it.prompt,
+                                                               chat_template=cfg.apply_chat_template),
                                       response_ids=target, rollout_logprobs=[0.0] * len(target)))
             mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
                                      micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
