@@ -32,7 +32,7 @@ from pathlib import Path
 from torch import nn
 
 from r3rl.rollout.backend import HTTPBackend, RolloutBackend, WeightSyncError, plan_with_rids
-from r3rl.rollout.client import RolloutRequestError
+from r3rl.rollout.client import ModelShape, RolloutRequestError
 from r3rl.rollout.protocol import MAX_BATCH, SamplingParams
 from r3rl.rollout.weights import model_tensors
 from r3rl.sample import Sample
@@ -51,14 +51,16 @@ class FleetBackend:
 
     def __init__(self, urls: Sequence[str], *, weights_dir: str | Path | None = None,
                  logprobs_at_temperature: bool = False, timeout_s: float = 600.0, max_retries: int = 1,
-                 max_workers: int = 32, broadcaster=None) -> None:
+                 max_workers: int = 32, broadcaster=None, model_shape: ModelShape | None = None) -> None:
+        """`model_shape`: the local policy's (`ModelShape.of_model`), for SGLang servers (see `RolloutClient`)."""
         if len(urls) < 1:
             raise ValueError("FleetBackend needs at least one server URL")
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.logprobs_at_temperature = logprobs_at_temperature
         self.broadcaster = broadcaster  # a dist_sync.WeightBroadcaster: NCCL/gloo broadcast to every server
         self.servers = [HTTPBackend(u, weights_dir=weights_dir, timeout_s=timeout_s, max_retries=max_retries,
-                                    logprobs_at_temperature=logprobs_at_temperature) for u in urls]
+                                    logprobs_at_temperature=logprobs_at_temperature, model_shape=model_shape)
+                        for u in urls]
         self.live = [True] * len(self.servers)
         self.in_flight = [0] * len(self.servers)  # samples in flight per server
         self.served = [0] * len(self.servers)  # samples completed per server (load-spread evidence)
@@ -189,10 +191,12 @@ class FleetBackend:
 
 
 def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None, logprobs_at_temperature: bool = False,
-                 weight_sync: str = "disk", sync_address: str = "127.0.0.1") -> RolloutBackend:
+                 weight_sync: str = "disk", sync_address: str = "127.0.0.1",
+                 model_shape: ModelShape | None = None) -> RolloutBackend:
     """HTTPBackend for one URL, FleetBackend for several: the one call the trainer makes for `--rollout-url`.
     `weight_sync`: "disk" (`/update_weights_from_disk`), or "nccl" / "gloo" (`/init_weights_update_group` +
-    `/update_weights_from_distributed`, the servers joining a group at `sync_address`)."""
+    `/update_weights_from_distributed`, the servers joining a group at `sync_address`). `model_shape`: the local
+    policy's (`ModelShape.of_model(model)`): a SGLang server reports none, `r3rl serve` is checked against it."""
     urls = list(urls)
     if not urls:
         raise ValueError("make_backend needs at least one --rollout-url")
@@ -205,6 +209,6 @@ def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None, logprob
         broadcaster = WeightBroadcaster(master_address=sync_address, backend=weight_sync)
     if len(urls) == 1:
         return HTTPBackend(urls[0], weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
-                           broadcaster=broadcaster)
+                           broadcaster=broadcaster, model_shape=model_shape)
     return FleetBackend(urls, weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
-                        broadcaster=broadcaster)
+                        broadcaster=broadcaster, model_shape=model_shape)

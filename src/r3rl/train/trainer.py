@@ -249,13 +249,15 @@ def _prompt_source(cfg: TrainConfig, *, seed: int):
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
     from r3rl.rollout.backend import EngineBackend
     from r3rl.rollout.config import EngineConfig
+    from r3rl.rollout.client import ModelShape
     from r3rl.rollout.fleet import make_backend
 
     at_temperature = cfg.rollout_temperature != 1.0  # log-probs of the distribution sampled (see step.py)
     if cfg.rollout_url:  # one server: HTTPBackend; several: FleetBackend (load spread, exactly-once re-send)
         return make_backend(cfg.rollout_url, weights_dir=str(run_dir / "weights"),
                             logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
-                            sync_address=cfg.weight_sync_address)
+                            sync_address=cfg.weight_sync_address,
+                            model_shape=ModelShape.of_model(model))  # SGLang's model info has no MoE shape
     max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
     engine_cfg = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
                               kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device, dtype=cfg.dtype)
