@@ -122,7 +122,7 @@ class Trainer:
         if main:
             (self.run_dir / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
         writer = MetricsWriter(self.run_dir, truncate_after=self.start_step if self.state else None) if main else None
-        summary, error = RunSummary(), None
+        summary, error = RunSummary(recompute=cfg.activation_checkpointing), None  # the stages this run produces
         try:
             with _Progress(cfg.num_rollout, self.start_step, enabled=cfg.progress and main) as progress:
                 for step in range(self.start_step, cfg.num_rollout):
