@@ -6,6 +6,7 @@ Negative controls: without a local shape the server is refused by name; a shape 
 decode SGLang's trace."""
 
 import pytest
+from _sglang_like import SGLangLikeServer
 
 from r3rl.config import ReplayConfig
 from r3rl.models.presets import make_model
@@ -15,8 +16,6 @@ from r3rl.rollout.protocol import SamplingParams
 from r3rl.trace import TraceError
 from r3rl.train.config import TrainConfig
 from r3rl.train.trainer import Trainer
-
-from _sglang_like import SGLangLikeServer
 
 DENSE_FIRST = "tiny-deepseek-v3"  # decoder layer 0 is dense, layers 1-3 are MoE
 

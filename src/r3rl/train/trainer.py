@@ -248,8 +248,8 @@ def _prompt_source(cfg: TrainConfig, *, seed: int):
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
     from r3rl.rollout.backend import EngineBackend
-    from r3rl.rollout.config import EngineConfig
     from r3rl.rollout.client import ModelShape
+    from r3rl.rollout.config import EngineConfig
     from r3rl.rollout.fleet import make_backend
 
     at_temperature = cfg.rollout_temperature != 1.0  # log-probs of the distribution sampled (see step.py)
