@@ -25,7 +25,9 @@ _SAMPLING = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids"
 
 
 class SGLangLikeServer:
-    def __init__(self, model, *, max_slots: int = 16, max_seq_len: int = 256) -> None:
+    def __init__(self, model, *, max_slots: int = 16, max_seq_len: int = 256, fail_updates: bool = False) -> None:
+        """`fail_updates`: refuse every weight update as SGLang does ({success: false}, HTTP 400)."""
+        self.fail_updates = fail_updates
         self.engine = RolloutEngine(model, max_slots=max_slots, max_seq_len=max_seq_len, device="cpu")
         self.moe_layers = [s.decoder_layer for s in find_routers(model)]
         self.num_decoder_layers = int(model.config.num_hidden_layers)
@@ -111,6 +113,8 @@ def _handler(server: SGLangLikeServer):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/generate":
                 self._send(200, server.generate(body))
+            elif self.path == "/update_weights_from_disk" and server.fail_updates:
+                self._send(400, {"success": False, "message": "Failed to update weights: injected failure"})
             elif self.path == "/update_weights_from_disk":
                 self._send(200, server.update_weights_from_disk(body))
             else:

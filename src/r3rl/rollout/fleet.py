@@ -16,6 +16,8 @@ left, `generate` raises.
 
 Weights: `update_weights` saves one checkpoint (disk path) and has each live server load it and report the version;
 a server that fails the sync is dropped from rotation with a warning (never silently). All servers failing raises.
+Under torchrun rank 0 alone syncs (`parallel.RankZeroWeightSync`); `share_live` then gives every rank rank 0's live
+set, so a server rank 0 dropped (it holds stale weights) is dropped on every rank.
 """
 
 from __future__ import annotations
@@ -180,6 +182,17 @@ class FleetBackend:
         for srv in self.servers:
             srv._version = version
         self._version = version
+
+    def share_live(self, *, src: int = 0) -> None:
+        """torchrun, after rank `src` synced the weights: every rank keeps only the servers `src` keeps (a collective:
+        every rank calls it). A server dropped here missed the sync; one this rank dropped itself stays dropped."""
+        import torch.distributed as dist
+
+        shared = [list(self.live)]
+        dist.broadcast_object_list(shared, src=src)
+        for k, ok in enumerate(shared[0]):
+            if not ok:
+                self._drop(k, f"rank {src} took it out of rotation (its weight sync failed there)")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

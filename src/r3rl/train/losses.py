@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,18 +138,26 @@ class LossConfig:
 
 
 def group_advantages(rewards_PN: torch.Tensor, estimator: AdvantageEstimator, *, std_normalization: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, sum_over_ranks: Callable[[list[float]], list[float]] | None = None
+                     ) -> torch.Tensor:
     """Per-sample advantages `[P, N]` from rewards `[P, N]` (N samples per prompt).
 
     GRPO/GSPO: (r - group mean) / (group std + eps); without std normalization it is Dr.GRPO's r - group mean.
     REINFORCE++-baseline: r - group mean, then divided by the std of those over the whole batch. The std is the
     unbiased one (torch's default, as verl and slime compute it). A group whose rewards are all equal gets 0.
+    Data parallel: each rank holds whole groups, so only REINFORCE++'s batch std needs the other ranks;
+    `sum_over_ranks` sums its statistics (count, sum, sum of squares) over them: the global batch's std.
     """
     rewards_PN = rewards_PN.float()
     centered = rewards_PN - rewards_PN.mean(dim=-1, keepdim=True)
     if AdvantageEstimator(estimator) is AdvantageEstimator.REINFORCE_PLUS_PLUS:
-        std = centered.std() if centered.numel() > 1 else torch.zeros(())
-        return centered / (std + eps) if std_normalization else centered
+        if not std_normalization:
+            return centered
+        x = centered.double()
+        stats = [float(x.numel()), x.sum().item(), x.square().sum().item()]
+        n, s1, s2 = sum_over_ranks(stats) if sum_over_ranks is not None else stats
+        var = (s2 - s1 * s1 / n) / (n - 1) if n > 1 else 0.0
+        return centered / (math.sqrt(max(var, 0.0)) + eps)
     if not std_normalization:
         return centered
     n = rewards_PN.shape[-1]

@@ -101,7 +101,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     old_logp = train_logp if cfg.old_logprobs is LogprobSource.TRAIN else _rollout_logprobs(mbs)
     shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, len(samples)) if cfg.kl_coef else rewards
     adv_PN = group_advantages(shaped.view(-1, cfg.n_samples_per_prompt), cfg.loss.advantage_estimator,
-                              std_normalization=cfg.grpo_std_normalization)
+                              std_normalization=cfg.grpo_std_normalization,
+                              sum_over_ranks=lambda v: sum_over_ranks(v, ctx.env))  # REINFORCE++: the global std
     if cfg.stale_samples is StalePolicy.DROP:  # out of the policy gradient; groups and rank shares keep their shape
         adv_PN = adv_PN.flatten().masked_fill(torch.tensor(stale), 0.0).view_as(adv_PN)
     with timer("update"):  # 5
