@@ -251,8 +251,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--eps-clip", type=float, default=0.2)
     g.add_argument("--eps-clip-high", type=float, default=None, help="DAPO clip-higher (default: --eps-clip)")
     g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip constant (off by default)")
-    g.add_argument("--loss-agg-mode", default="token-mean",
-                   choices=["token-mean", "seq-mean-token-mean"])
+    g.add_argument("--loss-agg-mode", default=None,
+                   choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+                   help="token-mean (default; GSPO: seq-mean-token-mean, as the paper and verl), seq-mean-token-mean, "
+                        "or Dr.GRPO's seq-mean-token-sum-norm (per-sample token sum / --rollout-max-response-len)")
     g.add_argument("--use-kl-loss", action="store_true", help="KL(actor || reference) term in the loss")
     g.add_argument("--kl-loss-type", default="low_var_kl", choices=["k1", "k2", "k3", "low_var_kl"])
     g.add_argument("--kl-loss-coef", type=float, default=0.0)
@@ -304,7 +306,8 @@ def train_config_from_args(args: argparse.Namespace):
         kl_loss_type=KLType(args.kl_loss_type), kl_loss_coef=args.kl_loss_coef, entropy_coef=args.entropy_coef,
         use_tis=args.use_tis, tis_clip=args.tis_clip, tis_clip_low=args.tis_clip_low,
         rollout_mask=args.use_rollout_mask, mask_low=args.mask_low, mask_high=args.mask_high,
-        correction_level=CorrectionLevel(args.correction_level), loss_agg_mode=LossAggMode(args.loss_agg_mode),
+        correction_level=CorrectionLevel(args.correction_level),
+        loss_agg_mode=LossAggMode(args.loss_agg_mode) if args.loss_agg_mode else None,  # None: the estimator's
     )
     from r3rl.check import resolve_threshold
     from r3rl.models import resolve_dtype

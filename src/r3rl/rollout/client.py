@@ -4,8 +4,10 @@
         samples = await client.generate([[72, 105], [33]], {"max_new_tokens": 16, "temperature": 1.0, "seed": 0})
     samples = generate_sync("http://127.0.0.1:30000", [[72, 105]], {"max_new_tokens": 16})   # from sync code
 
-Against a real SGLang server (`--enable-return-routed-experts`), which has no `num_experts` in its model info, pass
-the model's shape: `RolloutClient(url, model_shape=ModelShape(num_layers=48, top_k=8, num_experts=128))`.
+Against a real SGLang server (`--enable-return-routed-experts`), whose model info has no MoE shape, pass the local
+policy's: `RolloutClient(url, model_shape=ModelShape.of_model(policy))` (layers, top-k, experts, and which decoder
+layers are MoE: SGLang's trace has a column per decoder layer). `r3rl serve` reports its shape; a given one must
+agree with it.
 
 Both servers' responses go through ONE decode path, `decode_generate_output`: output ids, `output_token_logprobs`
 (SGLang layout, checked against the ids), `routed_experts` (base64 int32, or r3rl's compact encoding) decoded and
@@ -75,6 +77,30 @@ class ModelShape:
     column per decoder layer (`num_decoder_layers`), and only these are kept (`RoutingReplay.decoder_layers`)."""
     num_decoder_layers: int | None = None
 
+    @classmethod
+    def of_model(cls, model) -> ModelShape:
+        """The MoE shape of a local HF model (the trainer's policy): what a SGLang server's traces are decoded
+        against, since its model info has none."""
+        from r3rl.models.adapters import find_routers
+
+        sites = find_routers(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        num_decoder = int(config.num_hidden_layers)
+        decoder = [s.decoder_layer for s in sites]
+        moe_layers = None
+        if decoder != list(range(num_decoder)):  # some decoder layers are dense
+            if None in decoder:
+                raise ValueError(f"{type(model).__name__}: {len(sites)} MoE layers of {num_decoder} decoder layers, "
+                                 f"but the decoder index of {[s.name for s in sites if s.decoder_layer is None]} "
+                                 "is unknown: cannot map a SGLang trace's columns")
+            moe_layers = tuple(decoder)
+        return cls(num_layers=len(sites), top_k=sites[0].top_k, num_experts=sites[0].num_experts,
+                   moe_layers=moe_layers, num_decoder_layers=num_decoder)
+
+    def moe_shape(self) -> tuple[int, int, int]:
+        """(MoE layers, top-k, experts): what two descriptions of one model must agree on."""
+        return self.num_layers, self.top_k, self.num_experts
+
 
 class RolloutHTTPError(RuntimeError):
     """The server answered with an error (or could not be reached)."""
@@ -113,7 +139,8 @@ class RolloutClient:
         api_key: str | None = None,
     ) -> None:
         """`timeout` bounds one HTTP attempt (a long generation needs a long one); `max_retries` counts retries
-        after the first attempt. `model_shape` is fetched from `/model_info` when not given. `transport` is for
+        after the first attempt. `model_shape`: the local model's (`ModelShape.of_model`), used when the server's
+        `/model_info` has no MoE shape (SGLang) and checked against it when it has (r3rl serve). `transport` is for
         tests (httpx.MockTransport). `api_key` (default: $R3RL_API_KEY) is sent as `Authorization: Bearer` (the
         server's `--api-key`)."""
         if max_retries < 0 or backoff < 0:
@@ -123,7 +150,8 @@ class RolloutClient:
         self.backoff = backoff
         self.routed_experts_format = RoutedExpertsFormat(routed_experts_format)
         self.logprobs_at_temperature = logprobs_at_temperature
-        self._shape = model_shape
+        self._local_shape = model_shape
+        self._shape: ModelShape | None = None
         self._is_r3rl: bool | None = None
         api_key = api_key if api_key is not None else os.environ.get("R3RL_API_KEY")
         self._http = httpx.AsyncClient(
@@ -155,16 +183,32 @@ class RolloutClient:
         return await self._request("GET", "/model_info")
 
     async def model_shape(self) -> ModelShape:
+        """The shape traces are decoded against: the server's (r3rl serve), else the local one given (SGLang)."""
         if self._shape is None:
             try:
-                info = ModelInfo.model_validate(await self.model_info())
-            except (RolloutRequestError, ValidationError) as e:
+                raw = await self.model_info()
+            except RolloutRequestError as e:  # 4xx: a server without /model_info
+                raw, why = None, str(e)
+            served = None
+            if isinstance(raw, dict) and "num_experts" in raw:
+                try:
+                    info = ModelInfo.model_validate(raw)
+                except ValidationError as e:
+                    raise RolloutRequestError(f"{self.base_url}/model_info breaks the protocol: "
+                                              f"{validation_error(e).message}") from None
+                served = ModelShape(num_layers=info.num_layers, top_k=info.top_k, num_experts=info.num_experts)
+            elif raw is not None:
+                why = f"fields {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
+            local = self._local_shape
+            if served is None and local is None:
                 raise RolloutRequestError(
-                    f"{self.base_url}/model_info is unavailable or lacks the MoE shape ({e}): for a real SGLang "
-                    "server pass RolloutClient(..., model_shape=ModelShape(num_layers=, top_k=, num_experts=))",
-                    status=getattr(e, "status", None),
-                ) from e
-            self._shape = ModelShape(num_layers=info.num_layers, top_k=info.top_k, num_experts=info.num_experts)
+                    f"{self.base_url}/model_info has no MoE shape ({why}), as SGLang's: pass the local policy's "
+                    "(RolloutClient(..., model_shape=ModelShape.of_model(model)))")
+            if served is not None and local is not None and served.moe_shape() != local.moe_shape():
+                raise RolloutRequestError(
+                    f"{self.base_url} serves a model of MoE shape (layers, top_k, experts)={served.moe_shape()}, "
+                    f"the local policy's is {local.moe_shape()}: not the same model")
+            self._shape = served or local
         return self._shape
 
     async def get_model_info(self) -> dict[str, Any]:

@@ -137,6 +137,8 @@ class TrainConfig:
     """--ci-test: step-0 max |actor - reference| log-prob difference under the same routing."""
 
     def __post_init__(self) -> None:
+        if self.loss.token_sum_norm is None:  # seq-mean-token-sum-norm's constant: the generation budget (Dr.GRPO)
+            self.loss.token_sum_norm = self.rollout_max_response_len
         for name in ("rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len", "num_rollout",
                      "rollout_max_slots"):
             if getattr(self, name) < 1:

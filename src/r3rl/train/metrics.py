@@ -91,13 +91,19 @@ class MetricsWriter:
 
 
 class RunSummary:
-    """The R3 check's verdict over a run: every step's tokens, zero-overlap rows and pass/fail per stage."""
+    """The R3 check's verdict over a run: every step's tokens, zero-overlap rows and pass/fail per stage.
 
-    def __init__(self) -> None:
+    A pass needs, at every step, checked tokens in each stage the configuration produces: `replay_forward` always,
+    `replay_backward` only with activation checkpointing (`recompute`: without it nothing is recomputed)."""
+
+    def __init__(self, *, recompute: bool = True) -> None:
         self.steps = 0
+        self.required = ("replay_forward", "replay_backward") if recompute else ("replay_forward",)
         self.tokens: dict[str, int] = {}
         self.zero_overlap: dict[str, int] = {}
         self.failed_steps: list[int] = []
+        self.unchecked: dict[int, list[str]] = {}
+        """step -> the required stages in which it checked no token."""
         self.routing_mismatch: list[float] = []
 
     def add(self, metrics: dict) -> None:
@@ -109,19 +115,25 @@ class RunSummary:
                 self.tokens[stage] = self.tokens.get(stage, 0) + value
         if metrics.get("r3_check_passed") is False:
             self.failed_steps.append(metrics["step"])
+        missing = [s for s in self.required if not metrics.get(f"r3_check_{s}_tokens", 0)]
+        if missing:
+            self.unchecked[metrics["step"]] = missing
 
     def to_dict(self, *, check_enabled: bool, error: str | None = None) -> dict:
         if not check_enabled:
             verdict = "not_checked"
         elif error or self.failed_steps:
             verdict = "fail"
-        elif self.steps and all(self.tokens.get(s, 0) > 0 for s in ("replay_forward", "replay_backward")):
+        elif self.steps and not self.unchecked:
             verdict = "pass"
         else:
             verdict = "fail"
-            error = error or f"the check saw no tokens in some stage: {self.tokens}"
+            first = next(iter(self.unchecked.items()), None)
+            error = error or ("no step ran" if first is None else
+                              f"the check saw no token in stage(s) {first[1]} at step {first[0]} "
+                              f"({len(self.unchecked)} of {self.steps} steps; required: {list(self.required)})")
         return {"verdict": verdict, "error": error, "steps": self.steps, "tokens_checked": self.tokens,
-                "failed_steps": self.failed_steps,
+                "required_stages": list(self.required), "failed_steps": self.failed_steps,
                 "routing_mismatch_mean": float(np.mean(self.routing_mismatch)) if self.routing_mismatch else None}
 
 

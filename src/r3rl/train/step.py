@@ -35,6 +35,7 @@ from torch import nn
 from r3rl.check import ReplayCheck
 from r3rl.config import Fault, ReplayKind
 from r3rl.faults import corrupt_trace
+from r3rl.models.chat import encode_prompt
 from r3rl.replay import Recording, RoutingReplay
 from r3rl.rollout.backend import RolloutBackend
 from r3rl.rollout.protocol import SamplingParams
@@ -68,6 +69,8 @@ class StepContext:
     stop_token_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
     env: DistEnv = field(default_factory=DistEnv)
+    layer_masks: object = None
+    """`LayoutPlan.layer_masks`: packed micro-batches of a family whose forward needs r3rl's layer masks."""
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
@@ -98,7 +101,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     old_logp = train_logp if cfg.old_logprobs is LogprobSource.TRAIN else _rollout_logprobs(mbs)
     shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, len(samples)) if cfg.kl_coef else rewards
     adv_PN = group_advantages(shaped.view(-1, cfg.n_samples_per_prompt), cfg.loss.advantage_estimator,
-                              std_normalization=cfg.grpo_std_normalization)
+                              std_normalization=cfg.grpo_std_normalization,
+                              sum_over_ranks=lambda v: sum_over_ranks(v, ctx.env))  # REINFORCE++: the global std
     if cfg.stale_samples is StalePolicy.DROP:  # out of the policy gradient; groups and rank shares keep their shape
         adv_PN = adv_PN.flatten().masked_fill(torch.tensor(stale), 0.0).view_as(adv_PN)
     with timer("update"):  # 5
@@ -134,7 +138,7 @@ def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[flo
     use_traces = cfg.replay.kind is not ReplayKind.NONE or traces is not None
     mbs = [mb.to(cfg.device) for mb in make_micro_batches(
         samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
-        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices,
+        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,
         traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
     # ranks run the same number of forwards (FSDP collectives): the short ones repeat their last, as padding
     missing = pad_count(len(mbs), ctx.env) - len(mbs)
@@ -235,13 +239,7 @@ def replay_mode(ctx: StepContext, mb: MicroBatch):
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 def _encode(ctx: StepContext, prompt: str) -> list[int]:
-    if ctx.cfg.apply_chat_template:
-        return list(ctx.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                      add_generation_prompt=True))
-    ids = ctx.tokenizer.encode(prompt, add_special_tokens=False)
-    if not ids:
-        raise ValueError(f"prompt {prompt[:60]!r} tokenizes to no tokens: this tokenizer cannot encode it")
-    return ids
+    return encode_prompt(ctx.tokenizer, prompt, chat_template=ctx.cfg.apply_chat_template)
 
 
 def _sampling(ctx: StepContext, step: int) -> SamplingParams:

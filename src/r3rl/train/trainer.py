@@ -28,6 +28,7 @@ import torch
 
 from r3rl.check import ReplayCheck, resolve_threshold
 from r3rl.models import load_model, resolve_dtype
+from r3rl.models.chat import encode_prompt
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model, make_tokenizer
 from r3rl.replay import RoutingReplay
@@ -43,7 +44,7 @@ from r3rl.train.checkpoint import (
     save_checkpoint,
 )
 from r3rl.train.config import TrainConfig
-from r3rl.train.data import make_micro_batches, token_logprobs
+from r3rl.train.data import make_micro_batches, plan_layout, token_logprobs
 from r3rl.train.lock import DirLock
 from r3rl.train.metrics import MetricsWriter, RunSummary
 from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
@@ -83,6 +84,10 @@ class Trainer:
         self.prompts = _prompt_source(cfg, seed=cfg.seed, reward=self.reward)
         probe_reward(self.prompts)  # a reward that breaks its contract fails here, before any work
         self.model, self.tokenizer = self._load_policy()
+        # the layout this family trains in: one that cannot be packed correctly is trained padded (said once)
+        self.layout_plan = plan_layout(self.model, cfg.layout, dtype=resolve_dtype(cfg.dtype), log=env.is_main)
+        cfg = self.cfg = dataclasses.replace(cfg, layout=self.layout_plan.layout)
+        self.prompts = _prompt_source(cfg, seed=cfg.seed, reward=self.reward)
         self.start_step = 0
         if self.state is None:
             self._sft_warmup()
@@ -125,14 +130,14 @@ class Trainer:
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
-            env=env)
+            env=env, layer_masks=self.layout_plan.layer_masks)
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
         if main:
             (self.run_dir / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
         writer = MetricsWriter(self.run_dir, truncate_after=self.start_step if self.state else None) if main else None
-        summary, error = RunSummary(), None
+        summary, error = RunSummary(recompute=cfg.activation_checkpointing), None  # the stages this run produces
         try:
             with _Progress(cfg.num_rollout, self.start_step, enabled=cfg.progress and main) as progress:
                 for step in range(self.start_step, cfg.num_rollout):
@@ -169,7 +174,7 @@ class Trainer:
         cfg = self.cfg
         source = _prompt_source(cfg, seed=cfg.seed + 104729, reward=self.reward)  # the same prompts every time
         items = source.next_batch(cfg.eval_prompts)
-        prompts = [self.tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
+        prompts = [encode_prompt(self.tokenizer, it.prompt, chat_template=cfg.apply_chat_template) for it in items]
         samples = self.rollout.generate(prompts, SamplingParams(
             max_new_tokens=cfg.rollout_max_response_len, temperature=0.0, stop_token_ids=_stop_ids(self.tokenizer),
             seed=0))
@@ -234,11 +239,13 @@ class Trainer:
             samples = []
             for it in items:
                 target = self.tokenizer.encode(source.sft_target(it), add_special_tokens=False) + eos[:1]
-                samples.append(Sample(prompt_ids=self.tokenizer.encode(it.prompt, add_special_tokens=False),
+                samples.append(Sample(prompt_ids=encode_prompt(self.tokenizer, it.prompt,
+                                                               chat_template=cfg.apply_chat_template),
                                       response_ids=target, rollout_logprobs=[0.0] * len(target)))
             mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
                                      micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
-                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples))
+                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples),
+                                     layer_masks=self.layout_plan.layer_masks)
             n_tok = sum(mb.num_response_tokens for mb in mbs)
             opt.zero_grad(set_to_none=True)
             for mb in (m.to(cfg.device) for m in mbs):
@@ -276,6 +283,7 @@ def _lock_dirs(cfg: TrainConfig) -> list[DirLock]:
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
     from r3rl.rollout.backend import EngineBackend
+    from r3rl.rollout.client import ModelShape
     from r3rl.rollout.config import EngineConfig
     from r3rl.rollout.fleet import make_backend
 
@@ -283,7 +291,8 @@ def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
     if cfg.rollout_url:  # one server: HTTPBackend; several: FleetBackend (load spread, exactly-once re-send)
         return make_backend(cfg.rollout_url, weights_dir=str(run_dir / "weights"),
                             logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
-                            sync_address=cfg.weight_sync_address)
+                            sync_address=cfg.weight_sync_address,
+                            model_shape=ModelShape.of_model(model))  # SGLang's model info has no MoE shape
     max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
     engine_cfg = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
                               kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device, dtype=cfg.dtype)
