@@ -270,7 +270,9 @@ class Trainer:
         if task and not isinstance(self.eval_source, PromptDataset):
             return None
         shim = SimpleNamespace(cfg=self.cfg, tokenizer=self.tokenizer)
-        texts = ({it.prompt for it in self.prompts.items} if not task else set()) | {it.prompt for it in self.eval_items}
+        texts = {it.prompt for it in self.eval_items}
+        if not task:
+            texts |= {it.prompt for it in self.prompts.items}
         longest = max(len(_encode(shim, t)) for t in texts)
         return max(longest, TASK_MAX_PROMPT_LEN) if task else longest
 
