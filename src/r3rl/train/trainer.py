@@ -303,7 +303,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.sft_steps == 0:
             return
-        source = _prompt_source(cfg, seed=cfg.seed + 7919)  # its own stream: the RL cursor is not touched
+        # its own stream (the RL cursor is not touched), on the same training part: no held-out prompt is learnt
+        source = _prompt_source(cfg, seed=cfg.seed + 7919, holdout=self.holdout)
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.sft_lr, betas=cfg.adam_betas)
         eos = _stop_ids(self.tokenizer)
         self.model.train()
@@ -332,7 +333,9 @@ class Trainer:
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
-def _prompt_source(cfg: TrainConfig, *, seed: int, part: str = "train", holdout: int = 0):
+def _prompt_source(cfg: TrainConfig, *, seed: int, holdout: int, part: str = "train"):
+    """`holdout`: the prompts split off `prompt_data` for evaluation (Trainer.holdout), passed by every caller so that
+    no training stream (RL or warm-up) can miss the split."""
     from r3rl.tasks import make_prompt_source
 
     return make_prompt_source(task=cfg.task, prompt_data=cfg.prompt_data, input_key=cfg.input_key,
