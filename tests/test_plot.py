@@ -221,7 +221,7 @@ def test_a_new_metric_is_one_table_row(tmp_path, monkeypatch):
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 12, "my_metric": 0.5}) + "\n")
     monkeypatch.setattr(plot, "PANELS", [*PANELS, plot.Panel(metric="my_metric", file="mine.png", title="mine",
-                                                               ylabel="y", scale="fraction")])
+                                                               ylabel="y", scale=plot.Scale.FRACTION)])
     assert _titles(_figs(run)["mine.png"]) == ["mine"]
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 13, "my_metric": "x"}) + "\n")

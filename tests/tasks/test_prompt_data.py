@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from r3rl.tasks import PromptDataset, PromptItem, PromptSource, TaskPromptSource, get_task, make_prompt_source
+from r3rl.tasks.data import DataPart
 
 
 def _write_jsonl(path, rows):
@@ -170,26 +171,26 @@ def _rows(n, dup=()):
 
 def test_held_out_split_is_disjoint_seeded_and_covers_the_file(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", _rows(50, dup=(3, 7, 11, 20)))  # repeated prompts: one side only
-    train = make_prompt_source(prompt_data=str(path), part="train", holdout=10, split_seed=0, seed=1)
-    held = make_prompt_source(prompt_data=str(path), part="eval", holdout=10, split_seed=0, seed=2)
+    train = make_prompt_source(prompt_data=str(path), part=DataPart.TRAIN, holdout=10, split_seed=0, seed=1)
+    held = make_prompt_source(prompt_data=str(path), part=DataPart.EVAL, holdout=10, split_seed=0, seed=2)
     train_prompts, held_prompts = {it.prompt for it in train.items}, {it.prompt for it in held.items}
     assert len(held_prompts) == 10 and not train_prompts & held_prompts
     assert len(train.items) + len(held.items) == 54 and train_prompts | held_prompts == {f"w{i}=" for i in range(50)}
     # the training source's cursor never reaches a held-out prompt, over several epochs
     assert not {it.prompt for it in train.next_batch(200)} & held_prompts
-    again = make_prompt_source(prompt_data=str(path), part="eval", holdout=10, split_seed=0, seed=9)
+    again = make_prompt_source(prompt_data=str(path), part=DataPart.EVAL, holdout=10, split_seed=0, seed=9)
     assert {it.prompt for it in again.items} == held_prompts  # the split depends on split_seed only
-    other = make_prompt_source(prompt_data=str(path), part="eval", holdout=10, split_seed=1)
+    other = make_prompt_source(prompt_data=str(path), part=DataPart.EVAL, holdout=10, split_seed=1)
     assert {it.prompt for it in other.items} != held_prompts
-    assert len(make_prompt_source(prompt_data=str(path), part="all", holdout=10).items) == 54
+    assert len(make_prompt_source(prompt_data=str(path), part=DataPart.ALL, holdout=10).items) == 54
 
 
 def test_eval_file_is_the_eval_part_and_training_keeps_the_whole_file(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", _rows(20))
     evals = _write_jsonl(tmp_path / "e.jsonl", [{"prompt": "new=", "label": "NEW"}])
-    held = make_prompt_source(prompt_data=str(path), eval_data=str(evals), part="eval", holdout=4)
+    held = make_prompt_source(prompt_data=str(path), eval_data=str(evals), part=DataPart.EVAL, holdout=4)
     assert [(it.prompt, it.label) for it in held.items] == [("new=", "NEW")] and held.reward("NEW", held.items[0]) == 1
-    train = make_prompt_source(prompt_data=str(path), eval_data=str(evals), part="train", holdout=4)
+    train = make_prompt_source(prompt_data=str(path), eval_data=str(evals), part=DataPart.TRAIN, holdout=4)
     assert len(train.items) == 20  # an eval file: nothing is split off the training data
 
 

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from r3rl.config import ReplayConfig
+from r3rl.tasks.data import DataPart
 from r3rl.train import trainer as trainer_module
 from r3rl.train.config import TrainConfig
 from r3rl.train.metrics import MetricsWriter, RunSummary
@@ -36,9 +37,9 @@ def test_prompt_data_run_evaluates_on_held_out_prompts_logs_samples_and_plots(tm
     monkeypatch.chdir(tmp_path)
     trained = []  # every prompt a training stream (warm-up and RL) hands out
 
-    def spy(cfg, *, seed, holdout, part="train"):
+    def spy(cfg, *, seed, holdout, part=DataPart.TRAIN):
         source = make(cfg, seed=seed, holdout=holdout, part=part)
-        if part != "eval":
+        if part is not DataPart.EVAL:
             draw = source.next_batch
 
             def next_batch(n):
@@ -150,3 +151,13 @@ def test_wandb_logs_offline_beside_the_metrics_file(tmp_path, monkeypatch):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_missing_eval_data_file_exits_2_before_any_work(tmp_path, capsys):
+    from r3rl import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--eval-data", str(tmp_path / "nope.jsonl"), "--run-dir", str(tmp_path / "run"),
+                  "--device", "cpu"])
+    assert e.value.code == 2 and f"--eval-data {tmp_path / 'nope.jsonl'}: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

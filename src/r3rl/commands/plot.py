@@ -24,6 +24,7 @@ matplotlib's object API on the Agg canvas (no pyplot global state).
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -32,10 +33,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["plot_runs", "build_figures", "load_metrics", "RunMetrics", "Panel", "Heatmap", "PANELS", "HEATMAPS",
-           "ema"]
+__all__ = ["plot_runs", "build_figures", "load_metrics", "RunMetrics", "Panel", "Heatmap", "Scale", "PANELS",
+           "HEATMAPS", "ema"]
 
 logger = logging.getLogger(__name__)
+
+
+class Scale(enum.StrEnum):
+    """A panel's y axis."""
+
+    LINEAR = "linear"
+    LOG = "log"  # symlog when some values are 0 (R3's mismatch), linear when one is negative
+    FRACTION = "fraction"  # a value in [0, 1]: y from 0 to a little above the largest (0..1 when all are 0)
+    UNIT = "unit"  # fixed 0..1 (a success rate)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,9 +58,7 @@ class Panel:
     """The PNG it is drawn in; panels sharing a file sit side by side, in table order."""
     title: str
     ylabel: str
-    scale: str = "linear"
-    """linear | log (symlog when some values are 0; linear with a negative) | fraction (y from 0, a value in [0, 1])
-    | unit (fixed 0..1)."""
+    scale: Scale = Scale.LINEAR
     smooth: bool = True
     """Draw an EMA beside the faded raw curve (when there are enough points)."""
     hide_if_zero: bool = False
@@ -70,31 +78,31 @@ class Heatmap:
     colorbar: str
 
 
-PANELS: list[Panel] = [
+PANELS: tuple[Panel, ...] = (
     Panel(metric="reward_mean", file="reward.png", title="reward (sampled rollouts)",
           ylabel="reward (mean, band: +- std over samples)", band="reward_std"),
     Panel(metric="eval_solved_frac", file="eval.png", title="held-out greedy exact match",
-          ylabel="fraction of held-out prompts solved", scale="unit", smooth=False),
+          ylabel="fraction of held-out prompts solved", scale=Scale.UNIT, smooth=False),
     Panel(metric="eval_reward", file="eval.png", title="held-out greedy reward", ylabel="mean reward", smooth=False),
     Panel(metric="train_rollout_k3_kl", file="kl.png", title="train-rollout KL (k3)", ylabel="k3 KL per token",
-          scale="log"),
+          scale=Scale.LOG),
     Panel(metric="train_rollout_logprob_abs_diff", file="logprob_diff.png", title="train-rollout |log-prob difference|",
-          ylabel="mean |log p_train - log p_rollout|", scale="log"),
+          ylabel="mean |log p_train - log p_rollout|", scale=Scale.LOG),
     Panel(metric="routing_mismatch", file="routing_mismatch.png", title="routing mismatch (training vs rollout trace)",
-          ylabel="fraction of (token, layer) with a different expert set", scale="fraction"),
+          ylabel="fraction of (token, layer) with a different expert set", scale=Scale.FRACTION),
     Panel(metric="router_live_mismatch", file="routing_mismatch.png", title="live router vs rollout trace",
-          ylabel="fraction of (token, layer) the live router would route elsewhere", scale="fraction"),
+          ylabel="fraction of (token, layer) the live router would route elsewhere", scale=Scale.FRACTION),
     Panel(metric="ppo_kl", file="training.png", title="PPO KL", ylabel="ppo_kl", hide_if_zero=True),
     Panel(metric="grad_norm", file="training.png", title="grad norm", ylabel="grad_norm", hide_if_zero=True),
     Panel(metric="response_len_mean", file="training.png", title="response length", ylabel="tokens",
           hide_if_zero=True),
     Panel(metric="train_rollout_extreme_frac", file="training.png", title="extreme train/rollout ratios",
-          ylabel="fraction of tokens", scale="fraction", hide_if_zero=True),
-]
-HEATMAPS: list[Heatmap] = [
+          ylabel="fraction of tokens", scale=Scale.FRACTION, hide_if_zero=True),
+)
+HEATMAPS: tuple[Heatmap, ...] = (
     Heatmap(metric="routing_mismatch_per_layer", prefix="routing_mismatch_heatmap",
             title="routing mismatch per layer", colorbar="fraction of tokens with a different expert set"),
-]
+)
 EMA_WEIGHT = 0.8
 SMOOTH_MIN_POINTS = 10
 _STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 2)), "P")]
@@ -226,8 +234,8 @@ def _draw_panel(ax, panel: Panel, runs: list[RunMetrics]) -> None:
         every = max(1, len(steps) // _MARKS)
         common = dict(color=f"C{i % 10}", linestyle=style, linewidth=max(1.0, 2.4 - 0.5 * i), marker=marker,
                       markersize=max(3.0, 7.5 - 1.5 * i), markevery=((i * every) // len(runs) % every, every),
-                      markerfacecolor="none" if i else None, clip_on=panel.scale not in ("fraction", "unit"),
-                      zorder=2 + i)
+                      markerfacecolor="none" if i else None, zorder=2 + i,
+                      clip_on=panel.scale not in (Scale.FRACTION, Scale.UNIT))  # a 0 line on the axis shows whole
         if panel.smooth and len(steps) >= SMOOTH_MIN_POINTS:
             ax.plot(steps, values, color=common["color"], linestyle=style, linewidth=1.0, alpha=0.3,
                     label="_nolegend_", zorder=1)
@@ -247,11 +255,11 @@ def _draw_panel(ax, panel: Panel, runs: list[RunMetrics]) -> None:
 
 
 def _scale(ax, panel: Panel, values: list[float]) -> None:
-    if panel.scale == "log":
+    if panel.scale is Scale.LOG:
         _log_y(ax, values)
-    elif panel.scale == "unit":
+    elif panel.scale is Scale.UNIT:
         ax.set_ylim(0.0, 1.02)
-    elif panel.scale == "fraction" and all(v >= 0 for v in values):
+    elif panel.scale is Scale.FRACTION and all(v >= 0 for v in values):
         top = max(values, default=0.0)
         ax.set_ylim(0.0, min(1.0, 1.15 * top) if top > 0 else 1.0)
 

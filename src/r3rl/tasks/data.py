@@ -10,8 +10,8 @@ Held-out evaluation (`part`): with `eval_data` the "eval" part is that file. Wit
 `prompt_data` once by a seeded permutation (`split_seed`): "eval" is `holdout` items, "train" the rest, disjoint, the
 same split in every call with the same seed (training, warm-up and evaluation sources alike).
 
-    train = make_prompt_source(prompt_data="p.jsonl", part="train", holdout=40, seed=0)
-    held = make_prompt_source(prompt_data="p.jsonl", part="eval", holdout=40, seed=1)
+    train = make_prompt_source(prompt_data="p.jsonl", part=DataPart.TRAIN, holdout=40, seed=0)
+    held = make_prompt_source(prompt_data="p.jsonl", part=DataPart.EVAL, holdout=40, seed=1)
 
 Order: a dataset is read in epochs, each a shuffle seeded by (seed, epoch); a batch may span an epoch boundary. A
 task draws item i from an rng seeded by (seed, i), so the stream does not depend on batch sizes.
@@ -19,6 +19,7 @@ task draws item i from an rng seeded by (seed, i), so the stream does not depend
 
 from __future__ import annotations
 
+import enum
 import json
 import random
 from collections.abc import Callable
@@ -28,9 +29,17 @@ from r3rl.tasks.base import PromptItem, Task
 from r3rl.tasks.builtin import get_task
 from r3rl.tasks.rewards import get_reward, load_reward_fn
 
-__all__ = ["PromptDataset", "TaskPromptSource", "make_prompt_source", "split_holdout", "default_holdout"]
+__all__ = ["PromptDataset", "TaskPromptSource", "DataPart", "make_prompt_source", "split_holdout", "default_holdout"]
 
 RewardFn = Callable[[str, PromptItem], float]
+
+
+class DataPart(enum.StrEnum):
+    """Which prompts of the data a source hands out."""
+
+    ALL = "all"  # the whole prompt file (no evaluation split)
+    TRAIN = "train"  # the prompt file without its held-out prompts
+    EVAL = "eval"  # the evaluation file, else the held-out prompts of the prompt file
 
 
 class PromptDataset:
@@ -160,28 +169,29 @@ class TaskPromptSource:
 
 def make_prompt_source(*, task: str = "reverse", prompt_data: str | None = None, input_key: str = "prompt",
                        label_key: str = "label", custom_rm_path: str | None = None, reward_fn: str = "exact_match",
-                       seed: int = 0, task_kwargs: dict | None = None, part: str = "all",
+                       seed: int = 0, task_kwargs: dict | None = None, part: DataPart | str = DataPart.ALL,
                        eval_data: str | None = None, holdout: int = 0, split_seed: int = 0):
     """The trainer's prompt source: `prompt_data` when given (rewarded by `custom_rm_path`, else the built-in
     `reward_fn` against the label), else the built-in `task` (rewarded by `custom_rm_path`, else its own reward).
 
     `part` picks what of the data: "all", "train" (without the held-out items) or "eval" (the `eval_data` file, else
     the `holdout` items split off `prompt_data` by `split_seed`; see the module docstring). A task has no split."""
-    if part not in ("all", "train", "eval"):
+    if part not in set(DataPart):
         raise ValueError(f"part must be 'all', 'train' or 'eval': got {part!r}")
+    part = DataPart(part)
     custom = load_reward_fn(custom_rm_path) if custom_rm_path else None
-    if prompt_data is not None or (part == "eval" and eval_data is not None):
+    if prompt_data is not None or (part is DataPart.EVAL and eval_data is not None):
         reward = custom or _label_reward(get_reward(reward_fn))
-    if part == "eval" and eval_data is not None:
+    if part is DataPart.EVAL and eval_data is not None:
         return PromptDataset.from_file(eval_data, input_key=input_key, label_key=label_key, reward_fn=reward,
                                        seed=seed)
     if prompt_data is not None:
         data = PromptDataset.from_file(prompt_data, input_key=input_key, label_key=label_key, reward_fn=reward,
                                        seed=seed)
-        if part == "all" or eval_data is not None or holdout == 0:
+        if part is DataPart.ALL or eval_data is not None or holdout == 0:
             return data
         train, held = split_holdout(data.items, holdout, seed=split_seed, name=data.name)
-        return PromptDataset(train if part == "train" else held, reward_fn=reward, seed=seed, name=data.name)
+        return PromptDataset(train if part is DataPart.TRAIN else held, reward_fn=reward, seed=seed, name=data.name)
     return TaskPromptSource(get_task(task, **(task_kwargs or {})), seed=seed, reward_fn=custom)
 
 

@@ -39,6 +39,7 @@ from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model, make_tokenizer
 from r3rl.replay import RoutingReplay
 from r3rl.sample import Sample
+from r3rl.tasks.data import DataPart
 from r3rl.train.checkpoint import (
     capture_rng,
     load_optimizer_state,
@@ -76,7 +77,7 @@ class Trainer:
         cfg = self.cfg = dataclasses.replace(cfg, run_dir=str(self.run_dir))
         self.model, self.tokenizer = self._load_policy()
         self.holdout = self._holdout()
-        self.prompts = _prompt_source(cfg, seed=cfg.seed, part="train", holdout=self.holdout)
+        self.prompts = _prompt_source(cfg, seed=cfg.seed, part=DataPart.TRAIN, holdout=self.holdout)
         self.eval_source, self.eval_items = self._eval_set()
         self.start_step = 0
         if self.state is None:
@@ -248,7 +249,7 @@ class Trainer:
             return None, []
         from r3rl.tasks import PromptDataset
 
-        source = _prompt_source(cfg, seed=cfg.seed + 104729, part="eval", holdout=self.holdout)
+        source = _prompt_source(cfg, seed=cfg.seed + 104729, part=DataPart.EVAL, holdout=self.holdout)
         n = min(cfg.eval_prompts, len(source)) if isinstance(source, PromptDataset) else cfg.eval_prompts
         items = source.next_batch(n)
         if cfg.eval_data is not None and isinstance(self.prompts, PromptDataset):
@@ -333,7 +334,7 @@ class Trainer:
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
-def _prompt_source(cfg: TrainConfig, *, seed: int, holdout: int, part: str = "train"):
+def _prompt_source(cfg: TrainConfig, *, seed: int, holdout: int, part: DataPart = DataPart.TRAIN):
     """`holdout`: the prompts split off `prompt_data` for evaluation (Trainer.holdout), passed by every caller so that
     no training stream (RL or warm-up) can miss the split."""
     from r3rl.tasks import make_prompt_source
