@@ -6,6 +6,7 @@ import datetime
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,17 @@ def test_each_run_gets_its_own_directory_and_latest_follows(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="r3rl"):
         new_run_dir(tmp_path / "runs", now=now)
     assert latest.is_dir() and not latest.is_symlink() and "is not a link" in caplog.text
+
+
+def test_a_resumed_run_without_run_dir_continues_in_its_own_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kw = dict(prompt_data=None, eval_interval=None, sft_steps=1, run_dir=None, save=str(tmp_path / "ckpt"))
+    first = Trainer(_cfg(tmp_path, num_rollout=1, **kw)).run()
+    resumed = Trainer(_cfg(tmp_path, num_rollout=2, load=str(tmp_path / "ckpt"), **kw)).run()
+    assert resumed["run_dir"] == first["run_dir"] and resumed["steps"] == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([Path(first["run_dir"]).name, "latest"])
+    rows = (tmp_path / first["run_dir"] / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [0, 1]
 
 
 def test_a_run_that_fails_at_step_0_names_the_step():
