@@ -33,15 +33,37 @@ def add_replay_flags(p: argparse.ArgumentParser) -> None:
                         "$MILES_TEST_R3_THRESHOLD, else 1e-2)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from r3rl.models.presets import PRESETS
+class _PresetNames:
+    """`--preset` choices, read from `r3rl.models.presets` only when a value is checked or a subcommand's help is
+    shown: building the parser (`r3rl --help`, `r3rl plot`) imports no torch or transformers."""
 
+    def _names(self) -> list[str]:
+        from r3rl.models.presets import PRESETS
+
+        return sorted(PRESETS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+PRESET_CHOICES = _PresetNames()
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda when available, else cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r3rl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--log-level", default=os.environ.get("R3RL_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-model", help="write a random-init HF MoE checkpoint from a preset")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--preset", required=True, choices=PRESET_CHOICES, metavar="PRESET",
+                   help="one of: %(choices)s")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
@@ -49,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="R3 end-to-end regression: rollout, replay, check, JSON report, exit 0/1")
     add_replay_flags(p)
     p.add_argument("--model", default=None, help="local HF MoE checkpoint (default: make --preset on the fly)")
-    p.add_argument("--preset", default="tiny-qwen3-moe", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny-qwen3-moe", choices=PRESET_CHOICES, metavar="PRESET",
+                   help="one of: %(choices)s")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--inject-fault", default="none", choices=["none", "shift", "permute-layers"],
                    help="negative control: corrupt the trace before replay (the check must fail)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (the precision RL runs in) | float32 | float16")
     p.add_argument("--batch-size", type=int, default=8, help="rollouts in the batch")
     p.add_argument("--prompt-len", type=int, default=16)
@@ -176,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from r3rl.models.presets import PRESETS
-    from r3rl.tasks.reward_pool import DEFAULT_REWARD_TIMEOUT_S
+    from r3rl.tasks.reward_pool import DEFAULT_REWARD_TIMEOUT_S  # neither imports torch: `r3rl --help` stays fast
     from r3rl.tasks.rewards import BUILTIN_REWARDS
 
     p = sub.add_parser("train", help="RL training (GRPO/GSPO/REINFORCE++) with R3/R2 replay, verified every step",
@@ -185,8 +207,9 @@ def _add_train_parser(sub) -> None:
     add_replay_flags(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="local HF MoE checkpoint (default: make --preset on the fly)")
-    g.add_argument("--preset", default="tiny-qwen3-moe", choices=sorted(PRESETS))
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument("--preset", default="tiny-qwen3-moe", choices=PRESET_CHOICES, metavar="PRESET",
+                   help="one of: %(choices)s")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--dtype", default=None, help="parameter dtype (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and rewards")
@@ -273,8 +296,22 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--eval-interval", type=int, default=10,
                    help="greedy evaluation on held-out prompts every N steps and after the last (0: off)")
     g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out evaluation prompts, .jsonl or .parquet with --prompt-data's keys (default with "
+                        "--prompt-data: a fifth of its distinct prompts, at most --eval-prompts, is held out of "
+                        "training)")
+    g.add_argument("--eval-samples-logged", type=int, default=3,
+                   help="greedy completions (prompt, completion, reward) per evaluation, to the log and "
+                        "RUN_DIR/samples.jsonl")
     g = p.add_argument_group("outputs")
-    g.add_argument("--run-dir", default="runs/r3rl", help="metrics.jsonl, summary.json, TensorBoard, config")
+    g.add_argument("--run-dir", default=None,
+                   help="config.json, metrics.jsonl, summary.json, samples.jsonl, TensorBoard, plots/ (default: a new "
+                        "runs/YYYYmmdd-HHMMSS per run, runs/latest linked to it)")
+    g.add_argument("--no-plots", action="store_true", help="do not draw RUN_DIR/plots/ when the run ends")
+    g.add_argument("--use-wandb", action="store_true",
+                   help="log to Weights & Biases too (pip install 'r3rl[wandb]'; WANDB_MODE=offline needs no network)")
+    g.add_argument("--wandb-project", default="r3rl", help="Weights & Biases project")
+    g.add_argument("--wandb-run-name", default=None, help="Weights & Biases run name (default: the run directory's)")
     g.add_argument("--save", default=None, help="checkpoint directory (HF safetensors + trainer state)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N steps (the last step always)")
     g.add_argument("--load", default=None, help="resume from a checkpoint directory")
@@ -312,10 +349,21 @@ def train_config_from_args(args: argparse.Namespace):
     from r3rl.check import resolve_threshold
     from r3rl.models import resolve_dtype
 
+    args.device = _resolve_device(args.device)
     _check_device(args.device)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     resolve_dtype(dtype)
-    _check_output_path("--run-dir", str(Path(args.run_dir) / "metrics.jsonl"))
+    if args.run_dir is not None:
+        _check_output_path("--run-dir", str(Path(args.run_dir) / "metrics.jsonl"))
+    for flag, path in (("--prompt-data", args.prompt_data), ("--eval-data", args.eval_data)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: file not found")
+    if args.use_wandb:
+        from r3rl.train.metrics import wandb_available
+
+        if not wandb_available():
+            raise ValueError("--use-wandb needs the wandb package, which is not installed: pip install "
+                             "'r3rl[wandb]' (or pip install wandb)")
     resolve_threshold(args.r3_check_threshold)
     return TrainConfig(
         replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
@@ -339,6 +387,8 @@ def train_config_from_args(args: argparse.Namespace):
         sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr, run_dir=args.run_dir,
         save=args.save, save_interval=args.save_interval, load=args.load, inject_fault=Fault(args.inject_fault),
         progress=not args.no_progress, eval_interval=args.eval_interval or None, eval_prompts=args.eval_prompts,
+        eval_data=args.eval_data, eval_samples_logged=args.eval_samples_logged, plots=not args.no_plots,
+        use_wandb=args.use_wandb, wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
     )
 
 
@@ -348,13 +398,16 @@ def _train(cfg) -> int:
     from r3rl.tasks.rewards import RewardError
     from r3rl.train.trainer import Trainer
 
+    trainer = None
     try:
-        summary = Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        summary = trainer.run()
     except (AssertionError, RewardError) as e:  # the R3 check failed ("R3 mismatch tokens (N) > threshold (M)"),
         # or the reward plug-in did (raised, exited, hung, died, or returned a value outside the contract)
         logger.error("r3rl train failed: %s", e)
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports for the run
-            print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": cfg.run_dir}, indent=2))
+            run_dir = trainer.cfg.run_dir if trainer is not None else cfg.run_dir
+            print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": run_dir}, indent=2))
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
@@ -419,6 +472,7 @@ def _check_config(args: argparse.Namespace):
     from r3rl.config import CheckRunConfig, Fault, ReplayKind, RolloutKind
     from r3rl.models import resolve_dtype
 
+    args.device = _resolve_device(args.device)
     _check_device(args.device)
     resolve_dtype(args.dtype)
     _check_output_path("--report", args.report)
@@ -450,10 +504,13 @@ def _check(cfg) -> int:
     return 0 if report["verdict"] == "pass" else 1
 
 
-def _cuda() -> bool:
+def _resolve_device(device: str) -> str:
+    """`auto` (the default) is cuda when available, else cpu; torch is imported here, not when the parser is built."""
+    if device != "auto":
+        return device
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ def _gates(w: LinearAttentionWeights, conv_TC: torch.Tensor, b_TV: torch.Tensor,
             v.reshape(T, s.num_v_heads, s.head_v_dim), _pointwise(torch.sigmoid, b_TV, batch_invariant), g_TV)
 
 
-_POINTWISE_ROW = 64  # elements: a whole number of ATen's vectorized chunks (2 vectors) for fp32 and bf16, AVX2 to AVX-512
+_POINTWISE_ROW = 64  # elements: whole vectorized chunks (2 vectors) of ATen for fp32 and bf16, AVX2 to AVX-512
 
 
 def _pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x_T: torch.Tensor, batch_invariant: bool) -> torch.Tensor:

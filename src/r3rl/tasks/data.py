@@ -6,12 +6,20 @@ built-in task), so the trainer draws prompts, rewards and supervised targets fro
     items = source.next_batch(16); r = source.reward(text, items[0]); rs = source.rewards(texts, items)
     state = source.state_dict()   # plain ints/strings; load_state_dict(state) continues exactly there
 
+Held-out evaluation (`part`): with `eval_data` the "eval" part is that file. Without it, `holdout` > 0 splits
+`prompt_data` once by a seeded permutation (`split_seed`): "eval" is `holdout` items, "train" the rest, disjoint, the
+same split in every call with the same seed (training, warm-up and evaluation sources alike).
+
+    train = make_prompt_source(prompt_data="p.jsonl", part=DataPart.TRAIN, holdout=40, seed=0)
+    held = make_prompt_source(prompt_data="p.jsonl", part=DataPart.EVAL, holdout=40, seed=1)
+
 Order: a dataset is read in epochs, each a shuffle seeded by (seed, epoch); a batch may span an epoch boundary. A
 task draws item i from an rng seeded by (seed, i), so the stream does not depend on batch sizes.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import random
 from collections.abc import Callable
@@ -21,9 +29,17 @@ from r3rl.tasks.base import PromptItem, Task
 from r3rl.tasks.builtin import get_task
 from r3rl.tasks.rewards import get_reward
 
-__all__ = ["PromptDataset", "TaskPromptSource", "make_prompt_source"]
+__all__ = ["PromptDataset", "TaskPromptSource", "DataPart", "make_prompt_source", "split_holdout", "default_holdout"]
 
 RewardFn = Callable[[str, PromptItem], float]
+
+
+class DataPart(enum.StrEnum):
+    """Which prompts of the data a source hands out."""
+
+    ALL = "all"  # the whole prompt file (no evaluation split)
+    TRAIN = "train"  # the prompt file without its held-out prompts
+    EVAL = "eval"  # the evaluation file, else the held-out prompts of the prompt file
 
 
 class PromptDataset:
@@ -159,20 +175,57 @@ class TaskPromptSource:
 
 def make_prompt_source(*, task: str = "reverse", prompt_data: str | None = None, input_key: str = "prompt",
                        label_key: str = "label", custom_rm_path: str | None = None, reward_fn: str = "exact_match",
-                       seed: int = 0, task_kwargs: dict | None = None, reward_timeout_s: float = 60.0,
-                       custom_reward: RewardFn | None = None):
+                       seed: int = 0, task_kwargs: dict | None = None, part: DataPart | str = DataPart.ALL,
+                       eval_data: str | None = None, holdout: int = 0, split_seed: int = 0,
+                       reward_timeout_s: float = 60.0, custom_reward: RewardFn | None = None):
     """The trainer's prompt source: `prompt_data` when given (rewarded by `custom_rm_path`, else the built-in
     `reward_fn` against the label), else the built-in `task` (rewarded by `custom_rm_path`, else its own reward).
     A `custom_rm_path` plug-in runs in a worker process (`RewardPool`, each call bounded by `reward_timeout_s`);
-    `custom_reward` passes one already started (the trainer shares one between its prompt sources)."""
+    `custom_reward` passes one already started (the trainer shares one between its prompt sources).
+
+    `part` picks what of the data: "all", "train" (without the held-out items) or "eval" (the `eval_data` file, else
+    the `holdout` items split off `prompt_data` by `split_seed`; see the module docstring). A task has no split."""
     from r3rl.tasks.reward_pool import RewardPool
 
+    if part not in set(DataPart):
+        raise ValueError(f"part must be 'all', 'train' or 'eval': got {part!r}")
+    part = DataPart(part)
     custom = custom_reward or (RewardPool(custom_rm_path, timeout_s=reward_timeout_s) if custom_rm_path else None)
-    if prompt_data is not None:
+    if prompt_data is not None or (part is DataPart.EVAL and eval_data is not None):
         reward = custom or _label_reward(get_reward(reward_fn))
-        return PromptDataset.from_file(prompt_data, input_key=input_key, label_key=label_key, reward_fn=reward,
+    if part is DataPart.EVAL and eval_data is not None:
+        return PromptDataset.from_file(eval_data, input_key=input_key, label_key=label_key, reward_fn=reward,
                                        seed=seed)
+    if prompt_data is not None:
+        data = PromptDataset.from_file(prompt_data, input_key=input_key, label_key=label_key, reward_fn=reward,
+                                       seed=seed)
+        if part is DataPart.ALL or eval_data is not None or holdout == 0:
+            return data
+        train, held = split_holdout(data.items, holdout, seed=split_seed, name=data.name)
+        return PromptDataset(train if part is DataPart.TRAIN else held, reward_fn=reward, seed=seed, name=data.name)
     return TaskPromptSource(get_task(task, **(task_kwargs or {})), seed=seed, reward_fn=custom)
+
+
+def default_holdout(n_prompts: int, eval_prompts: int) -> int:
+    """How many of `n_prompts` distinct prompts to hold out for evaluation when no eval file is given: a fifth, at
+    most `eval_prompts`, at least 1."""
+    return max(1, min(eval_prompts, n_prompts // 5))
+
+
+def split_holdout(items: list[PromptItem], n: int, *, seed: int = 0,
+                  name: str = "prompts") -> tuple[list[PromptItem], list[PromptItem]]:
+    """(train, held_out), both in file order: `n` distinct prompt texts drawn by a permutation seeded by `seed` are
+    held out with every row that carries them, so no held-out prompt is trained on, not even a repeated row. At
+    least one prompt stays on each side."""
+    prompts = list(dict.fromkeys(it.prompt for it in items))  # distinct, in first-seen order
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < len(prompts):
+        raise ValueError(f"{name}: cannot hold out {n} of {len(prompts)} distinct prompts for evaluation (at least "
+                         f"one must stay to train on): give an evaluation file (--eval-data) or turn evaluation off "
+                         f"(--eval-interval 0)")
+    order = list(range(len(prompts)))
+    random.Random(f"r3rl-holdout/{seed}").shuffle(order)
+    held = {prompts[i] for i in order[:n]}
+    return [it for it in items if it.prompt not in held], [it for it in items if it.prompt in held]
 
 
 # --- private -------------------------------------------------------------------------------------------------------

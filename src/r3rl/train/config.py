@@ -120,10 +120,24 @@ class TrainConfig:
     eval_interval: int | None = 10
     """Greedy evaluation on `eval_prompts` held-out prompts every this many steps (and after the last); None: off."""
     eval_prompts: int = 64
+    eval_data: str | None = None
+    """A .jsonl or .parquet file of held-out evaluation prompts (same keys as `prompt_data`). None with `prompt_data`:
+    a seeded split of `prompt_data` (a fifth, at most `eval_prompts`) is held out of training and evaluated on."""
+    eval_samples_logged: int = 3
+    """Greedy completions (prompt, completion, reward) logged per evaluation, to the log and RUN_DIR/samples.jsonl."""
 
     # --- outputs ------------------------------------------------------------------------------------------------
-    run_dir: str = "runs/r3rl"
-    """Everything the run writes: config.json, metrics.jsonl, summary.json, TensorBoard events, plots."""
+    run_dir: str | None = None
+    """Everything the run writes: config.json, metrics.jsonl, summary.json, samples.jsonl, TensorBoard events,
+    plots/. None: a new `runs/<YYYYmmdd-HHMMSS>` per run (a suffix when taken), with `runs/latest` linked to it."""
+    plots: bool = True
+    """Draw the run's plots (`r3rl plot`) into RUN_DIR/plots/ when the run ends (needs matplotlib)."""
+    use_wandb: bool = False
+    """Log every step's scalars to Weights & Biases too (`pip install 'r3rl[wandb]'`; WANDB_MODE=offline works
+    without a network)."""
+    wandb_project: str = "r3rl"
+    wandb_run_name: str | None = None
+    """None: the run directory's name."""
     save: str | None = None
     """Checkpoint directory (HF safetensors + trainer state); the last step is always saved when set."""
     save_interval: int | None = None
@@ -162,6 +176,8 @@ class TrainConfig:
         if self.eval_interval is not None and (self.eval_interval < 1 or self.eval_prompts < 1):
             raise ValueError(f"eval_interval and eval_prompts must be >= 1: got {self.eval_interval}, "
                              f"{self.eval_prompts}")
+        if self.eval_samples_logged < 0:
+            raise ValueError(f"eval_samples_logged must be >= 0: got {self.eval_samples_logged}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"save_interval must be >= 1: got {self.save_interval}")
         if self.inject_fault is not Fault.NONE and not self.replay.check_enabled:

@@ -3,6 +3,7 @@
     routing_mismatch_per_layer(rollout_traces, used_traces)  fraction of (token, layer) whose expert *sets* differ
     train_rollout_metrics(train_logp_T, rollout_logp_T)       |log-prob diff| and the k3 KL estimate
     MetricsWriter(run_dir)                                   metrics.jsonl (one line per step) + TensorBoard events
+                                                             (+ Weights & Biases with wandb={"project": ...})
 
 The routing mismatch is measured whether or not R3 is on: the experts the training forward used against the ones
 the rollout recorded. It is the number R3 drives to zero.
@@ -24,7 +25,7 @@ import torch
 
 from r3rl.trace import RoutingTrace
 
-__all__ = ["routing_mismatch_per_layer", "train_rollout_metrics", "MetricsWriter", "RunSummary"]
+__all__ = ["routing_mismatch_per_layer", "train_rollout_metrics", "MetricsWriter", "RunSummary", "wandb_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,13 @@ def train_rollout_metrics(train_logp_T: torch.Tensor, rollout_logp_T: torch.Tens
 
 
 class MetricsWriter:
-    """Appends one JSON line per step to RUN_DIR/metrics.jsonl; mirrors scalars to TensorBoard when installed."""
+    """Appends one JSON line per step to RUN_DIR/metrics.jsonl; mirrors scalars to TensorBoard when installed, and to
+    Weights & Biases when `wandb` is given: `wandb.init` keywords ({"project", "name", "config"}), its files under
+    RUN_DIR/wandb. WANDB_MODE=offline logs without a network (`wandb sync` uploads later). wandb not installed is a
+    ValueError saying how to install it."""
 
-    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None, wandb: dict | None = None) -> None:
+        self._wandb = _wandb_init(Path(run_dir), wandb) if wandb is not None else None
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and self.path.exists():  # a resumed run rewrites the steps after its checkpoint
@@ -84,10 +89,38 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "step":
                     self._tb.add_scalar(k, v, metrics["step"])
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if _scalar(v) and k != "step"}, step=metrics["step"])
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def wandb_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+def _wandb_init(run_dir: Path, settings: dict):
+    if not wandb_available():
+        raise ValueError("--use-wandb needs the wandb package, which is not installed: pip install 'r3rl[wandb]' "
+                         "(or pip install wandb)")
+    import wandb
+
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    run = wandb.init(dir=str(run_dir), **settings)
+    logger.info("Weights & Biases: project %s, run %s (mode %s)", settings.get("project"), run.name,
+                "offline" if run.settings.mode == "offline" else run.settings.mode)
+    return run
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class RunSummary:
@@ -118,6 +151,11 @@ class RunSummary:
         missing = [s for s in self.required if not metrics.get(f"r3_check_{s}_tokens", 0)]
         if missing:
             self.unchecked[metrics["step"]] = missing
+
+    def fail(self, step: int) -> None:
+        """The run stopped with an error in `step` (before its metrics existed): the step is named as failed."""
+        if step not in self.failed_steps:
+            self.failed_steps.append(step)
 
     def to_dict(self, *, check_enabled: bool, error: str | None = None) -> dict:
         if not check_enabled:
