@@ -177,7 +177,12 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--dtype", default=None, help="parameter dtype (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and rewards")
-    g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add)")
+    g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add; "
+                   "guess: multi-turn episodes)")
+    g.add_argument("--env-path", default=None, help="multi-turn environment: module:Class or file.py:Class, called "
+                   "as f(prompt_item, tokenizer) (r3rl.episodes)")
+    g.add_argument("--max-turns", type=int, default=None, help="model responses per episode at most (default: the "
+                   "task's, else 4)")
     g.add_argument("--prompt-data", default=None, help="prompts as .jsonl or .parquet")
     g.add_argument("--input-key", default="prompt", help="prompt field of --prompt-data")
     g.add_argument("--label-key", default="label", help="label field of --prompt-data")
@@ -298,7 +303,7 @@ def train_config_from_args(args: argparse.Namespace):
         replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
         label_key=args.label_key, apply_chat_template=args.apply_chat_template, custom_rm_path=args.custom_rm_path,
-        reward_fn=args.reward_fn, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
+        reward_fn=args.reward_fn, env_path=args.env_path, max_turns=args.max_turns, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, rollout_kv_cache_tokens=args.rollout_kv_cache_tokens,

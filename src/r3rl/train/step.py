@@ -68,6 +68,9 @@ class StepContext:
     stop_token_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
     env: DistEnv = field(default_factory=DistEnv)
+    env_factory: object = None
+    """Multi-turn: f(prompt_item, tokenizer) -> Environment (r3rl.episodes); None: single-turn samples."""
+    max_turns: int = 4
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
@@ -76,8 +79,11 @@ def rl_step(ctx: StepContext, step: int) -> dict:
         items = ctx.prompts.next_batch(cfg.rollout_batch_size)  # the same on every rank; each keeps its share
         items = [items[i] for i in prompt_shard(len(items), cfg.samples_per_optimizer_step // cfg.n_samples_per_prompt,
                                                 ctx.env)]
-        samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
-                                       n_samples_per_prompt=cfg.n_samples_per_prompt)
+        if ctx.env_factory is not None:  # multi-turn: one Sample per episode, its trace over every token
+            samples = _episodes(ctx, items, step)
+        else:
+            samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
+                                           n_samples_per_prompt=cfg.n_samples_per_prompt)
         stale = _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature,
                                max_staleness=cfg.max_staleness, policy=cfg.stale_samples)
         if cfg.inject_fault is not Fault.NONE and step == 0:
@@ -86,7 +92,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
             ctx.rollout.release_memory()
     with timer("reward"):  # 2
         texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        rewards = torch.tensor([float(ctx.prompts.reward(texts[i], items[i // cfg.n_samples_per_prompt]))
+        rewards = torch.tensor([float(s.reward) for s in samples] if ctx.env_factory is not None else
+                               [float(ctx.prompts.reward(texts[i], items[i // cfg.n_samples_per_prompt]))
                                 for i in range(len(samples))])
     mbs = _micro_batches(ctx, samples, [0.0] * len(samples))
     with timer("ref_logprobs"):  # 3
@@ -244,6 +251,16 @@ def _encode(ctx: StepContext, prompt: str) -> list[int]:
     return ids
 
 
+def _episodes(ctx: StepContext, items, step: int) -> list[Sample]:
+    """`n_samples_per_prompt` episodes per item (a group shares its environment's setup), run to the end."""
+    from r3rl.episodes import run_episodes
+
+    n = ctx.cfg.n_samples_per_prompt
+    envs = [ctx.env_factory(items[i // n], ctx.tokenizer) for i in range(len(items) * n)]
+    return run_episodes(ctx.rollout, envs, _sampling(ctx, step), max_turns=ctx.max_turns,
+                        mixed_versions=ctx.cfg.stale_samples.value)
+
+
 def _sampling(ctx: StepContext, step: int) -> SamplingParams:
     cfg = ctx.cfg
     return SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=cfg.rollout_temperature,
@@ -255,7 +272,8 @@ def _check_samples(samples: list[Sample], version: int, step: int, temperature: 
                    policy: StalePolicy = StalePolicy.ERROR) -> list[bool]:
     """The rollout used the weights of the last sync (up to `max_staleness` versions behind), and its log-probs are
     of the distribution the trainer scores. Returns which samples are stale; `policy` ERROR raises on the first."""
-    stale = [version - s.weight_version_start > max_staleness or s.weight_version > version for s in samples]
+    stale = [version - s.weight_version_start > max_staleness or s.weight_version > version
+             or s.metadata.get("mixed_weight_versions", False) for s in samples]  # an episode over two versions
     if any(stale) and policy is StalePolicy.ERROR:
         first = stale.index(True)
         s = samples[first]

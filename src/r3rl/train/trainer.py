@@ -111,7 +111,7 @@ class Trainer:
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
-            env=env)
+            env=env, **_episode_settings(cfg, self.prompts))
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
@@ -238,6 +238,17 @@ def _prompt_source(cfg: TrainConfig, *, seed: int):
     return make_prompt_source(task=cfg.task, prompt_data=cfg.prompt_data, input_key=cfg.input_key,
                               label_key=cfg.label_key, custom_rm_path=cfg.custom_rm_path, reward_fn=cfg.reward_fn,
                               seed=seed)
+
+
+def _episode_settings(cfg: TrainConfig, prompts) -> dict:
+    """Multi-turn rollouts: `--env-path`, or the task's own environment (`guess`); {} for single-turn tasks."""
+    from r3rl.episodes import load_env_factory
+
+    task = getattr(prompts, "task", None)
+    factory = load_env_factory(cfg.env_path) if cfg.env_path else getattr(task, "make_env", None)
+    if factory is None:
+        return {}
+    return {"env_factory": factory, "max_turns": cfg.max_turns or getattr(task, "max_turns", 4)}
 
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
