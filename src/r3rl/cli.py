@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-len", type=int, default=32)
     p.add_argument("--rollout", default="engine", choices=["engine", "hf"],
                    help="engine: r3rl's rollout engine (default); hf: the HF model token by token with a KV cache")
+    p.add_argument("--turns", type=int, default=1, help="multi-turn: episodes of N responses from the engine, "
+                   "--observation-len environment tokens between them; replay and check over whole episodes")
+    p.add_argument("--observation-len", type=int, default=4, help="multi-turn: tokens the environment appends")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -406,7 +409,7 @@ def _check_config(args: argparse.Namespace):
         replay=replay, model=args.model, preset=args.preset, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
-        inject_fault=Fault(args.inject_fault),
+        inject_fault=Fault(args.inject_fault), turns=args.turns, observation_len=args.observation_len,
     )
 
 
