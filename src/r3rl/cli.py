@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-len", type=int, default=32)
     p.add_argument("--rollout", default="engine", choices=["engine", "hf"],
                    help="engine: r3rl's rollout engine (default); hf: the HF model token by token with a KV cache")
+    p.add_argument("--turns", type=int, default=1, help="multi-turn: episodes of N responses from the engine, "
+                   "--observation-len environment tokens between them; replay and check over whole episodes")
+    p.add_argument("--observation-len", type=int, default=4, help="multi-turn: tokens the environment appends")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -213,7 +216,12 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--dtype", default=None, help="parameter dtype (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and rewards")
-    g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add)")
+    g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add; "
+                   "guess: multi-turn episodes)")
+    g.add_argument("--env-path", default=None, help="multi-turn environment: module:Class or file.py:Class, called "
+                   "as f(prompt_item, tokenizer) (r3rl.episodes)")
+    g.add_argument("--max-turns", type=int, default=None, help="model responses per episode at most (default: the "
+                   "task's, else 4)")
     g.add_argument("--prompt-data", default=None, help="prompts as .jsonl or .parquet")
     g.add_argument("--input-key", default="prompt", help="prompt field of --prompt-data")
     g.add_argument("--label-key", default="label", help="label field of --prompt-data")
@@ -369,8 +377,8 @@ def train_config_from_args(args: argparse.Namespace):
         replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
         label_key=args.label_key, apply_chat_template=args.apply_chat_template, custom_rm_path=args.custom_rm_path,
-        reward_fn=args.reward_fn, reward_timeout_s=args.reward_timeout, rollout_url=args.rollout_url,
-        rollout_batch_size=args.rollout_batch_size,
+        reward_fn=args.reward_fn, reward_timeout_s=args.reward_timeout, env_path=args.env_path,
+        max_turns=args.max_turns, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, rollout_kv_cache_tokens=args.rollout_kv_cache_tokens,
@@ -488,7 +496,7 @@ def _check_config(args: argparse.Namespace):
         replay=replay, model=args.model, preset=args.preset, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
-        inject_fault=Fault(args.inject_fault),
+        inject_fault=Fault(args.inject_fault), turns=args.turns, observation_len=args.observation_len,
     )
 
 

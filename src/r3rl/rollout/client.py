@@ -254,6 +254,7 @@ class RolloutClient:
         *,
         return_routed_experts: bool = True,
         rids: Sequence[str] | None = None,
+        routed_experts_start_len: Sequence[int] | None = None,
     ) -> list[Sample]:
         """Generate one Sample per prompt in one `/generate` call. `sampling_params` is one `SamplingParams` (or
         dict of SGLang names) for all prompts, or one per prompt; `seed` is sent as SGLang's `sampling_seed`.
@@ -275,6 +276,12 @@ class RolloutClient:
                                    "sampling_params": sps if per_item else sps[0]}
         if rids is not None:
             payload["rid"] = list(rids)
+        starts = [0] * len(prompts) if routed_experts_start_len is None else list(map(int, routed_experts_start_len))
+        if len(starts) != len(prompts):
+            raise ValueError(f"routed_experts_start_len must have one entry per prompt: got {len(starts)}, expected "
+                             f"{len(prompts)}")
+        if any(starts):  # SGLang's field; only rows [start, seqlen - 1) come back
+            payload["routed_experts_start_len"] = starts
         if return_routed_experts and self.routed_experts_format is not RoutedExpertsFormat.BASE64_INT32:
             payload["routed_experts_format"] = self.routed_experts_format.value
         if self.logprobs_at_temperature and await self.is_r3rl_server():
@@ -289,7 +296,8 @@ class RolloutClient:
             temperature = float(sps[i if per_item else 0].get("temperature", 1.0))
             assumed = temperature if self.logprobs_at_temperature and temperature > GREEDY_TEMPERATURE else 1.0
             samples.append(decode_generate_output(out, prompt, shape=shape, index=i,
-                                                  require_trace=return_routed_experts, logprob_temperature=assumed))
+                                                  require_trace=return_routed_experts, logprob_temperature=assumed,
+                                                  routed_experts_start_len=starts[i]))
         return samples
 
     # --- private ------------------------------------------------------------------------------------------------
@@ -333,6 +341,7 @@ def decode_generate_output(
     index: int | None = None,
     require_trace: bool = True,
     logprob_temperature: float = 1.0,
+    routed_experts_start_len: int = 0,
 ) -> Sample:
     """One `/generate` output (r3rl serve or SGLang) -> a validated Sample. Raises naming the sample on mismatch.
     `logprob_temperature`: what the log-probs are computed at when the server does not say (SGLang)."""
@@ -357,8 +366,10 @@ def decode_generate_output(
     if meta.routed_experts is None and require_trace:
         raise RolloutServerError(f"{where}: meta_info.routed_experts is missing (r3rl serve: send "
                                  "return_routed_experts=true; SGLang: start it with --enable-return-routed-experts)")
+    start = routed_experts_start_len
     if meta.routed_experts is not None and shape is not None:
-        trace = _decode_trace(meta.routed_experts, meta.routed_experts_format, shape, num_tokens, index, where)
+        trace = _decode_trace(meta.routed_experts, meta.routed_experts_format, shape, num_tokens, index, where,
+                              start=start)
     return Sample(
         prompt_ids=list(prompt_ids), response_ids=output_ids,
         rollout_logprobs=[e[0] for e in meta.output_token_logprobs],
@@ -367,6 +378,7 @@ def decode_generate_output(
         weight_version_start=weight_version_int(meta.weight_version_start if meta.weight_version_start is not None
                                           else meta.weight_version),
         metadata={"rid": meta.id, "weight_version_raw": meta.weight_version, "e2e_latency": meta.e2e_latency},
+        routed_experts_start_len=start if trace is not None else 0,
     ).validate(num_layers=shape.num_layers if shape else None, top_k=shape.top_k if shape else None,
                num_experts=shape.num_experts if shape else None, index=index)
 
@@ -412,7 +424,10 @@ def _wire_sampling(sp: SamplingLike) -> dict[str, Any]:
 
 
 def _decode_trace(routed: str, fmt: RoutedExpertsFormat | None, shape: ModelShape, num_tokens: int,
-                  index: int | None, where: str) -> RoutingTrace:
+                  index: int | None, where: str, *, start: int = 0) -> RoutingTrace:
+    """The trace rows [start, num_tokens - 1). A server that ignored `routed_experts_start_len` sends every row:
+    that is an error here (its rows would be over-counted into the episode), never silently sliced."""
+    num_tokens -= start
     if fmt is RoutedExpertsFormat.COMPACT:
         try:
             blob = base64.b64decode(routed, validate=True)
@@ -423,8 +438,13 @@ def _decode_trace(routed: str, fmt: RoutedExpertsFormat | None, shape: ModelShap
     else:  # SGLang's base64 int32, one column per decoder layer when the model has dense layers
         wire_layers = shape.num_decoder_layers if shape.moe_layers is not None else shape.num_layers
         trace = RoutingTrace.from_sglang(routed, num_layers=wire_layers, top_k=shape.top_k,
-                                         num_experts=shape.num_experts, num_tokens=num_tokens,
+                                         num_experts=shape.num_experts, num_tokens=None if start else num_tokens,
                                          layers=shape.moe_layers, sample=index)
+    if start and trace.num_rows != num_tokens - 1:
+        raise RolloutServerError(
+            f"{where}: routed_experts has {trace.num_rows} rows, expected {num_tokens - 1} for "
+            f"routed_experts_start_len={start} (tokens={num_tokens + start}; {num_tokens + start - 1} rows means the "
+            "server ignored routed_experts_start_len, and an episode would over-count them)")
     return trace.validate(num_tokens=num_tokens, num_layers=shape.num_layers, top_k=shape.top_k,
                           num_experts=shape.num_experts, sample=index)
 

@@ -61,6 +61,11 @@ class TrainConfig:
     """Built-in reward for `prompt_data` when no custom one is given (a name in r3rl.tasks.BUILTIN_REWARDS)."""
     reward_timeout_s: float = 60.0
     """Seconds one call of the `custom_rm_path` reward may take (it runs in a worker process, killed past this)."""
+    env_path: str | None = None
+    """Multi-turn rollouts: `module:Class` or `file.py:Class`, an environment factory called as f(prompt_item,
+    tokenizer) (r3rl.episodes); each sample is then an episode. A task with its own environment (`guess`) needs none."""
+    max_turns: int | None = None
+    """Model responses per episode at most; None: the task's `max_turns` (guess: 4), else 4."""
 
     # --- rollout ------------------------------------------------------------------------------------------------
     rollout_url: list[str] = field(default_factory=list)
@@ -157,6 +162,8 @@ class TrainConfig:
                      "rollout_max_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1: got {getattr(self, name)}")
+        if self.max_turns is not None and self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1: got {self.max_turns}")
         for name in ("sft_steps", "lr_warmup_steps", "max_staleness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0: got {getattr(self, name)}")

@@ -150,8 +150,8 @@ def make_micro_batches(
     indices = list(range(len(samples))) if sample_indices is None else list(sample_indices)
     traces = [s.trace for s in samples] if traces is None else list(traces)
     for i, s in enumerate(samples):
-        if not s.response_ids:
-            raise ValueError(f"sample {indices[i]} has an empty response: nothing to train on")
+        if not s.response_ids or (s.loss_mask is not None and not any(s.loss_mask)):
+            raise ValueError(f"sample {indices[i]} has an empty response (or an all-zero loss_mask): nothing to train on")
         s.validate(index=indices[i])
     groups: list[list[int]] = []
     for i, s in enumerate(samples):
@@ -309,11 +309,12 @@ def _build(layout: Layout, samples: list[Sample], advantages: list[float], indic
     target_pos, target_ids, seq_idx, rollout_logp, adv = [], [], [], [], []
     for b, s in enumerate(samples):
         P, R = len(s.prompt_ids), len(s.response_ids)
-        target_pos.append(torch.arange(R) + starts[b] + P - 1)
-        target_ids.append(torch.tensor(s.response_ids))
-        seq_idx.append(torch.full((R,), b))
-        rollout_logp.append(torch.tensor(s.rollout_logprobs, dtype=torch.float32))
-        adv.append(torch.full((R,), advantages[b], dtype=torch.float32))
+        keep = torch.arange(R) if s.loss_mask is None else torch.tensor(s.loss_mask).nonzero().flatten()  # model tokens
+        target_pos.append(keep + starts[b] + P - 1)
+        target_ids.append(torch.tensor(s.response_ids)[keep])
+        seq_idx.append(torch.full((len(keep),), b))
+        rollout_logp.append(torch.tensor(s.rollout_logprobs, dtype=torch.float32)[keep])
+        adv.append(torch.full((len(keep),), advantages[b], dtype=torch.float32))
     have = [t is not None for t in traces]
     if any(have) and not all(have):
         missing = [indices[b] for b, h in enumerate(have) if not h]

@@ -71,6 +71,9 @@ class StepContext:
     env: DistEnv = field(default_factory=DistEnv)
     layer_masks: object = None
     """`LayoutPlan.layer_masks`: packed micro-batches of a family whose forward needs r3rl's layer masks."""
+    env_factory: object = None
+    """Multi-turn: f(prompt_item, tokenizer) -> Environment (r3rl.episodes); None: single-turn samples."""
+    max_turns: int = 4
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
@@ -79,8 +82,11 @@ def rl_step(ctx: StepContext, step: int) -> dict:
         items = ctx.prompts.next_batch(cfg.rollout_batch_size)  # the same on every rank; each keeps its share
         items = [items[i] for i in prompt_shard(len(items), cfg.samples_per_optimizer_step // cfg.n_samples_per_prompt,
                                                 ctx.env)]
-        samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
-                                       n_samples_per_prompt=cfg.n_samples_per_prompt)
+        if ctx.env_factory is not None:  # multi-turn: one Sample per episode, its trace over every token
+            samples = _episodes(ctx, items, step)
+        else:
+            samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
+                                           n_samples_per_prompt=cfg.n_samples_per_prompt)
         stale = _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature,
                                max_staleness=cfg.max_staleness, policy=cfg.stale_samples)
         if cfg.inject_fault is not Fault.NONE and step == 0:
@@ -89,8 +95,11 @@ def rl_step(ctx: StepContext, step: int) -> dict:
             ctx.rollout.release_memory()
     with timer("reward"):  # 2
         texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        rewards = torch.tensor(ctx.prompts.rewards(texts, [items[i // cfg.n_samples_per_prompt]
-                                                           for i in range(len(samples))]), dtype=torch.float32)
+        if ctx.env_factory is not None:  # episodes: the environment gave each its reward
+            rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
+        else:
+            rewards = torch.tensor(ctx.prompts.rewards(texts, [items[i // cfg.n_samples_per_prompt]
+                                                               for i in range(len(samples))]), dtype=torch.float32)
     mbs = _micro_batches(ctx, samples, [0.0] * len(samples))
     with timer("ref_logprobs"):  # 3
         ref_logp = _ref_logprobs(ctx, mbs) if ctx.ref_model is not None else None
@@ -242,6 +251,16 @@ def _encode(ctx: StepContext, prompt: str) -> list[int]:
     return encode_prompt(ctx.tokenizer, prompt, chat_template=ctx.cfg.apply_chat_template)
 
 
+def _episodes(ctx: StepContext, items, step: int) -> list[Sample]:
+    """`n_samples_per_prompt` episodes per item (a group shares its environment's setup), run to the end."""
+    from r3rl.episodes import run_episodes
+
+    n = ctx.cfg.n_samples_per_prompt
+    envs = [ctx.env_factory(items[i // n], ctx.tokenizer) for i in range(len(items) * n)]
+    return run_episodes(ctx.rollout, envs, _sampling(ctx, step), max_turns=ctx.max_turns,
+                        mixed_versions=ctx.cfg.stale_samples.value)
+
+
 def _sampling(ctx: StepContext, step: int) -> SamplingParams:
     cfg = ctx.cfg
     return SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=cfg.rollout_temperature,
@@ -253,7 +272,8 @@ def _check_samples(samples: list[Sample], version: int, step: int, temperature: 
                    policy: StalePolicy = StalePolicy.ERROR) -> list[bool]:
     """The rollout used the weights of the last sync (up to `max_staleness` versions behind), and its log-probs are
     of the distribution the trainer scores. Returns which samples are stale; `policy` ERROR raises on the first."""
-    stale = [version - s.weight_version_start > max_staleness or s.weight_version > version for s in samples]
+    stale = [version - s.weight_version_start > max_staleness or s.weight_version > version
+             or s.metadata.get("mixed_weight_versions", False) for s in samples]  # an episode over two versions
     if any(stale) and policy is StalePolicy.ERROR:
         first = stale.index(True)
         s = samples[first]

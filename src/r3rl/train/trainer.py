@@ -142,7 +142,7 @@ class Trainer:
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
-            env=env, layer_masks=self.layout_plan.layer_masks)
+            env=env, layer_masks=self.layout_plan.layer_masks, **_episode_settings(cfg, self.prompts))
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
@@ -395,6 +395,17 @@ def _wandb_settings(cfg: TrainConfig) -> dict | None:
         return None
     return {"project": cfg.wandb_project, "name": cfg.wandb_run_name or Path(cfg.run_dir).name,
             "config": _config_dict(cfg)}
+
+
+def _episode_settings(cfg: TrainConfig, prompts) -> dict:
+    """Multi-turn rollouts: `--env-path`, or the task's own environment (`guess`); {} for single-turn tasks."""
+    from r3rl.episodes import load_env_factory
+
+    task = getattr(prompts, "task", None)
+    factory = load_env_factory(cfg.env_path) if cfg.env_path else getattr(task, "make_env", None)
+    if factory is None:
+        return {}
+    return {"env_factory": factory, "max_turns": cfg.max_turns or getattr(task, "max_turns", 4)}
 
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path, *, max_prompt_len: int | None = None):
