@@ -114,7 +114,8 @@ class CheckRunConfig:
 
     def __post_init__(self) -> None:
         if self.turns > 1 and self.rollout is not RolloutKind.ENGINE:
-            raise ValueError(f"turns={self.turns} (episodes) needs the engine rollout: got rollout={self.rollout.value}")
+            raise ValueError(f"turns={self.turns} (episodes) needs the engine rollout: "
+                             f"got rollout={self.rollout.value}")
         for name in ("batch_size", "prompt_len", "response_len", "turns", "observation_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive: got {getattr(self, name)}")

@@ -104,11 +104,13 @@ def check_prefix(context: Sequence[int], rendered: Sequence[int], *, where: str 
     """The tokens `rendered` adds after `context`; `PrefixError` unless `rendered` starts with `context` exactly."""
     n = len(context)
     if list(rendered[:n]) != list(context):
-        first = next((i for i, (a, b) in enumerate(zip(context, rendered, strict=False)) if a != b), min(n, len(rendered)))
+        first = next((i for i, (a, b) in enumerate(zip(context, rendered, strict=False)) if a != b),
+                     min(n, len(rendered)))
         raise PrefixError(
             f"{where}: the re-rendered context does not keep the episode's prefix: first difference at token {first} "
-            f"of {n} (held {list(context[first:first + 6])}, rendered {list(rendered[first:first + 6])}); a re-rendering "
-            "shifts every later route. Append observation token ids instead of re-rendering the conversation")
+            f"of {n} (held {list(context[first:first + 6])}, rendered {list(rendered[first:first + 6])}); "
+            "a re-rendering shifts every later route. Append observation token ids instead of re-rendering the "
+            "conversation")
     return list(rendered[n:])
 
 

@@ -17,7 +17,6 @@ import copy
 import random
 
 import httpx
-
 import numpy as np
 import pytest
 import torch
@@ -81,7 +80,7 @@ def backend(model):
     b.close()
 
 
-# --- routed_experts_start_len ------------------------------------------------------------------------------------------
+# --- routed_experts_start_len -----------------------------------------------------------------------------------------
 def test_engine_returns_only_rows_from_start_len(backend):
     prompt = [5, 6, 7, 8, 9]
     [full] = backend.generate([prompt], SamplingParams(max_new_tokens=4, seed=3))
@@ -89,7 +88,8 @@ def test_engine_returns_only_rows_from_start_len(backend):
     assert part.response_ids == full.response_ids and part.routed_experts_start_len == 3
     assert part.trace.num_rows == full.num_tokens - 1 - 3
     np.testing.assert_array_equal(part.trace.expert_ids, full.trace.expert_ids[3:])
-    with pytest.raises(ProtocolError, match=r"routed_experts_start_len must be an integer in \[0, len\(input_ids\)=5\]"):
+    with pytest.raises(ProtocolError,
+                       match=r"routed_experts_start_len must be an integer in \[0, len\(input_ids\)=5\]"):
         backend.engine.generate([EngineRequest(request_id="x", input_ids=prompt, routed_experts_start_len=6)])
 
 
@@ -121,8 +121,9 @@ def test_start_len_ignored_is_refused(server):
     shape = ModelShape(num_layers=4, top_k=4, num_experts=16)
     ok = decode_generate_output(answer, [5, 6, 7, 8], shape=shape)
     assert ok.trace.num_rows == 6
-    with pytest.raises(RolloutServerError, match=r"routed_experts has 6 rows, expected 3 for routed_experts_start_len=3 "
-                                                  r".*ignored routed_experts_start_len"):
+    with pytest.raises(RolloutServerError,
+                       match=r"routed_experts has 6 rows, expected 3 for routed_experts_start_len=3 "
+                             r".*ignored routed_experts_start_len"):
         decode_generate_output(answer, [5, 6, 7, 8], shape=shape, routed_experts_start_len=3)
     # the episode's assembly refuses an over-counted blob too (a backend that sliced nothing)
     ep = EpisodeTrace([5, 6])
@@ -148,7 +149,7 @@ def test_episode_trace_covers_every_token_each_turn_from_its_own_forward(backend
     rec = Recorder(backend)
     samples = run_episodes(rec, guess_envs(4), SAMPLING, max_turns=4)
     assert any(s.metadata["turns"] > 1 for s in samples)
-    for k, s in enumerate(samples):
+    for s in samples:
         assert s.trace.num_rows == s.num_tokens - 1 and not s.trace.pad_mask().any()
         spans = s.metadata["turn_spans"]
         assert sum(s.loss_mask) == sum(e - b for b, e in spans)  # model tokens only
@@ -268,9 +269,9 @@ def test_episodes_over_http_match_the_engine(server, backend):
         http.close()
     local = run_episodes(backend, guess_envs(3, seed=4), SAMPLING, max_turns=4)
     assert any(s.metadata["turns"] > 1 for s in remote)
-    for r, l in zip(remote, local, strict=True):
-        assert r.tokens == l.tokens and r.loss_mask == l.loss_mask and r.reward == l.reward
-        np.testing.assert_array_equal(r.trace.expert_ids, l.trace.expert_ids)
+    for r, loc in zip(remote, local, strict=True):
+        assert r.tokens == loc.tokens and r.loss_mask == loc.loss_mask and r.reward == loc.reward
+        np.testing.assert_array_equal(r.trace.expert_ids, loc.trace.expert_ids)
 
 
 def test_episode_sample_trains_model_tokens_and_replays_every_token(model, backend):

@@ -49,7 +49,7 @@ def test_warmup_transcripts_follow_the_rules():
     for item in task.sample_prompts(50, random.Random(0)):
         turns = task.sft_target(item).split("<eos>")
         assert 1 <= len(turns) <= task.max_turns
-        lo, hi, secret = 0, task.size - 1, int(item.label)
+        lo, hi, secret, prev = 0, task.size - 1, int(item.label), None
         for k, turn in enumerate(turns):
             guess = int(turn[-1])  # "3" first, then reply + guess: ">5"
             if k:

@@ -151,7 +151,8 @@ def make_micro_batches(
     traces = [s.trace for s in samples] if traces is None else list(traces)
     for i, s in enumerate(samples):
         if not s.response_ids or (s.loss_mask is not None and not any(s.loss_mask)):
-            raise ValueError(f"sample {indices[i]} has an empty response (or an all-zero loss_mask): nothing to train on")
+            raise ValueError(f"sample {indices[i]} has an empty response (or an all-zero loss_mask): "
+                             "nothing to train on")
         s.validate(index=indices[i])
     groups: list[list[int]] = []
     for i, s in enumerate(samples):
