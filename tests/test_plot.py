@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from r3rl.commands.plot import load_metrics, plot_runs
+from r3rl.commands.plot import PANELS, build_figures, ema, load_metrics, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_run(run_dir, *, r3: bool, steps=12, layers=4, name=None, skip=()):
+def _write_run(run_dir, *, r3: bool, steps=12, layers=4, name=None, skip=(), ppo_kl=1e-3, evals=False):
     run_dir.mkdir(parents=True)
     rows = []
     for s in range(steps):
@@ -20,7 +20,9 @@ def _write_run(run_dir, *, r3: bool, steps=12, layers=4, name=None, skip=()):
                "train_rollout_k3_kl": 1e-4 if r3 else 1e-3 * (1 + s % 3),
                "train_rollout_logprob_abs_diff": 1e-3 if r3 else 1e-2,
                "routing_mismatch": sum(per_layer) / layers, "routing_mismatch_per_layer": per_layer,
-               "ppo_kl": 1e-3, "grad_norm": 0.5 + 0.1 * s, "response_len_mean": 5.0, "time/step": 0.3}
+               "ppo_kl": ppo_kl, "grad_norm": 0.5 + 0.1 * s, "response_len_mean": 5.0, "time/step": 0.3}
+        if evals and s % 5 == 0:
+            row |= {"eval_solved_frac": 0.3 + 0.02 * s, "eval_reward": 0.5 + 0.01 * s}
         rows.append({k: v for k, v in row.items() if k not in skip})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if name is not None:
@@ -130,3 +132,98 @@ def test_reads_what_the_trainers_metrics_writer_writes(tmp_path):
     writer.close()
     names = sorted(p.name for p in plot_runs([tmp_path / "run"], tmp_path / "out"))
     assert names == ["kl.png", "reward.png", "routing_mismatch.png", "routing_mismatch_heatmap_run.png"]
+
+
+def _figs(*run_dirs):
+    return dict(build_figures([load_metrics(d) for d in run_dirs]))
+
+
+def _titles(fig):
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def test_eval_metric_is_plotted_on_a_fixed_unit_axis(tmp_path):
+    figs = _figs(_write_run(tmp_path / "r", r3=True, evals=True))
+    assert "eval.png" in figs
+    exact, reward = figs["eval.png"].axes[:2]
+    assert exact.get_title() == "held-out greedy exact match" and reward.get_title() == "held-out greedy reward"
+    assert exact.get_ylim() == (0.0, 1.02)
+    ys = exact.lines[0].get_ydata()
+    assert list(ys) == pytest.approx([0.3, 0.4, 0.5])  # steps 0, 5, 10: the raw values, not smoothed
+    assert "eval.png" not in _figs(_write_run(tmp_path / "noeval", r3=True))  # no eval metric: no file
+
+
+def test_an_all_zero_ppo_kl_panel_is_left_out(tmp_path):
+    titles = _titles(_figs(_write_run(tmp_path / "zero", r3=True, ppo_kl=0.0))["training.png"])
+    assert titles == ["grad norm", "response length"]
+    titles = _titles(_figs(_write_run(tmp_path / "some", r3=True, ppo_kl=1e-3))["training.png"])
+    assert titles == ["PPO KL", "grad norm", "response length"]  # the negative control: a non-zero KL is shown
+
+
+def test_routing_mismatch_axis_starts_at_zero(tmp_path):
+    r3 = _write_run(tmp_path / "r3", r3=True)
+    (ax,) = _figs(r3)["routing_mismatch.png"].axes
+    assert ax.get_ylim() == (0.0, 1.0) and ax.get_title().endswith("(all zero)")  # not -0.04..0.04 around a 0 line
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["r3 (all 0)"]
+    (ax,) = _figs(r3, _write_run(tmp_path / "none", r3=False))["routing_mismatch.png"].axes
+    low, high = ax.get_ylim()
+    top = max(max(line.get_ydata()) for line in ax.lines)
+    assert low == 0.0 and top < high <= 1.0 and high < 2 * top and not ax.get_title().endswith("(all zero)")
+
+
+def test_equal_runs_stay_visible_on_top_of_each_other(tmp_path):
+    a = _write_run(tmp_path / "a", r3=True, evals=True)
+    b = _write_run(tmp_path / "b", r3=True, evals=True)
+    for name in ("reward.png", "eval.png", "routing_mismatch.png"):
+        ax = _figs(a, b)[name].axes[0]
+        shown = [line for line in ax.lines if not line.get_label().startswith("_")]
+        assert len(shown) == 2 and list(shown[0].get_ydata()) == list(shown[1].get_ydata())  # equal curves ...
+        styles = {(line.get_linestyle(), line.get_marker()) for line in shown}
+        assert len(styles) == 2, name  # ... drawn differently
+        assert shown[1].get_zorder() > shown[0].get_zorder() and shown[1].get_linewidth() < shown[0].get_linewidth()
+        assert shown[1].get_markersize() < shown[0].get_markersize()
+
+
+def test_noisy_curves_get_an_ema_beside_the_faded_raw_one(tmp_path):
+    run = _write_run(tmp_path / "r", r3=False, steps=30)
+    ax = _figs(run)["reward.png"].axes[0]
+    raw = [line for line in ax.lines if line.get_label().startswith("_")]
+    smooth = [line for line in ax.lines if not line.get_label().startswith("_")]
+    assert len(raw) == 1 and len(smooth) == 1 and raw[0].get_alpha() < 0.5 < smooth[0].get_alpha()
+    steps, values = load_metrics(run).series("reward_mean")
+    assert list(raw[0].get_ydata()) == values and list(smooth[0].get_ydata()) == pytest.approx(ema(values))
+    assert "EMA" in ax.get_legend().get_title().get_text()
+    short = _figs(_write_run(tmp_path / "short", r3=False, steps=5))["reward.png"].axes[0]
+    assert len(short.lines) == 1  # too few points to smooth: the raw curve alone
+
+
+def test_ema_is_debiased_and_follows_a_step():
+    assert ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # starts at the first value, not at 0
+    out = ema([0.0] * 5 + [1.0] * 40)
+    assert out[5] == pytest.approx(0.2 / (1 - 0.8**6)) and out[-1] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_all_zero_heatmap_says_so_on_a_fixed_scale(tmp_path):
+    r3 = _write_run(tmp_path / "r3", r3=True)
+    fig = _figs(r3)["routing_mismatch_heatmap_r3.png"]
+    mesh = fig.axes[0].collections[0]
+    assert mesh.get_clim() == (0.0, 1.0) and fig.axes[0].get_title().endswith("(all zero)")
+    figs = _figs(r3, _write_run(tmp_path / "none", r3=False))  # shared scale with a run that has a mismatch
+    vmax = figs["routing_mismatch_heatmap_none.png"].axes[0].collections[0].get_clim()[1]
+    assert 0.1 < vmax < 0.2 and figs["routing_mismatch_heatmap_r3.png"].axes[0].collections[0].get_clim()[1] == vmax
+    assert not figs["routing_mismatch_heatmap_none.png"].axes[0].get_title().endswith("(all zero)")
+
+
+def test_a_new_metric_is_one_table_row(tmp_path, monkeypatch):
+    from r3rl.commands import plot
+
+    run = _write_run(tmp_path / "r", r3=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 12, "my_metric": 0.5}) + "\n")
+    monkeypatch.setattr(plot, "PANELS", [*PANELS, plot.Panel(metric="my_metric", file="mine.png", title="mine",
+                                                               ylabel="y", scale=plot.Scale.FRACTION)])
+    assert _titles(_figs(run)["mine.png"]) == ["mine"]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 13, "my_metric": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"'my_metric' must be a number"):
+        load_metrics(run)

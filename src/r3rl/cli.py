@@ -33,15 +33,37 @@ def add_replay_flags(p: argparse.ArgumentParser) -> None:
                         "$MILES_TEST_R3_THRESHOLD, else 1e-2)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from r3rl.models.presets import PRESETS
+class _PresetNames:
+    """`--preset` choices, read from `r3rl.models.presets` only when a value is checked or a subcommand's help is
+    shown: building the parser (`r3rl --help`, `r3rl plot`) imports no torch or transformers."""
 
+    def _names(self) -> list[str]:
+        from r3rl.models.presets import PRESETS
+
+        return sorted(PRESETS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+PRESET_CHOICES = _PresetNames()
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda when available, else cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r3rl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--log-level", default=os.environ.get("R3RL_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-model", help="write a random-init HF MoE checkpoint from a preset")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--preset", required=True, choices=PRESET_CHOICES, metavar="PRESET",
+                   help="one of: %(choices)s")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
@@ -49,17 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="R3 end-to-end regression: rollout, replay, check, JSON report, exit 0/1")
     add_replay_flags(p)
     p.add_argument("--model", default=None, help="local HF MoE checkpoint (default: make --preset on the fly)")
-    p.add_argument("--preset", default="tiny-qwen3-moe", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny-qwen3-moe", choices=PRESET_CHOICES, metavar="PRESET",
+                   help="one of: %(choices)s")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--inject-fault", default="none", choices=["none", "shift", "permute-layers"],
                    help="negative control: corrupt the trace before replay (the check must fail)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (the precision RL runs in) | float32 | float16")
     p.add_argument("--batch-size", type=int, default=8, help="rollouts in the batch")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--response-len", type=int, default=32)
     p.add_argument("--rollout", default="engine", choices=["engine", "hf"],
                    help="engine: r3rl's rollout engine (default); hf: the HF model token by token with a KV cache")
+    p.add_argument("--turns", type=int, default=1, help="multi-turn: episodes of N responses from the engine, "
+                   "--observation-len environment tokens between them; replay and check over whole episodes")
+    p.add_argument("--observation-len", type=int, default=4, help="multi-turn: tokens the environment appends")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -91,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on the first SIGTERM/SIGINT, wait this long for in-flight requests")
     p.add_argument("--keep-alive-timeout-s", type=float, default=75.0, help="close idle keep-alive connections after")
     p.add_argument("--max-body-bytes", type=int, default=64 * 2**20, help="larger request bodies are answered 413")
+    p.add_argument("--api-key", default=os.environ.get("R3RL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the weight-update endpoints (default: $R3RL_API_KEY; "
+                        "the environment keeps the key out of the process list)")
+    p.add_argument("--require-api-key-for-generate", action="store_true",
+                   help="/generate requires the API key too (default: only the weight-update endpoints)")
+    p.add_argument("--dist-timeout-s", type=float, default=120.0,
+                   help="NCCL/gloo weight sync: a rendezvous and each received tensor must complete within this")
+    p.add_argument("--body-read-timeout-s", type=float, default=60.0,
+                   help="a request body must arrive within this (408 and the connection closed otherwise)")
     return parser
 
 
@@ -125,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ServerConfig(
                 model=args.model, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout_s,
                 keep_alive_timeout_s=args.keep_alive_timeout_s, max_body_bytes=args.max_body_bytes,
-                max_hold_steps=args.max_hold_steps,
+                max_hold_steps=args.max_hold_steps, api_key=args.api_key,
+                require_api_key_for_generate=args.require_api_key_for_generate, dist_timeout_s=args.dist_timeout_s,
+                body_read_timeout_s=args.body_read_timeout_s,
                 log_level=args.log_level, engine=EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
                                                               kv_cache_tokens=args.kv_cache_tokens,
                                                               block_size=args.kv_block_size,
@@ -165,25 +202,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from r3rl.models.presets import PRESETS
+    from r3rl.tasks.reward_pool import DEFAULT_REWARD_TIMEOUT_S  # neither imports torch: `r3rl --help` stays fast
+    from r3rl.tasks.rewards import BUILTIN_REWARDS
 
     p = sub.add_parser("train", help="RL training (GRPO/GSPO/REINFORCE++) with R3/R2 replay, verified every step",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_replay_flags(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="local HF MoE checkpoint (default: make --preset on the fly)")
-    g.add_argument("--preset", default="tiny-qwen3-moe", choices=sorted(PRESETS))
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument("--preset", default="tiny-qwen3-moe", choices=PRESET_CHOICES, metavar="PRESET",
+                   help="one of: %(choices)s")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--dtype", default=None, help="parameter dtype (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and rewards")
-    g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add)")
+    g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add; "
+                   "guess: multi-turn episodes)")
+    g.add_argument("--env-path", default=None, help="multi-turn environment: module:Class or file.py:Class, called "
+                   "as f(prompt_item, tokenizer) (r3rl.episodes)")
+    g.add_argument("--max-turns", type=int, default=None, help="model responses per episode at most (default: the "
+                   "task's, else 4)")
     g.add_argument("--prompt-data", default=None, help="prompts as .jsonl or .parquet")
     g.add_argument("--input-key", default="prompt", help="prompt field of --prompt-data")
     g.add_argument("--label-key", default="label", help="label field of --prompt-data")
     g.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
-    g.add_argument("--custom-rm-path", default=None, help="reward function: module:function or file.py:function")
-    g.add_argument("--reward-fn", default="exact_match", help="built-in reward for --prompt-data (exact_match, math)")
+    g.add_argument("--custom-rm-path", default=None,
+                   help="reward function f(response, item) -> float in [0, 1]: module:function or file.py:function "
+                        "(item.prompt, item.label, item.metadata; the contract: r3rl/tasks/rewards.py); it runs in a "
+                        "worker process")
+    g.add_argument("--reward-timeout", type=float, default=DEFAULT_REWARD_TIMEOUT_S,
+                   help="seconds one --custom-rm-path call may take; past it the worker is killed and the run fails "
+                        "naming the prompt")
+    g.add_argument("--reward-fn", default="exact_match", choices=sorted(BUILTIN_REWARDS),
+                   help="built-in reward for --prompt-data, against the label")
     g.add_argument("--sft-steps", type=int, default=50, help="supervised warm-up steps on the labels before RL")
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
@@ -235,8 +286,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--eps-clip", type=float, default=0.2)
     g.add_argument("--eps-clip-high", type=float, default=None, help="DAPO clip-higher (default: --eps-clip)")
     g.add_argument("--eps-clip-c", type=float, default=None, help="dual-clip constant (off by default)")
-    g.add_argument("--loss-agg-mode", default="token-mean",
-                   choices=["token-mean", "seq-mean-token-mean"])
+    g.add_argument("--loss-agg-mode", default=None,
+                   choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+                   help="token-mean (default; GSPO: seq-mean-token-mean, as the paper and verl), seq-mean-token-mean, "
+                        "or Dr.GRPO's seq-mean-token-sum-norm (per-sample token sum / --rollout-max-response-len)")
     g.add_argument("--use-kl-loss", action="store_true", help="KL(actor || reference) term in the loss")
     g.add_argument("--kl-loss-type", default="low_var_kl", choices=["k1", "k2", "k3", "low_var_kl"])
     g.add_argument("--kl-loss-coef", type=float, default=0.0)
@@ -255,8 +308,22 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--eval-interval", type=int, default=10,
                    help="greedy evaluation on held-out prompts every N steps and after the last (0: off)")
     g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out evaluation prompts, .jsonl or .parquet with --prompt-data's keys (default with "
+                        "--prompt-data: a fifth of its distinct prompts, at most --eval-prompts, is held out of "
+                        "training)")
+    g.add_argument("--eval-samples-logged", type=int, default=3,
+                   help="greedy completions (prompt, completion, reward) per evaluation, to the log and "
+                        "RUN_DIR/samples.jsonl")
     g = p.add_argument_group("outputs")
-    g.add_argument("--run-dir", default="runs/r3rl", help="metrics.jsonl, summary.json, TensorBoard, config")
+    g.add_argument("--run-dir", default=None,
+                   help="config.json, metrics.jsonl, summary.json, samples.jsonl, TensorBoard, plots/ (default: a new "
+                        "runs/YYYYmmdd-HHMMSS per run, runs/latest linked to it)")
+    g.add_argument("--no-plots", action="store_true", help="do not draw RUN_DIR/plots/ when the run ends")
+    g.add_argument("--use-wandb", action="store_true",
+                   help="log to Weights & Biases too (pip install 'r3rl[wandb]'; WANDB_MODE=offline needs no network)")
+    g.add_argument("--wandb-project", default="r3rl", help="Weights & Biases project")
+    g.add_argument("--wandb-run-name", default=None, help="Weights & Biases run name (default: the run directory's)")
     g.add_argument("--save", default=None, help="checkpoint directory (HF safetensors + trainer state)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N steps (the last step always)")
     g.add_argument("--load", default=None, help="resume from a checkpoint directory")
@@ -288,15 +355,27 @@ def train_config_from_args(args: argparse.Namespace):
         kl_loss_type=KLType(args.kl_loss_type), kl_loss_coef=args.kl_loss_coef, entropy_coef=args.entropy_coef,
         use_tis=args.use_tis, tis_clip=args.tis_clip, tis_clip_low=args.tis_clip_low,
         rollout_mask=args.use_rollout_mask, mask_low=args.mask_low, mask_high=args.mask_high,
-        correction_level=CorrectionLevel(args.correction_level), loss_agg_mode=LossAggMode(args.loss_agg_mode),
+        correction_level=CorrectionLevel(args.correction_level),
+        loss_agg_mode=LossAggMode(args.loss_agg_mode) if args.loss_agg_mode else None,  # None: the estimator's
     )
     from r3rl.check import resolve_threshold
     from r3rl.models import resolve_dtype
 
+    args.device = _resolve_device(args.device)
     _check_device(args.device)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     resolve_dtype(dtype)
-    _check_output_path("--run-dir", str(Path(args.run_dir) / "metrics.jsonl"))
+    if args.run_dir is not None:
+        _check_output_path("--run-dir", str(Path(args.run_dir) / "metrics.jsonl"))
+    for flag, path in (("--prompt-data", args.prompt_data), ("--eval-data", args.eval_data)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: file not found")
+    if args.use_wandb:
+        from r3rl.train.metrics import wandb_available
+
+        if not wandb_available():
+            raise ValueError("--use-wandb needs the wandb package, which is not installed: pip install "
+                             "'r3rl[wandb]' (or pip install wandb)")
     resolve_threshold(args.r3_check_threshold)
     rollout_dtype = None if args.rollout_dtype == "same" else args.rollout_dtype
     if rollout_dtype is not None:
@@ -308,7 +387,8 @@ def train_config_from_args(args: argparse.Namespace):
         replay=replay_config_from_args(args), loss=loss, model=args.model, preset=args.preset, device=args.device,
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
         label_key=args.label_key, apply_chat_template=args.apply_chat_template, custom_rm_path=args.custom_rm_path,
-        reward_fn=args.reward_fn, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
+        reward_fn=args.reward_fn, reward_timeout_s=args.reward_timeout, env_path=args.env_path,
+        max_turns=args.max_turns, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, rollout_kv_cache_tokens=args.rollout_kv_cache_tokens,
@@ -326,20 +406,27 @@ def train_config_from_args(args: argparse.Namespace):
         sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr, run_dir=args.run_dir,
         save=args.save, save_interval=args.save_interval, load=args.load, inject_fault=Fault(args.inject_fault),
         progress=not args.no_progress, eval_interval=args.eval_interval or None, eval_prompts=args.eval_prompts,
+        eval_data=args.eval_data, eval_samples_logged=args.eval_samples_logged, plots=not args.no_plots,
+        use_wandb=args.use_wandb, wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
     )
 
 
 def _train(cfg) -> int:
     import json
 
+    from r3rl.tasks.rewards import RewardError
     from r3rl.train.trainer import Trainer
 
+    trainer = None
     try:
-        summary = Trainer(cfg).run()
-    except AssertionError as e:  # the R3 check failed (the exact "R3 mismatch tokens (N) > threshold (M)" text)
+        trainer = Trainer(cfg)
+        summary = trainer.run()
+    except (AssertionError, RewardError) as e:  # the R3 check failed ("R3 mismatch tokens (N) > threshold (M)"),
+        # or the reward plug-in did (raised, exited, hung, died, or returned a value outside the contract)
         logger.error("r3rl train failed: %s", e)
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports for the run
-            print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": cfg.run_dir}, indent=2))
+            run_dir = trainer.cfg.run_dir if trainer is not None else cfg.run_dir
+            print(json.dumps({"verdict": "fail", "error": str(e), "run_dir": run_dir}, indent=2))
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
@@ -351,10 +438,14 @@ def _verify_logs(args) -> int:
 
     from r3rl.commands.verify_logs import verify_logs
 
+    _check_output_path("--json", args.json)  # before the verdict: exit 2, never mistaken for a "fail" (exit 1)
     report = verify_logs([Path(p) for p in args.logs], threshold=args.threshold)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise ValueError(f"--json {args.json}: cannot write the report ({e.strerror or e})") from None
     print(json.dumps(report, indent=2))
     return 0 if report["verdict"] == "pass" else 1
 
@@ -400,9 +491,13 @@ def _check_config(args: argparse.Namespace):
     from r3rl.config import CheckRunConfig, Fault, ReplayKind, RolloutKind
     from r3rl.models import resolve_dtype
 
+    args.device = _resolve_device(args.device)
     _check_device(args.device)
     resolve_dtype(args.dtype)
     _check_output_path("--report", args.report)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: no such checkpoint directory"
+                         + (" (it is a file)" if Path(args.model).exists() else ""))
     replay = replay_config_from_args(args)
     resolve_threshold(replay.r3_check_threshold)  # a bad $R3RL_TEST_R3_THRESHOLD is a flag error too
     if replay.kind is ReplayKind.NONE:
@@ -412,7 +507,7 @@ def _check_config(args: argparse.Namespace):
         replay=replay, model=args.model, preset=args.preset, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
-        inject_fault=Fault(args.inject_fault),
+        inject_fault=Fault(args.inject_fault), turns=args.turns, observation_len=args.observation_len,
     )
 
 
@@ -428,10 +523,13 @@ def _check(cfg) -> int:
     return 0 if report["verdict"] == "pass" else 1
 
 
-def _cuda() -> bool:
+def _resolve_device(device: str) -> str:
+    """`auto` (the default) is cuda when available, else cpu; torch is imported here, not when the parser is built."""
+    if device != "auto":
+        return device
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

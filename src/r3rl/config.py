@@ -105,9 +105,18 @@ class CheckRunConfig:
     """Where to write the JSON report."""
     inject_fault: Fault = Fault.NONE
     """Negative control: corrupt the trace before replay; the check must fail."""
+    turns: int = 1
+    """Multi-turn: each rollout is an episode of this many responses of `response_len` tokens, with
+    `observation_len` environment tokens appended between them (r3rl.episodes, engine rollout); replay and check
+    run over whole episodes. 1: single-turn."""
+    observation_len: int = 4
+    """Tokens the check's environment appends after each non-final response (multi-turn)."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "prompt_len", "response_len"):
+        if self.turns > 1 and self.rollout is not RolloutKind.ENGINE:
+            raise ValueError(f"turns={self.turns} (episodes) needs the engine rollout: "
+                             f"got rollout={self.rollout.value}")
+        for name in ("batch_size", "prompt_len", "response_len", "turns", "observation_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive: got {getattr(self, name)}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:

@@ -43,6 +43,12 @@ class Sample:
     weight_version: int = 0
     """Weight version when the request finished. It differs from `weight_version_start` when a weight update
     happened while the request ran: its tokens then came from two (or more) policies."""
+    loss_mask: list[int] | None = None
+    """Per response token: 1 where the loss trains on it (the model generated it), 0 where it does not (an episode's
+    observation tokens, which the forward still reads and replays). None: every response token is trained on."""
+    routed_experts_start_len: int = 0
+    """First row `trace` holds (SGLang's `routed_experts_start_len`): a later turn of an episode asks only for the rows
+    it does not hold yet. Trainers need whole traces (0)."""
     metadata: dict = field(default_factory=dict)
     """Free-form per-sample info. Backends set "prompt_index", "sample_index" (index within the prompt's group) and
     "rid" (request id); tasks add their fields."""
@@ -64,7 +70,16 @@ class Sample:
                 f"{where}: rollout_logprobs length {len(self.rollout_logprobs)} != response length "
                 f"{len(self.response_ids)}"
             )
+        if self.loss_mask is not None and (len(self.loss_mask) != len(self.response_ids)
+                                           or any(m not in (0, 1) for m in self.loss_mask)):
+            raise ValueError(f"{where}: loss_mask must hold one 0/1 per response token: got {len(self.loss_mask)} "
+                             f"entries for {len(self.response_ids)} response tokens")
         if self.trace is not None:
-            self.trace.validate(num_tokens=self.num_tokens, num_layers=num_layers, top_k=top_k,
+            start = self.routed_experts_start_len
+            if start and self.trace.num_rows != self.num_tokens - 1 - start:
+                raise ValueError(f"{where}: trace rows must cover [routed_experts_start_len, tokens - 1): got "
+                                 f"{self.trace.num_rows} rows, expected {self.num_tokens - 1 - start} "
+                                 f"(tokens={self.num_tokens}, routed_experts_start_len={start})")
+            self.trace.validate(num_tokens=self.num_tokens - start, num_layers=num_layers, top_k=top_k,
                                 num_experts=num_experts, sample=index)
         return self

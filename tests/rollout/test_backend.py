@@ -14,7 +14,7 @@ from r3rl.models import load_model
 from r3rl.models.presets import make_model
 from r3rl.rollout import EngineBackend, EngineRequest, HTTPBackend, RolloutBackend, RolloutEngine, SamplingParams
 from r3rl.rollout.backend import WeightSyncError
-from r3rl.rollout.client import RolloutRequestError
+from r3rl.rollout.client import ModelShape, RolloutRequestError
 from r3rl.rollout.sampling import group_seed
 
 LAYERS, TOP_K, EXPERTS = 4, 4, 16  # tiny-qwen3-moe
@@ -117,6 +117,17 @@ def test_http_backend_syncs_weights_by_disk_end_to_end(server_factory, tiny_mode
     try:
         assert isinstance(backend, RolloutBackend) and backend.weight_version == 0
         assert backend.model_shape == EngineBackend(load_model(tiny_model_dir), max_slots=1, max_seq_len=8).model_shape
+        # r3rl serve reports its shape: a local policy's (what the trainer passes) must agree with it
+        same = HTTPBackend(srv.url, model_shape=ModelShape.of_model(load_model(tiny_model_dir)))
+        wrong = HTTPBackend(srv.url, model_shape=ModelShape.of_model(make_model("tiny-mixtral", seed=0)))
+        try:
+            assert same.model_shape == backend.model_shape
+            with pytest.raises(RolloutRequestError, match=r"serves a model of MoE shape \(layers, top_k, experts\)="
+                                                          r"\(4, 4, 16\), the local policy's is \(4, 2, 8\)"):
+                wrong.generate([[1, 2]], SamplingParams(max_new_tokens=2, seed=0))
+        finally:
+            same.close()
+            wrong.close()
         sampling = SamplingParams(max_new_tokens=6, temperature=1.0, seed=11)
         before = backend.generate([[7, 8, 9], [1, 2]], sampling, n_samples_per_prompt=3)
         assert [s.weight_version for s in before] == [0] * 6

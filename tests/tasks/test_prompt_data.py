@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from r3rl.tasks import PromptDataset, PromptItem, PromptSource, TaskPromptSource, get_task, make_prompt_source
+from r3rl.tasks.data import DataPart
 
 
 def _write_jsonl(path, rows):
@@ -161,3 +162,45 @@ def test_negative_batch_size_is_an_error(jsonl):
         with pytest.raises(ValueError, match=r"n must be an int >= 0, got -1"):
             source.next_batch(-1)
         assert source.next_batch(0) == []
+
+
+def _rows(n, dup=()):
+    return [{"prompt": f"w{i}=", "label": f"W{i}"} for i in range(n)] + [{"prompt": f"w{i}=", "label": "dup"}
+                                                                          for i in dup]
+
+
+def test_held_out_split_is_disjoint_seeded_and_covers_the_file(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", _rows(50, dup=(3, 7, 11, 20)))  # repeated prompts: one side only
+    train = make_prompt_source(prompt_data=str(path), part=DataPart.TRAIN, holdout=10, split_seed=0, seed=1)
+    held = make_prompt_source(prompt_data=str(path), part=DataPart.EVAL, holdout=10, split_seed=0, seed=2)
+    train_prompts, held_prompts = {it.prompt for it in train.items}, {it.prompt for it in held.items}
+    assert len(held_prompts) == 10 and not train_prompts & held_prompts
+    assert len(train.items) + len(held.items) == 54 and train_prompts | held_prompts == {f"w{i}=" for i in range(50)}
+    # the training source's cursor never reaches a held-out prompt, over several epochs
+    assert not {it.prompt for it in train.next_batch(200)} & held_prompts
+    again = make_prompt_source(prompt_data=str(path), part=DataPart.EVAL, holdout=10, split_seed=0, seed=9)
+    assert {it.prompt for it in again.items} == held_prompts  # the split depends on split_seed only
+    other = make_prompt_source(prompt_data=str(path), part=DataPart.EVAL, holdout=10, split_seed=1)
+    assert {it.prompt for it in other.items} != held_prompts
+    assert len(make_prompt_source(prompt_data=str(path), part=DataPart.ALL, holdout=10).items) == 54
+
+
+def test_eval_file_is_the_eval_part_and_training_keeps_the_whole_file(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", _rows(20))
+    evals = _write_jsonl(tmp_path / "e.jsonl", [{"prompt": "new=", "label": "NEW"}])
+    held = make_prompt_source(prompt_data=str(path), eval_data=str(evals), part=DataPart.EVAL, holdout=4)
+    assert [(it.prompt, it.label) for it in held.items] == [("new=", "NEW")] and held.reward("NEW", held.items[0]) == 1
+    train = make_prompt_source(prompt_data=str(path), eval_data=str(evals), part=DataPart.TRAIN, holdout=4)
+    assert len(train.items) == 20  # an eval file: nothing is split off the training data
+
+
+def test_holdout_sizes_and_errors(tmp_path):
+    from r3rl.tasks import default_holdout, split_holdout
+
+    assert [default_holdout(n, 64) for n in (2, 9, 10, 200, 1000)] == [1, 1, 2, 40, 64]
+    assert default_holdout(200, 16) == 16
+    one = PromptDataset.from_file(_write_jsonl(tmp_path / "one.jsonl", _rows(1, dup=(0,))))
+    with pytest.raises(ValueError, match=r"one.jsonl: cannot hold out 1 of 1 distinct prompts .*--eval-interval 0"):
+        split_holdout(one.items, 1, name="one.jsonl")
+    with pytest.raises(ValueError, match=r"part must be 'all', 'train' or 'eval': got 'test'"):
+        make_prompt_source(task="reverse", part="test")

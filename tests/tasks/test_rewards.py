@@ -1,6 +1,7 @@
 """Built-in rewards against hand-computed values, and the --custom-rm-path loader (good spec and each bad one)."""
 
 import sys
+from fractions import Fraction
 
 import pytest
 
@@ -15,6 +16,7 @@ from r3rl.tasks import (
     math_answer_reward,
     position_match,
 )
+from r3rl.tasks.rewards import RewardError, reward_value_problem
 
 ITEM = PromptItem(prompt="rev:abcd=", label="dcba", metadata={"source": "test"})
 
@@ -138,5 +140,20 @@ def test_custom_rm_bad_file_specs(rm_module):
 
 def test_custom_rm_bad_return_value(rm_module):
     fn = load_reward_fn("my_rm:returns_none")
-    with pytest.raises(ValueError, match=r"returned None for prompt 'rev:abcd=' \(test\): expected a finite number"):
+    with pytest.raises(RewardError, match=r"on prompt 'rev:abcd=' \(test\): returned None \(NoneType\): expected a "
+                                          r"real number in \[0, 1\]"):
         fn("x", ITEM)
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (None, "returned None"), (True, "returned True (bool)"), ("1.0", "returned '1.0' (str)"), ([1.0], "(list)"),
+    (float("nan"), "returned nan: expected a finite"), (float("inf"), "returned inf"), (1.5, "1.5, outside [0, 1]"),
+    (-0.1, "-0.1, outside"), (10**400, "float() refuses"),
+])
+def test_the_contract_refuses_values_that_are_not_a_reward(value, problem):
+    assert problem in reward_value_problem(value)
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.0, 0.25, 1.0, Fraction(1, 2)])
+def test_the_contract_accepts_real_numbers_in_range(value):
+    assert reward_value_problem(value) is None  # the negative control of the test above

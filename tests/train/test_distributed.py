@@ -126,7 +126,7 @@ def _torchrun(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProc
            "127.0.0.1", "--master-port", str(_free_port()), "-m", "r3rl", "train",
            "--use-rollout-routing-replay", "--enable-r3-correctness-check", "--sft-steps", "5",
            "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--eval-interval", "2", "--eval-prompts", "8",
-           "--run-dir", str(tmp_path / name), *args]
+           "--no-plots", "--run-dir", str(tmp_path / name), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     (tmp_path / f"{name}.log").write_text(proc.stderr)

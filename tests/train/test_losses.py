@@ -49,10 +49,56 @@ def test_clip_higher_and_dual_clip():
 def test_gspo_uses_the_sequence_ratio():
     # sample 0: log-ratios ln 2 and 0 -> s = sqrt(2) = 1.414 -> clipped to 1.2 (A=+1); sample 1: ratio 1
     cfg = LossConfig(advantage_estimator=AdvantageEstimator.GSPO)
+    assert cfg.loss_agg_mode is LossAggMode.SEQ_MEAN_TOKEN_MEAN  # GSPO averages per sequence (paper, verl)
     loss, m, logp = _loss(cfg, [LN(2.0), 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
-    assert loss.item() == pytest.approx((-1.2 - 1.2 - 1.0) / 3)
+    assert loss.item() == pytest.approx((-1.2 + -1.0) / 2)  # the mean of each sample's token mean
     loss.backward()
-    assert logp.grad[:2].abs().sum() == 0 and logp.grad[2].item() == pytest.approx(-1 / 3)  # clipped: no gradient
+    assert logp.grad[:2].abs().sum() == 0 and logp.grad[2].item() == pytest.approx(-1 / 2)  # clipped: no gradient
+
+
+def test_loss_agg_mode_defaults_per_estimator_and_gspo_token_mean_warns(caplog):
+    assert LossConfig().loss_agg_mode is LossAggMode.TOKEN_MEAN
+    assert LossConfig(advantage_estimator="reinforce_plus_plus").loss_agg_mode is LossAggMode.TOKEN_MEAN
+    with caplog.at_level("WARNING", logger="r3rl.train.losses"):
+        LossConfig(advantage_estimator=AdvantageEstimator.GSPO)
+        LossConfig(advantage_estimator=AdvantageEstimator.GSPO, loss_agg_mode="seq-mean-token-mean")
+        assert not caplog.records  # the paper's aggregation, default or explicit: nothing to say
+        cfg = LossConfig(advantage_estimator=AdvantageEstimator.GSPO, loss_agg_mode="token-mean")
+    assert cfg.loss_agg_mode is LossAggMode.TOKEN_MEAN  # the user's choice stands, with a warning
+    [rec] = caplog.records
+    assert "GSPO with --loss-agg-mode token-mean" in rec.getMessage() and "seq-mean-token-mean" in rec.getMessage()
+
+
+def test_seq_mean_token_sum_norm_divides_token_sums_by_a_constant_by_hand():
+    # Dr.GRPO: ratio 1, A = +1 on a 3-token and a 1-token sample, constant length 4:
+    # loss = mean over samples of (sum of -A over tokens) / 4 = (-3/4 + -1/4) / 2
+    cfg = LossConfig(loss_agg_mode="seq-mean-token-sum-norm", token_sum_norm=4)
+    loss, _, logp = _loss(cfg, [0.0] * 4, [0.0] * 4, [1.0] * 4, seq=(0, 0, 0, 1))
+    assert loss.item() == pytest.approx((-3 / 4 - 1 / 4) / 2)
+    loss.backward()
+    # every token weighs the same, whatever its sample's length (seq-mean-token-mean gives 1/6 vs 1/2)
+    torch.testing.assert_close(logp.grad, torch.full((4,), -1 / 8, dtype=torch.float64))
+    mean_cfg = LossConfig(loss_agg_mode="seq-mean-token-mean")
+    loss, _, logp = _loss(mean_cfg, [0.0] * 4, [0.0] * 4, [1.0] * 4, seq=(0, 0, 0, 1))
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([-1 / 6] * 3 + [-1 / 2], dtype=torch.float64))
+
+
+def test_seq_mean_token_sum_norm_takes_the_rollout_budget_and_refuses_none():
+    from r3rl.cli import build_parser, train_config_from_args
+    from r3rl.train.config import TrainConfig
+
+    assert TrainConfig(rollout_max_response_len=9).loss.token_sum_norm == 9
+    args = build_parser().parse_args(["train", "--loss-agg-mode", "seq-mean-token-sum-norm",
+                                      "--rollout-max-response-len", "7"])
+    cfg = train_config_from_args(args)
+    assert (cfg.loss.loss_agg_mode, cfg.loss.token_sum_norm) == (LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM, 7)
+    gspo = train_config_from_args(build_parser().parse_args(["train", "--advantage-estimator", "gspo"]))
+    assert gspo.loss.loss_agg_mode is LossAggMode.SEQ_MEAN_TOKEN_MEAN
+    with pytest.raises(ValueError, match="seq-mean-token-sum-norm needs LossConfig.token_sum_norm"):
+        _loss(LossConfig(loss_agg_mode="seq-mean-token-sum-norm"), [0.0], [0.0], [1.0], seq=(0,))
+    with pytest.raises(ValueError, match="token_sum_norm must be >= 1: got 0"):
+        LossConfig(token_sum_norm=0)
 
 
 def test_tis_weights_and_mask_mode():
@@ -102,7 +148,7 @@ def test_two_micro_batches_with_global_denominators_equal_one_batch(mode):
     old = logp + torch.randn(7, generator=gen, dtype=torch.float64) * 0.1
     adv = torch.randn(7, generator=gen, dtype=torch.float64)
     seq = torch.tensor([0, 0, 0, 1, 1, 2, 2])
-    cfg = LossConfig(loss_agg_mode=mode)
+    cfg = LossConfig(loss_agg_mode=mode, token_sum_norm=5)
 
     def run(sl, seq_local):
         x = logp[sl].clone().requires_grad_(True)

@@ -20,7 +20,7 @@ CHECK = re.compile(r"R3 check \(rank 0, stage (replay_forward|replay_backward)\)
 def small(tmp_path, name="run", **kw) -> TrainConfig:
     replay = kw.pop("replay", ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True))
     base = dict(replay=replay, rollout_batch_size=4, n_samples_per_prompt=4, rollout_max_response_len=6,
-                num_rollout=3, sft_steps=2, sft_batch_size=8, micro_batch_size=6, progress=False,
+                num_rollout=3, sft_steps=2, sft_batch_size=8, micro_batch_size=6, progress=False, plots=False,
                 run_dir=str(tmp_path / name))
     return TrainConfig(**(base | kw))
 
@@ -59,6 +59,7 @@ def test_injected_shift_fails_with_the_exact_error(tmp_path):
         Trainer(small(tmp_path, inject_fault=Fault.SHIFT, num_rollout=1, sft_steps=40, sft_batch_size=16)).run()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["verdict"] == "fail" and summary["error"].startswith("R3 mismatch tokens")
+    assert summary["steps"] == 0 and summary["failed_steps"] == [0]  # the step that failed, before its metrics
 
 
 def test_r2_replays_its_own_recording_and_no_replay_measures_the_mismatch(tmp_path):
@@ -178,7 +179,7 @@ def test_dropped_stale_samples_leave_the_policy_gradient(tmp_path, monkeypatch):
 
     monkeypatch.setattr(step_module, "_update", spy)
     rm = tmp_path / "rm.py"  # a reward that varies within groups, so advantages are not all zero
-    rm.write_text("def reward(text, item):\n    return float(sum(map(ord, text)) % 3)\n")
+    rm.write_text("def reward(text, item):\n    return float(sum(map(ord, text)) % 3) / 2\n")
     rows = {}
     for policy in (StalePolicy.KEEP, StalePolicy.DROP):
         Trainer(small(tmp_path, name=policy.value, stale_samples=policy, max_staleness=1, num_rollout=1,

@@ -19,7 +19,7 @@ def _cfg(tmp_path, preset: str, **kw) -> TrainConfig:
     return TrainConfig(replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True),
                        preset=preset, rollout_batch_size=2, n_samples_per_prompt=4, rollout_max_response_len=6,
                        num_rollout=2, sft_steps=2, sft_batch_size=8, micro_batch_size=4, eval_interval=None,
-                       progress=False, run_dir=str(tmp_path / preset), **kw)
+                       progress=False, plots=False, run_dir=str(tmp_path / preset), **kw)
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

@@ -44,7 +44,7 @@ from r3rl.trace import ReplayBatch, RoutingTrace
 from r3rl.train.data import layout_padded
 from r3rl.train.metrics import routing_mismatch_per_layer
 
-__all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_hf_kv_cache"]
+__all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_episodes", "rollout_hf_kv_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,35 @@ def rollout_engine(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig)
             max_new_tokens=cfg.response_len, temperature=cfg.temperature, seed=cfg.seed))
     finally:
         backend.close()  # free its weights and cache before training
+
+
+def rollout_episodes(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
+    """Episodes of `cfg.turns` responses through the engine backend (r3rl.episodes): each later turn generates from
+    the whole context and asks only for its new routing rows; between turns an environment appends
+    `observation_len` random byte tokens. Every episode has the same length, every token a route."""
+    from r3rl.episodes import EnvStep, run_episodes
+    from r3rl.rollout.backend import EngineBackend
+    from r3rl.rollout.protocol import SamplingParams
+
+    class _NoiseEnv:
+        def __init__(self, prompt: list[int], seed: int) -> None:
+            self.prompt, self.gen = prompt, torch.Generator().manual_seed(seed)
+
+        def reset(self) -> list[int]:
+            return self.prompt
+
+        def step(self, response_ids: list[int]) -> EnvStep:
+            return EnvStep(observation_ids=torch.randint(0, 256, (cfg.observation_len,), generator=self.gen).tolist())
+
+    length = cfg.prompt_len + cfg.turns * cfg.response_len + (cfg.turns - 1) * cfg.observation_len
+    backend = EngineBackend(model, max_slots=cfg.batch_size, max_seq_len=length, device=cfg.device, dtype=cfg.dtype)
+    envs = [_NoiseEnv(p, cfg.seed * 1000 + b) for b, p in enumerate(_prompts(model, cfg).tolist())]
+    try:
+        return run_episodes(backend, envs, SamplingParams(max_new_tokens=cfg.response_len,
+                                                          temperature=cfg.temperature, seed=cfg.seed),
+                            max_turns=cfg.turns)
+    finally:
+        backend.close()
 
 
 def rollout_hf_kv_cache(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
@@ -135,10 +164,14 @@ class _ForwardResult:
 def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: ReplayCheck | None) -> dict:
     rcfg = cfg.replay
     rollout = rollout_engine if cfg.rollout is RolloutKind.ENGINE else rollout_hf_kv_cache
+    if cfg.turns > 1:
+        rollout = rollout_episodes
     samples = rollout(model, replay, cfg)
-    B, P, R = cfg.batch_size, cfg.prompt_len, cfg.response_len
+    B, P = cfg.batch_size, cfg.prompt_len
+    R = samples[0].num_tokens - P  # episodes: every response and observation after the first prompt
     tokens_BS = torch.tensor([s.tokens for s in samples], device=cfg.device)
     rollout_logp_BR = torch.tensor([s.rollout_logprobs for s in samples], dtype=torch.float64)
+    model_BR = torch.tensor([s.loss_mask or [1] * R for s in samples], dtype=torch.bool)  # log-probs: model tokens
     traces = [s.trace for s in samples]
     lengths = [s.num_tokens for s in samples]
 
@@ -147,11 +180,12 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
                     "check_enabled": rcfg.check_enabled, "inject_fault": cfg.inject_fault.value,
                     "model": cfg.model or f"preset:{cfg.preset}", "rollout": cfg.rollout.value,
                     "device": str(cfg.device), "dtype": cfg.dtype,
-                    "batch_size": B, "prompt_len": P, "response_len": R}
+                    "batch_size": B, "prompt_len": P, "response_len": cfg.response_len, "turns": cfg.turns,
+                    "episode_tokens": P + R}
     tap, E = ExpertsTap(model), replay.num_experts
     with torch.no_grad(), replay.off():
         live = _forward(model, tap, tokens_BS, P)
-    report["without_replay"] = _metrics(live, traces, lengths, rollout_logp_BR, E)
+    report["without_replay"] = _metrics(live, traces, lengths, rollout_logp_BR, E, model_BR)
 
     if rcfg.kind is ReplayKind.NONE:
         report.update(reason="no replay mode enabled (--use-rollout-routing-replay or --use-routing-replay): nothing "
@@ -189,7 +223,7 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
         except AssertionError as e:
             reason, summary = str(e), check.last_summary
             logger.error("R3 check failed: %s", e)
-    report["with_replay"] = _metrics(replayed, traces, lengths, rollout_logp_BR, E)
+    report["with_replay"] = _metrics(replayed, traces, lengths, rollout_logp_BR, E, model_BR)
     live_BSLK = live_rec.batch().expert_ids.view(B, P + R, replay.num_layers, -1)
     report["with_replay"]["router_live_mismatch"] = _mismatch(traces, _traces(live_BSLK, lengths, 1, E))
     report["replay_target_mismatch"] = _mismatch(targets, _traces(replayed.used_BSLK, lengths, drop_last, E))
@@ -209,9 +243,11 @@ def _forward(model: nn.Module, tap: ExpertsTap, tokens_BS: torch.Tensor, prompt_
 
 
 def _metrics(fwd: _ForwardResult, traces: list[RoutingTrace], lengths: list[int], rollout_logp_BR: torch.Tensor,
-             num_experts: int) -> dict:
+             num_experts: int, model_BR: torch.Tensor | None = None) -> dict:
     mismatch = _mismatch(traces, _traces(fwd.used_BSLK, lengths, 1, num_experts))  # the last token: no rollout row
     log_ratio = fwd.logprobs_BR - rollout_logp_BR  # log p_train / p_rollout on rollout samples
+    if model_BR is not None:  # episodes: observations have no rollout log-prob
+        log_ratio = log_ratio[model_BR]
     k3 = (log_ratio.exp() - 1 - log_ratio).mean().item()
     return {"routing_mismatch": mismatch, "mean_abs_logprob_diff": log_ratio.abs().mean().item(), "k3_kl": k3}
 

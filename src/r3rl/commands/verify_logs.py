@@ -14,6 +14,10 @@ Verdict pass iff, over all the logs together (one file per rank, or one file for
   - no check line has mismatch > threshold * n_tokens (the check's own rule), and its P% agrees with M/N;
   - no "R3 mismatch tokens" failure line, and no line that starts a contract line but does not parse.
 The threshold is `threshold`, else $R3RL_TEST_R3_THRESHOLD, else $MILES_TEST_R3_THRESHOLD, else 1e-2.
+
+A log that cannot be read is a fail reason (the evidence is missing). A usage mistake is a ValueError, which the
+command reports in one line with exit 2, never mistaken for a verdict: a binary file given as a log (a NUL byte in
+its first 64 KiB), a --threshold outside [0, 1], a --json path that is a directory.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from r3rl.check import Stage, resolve_threshold
+from r3rl.commands.textfile import check_text
 
 __all__ = ["verify_logs", "WRAPPER_RE", "CHECK_RE", "FAILURE_RE"]
 
@@ -49,6 +54,7 @@ def verify_logs(paths: Sequence[str | Path], threshold: float | None = None) -> 
                     "above_threshold": [], "failures": [], "malformed": []}
     reasons: list[str] = report["reasons"]
     for path in map(Path, paths):
+        check_text(path, utf8=False, limit=1 << 16)  # a binary file given as a log: a usage error (exit 2), named
         try:
             n_lines, n_evidence = _scan(path, thr, report)
         except OSError as e:

@@ -17,6 +17,10 @@ A family whose class the installed transformers lacks is never matched (a Qwen3-
 then fails loudly: "no MoE router found in Qwen3NextForCausalLM"). A model with a router class no adapter knows raises
 `UnsupportedRouterError` naming the class: r3rl never silently runs without replay.
 
+Each adapter also says how its family's training forward keeps packed samples apart (`r3rl.models.packing`): most
+families read the sample boundaries from position ids that restart at 0; GPT-OSS takes its layer masks from r3rl;
+Qwen3-Next's linear attention carries its state across the row in transformers' torch path, so it is not packed.
+
 Tensor suffixes: T tokens, H hidden, E experts, K top-k.
 """
 
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from r3rl.models.packing import Packing
 from r3rl.models.routing import RouterSpec, Scoring, Selection, route, router_logits
 
 __all__ = [
@@ -90,6 +95,8 @@ class RouterAdapter:
     """The router module's `bias` is added to its logits (GPT-OSS)."""
     correction_bias_at: BiasAt = BiasAt.NONE
     """Where the selection-only correction bias lives."""
+    packing: Packing = Packing.POSITION_IDS
+    """How the family's training forward keeps packed samples apart (see `Packing`)."""
 
     def spec(self, router: nn.Module) -> RouterSpec:
         return self.read_spec(router)
@@ -199,7 +206,10 @@ _BY_NORM_TOPK = RouterAdapter(family="softmax-topk", read_spec=_softmax_norm_top
 _MIXTRAL = RouterAdapter(family="mixtral", read_spec=_mixtral)
 _DEEPSEEK = RouterAdapter(family="deepseek-v3", read_spec=_deepseek, correction_bias_at=BiasAt.ROUTER)
 _MINIMAX = RouterAdapter(family="minimax-m2", read_spec=_minimax, correction_bias_at=BiasAt.MOE_BLOCK)
-_GPT_OSS = RouterAdapter(family="gpt-oss", read_spec=_gpt_oss, logit_bias=True)
+_GPT_OSS = RouterAdapter(family="gpt-oss", read_spec=_gpt_oss, logit_bias=True, packing=Packing.LAYER_MASKS)
+# Qwen2-MoE's router; the gated delta net's state crosses sample boundaries in transformers' torch path (its
+# cu_seqlens reach only the flash-linear-attention kernels)
+_QWEN3_NEXT = RouterAdapter(family="qwen3-next", read_spec=_softmax_norm_topk, packing=Packing.NONE)
 
 _M = "transformers.models."
 # (module, class name) -> adapter. Classes are resolved lazily so that importing r3rl imports no model code; a
@@ -208,7 +218,7 @@ _KNOWN: dict[tuple[str, str], RouterAdapter] = {
     (_M + "qwen3_moe.modeling_qwen3_moe", "Qwen3MoeTopKRouter"): _BY_NORM_TOPK,
     (_M + "qwen2_moe.modeling_qwen2_moe", "Qwen2MoeTopKRouter"): _BY_NORM_TOPK,
     (_M + "olmoe.modeling_olmoe", "OlmoeTopKRouter"): _BY_NORM_TOPK,
-    (_M + "qwen3_next.modeling_qwen3_next", "Qwen3NextTopKRouter"): _BY_NORM_TOPK,
+    (_M + "qwen3_next.modeling_qwen3_next", "Qwen3NextTopKRouter"): _QWEN3_NEXT,
     (_M + "mixtral.modeling_mixtral", "MixtralTopKRouter"): _MIXTRAL,
     (_M + "deepseek_v3.modeling_deepseek_v3", "DeepseekV3TopkRouter"): _DEEPSEEK,
     (_M + "glm4_moe.modeling_glm4_moe", "Glm4MoeTopkRouter"): _DEEPSEEK,

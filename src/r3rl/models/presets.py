@@ -30,7 +30,7 @@ Selection-only correction biases (DeepSeek-V3, GLM-4.5, MiniMax-M2) start at std
 router bias at std 0.5, so both change which experts are picked.
 
 The tokenizer is byte-level (256 byte tokens + <pad>, <bos>, <eos>), built with the `tokenizers` library, so no
-file is fetched from a hub.
+file is fetched from a hub. It ships a small chat template (`r3rl.models.chat.CHAT_TEMPLATE`), as real checkpoints do.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from r3rl.models.adapters import find_routers
+from r3rl.models.chat import CHAT_TEMPLATE
 
 __all__ = ["PRESETS", "ModelPreset", "make_config", "make_model", "make_tokenizer", "init_model", "preset_available",
            "ROUTER_LOGIT_STD", "CORRECTION_BIAS_STD", "TINY_FAMILIES", "TINY_NEW_FAMILIES"]
@@ -263,9 +264,11 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         pre_tokenizers.Split(Regex("."), behavior="isolated"),  # one token per byte
     ])
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<pad>"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def init_model(preset: str, out: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:

@@ -174,7 +174,7 @@ class LinearStateCache:
 
 def linear_attention_prefill(w: LinearAttentionWeights, h_TH: torch.Tensor, lengths_N: torch.Tensor,
                              rows_N: torch.Tensor, state: LinearStateCache, layer: int, *,
-                             linear=F.linear, chunk_size: int = 64) -> torch.Tensor:
+                             linear=F.linear, chunk_size: int = 64, batch_invariant: bool = False) -> torch.Tensor:
     """N right-padded prompts (`h_TH` is `[N * P, H]`, prompt n's real tokens first) into slots rows_N: writes each
     slot's conv and recurrent state as of its last real token. Returns `[N * P, H]` (pad rows hold garbage)."""
     s, N = w.spec, lengths_N.shape[0]
@@ -186,7 +186,7 @@ def linear_attention_prefill(w: LinearAttentionWeights, h_TH: torch.Tensor, leng
     state.conv(layer)[rows_N] = x_NCP.gather(2, last_NW.unsqueeze(1).expand(N, x_NCP.shape[1], W - 1))
     conv_NCP = F.conv1d(x_NCP.to(w.conv_C1W.dtype), w.conv_C1W, w.conv_bias_C, groups=x_NCP.shape[1])
     conv_TC = ACT2FN[s.act](conv_NCP).to(h_TH.dtype).transpose(1, 2).reshape(N * P, -1)
-    q_TGK, k_TGK, v_TVD, beta_TV, g_TV = _gates(w, conv_TC, b_TV, a_TV)
+    q_TGK, k_TGK, v_TVD, beta_TV, g_TV = _gates(w, conv_TC, b_TV, a_TV, batch_invariant=batch_invariant)
     valid_T = (torch.arange(P, device=h_TH.device).unsqueeze(0) < lengths_N.unsqueeze(1)).flatten()
     beta_TV, g_TV = beta_TV * valid_T.unsqueeze(1), g_TV * valid_T.unsqueeze(1)  # pads: no write, no decay
     q, k, v, beta, g = (t.view(N, P, *t.shape[1:]).transpose(1, 2) for t in (q_TGK, k_TGK, v_TVD, beta_TV, g_TV))
@@ -203,7 +203,8 @@ def linear_attention_decode(w: LinearAttentionWeights, h_BH: torch.Tensor, state
     allocation in the cache, no host sync). Returns `[B, H]`.
 
     `batch_invariant` (the CPU engine): the conv and the state reads as fixed-order elementwise sums instead of
-    conv1d / bmm, whose CPU kernels may pick a different summation order with the number of rows."""
+    conv1d / bmm, whose CPU kernels may pick a different summation order with the number of rows, and the small
+    per-head gates through `_pointwise` (see there)."""
     s, B = w.spec, h_BH.shape[0]
     mixed_BC, z_BVD, b_BV, a_BV = _project(w, h_BH, linear)
     conv_BCW = state.conv(layer)[:B]
@@ -218,7 +219,7 @@ def linear_attention_decode(w: LinearAttentionWeights, h_BH: torch.Tensor, state
     else:
         out_BC = F.conv1d(window_BCW, w.conv_C1W, w.conv_bias_C, groups=window_BCW.shape[1]).squeeze(2)
     conv_BC = ACT2FN[s.act](out_BC).to(h_BH.dtype)
-    q_BGK, k_BGK, v_BVD, beta_BV, g_BV = _gates(w, conv_BC, b_BV, a_BV)
+    q_BGK, k_BGK, v_BVD, beta_BV, g_BV = _gates(w, conv_BC, b_BV, a_BV, batch_invariant=batch_invariant)
     q_BVK, k_BVK = _qk_heads(s, q_BGK, k_BGK)
     o_BVD = _recurrent_step(state.recurrent(layer)[:B], q_BVK, k_BVK, v_BVD.float(), g_BV, beta_BV.float(),
                             batch_invariant=batch_invariant)
@@ -238,13 +239,32 @@ def _project(w: LinearAttentionWeights, h_TH: torch.Tensor, linear):
     return mixed_TC, z.reshape(T, s.num_v_heads, s.head_v_dim), b.reshape(T, -1), a.reshape(T, -1)
 
 
-def _gates(w: LinearAttentionWeights, conv_TC: torch.Tensor, b_TV: torch.Tensor, a_TV: torch.Tensor):
+def _gates(w: LinearAttentionWeights, conv_TC: torch.Tensor, b_TV: torch.Tensor, a_TV: torch.Tensor, *,
+           batch_invariant: bool = False):
     """q, k `[T, G, K]`, v `[T, V, D]` from the conv output; beta = sigmoid(b); log-decay g (float32, <= 0)."""
     s, T = w.spec, conv_TC.shape[0]
     q, k, v = conv_TC.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
-    g_TV = -w.a_log_V.exp() * F.softplus(a_TV.float() + w.dt_bias_V)
+    g_TV = -w.a_log_V.exp() * _pointwise(F.softplus, a_TV.float() + w.dt_bias_V, batch_invariant)
     return (q.reshape(T, s.num_k_heads, s.head_k_dim), k.reshape(T, s.num_k_heads, s.head_k_dim),
-            v.reshape(T, s.num_v_heads, s.head_v_dim), b_TV.sigmoid(), g_TV)
+            v.reshape(T, s.num_v_heads, s.head_v_dim), _pointwise(torch.sigmoid, b_TV, batch_invariant), g_TV)
+
+
+_POINTWISE_ROW = 64  # elements: whole vectorized chunks (2 vectors) of ATen for fp32 and bf16, AVX2 to AVX-512
+
+
+def _pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x_T: torch.Tensor, batch_invariant: bool) -> torch.Tensor:
+    """fn(x) where each row's values do not depend on the number of rows (`batch_invariant`).
+
+    ATen's CPU kernels compute a contiguous elementwise op in vectorized chunks and the remainder with the scalar
+    function, and the two differ in the last bit for exp-based ops (softplus, sigmoid, exp) on CPUs whose vectors are
+    narrower than the tensor's tail (AVX2: a [4, 4] gate is all vector, a [1, 4] one all scalar). Rows are padded to a
+    whole number of chunks so every element takes the vector path whatever the row count."""
+    if not batch_invariant:
+        return fn(x_T)
+    flat = x_T.reshape(x_T.shape[0], -1)
+    n = flat.shape[1]
+    padded = F.pad(flat, (0, (-n) % _POINTWISE_ROW))
+    return fn(padded)[:, :n].reshape(x_T.shape)
 
 
 def _qk_heads(s: LinearAttentionSpec, q: torch.Tensor, k: torch.Tensor):
@@ -276,7 +296,7 @@ def _recurrent_step(state_BVKD: torch.Tensor, q_BVK: torch.Tensor, k_BVK: torch.
     else:
         read_R2D = torch.bmm(torch.stack([q_RK, k_RK], dim=1), s_RKD)
         qk_R1 = (q_RK * k_RK).sum(-1, keepdim=True)
-    decay_R1 = g_BV.exp().view(B * V, 1)
+    decay_R1 = _pointwise(torch.exp, g_BV, batch_invariant).reshape(B * V, 1)
     delta_RD = (v_BVD.reshape(B * V, D) - decay_R1 * read_R2D[:, 1]) * beta_BV.reshape(B * V, 1)
     o_RD = decay_R1 * read_R2D[:, 0] + qk_R1 * delta_RD
     if batch_invariant:

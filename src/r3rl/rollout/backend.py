@@ -54,7 +54,9 @@ class WeightSyncError(RuntimeError):
 class RolloutBackend(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  n_samples_per_prompt: int = 1) -> list[Sample]:
-        """`n_samples_per_prompt` samples of every prompt, prompt-major, each with its own seed and its trace."""
+        """`n_samples_per_prompt` samples of every prompt, prompt-major, each with its own seed and its trace.
+        The engine and HTTP backends also take `routed_experts_start_len=[one per prompt]` (episodes' later turns:
+        only the trace rows from there on come back)."""
         ...
 
     def update_weights(self, model: nn.Module, *, version: int) -> None:
@@ -103,6 +105,7 @@ def sample_from_output(out: EngineOutput, *, num_layers: int, top_k: int, num_ex
         prompt_ids=list(out.prompt_ids), response_ids=list(out.output_ids), rollout_logprobs=list(out.output_logprobs),
         logprob_temperature=out.logprob_temperature, trace=out.trace, finish_reason=out.finish_reason,
         weight_version_start=out.weight_version_start, weight_version=out.weight_version, metadata=metadata,
+        routed_experts_start_len=out.routed_experts_start_len,
     ).validate(num_layers=num_layers, top_k=top_k, num_experts=num_experts, index=index)
 
 
@@ -134,11 +137,13 @@ class EngineBackend:
                           num_experts=self.engine.num_experts)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 n_samples_per_prompt: int = 1) -> list[Sample]:
+                 n_samples_per_prompt: int = 1, routed_experts_start_len: Sequence[int] | None = None) -> list[Sample]:
         call = next(self._calls)
         plan = group_requests(len(prompts), sampling, n_samples_per_prompt,
                               logprobs_at_temperature=self.logprobs_at_temperature, rng=self._rng)
-        requests = [EngineRequest(request_id=f"c{call}-p{i}-s{j}", input_ids=list(prompts[i]), sampling=sp)
+        starts = start_lens(routed_experts_start_len, len(prompts))
+        requests = [EngineRequest(request_id=f"c{call}-p{i}-s{j}", input_ids=list(prompts[i]), sampling=sp,
+                                  routed_experts_start_len=starts[i])
                     for i, j, sp in plan]
         outputs = self.engine.generate(requests)
         e = self.engine
@@ -203,13 +208,15 @@ class HTTPBackend:
         return self._run(self.client.model_shape())
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 n_samples_per_prompt: int = 1) -> list[Sample]:
+                 n_samples_per_prompt: int = 1, routed_experts_start_len: Sequence[int] | None = None) -> list[Sample]:
         plan, rids = plan_with_rids(self, len(prompts), sampling, n_samples_per_prompt, prefix="c")
+        starts = start_lens(routed_experts_start_len, len(prompts))
         samples = []
         for start in range(0, len(plan), MAX_BATCH):  # the server takes at most MAX_BATCH prompts per request
             part = plan[start : start + MAX_BATCH]
-            samples += self._run(self.client.generate([prompts[i] for i, _, _ in part], [sp for _, _, sp in part],
-                                                      rids=rids[start : start + MAX_BATCH]))
+            samples += self._run(self.client.generate(
+                [prompts[i] for i, _, _ in part], [sp for _, _, sp in part], rids=rids[start : start + MAX_BATCH],
+                routed_experts_start_len=None if routed_experts_start_len is None else [starts[i] for i, _, _ in part]))
         for (i, j, _), s in zip(plan, samples, strict=True):
             s.metadata.update(prompt_index=i, sample_index=j)
         if self._unverified is not None:
@@ -266,6 +273,17 @@ class HTTPBackend:
 
     def _run(self, coro: Coroutine):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+def start_lens(routed_experts_start_len: Sequence[int] | None, num_prompts: int) -> list[int]:
+    """One `routed_experts_start_len` per prompt (0: the whole trace)."""
+    if routed_experts_start_len is None:
+        return [0] * num_prompts
+    starts = list(routed_experts_start_len)
+    if len(starts) != num_prompts:
+        raise ValueError(f"routed_experts_start_len needs one entry per prompt: got {len(starts)}, expected "
+                         f"{num_prompts}")
+    return starts
 
 
 def plan_with_rids(backend, num_prompts: int, sampling: SamplingParams, n_samples_per_prompt: int, *,

@@ -4,8 +4,10 @@
         samples = await client.generate([[72, 105], [33]], {"max_new_tokens": 16, "temperature": 1.0, "seed": 0})
     samples = generate_sync("http://127.0.0.1:30000", [[72, 105]], {"max_new_tokens": 16})   # from sync code
 
-Against a real SGLang server (`--enable-return-routed-experts`), which has no `num_experts` in its model info, pass
-the model's shape: `RolloutClient(url, model_shape=ModelShape(num_layers=48, top_k=8, num_experts=128))`.
+Against a real SGLang server (`--enable-return-routed-experts`), whose model info has no MoE shape, pass the local
+policy's: `RolloutClient(url, model_shape=ModelShape.of_model(policy))` (layers, top-k, experts, and which decoder
+layers are MoE: SGLang's trace has a column per decoder layer). `r3rl serve` reports its shape; a given one must
+agree with it.
 
 Both servers' responses go through ONE decode path, `decode_generate_output`: output ids, `output_token_logprobs`
 (SGLang layout, checked against the ids), `routed_experts` (base64 int32, or r3rl's compact encoding) decoded and
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -74,6 +77,30 @@ class ModelShape:
     column per decoder layer (`num_decoder_layers`), and only these are kept (`RoutingReplay.decoder_layers`)."""
     num_decoder_layers: int | None = None
 
+    @classmethod
+    def of_model(cls, model) -> ModelShape:
+        """The MoE shape of a local HF model (the trainer's policy): what a SGLang server's traces are decoded
+        against, since its model info has none."""
+        from r3rl.models.adapters import find_routers
+
+        sites = find_routers(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        num_decoder = int(config.num_hidden_layers)
+        decoder = [s.decoder_layer for s in sites]
+        moe_layers = None
+        if decoder != list(range(num_decoder)):  # some decoder layers are dense
+            if None in decoder:
+                raise ValueError(f"{type(model).__name__}: {len(sites)} MoE layers of {num_decoder} decoder layers, "
+                                 f"but the decoder index of {[s.name for s in sites if s.decoder_layer is None]} "
+                                 "is unknown: cannot map a SGLang trace's columns")
+            moe_layers = tuple(decoder)
+        return cls(num_layers=len(sites), top_k=sites[0].top_k, num_experts=sites[0].num_experts,
+                   moe_layers=moe_layers, num_decoder_layers=num_decoder)
+
+    def moe_shape(self) -> tuple[int, int, int]:
+        """(MoE layers, top-k, experts): what two descriptions of one model must agree on."""
+        return self.num_layers, self.top_k, self.num_experts
+
 
 class RolloutHTTPError(RuntimeError):
     """The server answered with an error (or could not be reached)."""
@@ -109,10 +136,13 @@ class RolloutClient:
         max_connections: int = 512,
         keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         """`timeout` bounds one HTTP attempt (a long generation needs a long one); `max_retries` counts retries
-        after the first attempt. `model_shape` is fetched from `/model_info` when not given. `transport` is for
-        tests (httpx.MockTransport)."""
+        after the first attempt. `model_shape`: the local model's (`ModelShape.of_model`), used when the server's
+        `/model_info` has no MoE shape (SGLang) and checked against it when it has (r3rl serve). `transport` is for
+        tests (httpx.MockTransport). `api_key` (default: $R3RL_API_KEY) is sent as `Authorization: Bearer` (the
+        server's `--api-key`)."""
         if max_retries < 0 or backoff < 0:
             raise ValueError(f"max_retries and backoff must be >= 0: got {max_retries}, {backoff}")
         self.base_url = base_url.rstrip("/")
@@ -120,10 +150,13 @@ class RolloutClient:
         self.backoff = backoff
         self.routed_experts_format = RoutedExpertsFormat(routed_experts_format)
         self.logprobs_at_temperature = logprobs_at_temperature
-        self._shape = model_shape
+        self._local_shape = model_shape
+        self._shape: ModelShape | None = None
         self._is_r3rl: bool | None = None
+        api_key = api_key if api_key is not None else os.environ.get("R3RL_API_KEY")
         self._http = httpx.AsyncClient(
             base_url=self.base_url, timeout=timeout, transport=transport,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                                 keepalive_expiry=keepalive_expiry_s),
         )
@@ -150,16 +183,32 @@ class RolloutClient:
         return await self._request("GET", "/model_info")
 
     async def model_shape(self) -> ModelShape:
+        """The shape traces are decoded against: the server's (r3rl serve), else the local one given (SGLang)."""
         if self._shape is None:
             try:
-                info = ModelInfo.model_validate(await self.model_info())
-            except (RolloutRequestError, ValidationError) as e:
+                raw = await self.model_info()
+            except RolloutRequestError as e:  # 4xx: a server without /model_info
+                raw, why = None, str(e)
+            served = None
+            if isinstance(raw, dict) and "num_experts" in raw:
+                try:
+                    info = ModelInfo.model_validate(raw)
+                except ValidationError as e:
+                    raise RolloutRequestError(f"{self.base_url}/model_info breaks the protocol: "
+                                              f"{validation_error(e).message}") from None
+                served = ModelShape(num_layers=info.num_layers, top_k=info.top_k, num_experts=info.num_experts)
+            elif raw is not None:
+                why = f"fields {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
+            local = self._local_shape
+            if served is None and local is None:
                 raise RolloutRequestError(
-                    f"{self.base_url}/model_info is unavailable or lacks the MoE shape ({e}): for a real SGLang "
-                    "server pass RolloutClient(..., model_shape=ModelShape(num_layers=, top_k=, num_experts=))",
-                    status=getattr(e, "status", None),
-                ) from e
-            self._shape = ModelShape(num_layers=info.num_layers, top_k=info.top_k, num_experts=info.num_experts)
+                    f"{self.base_url}/model_info has no MoE shape ({why}), as SGLang's: pass the local policy's "
+                    "(RolloutClient(..., model_shape=ModelShape.of_model(model)))")
+            if served is not None and local is not None and served.moe_shape() != local.moe_shape():
+                raise RolloutRequestError(
+                    f"{self.base_url} serves a model of MoE shape (layers, top_k, experts)={served.moe_shape()}, "
+                    f"the local policy's is {local.moe_shape()}: not the same model")
+            self._shape = served or local
         return self._shape
 
     async def get_model_info(self) -> dict[str, Any]:
@@ -205,6 +254,7 @@ class RolloutClient:
         *,
         return_routed_experts: bool = True,
         rids: Sequence[str] | None = None,
+        routed_experts_start_len: Sequence[int] | None = None,
     ) -> list[Sample]:
         """Generate one Sample per prompt in one `/generate` call. `sampling_params` is one `SamplingParams` (or
         dict of SGLang names) for all prompts, or one per prompt; `seed` is sent as SGLang's `sampling_seed`.
@@ -226,6 +276,12 @@ class RolloutClient:
                                    "sampling_params": sps if per_item else sps[0]}
         if rids is not None:
             payload["rid"] = list(rids)
+        starts = [0] * len(prompts) if routed_experts_start_len is None else list(map(int, routed_experts_start_len))
+        if len(starts) != len(prompts):
+            raise ValueError(f"routed_experts_start_len must have one entry per prompt: got {len(starts)}, expected "
+                             f"{len(prompts)}")
+        if any(starts):  # SGLang's field; only rows [start, seqlen - 1) come back
+            payload["routed_experts_start_len"] = starts
         if return_routed_experts and self.routed_experts_format is not RoutedExpertsFormat.BASE64_INT32:
             payload["routed_experts_format"] = self.routed_experts_format.value
         if self.logprobs_at_temperature and await self.is_r3rl_server():
@@ -240,7 +296,8 @@ class RolloutClient:
             temperature = float(sps[i if per_item else 0].get("temperature", 1.0))
             assumed = temperature if self.logprobs_at_temperature and temperature > GREEDY_TEMPERATURE else 1.0
             samples.append(decode_generate_output(out, prompt, shape=shape, index=i,
-                                                  require_trace=return_routed_experts, logprob_temperature=assumed))
+                                                  require_trace=return_routed_experts, logprob_temperature=assumed,
+                                                  routed_experts_start_len=starts[i]))
         return samples
 
     # --- private ------------------------------------------------------------------------------------------------
@@ -284,6 +341,7 @@ def decode_generate_output(
     index: int | None = None,
     require_trace: bool = True,
     logprob_temperature: float = 1.0,
+    routed_experts_start_len: int = 0,
 ) -> Sample:
     """One `/generate` output (r3rl serve or SGLang) -> a validated Sample. Raises naming the sample on mismatch.
     `logprob_temperature`: what the log-probs are computed at when the server does not say (SGLang)."""
@@ -308,8 +366,10 @@ def decode_generate_output(
     if meta.routed_experts is None and require_trace:
         raise RolloutServerError(f"{where}: meta_info.routed_experts is missing (r3rl serve: send "
                                  "return_routed_experts=true; SGLang: start it with --enable-return-routed-experts)")
+    start = routed_experts_start_len
     if meta.routed_experts is not None and shape is not None:
-        trace = _decode_trace(meta.routed_experts, meta.routed_experts_format, shape, num_tokens, index, where)
+        trace = _decode_trace(meta.routed_experts, meta.routed_experts_format, shape, num_tokens, index, where,
+                              start=start)
     return Sample(
         prompt_ids=list(prompt_ids), response_ids=output_ids,
         rollout_logprobs=[e[0] for e in meta.output_token_logprobs],
@@ -318,6 +378,7 @@ def decode_generate_output(
         weight_version_start=weight_version_int(meta.weight_version_start if meta.weight_version_start is not None
                                           else meta.weight_version),
         metadata={"rid": meta.id, "weight_version_raw": meta.weight_version, "e2e_latency": meta.e2e_latency},
+        routed_experts_start_len=start if trace is not None else 0,
     ).validate(num_layers=shape.num_layers if shape else None, top_k=shape.top_k if shape else None,
                num_experts=shape.num_experts if shape else None, index=index)
 
@@ -363,7 +424,10 @@ def _wire_sampling(sp: SamplingLike) -> dict[str, Any]:
 
 
 def _decode_trace(routed: str, fmt: RoutedExpertsFormat | None, shape: ModelShape, num_tokens: int,
-                  index: int | None, where: str) -> RoutingTrace:
+                  index: int | None, where: str, *, start: int = 0) -> RoutingTrace:
+    """The trace rows [start, num_tokens - 1). A server that ignored `routed_experts_start_len` sends every row:
+    that is an error here (its rows would be over-counted into the episode), never silently sliced."""
+    num_tokens -= start
     if fmt is RoutedExpertsFormat.COMPACT:
         try:
             blob = base64.b64decode(routed, validate=True)
@@ -374,8 +438,13 @@ def _decode_trace(routed: str, fmt: RoutedExpertsFormat | None, shape: ModelShap
     else:  # SGLang's base64 int32, one column per decoder layer when the model has dense layers
         wire_layers = shape.num_decoder_layers if shape.moe_layers is not None else shape.num_layers
         trace = RoutingTrace.from_sglang(routed, num_layers=wire_layers, top_k=shape.top_k,
-                                         num_experts=shape.num_experts, num_tokens=num_tokens,
+                                         num_experts=shape.num_experts, num_tokens=None if start else num_tokens,
                                          layers=shape.moe_layers, sample=index)
+    if start and trace.num_rows != num_tokens - 1:
+        raise RolloutServerError(
+            f"{where}: routed_experts has {trace.num_rows} rows, expected {num_tokens - 1} for "
+            f"routed_experts_start_len={start} (tokens={num_tokens + start}; {num_tokens + start - 1} rows means the "
+            "server ignored routed_experts_start_len, and an episode would over-count them)")
     return trace.validate(num_tokens=num_tokens, num_layers=shape.num_layers, top_k=shape.top_k,
                           num_experts=shape.num_experts, sample=index)
 

@@ -97,6 +97,17 @@ class ServerConfig:
     (worker.AdmissionConfig); 0 = hand every request to the engine at once."""
     log_level: str = "info"
     """Python/uvicorn log level."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, the admin endpoints (weight updates, the update group) require `Authorization: Bearer <api_key>`
+    (401 otherwise), as SGLang's `--api-key` does. Never reported by /server_info."""
+    require_api_key_for_generate: bool = False
+    """`/generate` requires the API key too (needs `api_key`)."""
+    dist_timeout_s: float = 120.0
+    """NCCL/gloo weight sync: a rendezvous (`/init_weights_update_group`) and each received tensor must complete
+    within this; a failed receive applies nothing."""
+    body_read_timeout_s: float = 60.0
+    """A request body must arrive within this many seconds of its headers (408 and the connection closed
+    otherwise): a slow or stalled upload cannot hold a connection open."""
 
     def __post_init__(self) -> None:
         self.log_level = {"warn": "warning", "fatal": "critical"}.get(self.log_level.lower(), self.log_level.lower())
@@ -107,7 +118,14 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535]: got {self.port}")
         if self.max_hold_steps < 0:
             raise ValueError(f"max_hold_steps must be >= 0: got {self.max_hold_steps}")
-        for name in ("drain_timeout_s", "keep_alive_timeout_s", "max_body_bytes"):
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
+                                             and self.api_key.strip() == self.api_key and self.api_key):
+            raise ValueError("api_key must be a non-empty string of printable ASCII without surrounding spaces (it "
+                             "travels in an HTTP header)")
+        if self.require_api_key_for_generate and self.api_key is None:
+            raise ValueError("require_api_key_for_generate needs an api_key (--api-key or R3RL_API_KEY)")
+        for name in ("drain_timeout_s", "keep_alive_timeout_s", "max_body_bytes", "dist_timeout_s",
+                     "body_read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0: got {getattr(self, name)}")
         if not (Path(self.model) / "config.json").is_file():

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -60,6 +61,7 @@ from r3rl.rollout.paging import BlockTable, blocks_for
 from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason
 from r3rl.rollout.sampling import SamplingMode, SlotParams, fold_seed, sample_tokens, vocab_keys
 from r3rl.rollout.weights import check_tensor_names, materialize
+from r3rl.trace import RoutingTrace
 
 __all__ = ["RolloutEngine"]
 
@@ -415,8 +417,9 @@ class RolloutEngine:
             return [EngineOutput(
                 request_id=r.req.request_id, prompt_ids=list(r.req.input_ids), output_ids=r.output_ids,
                 output_logprobs=r.logprobs, logprob_temperature=r.req.sampling.logprob_temperature,
-                finish_reason=r.finish_reason, trace=traces.get(i), weight_version=version,
-                weight_version_start=r.version_start) for i, r in zip(done, rows, strict=True)]
+                finish_reason=r.finish_reason, trace=_rows_from(traces.get(i), r.req.routed_experts_start_len),
+                weight_version=version, weight_version_start=r.version_start,
+                routed_experts_start_len=r.req.routed_experts_start_len) for i, r in zip(done, rows, strict=True)]
 
         return outputs
 
@@ -692,6 +695,13 @@ class RolloutEngine:
             self.state.restore(snapshot)
 
         return self._graphs.get((B, T, mode, masked), run)
+
+
+def _rows_from(trace: RoutingTrace | None, start: int) -> RoutingTrace | None:
+    """Trace rows [start, end): what a request with `routed_experts_start_len=start` asked for."""
+    if trace is None or start == 0:
+        return trace
+    return RoutingTrace(np.ascontiguousarray(trace.expert_ids[start:]), trace.num_experts)
 
 
 def _request(queued: EngineRequest | _Running) -> EngineRequest:

@@ -16,6 +16,8 @@ left, `generate` raises.
 
 Weights: `update_weights` saves one checkpoint (disk path) and has each live server load it and report the version;
 a server that fails the sync is dropped from rotation with a warning (never silently). All servers failing raises.
+Under torchrun rank 0 alone syncs (`parallel.RankZeroWeightSync`); `share_live` then gives every rank rank 0's live
+set, so a server rank 0 dropped (it holds stale weights) is dropped on every rank.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 from torch import nn
 
 from r3rl.rollout.backend import HTTPBackend, RolloutBackend, WeightSyncError, plan_with_rids
-from r3rl.rollout.client import RolloutRequestError
+from r3rl.rollout.client import ModelShape, RolloutRequestError
 from r3rl.rollout.protocol import MAX_BATCH, SamplingParams
 from r3rl.rollout.weights import model_tensors
 from r3rl.sample import Sample
@@ -51,14 +53,16 @@ class FleetBackend:
 
     def __init__(self, urls: Sequence[str], *, weights_dir: str | Path | None = None,
                  logprobs_at_temperature: bool = False, timeout_s: float = 600.0, max_retries: int = 1,
-                 max_workers: int = 32, broadcaster=None) -> None:
+                 max_workers: int = 32, broadcaster=None, model_shape: ModelShape | None = None) -> None:
+        """`model_shape`: the local policy's (`ModelShape.of_model`), for SGLang servers (see `RolloutClient`)."""
         if len(urls) < 1:
             raise ValueError("FleetBackend needs at least one server URL")
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.logprobs_at_temperature = logprobs_at_temperature
         self.broadcaster = broadcaster  # a dist_sync.WeightBroadcaster: NCCL/gloo broadcast to every server
         self.servers = [HTTPBackend(u, weights_dir=weights_dir, timeout_s=timeout_s, max_retries=max_retries,
-                                    logprobs_at_temperature=logprobs_at_temperature) for u in urls]
+                                    logprobs_at_temperature=logprobs_at_temperature, model_shape=model_shape)
+                        for u in urls]
         self.live = [True] * len(self.servers)
         self.in_flight = [0] * len(self.servers)  # samples in flight per server
         self.served = [0] * len(self.servers)  # samples completed per server (load-spread evidence)
@@ -179,6 +183,17 @@ class FleetBackend:
             srv._version = version
         self._version = version
 
+    def share_live(self, *, src: int = 0) -> None:
+        """torchrun, after rank `src` synced the weights: every rank keeps only the servers `src` keeps (a collective:
+        every rank calls it). A server dropped here missed the sync; one this rank dropped itself stays dropped."""
+        import torch.distributed as dist
+
+        shared = [list(self.live)]
+        dist.broadcast_object_list(shared, src=src)
+        for k, ok in enumerate(shared[0]):
+            if not ok:
+                self._drop(k, f"rank {src} took it out of rotation (its weight sync failed there)")
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for srv in self.servers:
@@ -189,10 +204,12 @@ class FleetBackend:
 
 
 def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None, logprobs_at_temperature: bool = False,
-                 weight_sync: str = "disk", sync_address: str = "127.0.0.1") -> RolloutBackend:
+                 weight_sync: str = "disk", sync_address: str = "127.0.0.1",
+                 model_shape: ModelShape | None = None) -> RolloutBackend:
     """HTTPBackend for one URL, FleetBackend for several: the one call the trainer makes for `--rollout-url`.
     `weight_sync`: "disk" (`/update_weights_from_disk`), or "nccl" / "gloo" (`/init_weights_update_group` +
-    `/update_weights_from_distributed`, the servers joining a group at `sync_address`)."""
+    `/update_weights_from_distributed`, the servers joining a group at `sync_address`). `model_shape`: the local
+    policy's (`ModelShape.of_model(model)`): a SGLang server reports none, `r3rl serve` is checked against it."""
     urls = list(urls)
     if not urls:
         raise ValueError("make_backend needs at least one --rollout-url")
@@ -205,6 +222,6 @@ def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None, logprob
         broadcaster = WeightBroadcaster(master_address=sync_address, backend=weight_sync)
     if len(urls) == 1:
         return HTTPBackend(urls[0], weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
-                           broadcaster=broadcaster)
+                           broadcaster=broadcaster, model_shape=model_shape)
     return FleetBackend(urls, weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
-                        broadcaster=broadcaster)
+                        broadcaster=broadcaster, model_shape=model_shape)

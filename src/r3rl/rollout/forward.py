@@ -162,7 +162,8 @@ class MoEForward:
         for i, lw in enumerate(self.layers):
             h_TH = self._norm(x_TH, lw.input_norm_H)
             if isinstance(lw.attn, LinearAttentionWeights):
-                x_TH = x_TH + linear_attention_prefill(lw.attn, h_TH, lengths_N, rows_N, state, i, linear=self.linear)
+                x_TH = x_TH + linear_attention_prefill(lw.attn, h_TH, lengths_N, rows_N, state, i, linear=self.linear,
+                                                               batch_invariant=self.batch_invariant)
             elif self.mla:
                 x_TH = x_TH + mla_prefill(lw.attn, h_TH, N, P, cos_TD, sin_TD, kv, self.kv_index[i], where,
                                           self.linear)

@@ -42,6 +42,7 @@ __all__ = [
     "UpdateWeightsFromDiskResponse",
     "ErrorBody",
     "ErrorResponse",
+    "parse_weight_version",
 ]
 
 MAX_BATCH = 4096  # items in one /generate call; larger batches should be split by the client
@@ -132,6 +133,9 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     return_routed_experts: bool = True
     """Return the routing trace of prompt + output (ignored when the engine does not capture routing)."""
+    routed_experts_start_len: int = 0
+    """SGLang's: return only trace rows [start, len(prompt) + len(output) - 1), in [0, len(input_ids)]. A later turn
+    of an episode asks from the first row it does not hold yet (r3rl.episodes)."""
 
     def validate(self, *, vocab_size: int, max_seq_len: int) -> None:
         """Raise ProtocolError carrying the field (`input_ids[3]`, `sampling.top_p`) that breaks its invariant.
@@ -157,6 +161,10 @@ class EngineRequest:
             raise ProtocolError(f"input_ids must be token ids in [0, {vocab_size}): got {ids[bad]} at index {bad}",
                                 f"input_ids[{bad}]")
         self.input_ids = ids
+        start = self.routed_experts_start_len
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n:
+            raise ProtocolError(f"routed_experts_start_len must be an integer in [0, len(input_ids)={n}]: got "
+                                f"{start!r}", "routed_experts_start_len")
         self.sampling.validate(vocab_size)
         if n + self.sampling.max_new_tokens > max_seq_len:
             raise ProtocolError(f"max_new_tokens must fit the context, len(input_ids) + max_new_tokens <= "
@@ -178,12 +186,15 @@ class EngineOutput:
     finish_reason: FinishReason
     """Why generation ended (SGLang's finish_reason.type)."""
     trace: RoutingTrace | None
-    """Routing of prompt_ids + output_ids: len(prompt) + len(output) - 1 rows; None if not requested/captured."""
+    """Routing of prompt_ids + output_ids from row `routed_experts_start_len` on: len(prompt) + len(output) - 1 -
+    start rows; None if not requested/captured."""
     weight_version: int
     """Engine weight version when the request finished (bumped by every update_weights)."""
     weight_version_start: int
     """Engine weight version when the request was admitted (its prefill); differs from `weight_version` when an
     update happened while it ran (later tokens then came from the newer weights)."""
+    routed_experts_start_len: int = 0
+    """First trace row returned (the request's `routed_experts_start_len`)."""
 
 
 # --- wire: /generate request ------------------------------------------------------------------------------------------
@@ -240,6 +251,9 @@ class GenerateRequest(BaseModel):
     """Return `meta_info.routed_experts`: the experts of every token at every MoE layer."""
     routed_experts_format: RoutedExpertsFormat = Field(RoutedExpertsFormat.BASE64_INT32, strict=False)
     """Encoding of `routed_experts` (r3rl only; SGLang always sends base64_int32). Lax: accepts the string value."""
+    routed_experts_start_len: list[int] | None = None
+    """SGLang's: per item, the first trace row to return, in [0, prompt_tokens]; the answer covers rows
+    [start, prompt + completion - 1). One integer (applies to every item) or one per item on the wire."""
     logprobs_at_temperature: bool = False
     """r3rl only: `output_token_logprobs` at each item's sampling temperature (log_softmax(logits / T), before
     top-k/top-p) instead of the raw temperature-1 log-probs. SGLang chooses by its SGLANG_RETURN_ORIGINAL_LOGPROB."""
@@ -283,6 +297,8 @@ class MetaInfo(BaseModel):
     `return_routed_experts`. Encoding per `routed_experts_format`."""
     routed_experts_format: RoutedExpertsFormat | None = None
     """Encoding of `routed_experts` (r3rl only; absent from SGLang, where it is always base64_int32)."""
+    routed_experts_start_len: int | None = None
+    """First row of `routed_experts` (r3rl only, echoed when the request set it; SGLang does not echo it)."""
 
 
 class GenerateResponse(BaseModel):
@@ -361,6 +377,19 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def parse_weight_version(value: str | None, field: str = "weight_version") -> int | None:
+    """A weight-update request's `weight_version` (a decimal string) -> int, or None when absent. Only ASCII digits
+    and values in [0, 2**63 - 1] (int64, what `/model_info` reports) are accepted: `str.isdigit` alone also takes
+    Unicode digits ("\u0663") and any length. Raises ProtocolError naming `field`."""
+    if value is None:
+        return None
+    if not (isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit()
+            and int(value) <= _SEED_MAX):
+        raise ProtocolError(f"{field} must be a decimal string of ASCII digits in [0, {_SEED_MAX}] (r3rl's weight "
+                            f"versions are int64): got {value!r:.80}", field)
+    return int(value)
 
 
 # --- private helpers ------------------------------------------------------------------------------------------------

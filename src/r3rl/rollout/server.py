@@ -3,8 +3,15 @@
     r3rl serve --model /tmp/tiny --port 30000             # cli.py builds the ServerConfig and calls serve(config)
     curl -s localhost:30000/generate -d '{"input_ids": [72, 105], "sampling_params": {"max_new_tokens": 4}}'
 
-Endpoints (docs/protocol.md): `POST /generate`, `POST /update_weights_from_disk`, `GET|HEAD /health`,
-`GET /model_info` (also at SGLang's `/get_model_info`), `GET /server_info`.
+Endpoints (docs/protocol.md): `POST /generate`, `POST /update_weights_from_disk`, `POST /init_weights_update_group`,
+`POST /update_weights_from_distributed`, `GET|HEAD /health`, `GET /model_info` (also at SGLang's `/get_model_info`),
+`GET /server_info`.
+
+Security (docs/protocol.md, "Security model"): with `api_key` set, the admin endpoints (weight updates, the update
+group) require `Authorization: Bearer <key>` (401 otherwise; compared in constant time), `/generate` too with
+`require_api_key_for_generate`. A body must arrive within `body_read_timeout_s` (408, connection closed). A client
+that disconnects mid-upload costs one log line. The NCCL/gloo path is guarded in dist_sync.py (a server only joins a
+group, one rendezvous at a time, bounded, checked before receiving, applied only whole).
 
 Threading: one `EngineWorker` thread owns the engine (worker.py). The event loop reads bodies, awaits and answers;
 a typical body is parsed and validated on the loop (cheaper than a thread-pool round trip), bodies over 64 KiB in a
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import signal
@@ -32,7 +40,9 @@ from dataclasses import asdict, dataclass
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from r3rl.rollout.config import TEXT_CHARS_PER_TOKEN, ServerConfig
 from r3rl.rollout.dist_sync import DistReceiver, InitWeightsUpdateGroupRequest, UpdateWeightsFromDistributedRequest
@@ -45,8 +55,9 @@ from r3rl.rollout.protocol import (
     ProtocolError,
     UpdateWeightsFromDiskRequest,
     UpdateWeightsFromDiskResponse,
+    parse_weight_version,
 )
-from r3rl.rollout.weights import WeightLoadError, load_checkpoint_tensors
+from r3rl.rollout.weights import WeightLoadError, hf_config_dict, load_checkpoint_tensors
 from r3rl.rollout.wire import GenerateBatch, engine_request, generate_response, parse_generate_request, validation_error
 from r3rl.rollout.worker import AdmissionConfig, EngineStepFailed, EngineUnavailable, EngineWorker, RequestAborted
 
@@ -65,6 +76,7 @@ class _ServerState:
     worker: EngineWorker
     tokenizer: object | None
     info: ModelInfo
+    receiver: DistReceiver
     loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -77,7 +89,23 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
         weight_version=engine.weight_version, dtype=str(engine.dtype), device=str(engine.device),
     )
     worker = EngineWorker(engine, admission=AdmissionConfig(max_hold_steps=config.max_hold_steps))
-    state = _ServerState(config=config, worker=worker, tokenizer=tokenizer, info=info)
+    receiver = DistReceiver(device=engine.device, timeout_s=config.dist_timeout_s, bind_host=config.host)
+    state = _ServerState(config=config, worker=worker, tokenizer=tokenizer, info=info, receiver=receiver)
+    served_config = hf_config_dict(config.model)  # a checkpoint pushed to /update_weights_from_disk must match it
+    model_dtypes = {name: view.dtype for name, view in engine.model.views.items()}
+
+    def unauthorized(request: Request, *, generate: bool = False) -> JSONResponse | None:
+        """The 401 answer when the API key is required here and the request lacks it, else None."""
+        if config.api_key is None or (generate and not config.require_api_key_for_generate):
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            return None
+        logger.info("401 %s: missing or wrong API key (from %s)", request.url.path,
+                    request.client.host if request.client else "?")
+        return _error(401, f"{request.url.path} requires the server's API key: send 'Authorization: Bearer <key>' "
+                           f"(r3rl serve --api-key)", "authorization", "AuthenticationError",
+                      headers={"WWW-Authenticate": "Bearer"})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,13 +135,17 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
     @app.get("/server_info")
     @app.get("/get_server_info")
     async def server_info() -> JSONResponse:
-        return JSONResponse({**_jsonable(asdict(config)), "num_running": state.worker.num_running,
+        public = {k: v for k, v in asdict(config).items() if k != "api_key"}  # never the key itself
+        return JSONResponse({**_jsonable(public), "api_key_set": config.api_key is not None,
+                             "num_running": state.worker.num_running,
                              "weight_version": state.worker.weight_version, "engine_stats": state.worker.stats()})
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
         start = time.perf_counter()
-        body = await _read_body(request, config.max_body_bytes)
+        if (refused := unauthorized(request, generate=True)) is not None:
+            return refused
+        body = await _read_body(request, config)
         if len(body) <= _INLINE_PARSE_BYTES:  # a typical prompt: cheaper here than a thread-pool round trip
             batch, reqs = _prepare(state, body)
         else:  # big bodies off the loop: /health stays responsive
@@ -142,8 +174,12 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request) -> JSONResponse:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        body = await _read_body(request, config)
         try:
-            req = UpdateWeightsFromDiskRequest.model_validate(_json(await _read_body(request, config.max_body_bytes)))
+            req = UpdateWeightsFromDiskRequest.model_validate(_json(body))
+            version = parse_weight_version(req.weight_version)
         except ProtocolError as e:
             return _update_answer(False, f"{e.field}: {e.message}", status=400)
         except Exception as e:  # pydantic ValidationError
@@ -152,16 +188,12 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
         if req.load_format not in (None, "auto", "safetensors"):
             return _update_answer(False, f"load_format: only HF checkpoints load (null, 'auto' or 'safetensors'): "
                                          f"got {req.load_format!r}", status=400)
-        if req.weight_version is not None and not req.weight_version.isdigit():
-            return _update_answer(False, f"weight_version: r3rl's versions are integers, send a decimal string: got "
-                                         f"{req.weight_version!r}", status=400)
         engine = state.worker.engine
-        try:
+        try:  # config and safetensors headers are checked against the served model before anything is allocated
             tensors = await asyncio.to_thread(load_checkpoint_tensors, req.model_path, dtype=engine.dtype,
-                                              expected_shapes=engine.model.shapes)
+                                              expected_shapes=engine.model.shapes, served_config=served_config)
         except WeightLoadError as e:
             return _update_answer(False, str(e), status=400)
-        version = int(req.weight_version) if req.weight_version is not None else None
 
         def apply(engine: RolloutEngine) -> tuple[int, int]:
             aborted = state.worker.abort_inflight("weight update with abort_all_requests") \
@@ -174,33 +206,46 @@ def create_app(config: ServerConfig, engine: RolloutEngine, tokenizer=None) -> F
         return _update_answer(True, f"loaded {req.model_path}: weight_version={new_version}, aborted {aborted} "
                                     f"requests", weight_version=new_version)
 
-    receiver = DistReceiver(device=engine.device)
-
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(request: Request) -> JSONResponse:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        body = await _read_body(request, config)
         try:
-            req = InitWeightsUpdateGroupRequest.model_validate(_json(await _read_body(request, config.max_body_bytes)))
-            await receiver.init_group(req)
-        except Exception as e:  # a bad body, a second group, a failed rendezvous: refused with the reason
-            return _update_answer(False, f"init_weights_update_group: {e}", status=400)
+            req = _validated(InitWeightsUpdateGroupRequest, _json(body))
+            await receiver.init_group(req)  # checks the values, then the rendezvous (bounded, one at a time)
+        except ProtocolError as e:
+            return _update_answer(False, f"init_weights_update_group: {e.field}: {e.message}", status=e.status)
         return _update_answer(True, f"joined update group {req.group_name!r} as rank {req.rank_offset}")
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request) -> JSONResponse:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        body = await _read_body(request, config)
         try:
-            req = UpdateWeightsFromDistributedRequest.model_validate(
-                _json(await _read_body(request, config.max_body_bytes)))
-            if req.weight_version is not None and not req.weight_version.isdigit():
-                raise ValueError(f"weight_version: send a decimal string: got {req.weight_version!r}")
-            plan = receiver.check(req, state.worker.engine.model.shapes)
-        except Exception as e:
-            return _update_answer(False, f"update_weights_from_distributed: {e}", status=400)
-        tensors = await receiver.receive(plan)
-        version = int(req.weight_version) if req.weight_version is not None else None
+            req = _validated(UpdateWeightsFromDistributedRequest, _json(body))
+            version = parse_weight_version(req.weight_version)
+            plan = receiver.check(req, state.worker.engine.model.shapes, model_dtypes)  # before receiving anything
+            tensors = await receiver.receive(plan)  # every tensor, or ProtocolError (nothing to apply)
+        except ProtocolError as e:
+            return _update_answer(False, f"update_weights_from_distributed: {e.field}: {e.message}",
+                                  status=e.status)
         new_version = await state.worker.call(lambda e: e.update_weights(tensors, version=version, strict=True))
         logger.info("weights updated from distributed group %r: weight_version=%d", req.group_name, new_version)
         return _update_answer(True, f"received {len(tensors)} tensors: weight_version={new_version}",
                               weight_version=new_version)
+
+    @app.exception_handler(_BodyTimeout)
+    async def _body_timeout(request: Request, e: _BodyTimeout) -> JSONResponse:
+        logger.info("408 %s: %s (from %s)", request.url.path, e, request.client.host if request.client else "?")
+        return _error(408, str(e), "body", "RequestTimeout", headers={"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, e: ClientDisconnect) -> Response:  # one line, not a traceback
+        logger.info("client went away during the body upload of %s (from %s)", request.url.path,
+                    request.client.host if request.client else "?")
+        return Response(status_code=499)
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
@@ -245,6 +290,9 @@ def serve(config: ServerConfig) -> int:
     # (bench/RESULTS.md, "Serving").
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(config, engine, load_tokenizer(config.model))
+    if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s without --api-key: anyone who reaches port %d can replace the weights "
+                       "(docs/protocol.md, 'Security model')", config.host, config.port)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                         access_log=False, timeout_graceful_shutdown=config.drain_timeout_s,
                         timeout_keep_alive=config.keep_alive_timeout_s)
@@ -291,6 +339,8 @@ class _Server(uvicorn.Server):
             if self.state.loop is not None:  # from the signal handler: let the loop call the worker
                 self.state.loop.call_soon_threadsafe(self.state.worker.abort_now, f"second {name}")
             return
+        if self.state.loop is not None:  # a pending rendezvous or receive would hold the drain: answer it now
+            self.state.loop.call_soon_threadsafe(self.state.receiver.abort, signal.Signals(sig).name)
         self.should_exit = True  # uvicorn's own handler would also re-raise the signal after the drain: not here
 
 
@@ -321,14 +371,37 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 ProtocolError once it passes `limit` bytes (the rest is read and dropped, not kept)."""
-    declared = request.headers.get("content-length", "")
+class _BodyTimeout(Exception):
+    """The request body did not arrive within body_read_timeout_s (408, the connection is closed)."""
+
+
+def _validated(model, body):
+    """`model.model_validate(body)`, a pydantic error turned into the one-line ProtocolError naming the field."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"request body must be a JSON object: got {type(body).__name__}", "body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = validation_error(e)
+        raise ProtocolError(err.message.removeprefix(f"{err.field}: "), err.field) from None
+
+
+async def _read_body(request: Request, config: ServerConfig) -> bytes:
+    """The body, or a 413 ProtocolError once it passes `max_body_bytes` (the rest is read and dropped, not kept).
+    It must arrive within `body_read_timeout_s` (else _BodyTimeout); a client that disconnects meanwhile raises
+    starlette's ClientDisconnect (answered with one log line)."""
+    limit, declared = config.max_body_bytes, request.headers.get("content-length", "")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
+    try:
+        async with asyncio.timeout(config.body_read_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise _BodyTimeout(f"the request body must arrive within {config.body_read_timeout_s:g}s "
+                           f"(body_read_timeout_s): got {size} bytes of content-length "
+                           f"{declared or 'absent'}") from None
     if size > limit:
         raise ProtocolError(f"request body must be at most {limit} bytes (max_body_bytes): got {size} "
                             f"(content-length {declared or 'absent'})", "body", status=413)
@@ -338,13 +411,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _update_answer(success: bool, message: str, *, status: int = 200, weight_version: int | None = None):
     body = UpdateWeightsFromDiskResponse(success=success, message=message, weight_version=weight_version)
     if not success:
-        logger.info("update_weights_from_disk refused: %s", message[:300])
+        logger.info("weight update refused (%d): %s", status, message[:300])
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 
-def _error(status: int, message: str, field: str | None, kind: str = "BadRequestError") -> JSONResponse:
+def _error(status: int, message: str, field: str | None, kind: str = "BadRequestError", *,
+           headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, field=field, type=kind, code=status))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _jsonable(d: dict) -> dict:

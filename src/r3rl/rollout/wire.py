@@ -53,6 +53,7 @@ class GenerateItem:
     rid: str | None
     prompt_field: str  # path of this item's prompt as the client wrote it: 'input_ids', 'text[2]'
     sampling_field: str  # path of its sampling params: 'sampling_params', 'sampling_params[2]'
+    routed_experts_start_len: int = 0  # SGLang's: the first trace row to return
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +93,11 @@ def parse_generate_request(body: Any, *, max_seq_len: int | None = None,
         for key in wrapped:
             if body.get(key) is not None:
                 body[key] = [body[key]]
+    start = body.get("routed_experts_start_len")
+    start_is_list = isinstance(start, list)
+    if start is not None and not start_is_list:  # one integer for every item
+        n_items = len(text if text is not None else ids) if is_batch and isinstance(text or ids, list) else 1
+        body["routed_experts_start_len"] = [start] * n_items
     sp_is_list = isinstance(body.get("sampling_params"), list)
     if body.get("sampling_params") is not None and not sp_is_list:
         body["sampling_params"] = [body["sampling_params"]]
@@ -101,7 +107,8 @@ def parse_generate_request(body: Any, *, max_seq_len: int | None = None,
     except ValidationError as e:
         err = e.errors()[0]
         loc = list(err["loc"])
-        if loc and ((not is_batch and loc[0] in wrapped) or (loc[0] == "sampling_params" and not sp_is_list)):
+        if loc and ((not is_batch and loc[0] in wrapped) or (loc[0] == "sampling_params" and not sp_is_list)
+                    or (loc[0] == "routed_experts_start_len" and not start_is_list)):
             loc = loc[:1] + loc[2:]  # drop the index the shorthand expansion added
         field = format_field(loc)
         raise ProtocolError(_error_message(err, field), field) from None
@@ -115,6 +122,10 @@ def parse_generate_request(body: Any, *, max_seq_len: int | None = None,
     if sp_is_list and len(sps) != n:
         raise ProtocolError(f"sampling_params list must have one entry per prompt: got {len(sps)}, expected {n}",
                             "sampling_params")
+    starts = req.routed_experts_start_len
+    if starts is not None and len(starts) != n:
+        raise ProtocolError(f"routed_experts_start_len list must have one entry per prompt: got {len(starts)}, "
+                            f"expected {n}", "routed_experts_start_len")
     if req.rid is not None and len(req.rid) != n:
         raise ProtocolError(f"rid list must have one entry per prompt: got {len(req.rid)}, expected {n}", "rid")
     for i, rid in enumerate(req.rid or []):
@@ -138,6 +149,7 @@ def parse_generate_request(body: Any, *, max_seq_len: int | None = None,
             text=prompt if req.text is not None else None, sampling=sp, seed=seed,
             rid=req.rid[i] if req.rid is not None else None,
             prompt_field=format_field([prompt_name, i] if is_batch else [prompt_name]), sampling_field=sampling_field,
+            routed_experts_start_len=starts[i] if starts is not None else 0,
         ))
     return GenerateBatch(
         items=items, is_batch=is_batch, return_logprob=req.return_logprob,
@@ -160,11 +172,15 @@ def engine_request(batch: GenerateBatch, item: GenerateItem, *, tokenizer, vocab
                               top_k=sp.top_k, stop_token_ids=list(sp.stop_token_ids), seed=item.seed,
                               logprobs_at_temperature=batch.logprobs_at_temperature)
     req = EngineRequest(request_id=uuid.uuid4().hex, input_ids=list(ids), sampling=sampling,
-                        return_routed_experts=batch.return_routed_experts)
+                        return_routed_experts=batch.return_routed_experts,
+                        routed_experts_start_len=item.routed_experts_start_len)
     try:
         req.validate(vocab_size=vocab_size, max_seq_len=max_seq_len)
     except ProtocolError as e:  # the engine's field path, under this item's path
-        raise ProtocolError(e.message, _item_field(item, e.field)) from None
+        field = (format_field(["routed_experts_start_len", item.index] if batch.is_batch else
+                              ["routed_experts_start_len"]) if e.field == "routed_experts_start_len"
+                 else _item_field(item, e.field))
+        raise ProtocolError(e.message, field) from None
     return req
 
 
@@ -193,8 +209,11 @@ def generate_response(batch: GenerateBatch, item: GenerateItem, out: EngineOutpu
     if batch.return_routed_experts:
         if out.trace is None:
             raise RuntimeError("engine returned no routing trace for a request with return_routed_experts")
-        trace = out.trace.validate(num_tokens=n_prompt + n_out, num_layers=info.num_layers, top_k=info.top_k,
+        start = out.routed_experts_start_len
+        trace = out.trace.validate(num_tokens=n_prompt + n_out - start, num_layers=info.num_layers, top_k=info.top_k,
                                    num_experts=info.num_experts, sample=meta.id)
+        if start:
+            meta.routed_experts_start_len = start
         if batch.routed_experts_format is RoutedExpertsFormat.COMPACT:
             meta.routed_experts = base64.b64encode(trace.to_bytes()).decode("ascii")
         else:

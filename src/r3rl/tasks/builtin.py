@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from r3rl.tasks.base import PromptItem, Task
+from r3rl.tasks.guess import GuessTask
 from r3rl.tasks.rewards import position_match
 
 __all__ = ["ReverseTask", "SortTask", "AddTask", "BUILTIN_TASKS", "get_task"]
@@ -123,8 +124,10 @@ class AddTask(_PositionRewardTask):
         return out
 
 
-BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"reverse": ReverseTask, "sort": SortTask, "add": AddTask}
-"""Built-in tasks by name (`--task`); keyword arguments set the size (length/alphabet, digits/max_digit/carry)."""
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"reverse": ReverseTask, "sort": SortTask, "add": AddTask,
+                                                  "guess": GuessTask}
+"""Built-in tasks by name (`--task`); keyword arguments set the size (length/alphabet, digits/max_digit/carry).
+`guess` is multi-turn: it has `make_env` (r3rl.episodes), and the trainer runs it as episodes."""
 
 
 def get_task(name: str, **kwargs) -> Task:

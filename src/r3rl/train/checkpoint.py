@@ -11,12 +11,22 @@ the trainer state (optimizer, scheduler, RNGs, step, data cursor), written atomi
 A save writes into a hidden temporary directory and renames it into place only when complete, then repoints
 `latest`: a killed save never corrupts the last good checkpoint (a stale temporary directory is ignored and removed
 by the next save).
+
+Loading never runs code from the checkpoint: `trainer_state.pt` and `rng_rank*.pt` hold only tensors and plain
+data (dicts, lists, tuples, str, int, float, bool, None; the numpy RNG state as a list of ints) and are read with
+`torch.load(weights_only=True)`. A file that holds anything else (a pickle that would construct objects or call
+functions), or that is truncated or not a torch file, is a ValueError that names the file; nothing in it runs.
+A sharded checkpoint's `dcp/.metadata` (a plain pickle in torch.distributed.checkpoint) is read by an unpickler that
+admits only DCP's metadata classes, torch sizes, dtypes and paths, and its non-tensor items (torch.load with
+weights_only=False in DCP's default planner) must load with weights_only=True first.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -112,7 +122,9 @@ def load_optimizer_state(step_dir: Path, model, optimizer, state: dict, *, env=N
             logger.info("resharding %s: saved by %d ranks, loaded by %d", step_dir, saved_world, env.world_size)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(step_dir / DCP_DIR))
+        check_dcp_metadata(step_dir / DCP_DIR / ".metadata")  # a one-line error before dcp's own wrapping
+        dcp.load(sd, checkpoint_id=str(step_dir / DCP_DIR), storage_reader=_safe_dcp_reader(step_dir / DCP_DIR),
+                 planner=_safe_dcp_planner())
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         return
     if distributed:
@@ -136,16 +148,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_trainer_state(step_dir: Path, *, rank: int = 0) -> dict:
-    """The trainer state of `step_dir`, with this rank's RNG states."""
-    state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state of `step_dir`, with this rank's RNG states (tensors and plain data only, see above)."""
+    state = _load_plain(step_dir / STATE_FILE)
+    for key in ("step", "scheduler", "rng", "prompts"):
+        if key not in state:
+            raise ValueError(f"{step_dir / STATE_FILE}: not an r3rl trainer state (no '{key}'; keys: {sorted(state)})")
     rng_file = step_dir / f"rng_rank{rank}.pt"
     if rank and rng_file.is_file():
-        state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False)["rng"]
+        state["rng"] = _load_plain(rng_file)["rng"]
     return state
 
 
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain data (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -153,10 +171,90 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_plain(path: Path) -> dict:
+    """`torch.load(path, weights_only=True)`, every failure a one-line ValueError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # what weights_only refuses: a global, a reduce, an unknown opcode
+        raise ValueError(f"{path}: refused to load: it is not tensors and plain data, as a trainer state is (damaged, "
+                         "tampered with, or not written by this r3rl); nothing in it was run") from None
+    except Exception as e:  # truncated, not a torch file, unreadable: whatever the reader tripped on
+        text = str(e).strip().splitlines()
+        raise ValueError(f"{path}: cannot be read as a trainer state, the checkpoint is damaged or incomplete "
+                         f"({type(e).__name__}{': ' + text[0][:160] if text else ''})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not an r3rl trainer state (a {type(state).__name__}, expected a dict)")
+    return state
+
+
+def check_dcp_metadata(path: Path):
+    """The metadata of a torch.distributed.checkpoint directory, unpickled with only its own classes admitted."""
+    try:
+        return _DcpMetadataUnpickler(io.BytesIO(Path(path).read_bytes())).load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: {e}; a sharded checkpoint's metadata holds only DCP's metadata "
+                         "classes (damaged, tampered with, or not written by torch.distributed.checkpoint); nothing "
+                         "in it was run") from None
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as sharded checkpoint metadata, the checkpoint is damaged or "
+                         f"incomplete ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    _OTHERS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata as meta
+
+        if module == meta.__name__:
+            ok = isinstance(getattr(meta, name, None), type) and getattr(meta, name).__module__ == module
+        elif module == "torch" and name != "Size":
+            ok = isinstance(getattr(torch, name, None), torch.dtype)
+        else:
+            ok = (module, name) in self._OTHERS
+        if not ok:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which sharded checkpoint metadata never does")
+        return super().find_class(module, name)
+
+
+def _safe_dcp_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _Reader(FileSystemReader):  # FileSystemReader.read_metadata with the admitting unpickler
+        def read_metadata(self, *args, **kwargs):
+            metadata = check_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _Reader(str(path))
+
+
+def _safe_dcp_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class _Planner(DefaultLoadPlanner):  # non-tensor items: loadable with weights_only=True, else refused
+        def load_bytes(self, read_item, value) -> None:
+            data = value.read()
+            try:
+                torch.load(io.BytesIO(data), weights_only=True)
+            except Exception as e:
+                raise ValueError(f"sharded checkpoint item {read_item.dest_index.fqn}: refused to load "
+                                 f"({type(e).__name__}); nothing in it was run") from None
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return _Planner()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -58,7 +58,14 @@ class TrainConfig:
     custom_rm_path: str | None = None
     """`module:function` or `file.py:function` reward, called as f(response_text, prompt_item) -> float."""
     reward_fn: str = "exact_match"
-    """Built-in reward for `prompt_data` when no custom one is given (exact_match, math)."""
+    """Built-in reward for `prompt_data` when no custom one is given (a name in r3rl.tasks.BUILTIN_REWARDS)."""
+    reward_timeout_s: float = 60.0
+    """Seconds one call of the `custom_rm_path` reward may take (it runs in a worker process, killed past this)."""
+    env_path: str | None = None
+    """Multi-turn rollouts: `module:Class` or `file.py:Class`, an environment factory called as f(prompt_item,
+    tokenizer) (r3rl.episodes); each sample is then an episode. A task with its own environment (`guess`) needs none."""
+    max_turns: int | None = None
+    """Model responses per episode at most; None: the task's `max_turns` (guess: 4), else 4."""
 
     # --- rollout ------------------------------------------------------------------------------------------------
     rollout_url: list[str] = field(default_factory=list)
@@ -122,10 +129,24 @@ class TrainConfig:
     eval_interval: int | None = 10
     """Greedy evaluation on `eval_prompts` held-out prompts every this many steps (and after the last); None: off."""
     eval_prompts: int = 64
+    eval_data: str | None = None
+    """A .jsonl or .parquet file of held-out evaluation prompts (same keys as `prompt_data`). None with `prompt_data`:
+    a seeded split of `prompt_data` (a fifth, at most `eval_prompts`) is held out of training and evaluated on."""
+    eval_samples_logged: int = 3
+    """Greedy completions (prompt, completion, reward) logged per evaluation, to the log and RUN_DIR/samples.jsonl."""
 
     # --- outputs ------------------------------------------------------------------------------------------------
-    run_dir: str = "runs/r3rl"
-    """Everything the run writes: config.json, metrics.jsonl, summary.json, TensorBoard events, plots."""
+    run_dir: str | None = None
+    """Everything the run writes: config.json, metrics.jsonl, summary.json, samples.jsonl, TensorBoard events,
+    plots/. None: a new `runs/<YYYYmmdd-HHMMSS>` per run (a suffix when taken), with `runs/latest` linked to it."""
+    plots: bool = True
+    """Draw the run's plots (`r3rl plot`) into RUN_DIR/plots/ when the run ends (needs matplotlib)."""
+    use_wandb: bool = False
+    """Log every step's scalars to Weights & Biases too (`pip install 'r3rl[wandb]'`; WANDB_MODE=offline works
+    without a network)."""
+    wandb_project: str = "r3rl"
+    wandb_run_name: str | None = None
+    """None: the run directory's name."""
     save: str | None = None
     """Checkpoint directory (HF safetensors + trainer state); the last step is always saved when set."""
     save_interval: int | None = None
@@ -139,14 +160,18 @@ class TrainConfig:
     """--ci-test: step-0 max |actor - reference| log-prob difference under the same routing."""
 
     def __post_init__(self) -> None:
+        if self.loss.token_sum_norm is None:  # seq-mean-token-sum-norm's constant: the generation budget (Dr.GRPO)
+            self.loss.token_sum_norm = self.rollout_max_response_len
         for name in ("rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len", "num_rollout",
                      "rollout_max_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1: got {getattr(self, name)}")
+        if self.max_turns is not None and self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1: got {self.max_turns}")
         for name in ("sft_steps", "lr_warmup_steps", "max_staleness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0: got {getattr(self, name)}")
-        for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr"):
+        for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr", "reward_timeout_s"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a finite number > 0: got {v}")
@@ -162,6 +187,8 @@ class TrainConfig:
         if self.eval_interval is not None and (self.eval_interval < 1 or self.eval_prompts < 1):
             raise ValueError(f"eval_interval and eval_prompts must be >= 1: got {self.eval_interval}, "
                              f"{self.eval_prompts}")
+        if self.eval_samples_logged < 0:
+            raise ValueError(f"eval_samples_logged must be >= 0: got {self.eval_samples_logged}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"save_interval must be >= 1: got {self.save_interval}")
         if self.inject_fault is not Fault.NONE and not self.replay.check_enabled:

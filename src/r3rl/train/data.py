@@ -14,7 +14,10 @@ their logits sit in the forward, the target ids, the sample each belongs to, rol
 Layouts:
   - PADDED: `[B, S]` right-padded to the longest sample of the micro-batch, with an attention mask;
   - PACKED: `[1, sum(len)]`, samples back to back, position ids restarting at 0 per sample and no attention mask,
-    so transformers builds a block-diagonal causal mask (`use_cache=False` is required for that).
+    so transformers builds a block-diagonal causal mask (`use_cache=False` is required for that); for a family whose
+    forward builds its masks without the position ids (GPT-OSS), `layer_masks` builds them (block-diagonal) and
+    passes the mapping. `plan_layout(model, layout)` says which layout a model trains in: a family that cannot be
+    packed correctly (Qwen3-Next's linear attention) is trained padded, and the plan says so once in the log.
 Logits at position t predict token t+1: response token j of a sample is predicted at position
 `len(prompt) + j - 1`.
 
@@ -24,16 +27,22 @@ Tensor suffixes: B samples, S positions, T response tokens, V vocabulary, L laye
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from r3rl.models.adapters import find_routers
+from r3rl.models.packing import LayerMasks, Packing, model_packing
 from r3rl.sample import Sample
 from r3rl.trace import ReplayBatch, RoutingTrace, TraceError, compact_dtype, has_partial_rows, pad_value_for
 
-__all__ = ["Layout", "MicroBatch", "make_micro_batches", "token_logprobs", "layout_padded", "layout_packed"]
+__all__ = ["Layout", "LayoutPlan", "MicroBatch", "make_micro_batches", "plan_layout", "token_logprobs",
+           "layout_padded", "layout_packed"]
+
+logger = logging.getLogger(__name__)
 
 
 class Layout(enum.StrEnum):
@@ -61,6 +70,9 @@ class MicroBatch:
     advantages_T: torch.Tensor
     replay: ReplayBatch | None
     """Routing to replay, rows in the forward's flattened token order; None when the samples have no trace."""
+    layer_masks: Callable[[torch.Tensor], dict] | None = None
+    """PACKED, for a family whose forward builds its masks without the position ids: position ids -> the
+    {layer type: block-diagonal mask} mapping passed as `attention_mask` (built on the forward's device)."""
     is_padding: bool = False
     """A repeat that only keeps ranks in step (every FSDP forward is a collective): its outputs are discarded and
     its loss weighs nothing."""
@@ -92,6 +104,8 @@ class MicroBatch:
         kwargs = {"input_ids": self.input_ids_BS, "position_ids": self.position_ids_BS, "use_cache": False}
         if self.attention_mask_BS is not None:
             kwargs["attention_mask"] = self.attention_mask_BS
+        elif self.layer_masks is not None and self.layout is Layout.PACKED:
+            kwargs["attention_mask"] = self.layer_masks(self.position_ids_BS)
         return kwargs
 
     def response_logits(self, logits_BSV: torch.Tensor) -> torch.Tensor:
@@ -122,9 +136,11 @@ def make_micro_batches(
     pad_id: int = 0,
     sample_indices: Sequence[int] | None = None,
     traces: Sequence[RoutingTrace | None] | None = None,
+    layer_masks: Callable[[torch.Tensor], dict] | None = None,
 ) -> list[MicroBatch]:
     """Split samples (in order) into micro-batches of at most `micro_batch_size` samples and/or `max_tokens` tokens
-    (padded: B * longest; packed: sum of lengths). `traces` overrides `Sample.trace` (R2 recordings)."""
+    (padded: B * longest; packed: sum of lengths). `traces` overrides `Sample.trace` (R2 recordings); `layer_masks`
+    is `LayoutPlan.layer_masks` (packed micro-batches of a LAYER_MASKS family)."""
     if len(advantages) != len(samples):
         raise ValueError(f"one advantage per sample: got {len(advantages)} advantages for {len(samples)} samples")
     if micro_batch_size is None and max_tokens is None:
@@ -134,8 +150,9 @@ def make_micro_batches(
     indices = list(range(len(samples))) if sample_indices is None else list(sample_indices)
     traces = [s.trace for s in samples] if traces is None else list(traces)
     for i, s in enumerate(samples):
-        if not s.response_ids:
-            raise ValueError(f"sample {indices[i]} has an empty response: nothing to train on")
+        if not s.response_ids or (s.loss_mask is not None and not any(s.loss_mask)):
+            raise ValueError(f"sample {indices[i]} has an empty response (or an all-zero loss_mask): "
+                             "nothing to train on")
         s.validate(index=indices[i])
     groups: list[list[int]] = []
     for i, s in enumerate(samples):
@@ -147,8 +164,42 @@ def make_micro_batches(
                 raise ValueError(f"sample {indices[i]} has {s.num_tokens} tokens: more than the micro-batch token "
                                  f"budget max_tokens={max_tokens}")
             groups.append([i])
-    return [_build(layout, [samples[i] for i in g], [float(advantages[i]) for i in g], [indices[i] for i in g],
-                   [traces[i] for i in g], pad_id) for g in groups]
+    return [replace(_build(layout, [samples[i] for i in g], [float(advantages[i]) for i in g], [indices[i] for i in g],
+                           [traces[i] for i in g], pad_id), layer_masks=layer_masks) for g in groups]
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """The layout a model trains in, and what its packed forwards need."""
+
+    layout: Layout
+    layer_masks: Callable[[torch.Tensor], dict] | None = None
+    """Pass to `make_micro_batches` (a LAYER_MASKS family, packed)."""
+    packing: Packing = Packing.POSITION_IDS
+    """The family's packing (its adapters' property)."""
+
+
+def plan_layout(model, layout: Layout, *, dtype: torch.dtype = torch.float32, log: bool = True) -> LayoutPlan:
+    """The layout `model` trains in when `layout` is asked for. Packed stays packed where the family keeps packed
+    samples apart (position ids, or the layer masks built here); a family that cannot (`Packing.NONE`) is trained
+    padded, and this says so once (`log`), never packing it silently wrong. `dtype`: the forward's compute dtype."""
+    sites = find_routers(model)
+    packing = model_packing(sites)
+    if layout is not Layout.PACKED:
+        return LayoutPlan(layout=layout, packing=packing)
+    family = sites[0].adapter.family
+    if packing is Packing.NONE:
+        if log:
+            logger.warning("layout: %s (%s) cannot be packed correctly with transformers (its linear-attention state "
+                           "crosses sample boundaries): training with the padded layout instead of packed",
+                           type(model).__name__, family)
+        return LayoutPlan(layout=Layout.PADDED, packing=packing)
+    if packing is Packing.LAYER_MASKS:
+        if log:
+            logger.info("layout: packed, with block-diagonal layer masks built by r3rl for %s (%s): its forward does "
+                        "not read sample boundaries from the position ids", type(model).__name__, family)
+        return LayoutPlan(layout=layout, layer_masks=LayerMasks(model.config, dtype=dtype), packing=packing)
+    return LayoutPlan(layout=layout, packing=packing)
 
 
 def token_logprobs(logits_TV: torch.Tensor, target_ids_T: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -259,11 +310,12 @@ def _build(layout: Layout, samples: list[Sample], advantages: list[float], indic
     target_pos, target_ids, seq_idx, rollout_logp, adv = [], [], [], [], []
     for b, s in enumerate(samples):
         P, R = len(s.prompt_ids), len(s.response_ids)
-        target_pos.append(torch.arange(R) + starts[b] + P - 1)
-        target_ids.append(torch.tensor(s.response_ids))
-        seq_idx.append(torch.full((R,), b))
-        rollout_logp.append(torch.tensor(s.rollout_logprobs, dtype=torch.float32))
-        adv.append(torch.full((R,), advantages[b], dtype=torch.float32))
+        keep = torch.arange(R) if s.loss_mask is None else torch.tensor(s.loss_mask).nonzero().flatten()  # model tokens
+        target_pos.append(keep + starts[b] + P - 1)
+        target_ids.append(torch.tensor(s.response_ids)[keep])
+        seq_idx.append(torch.full((len(keep),), b))
+        rollout_logp.append(torch.tensor(s.rollout_logprobs, dtype=torch.float32)[keep])
+        adv.append(torch.full((len(keep),), advantages[b], dtype=torch.float32))
     have = [t is not None for t in traces]
     if any(have) and not all(have):
         missing = [indices[b] for b, h in enumerate(have) if not h]

@@ -10,8 +10,11 @@ GLOBAL denominators of its optimizer step (`num_tokens_total`, `num_seqs_total`)
 exactly the global-batch loss, and so are the metrics (detached scalars that sum to the global mean).
 
 Aggregation (`loss_agg_mode`, verl's names):
-  token-mean                sum over all tokens / num_tokens_total
-  seq-mean-token-mean       per sample mean over its tokens, then sum / num_seqs_total
+  token-mean                sum over all tokens / num_tokens_total (DAPO; the default of GRPO and REINFORCE++)
+  seq-mean-token-mean       per sample mean over its tokens, then sum / num_seqs_total (GSPO's default, as in the
+                            paper and verl)
+  seq-mean-token-sum-norm   per sample sum over its tokens / a constant length (`token_sum_norm`, the rollout's max
+                            response length), then sum / num_seqs_total (Dr.GRPO: no length bias)
 
 Rollout corrections use the ratio old / rollout (train policy before the update vs the engine that sampled):
   TIS   multiply each token's policy-gradient term by clamp(ratio, tis_clip_low, tis_clip), detached (slime --use-tis)
@@ -25,7 +28,9 @@ Tensor suffixes: T response tokens, V vocabulary, S samples in the micro-batch, 
 from __future__ import annotations
 
 import enum
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +39,8 @@ __all__ = [
     "AdvantageEstimator", "KLType", "LossAggMode", "CorrectionLevel", "LossConfig", "group_advantages",
     "kl_penalty", "entropy_from_logits", "rollout_correction", "policy_loss",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class AdvantageEstimator(enum.StrEnum):
@@ -52,6 +59,7 @@ class KLType(enum.StrEnum):
 class LossAggMode(enum.StrEnum):
     TOKEN_MEAN = "token-mean"
     SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
 
 
 class CorrectionLevel(enum.StrEnum):
@@ -91,14 +99,27 @@ class LossConfig:
     """Highest old/rollout ratio kept by the mask."""
     correction_level: CorrectionLevel = CorrectionLevel.TOKEN
     """TIS and mask per token, or per sample on its geometric-mean ratio."""
-    loss_agg_mode: LossAggMode = LossAggMode.TOKEN_MEAN
-    """How token terms become the loss: mean over all tokens, or mean of per-sample token means."""
+    loss_agg_mode: LossAggMode | None = None
+    """How token terms become the loss (see the module docstring). None: the estimator's own, seq-mean-token-mean
+    for GSPO (the paper's and verl's), token-mean otherwise."""
+    token_sum_norm: int | None = None
+    """seq-mean-token-sum-norm's constant divisor (Dr.GRPO); None: the rollout's max response length (the trainer
+    sets it)."""
 
     def __post_init__(self) -> None:
         self.advantage_estimator = AdvantageEstimator(self.advantage_estimator)
         self.kl_loss_type = KLType(self.kl_loss_type)
         self.correction_level = CorrectionLevel(self.correction_level)
-        self.loss_agg_mode = LossAggMode(self.loss_agg_mode)
+        gspo = self.advantage_estimator is AdvantageEstimator.GSPO
+        if self.loss_agg_mode is None:
+            self.loss_agg_mode = LossAggMode.SEQ_MEAN_TOKEN_MEAN if gspo else LossAggMode.TOKEN_MEAN
+        else:
+            self.loss_agg_mode = LossAggMode(self.loss_agg_mode)
+            if gspo and self.loss_agg_mode is not LossAggMode.SEQ_MEAN_TOKEN_MEAN:
+                logger.warning("GSPO with --loss-agg-mode %s: the GSPO paper and verl average per sequence "
+                               "(seq-mean-token-mean, GSPO's default here)", self.loss_agg_mode.value)
+        if self.token_sum_norm is not None and self.token_sum_norm < 1:
+            raise ValueError(f"token_sum_norm must be >= 1: got {self.token_sum_norm}")
         for name in ("eps_clip", "eps_clip_high", "kl_loss_coef", "entropy_coef", "tis_clip_low", "mask_low"):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v < 0):
@@ -117,18 +138,26 @@ class LossConfig:
 
 
 def group_advantages(rewards_PN: torch.Tensor, estimator: AdvantageEstimator, *, std_normalization: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, sum_over_ranks: Callable[[list[float]], list[float]] | None = None
+                     ) -> torch.Tensor:
     """Per-sample advantages `[P, N]` from rewards `[P, N]` (N samples per prompt).
 
     GRPO/GSPO: (r - group mean) / (group std + eps); without std normalization it is Dr.GRPO's r - group mean.
     REINFORCE++-baseline: r - group mean, then divided by the std of those over the whole batch. The std is the
     unbiased one (torch's default, as verl and slime compute it). A group whose rewards are all equal gets 0.
+    Data parallel: each rank holds whole groups, so only REINFORCE++'s batch std needs the other ranks;
+    `sum_over_ranks` sums its statistics (count, sum, sum of squares) over them: the global batch's std.
     """
     rewards_PN = rewards_PN.float()
     centered = rewards_PN - rewards_PN.mean(dim=-1, keepdim=True)
     if AdvantageEstimator(estimator) is AdvantageEstimator.REINFORCE_PLUS_PLUS:
-        std = centered.std() if centered.numel() > 1 else torch.zeros(())
-        return centered / (std + eps) if std_normalization else centered
+        if not std_normalization:
+            return centered
+        x = centered.double()
+        stats = [float(x.numel()), x.sum().item(), x.square().sum().item()]
+        n, s1, s2 = sum_over_ranks(stats) if sum_over_ranks is not None else stats
+        var = (s2 - s1 * s1 / n) / (n - 1) if n > 1 else 0.0
+        return centered / (math.sqrt(max(var, 0.0)) + eps)
     if not std_normalization:
         return centered
     n = rewards_PN.shape[-1]
@@ -217,17 +246,17 @@ def policy_loss(*, logp_T: torch.Tensor, old_logp_T: torch.Tensor, advantages_T:
         weights_T, keep_T, corr = rollout_correction(old_logp_T, rollout_logp_T, seq_idx_T, num_seqs, cfg)
         pg_T = pg_T * weights_T * keep_T
         metrics |= {k: v / num_tokens_total for k, v in corr.items()}
-    loss = _aggregate(pg_T, seq_idx_T, num_seqs, cfg.loss_agg_mode, num_tokens_total, num_seqs_total)
+    loss = _aggregate(pg_T, seq_idx_T, num_seqs, cfg, num_tokens_total, num_seqs_total)
     metrics["pg_loss"] = loss.detach()
     if cfg.use_kl_loss:
         if ref_logp_T is None:
             raise ValueError("use_kl_loss needs the reference log-probs (ref_logp_T)")
-        kl = _aggregate(kl_penalty(logp_T, ref_logp_T.detach(), cfg.kl_loss_type), seq_idx_T, num_seqs,
-                        cfg.loss_agg_mode, num_tokens_total, num_seqs_total)
+        kl = _aggregate(kl_penalty(logp_T, ref_logp_T.detach(), cfg.kl_loss_type), seq_idx_T, num_seqs, cfg,
+                        num_tokens_total, num_seqs_total)
         loss = loss + cfg.kl_loss_coef * kl
         metrics["kl_loss"] = kl.detach()
     if entropy_T is not None:
-        ent = _aggregate(entropy_T, seq_idx_T, num_seqs, cfg.loss_agg_mode, num_tokens_total, num_seqs_total)
+        ent = _aggregate(entropy_T, seq_idx_T, num_seqs, cfg, num_tokens_total, num_seqs_total)
         if cfg.entropy_coef:
             loss = loss - cfg.entropy_coef * ent
         metrics["entropy"] = ent.detach()
@@ -243,8 +272,13 @@ def _seq_mean(values_T: torch.Tensor, seq_idx_T: torch.Tensor, num_seqs: int) ->
     return sums / counts
 
 
-def _aggregate(values_T: torch.Tensor, seq_idx_T: torch.Tensor, num_seqs: int, mode: LossAggMode,
+def _aggregate(values_T: torch.Tensor, seq_idx_T: torch.Tensor, num_seqs: int, cfg: LossConfig,
                num_tokens_total: int, num_seqs_total: int) -> torch.Tensor:
+    mode = cfg.loss_agg_mode
     if mode is LossAggMode.TOKEN_MEAN:
         return values_T.sum() / num_tokens_total
+    if mode is LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM:  # sum over samples of (token sum / constant), / samples
+        if cfg.token_sum_norm is None:
+            raise ValueError("seq-mean-token-sum-norm needs LossConfig.token_sum_norm (the constant length)")
+        return values_T.sum() / (cfg.token_sum_norm * num_seqs_total)
     return _seq_mean(values_T, seq_idx_T, num_seqs).sum() / num_seqs_total

@@ -4,6 +4,7 @@
     RoutingMismatch()                                        the same counts summed over a step's forwards
     train_rollout_metrics(train_logp_T, rollout_logp_T)       |log-prob diff|, its p99, extreme-token fraction, k3 KL
     MetricsWriter(run_dir)                                   metrics.jsonl (one line per step) + TensorBoard events
+                                                             (+ Weights & Biases with wandb={"project": ...})
 
 Routing mismatch has one definition (`routing_mismatch_counts`), used by `r3rl train` and `r3rl check`, and two
 readings, both against the rollout trace as received (before any `--inject-fault`), in every replay mode:
@@ -32,7 +33,7 @@ import torch
 from r3rl.trace import RoutingTrace
 
 __all__ = ["routing_mismatch_counts", "routing_mismatch_per_layer", "RoutingMismatch", "train_rollout_metrics",
-           "MetricsWriter", "RunSummary"]
+           "MetricsWriter", "RunSummary", "wandb_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,13 @@ def train_rollout_metrics(train_logp_T: torch.Tensor, rollout_logp_T: torch.Tens
 
 
 class MetricsWriter:
-    """Appends one JSON line per step to RUN_DIR/metrics.jsonl; mirrors scalars to TensorBoard when installed."""
+    """Appends one JSON line per step to RUN_DIR/metrics.jsonl; mirrors scalars to TensorBoard when installed, and to
+    Weights & Biases when `wandb` is given: `wandb.init` keywords ({"project", "name", "config"}), its files under
+    RUN_DIR/wandb. WANDB_MODE=offline logs without a network (`wandb sync` uploads later). wandb not installed is a
+    ValueError saying how to install it."""
 
-    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None, wandb: dict | None = None) -> None:
+        self._wandb = _wandb_init(Path(run_dir), wandb) if wandb is not None else None
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and self.path.exists():  # a resumed run rewrites the steps after its checkpoint
@@ -129,20 +134,54 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "step":
                     self._tb.add_scalar(k, v, metrics["step"])
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if _scalar(v) and k != "step"}, step=metrics["step"])
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def wandb_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+def _wandb_init(run_dir: Path, settings: dict):
+    if not wandb_available():
+        raise ValueError("--use-wandb needs the wandb package, which is not installed: pip install 'r3rl[wandb]' "
+                         "(or pip install wandb)")
+    import wandb
+
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    run = wandb.init(dir=str(run_dir), **settings)
+    logger.info("Weights & Biases: project %s, run %s (mode %s)", settings.get("project"), run.name,
+                "offline" if run.settings.mode == "offline" else run.settings.mode)
+    return run
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class RunSummary:
-    """The R3 check's verdict over a run: every step's tokens, zero-overlap rows and pass/fail per stage."""
+    """The R3 check's verdict over a run: every step's tokens, zero-overlap rows and pass/fail per stage.
 
-    def __init__(self) -> None:
+    A pass needs, at every step, checked tokens in each stage the configuration produces: `replay_forward` always,
+    `replay_backward` only with activation checkpointing (`recompute`: without it nothing is recomputed)."""
+
+    def __init__(self, *, recompute: bool = True) -> None:
         self.steps = 0
+        self.required = ("replay_forward", "replay_backward") if recompute else ("replay_forward",)
         self.tokens: dict[str, int] = {}
         self.zero_overlap: dict[str, int] = {}
         self.failed_steps: list[int] = []
+        self.unchecked: dict[int, list[str]] = {}
+        """step -> the required stages in which it checked no token."""
         self.routing_mismatch: list[float] = []
         self.router_live_mismatch: list[float] = []
 
@@ -157,19 +196,30 @@ class RunSummary:
                 self.tokens[stage] = self.tokens.get(stage, 0) + value
         if metrics.get("r3_check_passed") is False:
             self.failed_steps.append(metrics["step"])
+        missing = [s for s in self.required if not metrics.get(f"r3_check_{s}_tokens", 0)]
+        if missing:
+            self.unchecked[metrics["step"]] = missing
+
+    def fail(self, step: int) -> None:
+        """The run stopped with an error in `step` (before its metrics existed): the step is named as failed."""
+        if step not in self.failed_steps:
+            self.failed_steps.append(step)
 
     def to_dict(self, *, check_enabled: bool, error: str | None = None) -> dict:
         if not check_enabled:
             verdict = "not_checked"
         elif error or self.failed_steps:
             verdict = "fail"
-        elif self.steps and all(self.tokens.get(s, 0) > 0 for s in ("replay_forward", "replay_backward")):
+        elif self.steps and not self.unchecked:
             verdict = "pass"
         else:
             verdict = "fail"
-            error = error or f"the check saw no tokens in some stage: {self.tokens}"
+            first = next(iter(self.unchecked.items()), None)
+            error = error or ("no step ran" if first is None else
+                              f"the check saw no token in stage(s) {first[1]} at step {first[0]} "
+                              f"({len(self.unchecked)} of {self.steps} steps; required: {list(self.required)})")
         return {"verdict": verdict, "error": error, "steps": self.steps, "tokens_checked": self.tokens,
-                "failed_steps": self.failed_steps,
+                "required_stages": list(self.required), "failed_steps": self.failed_steps,
                 "routing_mismatch_mean": float(np.mean(self.routing_mismatch)) if self.routing_mismatch else None,
                 "router_live_mismatch_mean": float(np.mean(self.router_live_mismatch)) if self.router_live_mismatch
                 else None}

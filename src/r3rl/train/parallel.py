@@ -191,6 +191,8 @@ class RankZeroWeightSync:
         if self.env.is_main:
             self.backend.update_weights(_Exported(model, full), version=version)
         self.env.barrier()
+        if hasattr(self.backend, "share_live"):  # a fleet: the servers rank 0 dropped are dropped on every rank
+            self.backend.share_live(src=0)
         if not self.env.is_main:
             self.backend.adopt_version(version)
 

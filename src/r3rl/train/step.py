@@ -41,6 +41,7 @@ from r3rl.check import ReplayCheck
 from r3rl.config import Fault, ReplayKind
 from r3rl.experts_tap import ExpertsTap
 from r3rl.faults import corrupt_trace
+from r3rl.models.chat import encode_prompt
 from r3rl.replay import Recording, RoutingReplay
 from r3rl.rollout.backend import RolloutBackend
 from r3rl.rollout.protocol import SamplingParams
@@ -76,6 +77,11 @@ class StepContext:
     env: DistEnv = field(default_factory=DistEnv)
     tap: ExpertsTap | None = None
     """Reads the experts each training forward used; built from `model` on the first step when None."""
+    layer_masks: object = None
+    """`LayoutPlan.layer_masks`: packed micro-batches of a family whose forward needs r3rl's layer masks."""
+    env_factory: object = None
+    """Multi-turn: f(prompt_item, tokenizer) -> Environment (r3rl.episodes); None: single-turn samples."""
+    max_turns: int = 4
 
 
 def rl_step(ctx: StepContext, step: int) -> dict:
@@ -86,8 +92,11 @@ def rl_step(ctx: StepContext, step: int) -> dict:
         items = ctx.prompts.next_batch(cfg.rollout_batch_size)  # the same on every rank; each keeps its share
         items = [items[i] for i in prompt_shard(len(items), cfg.samples_per_optimizer_step // cfg.n_samples_per_prompt,
                                                 ctx.env)]
-        samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
-                                       n_samples_per_prompt=cfg.n_samples_per_prompt)
+        if ctx.env_factory is not None:  # multi-turn: one Sample per episode, its trace over every token
+            samples = _episodes(ctx, items, step)
+        else:
+            samples = ctx.rollout.generate([_encode(ctx, it.prompt) for it in items], _sampling(ctx, step),
+                                           n_samples_per_prompt=cfg.n_samples_per_prompt)
         stale = _check_samples(samples, ctx.rollout.weight_version, step, cfg.rollout_temperature,
                                max_staleness=cfg.max_staleness, policy=cfg.stale_samples)
         received = [s.trace for s in samples]  # the routing metrics' reference: the trace before any fault
@@ -97,8 +106,11 @@ def rl_step(ctx: StepContext, step: int) -> dict:
             ctx.rollout.release_memory()
     with timer("reward"):  # 2
         texts = [ctx.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        rewards = torch.tensor([float(ctx.prompts.reward(texts[i], items[i // cfg.n_samples_per_prompt]))
-                                for i in range(len(samples))])
+        if ctx.env_factory is not None:  # episodes: the environment gave each its reward
+            rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
+        else:
+            rewards = torch.tensor(ctx.prompts.rewards(texts, [items[i // cfg.n_samples_per_prompt]
+                                                               for i in range(len(samples))]), dtype=torch.float32)
     mbs = _micro_batches(ctx, samples, [0.0] * len(samples))
     with timer("ref_logprobs"):  # 3
         ref_logp = _ref_logprobs(ctx, mbs) if ctx.ref_model is not None else None
@@ -110,7 +122,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
     old_logp = train_logp if cfg.old_logprobs is LogprobSource.TRAIN else _rollout_logprobs(mbs)
     shaped = rewards - cfg.kl_coef * _per_sample_kl(old_logp, ref_logp, len(samples)) if cfg.kl_coef else rewards
     adv_PN = group_advantages(shaped.view(-1, cfg.n_samples_per_prompt), cfg.loss.advantage_estimator,
-                              std_normalization=cfg.grpo_std_normalization)
+                              std_normalization=cfg.grpo_std_normalization,
+                              sum_over_ranks=lambda v: sum_over_ranks(v, ctx.env))  # REINFORCE++: the global std
     if cfg.stale_samples is StalePolicy.DROP:  # out of the policy gradient; groups and rank shares keep their shape
         adv_PN = adv_PN.flatten().masked_fill(torch.tensor(stale), 0.0).view_as(adv_PN)
     with timer("update"):  # 5
@@ -144,7 +157,7 @@ def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[flo
     use_traces = cfg.replay.kind is not ReplayKind.NONE or traces is not None
     mbs = [mb.to(cfg.device) for mb in make_micro_batches(
         samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
-        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices,
+        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,
         traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
     # ranks run the same number of forwards (FSDP collectives): the short ones repeat their last, as padding
     missing = pad_count(len(mbs), ctx.env) - len(mbs)
@@ -251,13 +264,17 @@ def replay_mode(ctx: StepContext, mb: MicroBatch):
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 def _encode(ctx: StepContext, prompt: str) -> list[int]:
-    if ctx.cfg.apply_chat_template:
-        return list(ctx.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                      add_generation_prompt=True))
-    ids = ctx.tokenizer.encode(prompt, add_special_tokens=False)
-    if not ids:
-        raise ValueError(f"prompt {prompt[:60]!r} tokenizes to no tokens: this tokenizer cannot encode it")
-    return ids
+    return encode_prompt(ctx.tokenizer, prompt, chat_template=ctx.cfg.apply_chat_template)
+
+
+def _episodes(ctx: StepContext, items, step: int) -> list[Sample]:
+    """`n_samples_per_prompt` episodes per item (a group shares its environment's setup), run to the end."""
+    from r3rl.episodes import run_episodes
+
+    n = ctx.cfg.n_samples_per_prompt
+    envs = [ctx.env_factory(items[i // n], ctx.tokenizer) for i in range(len(items) * n)]
+    return run_episodes(ctx.rollout, envs, _sampling(ctx, step), max_turns=ctx.max_turns,
+                        mixed_versions=ctx.cfg.stale_samples.value)
 
 
 def _sampling(ctx: StepContext, step: int) -> SamplingParams:
@@ -271,7 +288,8 @@ def _check_samples(samples: list[Sample], version: int, step: int, temperature: 
                    policy: StalePolicy = StalePolicy.ERROR) -> list[bool]:
     """The rollout used the weights of the last sync (up to `max_staleness` versions behind), and its log-probs are
     of the distribution the trainer scores. Returns which samples are stale; `policy` ERROR raises on the first."""
-    stale = [version - s.weight_version_start > max_staleness or s.weight_version > version for s in samples]
+    stale = [version - s.weight_version_start > max_staleness or s.weight_version > version
+             or s.metadata.get("mixed_weight_versions", False) for s in samples]  # an episode over two versions
     if any(stale) and policy is StalePolicy.ERROR:
         first = stale.index(True)
         s = samples[first]

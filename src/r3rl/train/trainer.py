@@ -1,7 +1,13 @@
 """Trainer: builds the run (model, reference, replay + check, rollout backend, prompts, optimizer), warms the
 policy up with a few supervised steps on the task's targets, runs RL steps (`step.rl_step`), and writes everything
-under the run directory: config.json, metrics.jsonl (+ TensorBoard), summary.json with the R3 check's verdict over
-the run, checkpoints under `--save`.
+under the run directory (by default a new `runs/<date>-<time>`, `runs/latest` linked to it): config.json,
+metrics.jsonl (+ TensorBoard, + Weights & Biases with `use_wandb`), samples.jsonl (a few greedy completions per
+evaluation), summary.json with the R3 check's verdict over the run (and the step that failed, if one did), plots/ at
+the end, checkpoints under `--save`.
+
+Evaluation is on held-out prompts: `eval_data`, else a seeded split of `prompt_data` that training never sees (a
+built-in task evaluates on its own seeded stream). The in-process engine is sized from the data: the longest
+tokenized prompt plus `rollout_max_response_len`, per slot.
 
 Under torchrun (`r3rl.train.parallel`) the policy and the reference are sharded with FSDP2 after the warm-up
 (which every rank runs identically, then rank 0's weights are broadcast), each rank has its own colocated engine,
@@ -22,16 +28,21 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from r3rl.check import ReplayCheck, resolve_threshold
 from r3rl.models import load_model, resolve_dtype
+from r3rl.models.chat import encode_prompt
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model, make_tokenizer
 from r3rl.replay import RoutingReplay
 from r3rl.sample import Sample
+from r3rl.tasks.data import DataPart
+from r3rl.tasks.reward_pool import RewardPool
+from r3rl.tasks.rewards import RewardError, probe_reward
 from r3rl.train.checkpoint import (
     capture_rng,
     load_optimizer_state,
@@ -41,10 +52,12 @@ from r3rl.train.checkpoint import (
     save_checkpoint,
 )
 from r3rl.train.config import TrainConfig
-from r3rl.train.data import make_micro_batches, token_logprobs
+from r3rl.train.data import make_micro_batches, plan_layout, token_logprobs
+from r3rl.train.lock import DirLock
 from r3rl.train.metrics import MetricsWriter, RunSummary
 from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
-from r3rl.train.step import StepContext, rl_step
+from r3rl.train.run_dir import SampleLog, draw_plots, new_run_dir
+from r3rl.train.step import StepContext, _encode, rl_step
 
 __all__ = ["Trainer"]
 
@@ -53,22 +66,40 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
+        self.locks, self.reward = [], None  # released / stopped by close(), or here when construction fails
+        try:
+            self._init(cfg)
+        except BaseException:
+            self._release()
+            raise
+
+    def _init(self, cfg: TrainConfig) -> None:
         self.env = env = DistEnv.from_environ(cfg.device)
         cfg = self.cfg = dataclasses.replace(cfg, device=env.device(cfg.device))
         if env.distributed and cfg.samples_per_optimizer_step % (cfg.n_samples_per_prompt * env.world_size):
             raise ValueError(f"under torchrun every rank trains on whole groups: global_batch_size "
                              f"({cfg.samples_per_optimizer_step}) must be a multiple of n_samples_per_prompt "
                              f"({cfg.n_samples_per_prompt}) x ranks ({env.world_size})")
-        self.run_dir = Path(cfg.run_dir)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.resume_dir = resolve_checkpoint(cfg.load) if cfg.load else None
         self.state = load_trainer_state(self.resume_dir, rank=env.rank) if self.resume_dir else None
+        self.run_dir = self._resolve_run_dir()
+        cfg = self.cfg = dataclasses.replace(cfg, run_dir=str(self.run_dir))
+        if env.is_main:  # one trainer per run dir and save dir; creates them, refuses one that cannot be written
+            self.locks = _lock_dirs(cfg)
+        if cfg.custom_rm_path:  # the plug-in runs in a worker process, shared by every prompt source of the run
+            self.reward = RewardPool(cfg.custom_rm_path, timeout_s=cfg.reward_timeout_s)
+        self.holdout = self._holdout()
+        self.prompts = _prompt_source(cfg, seed=cfg.seed, holdout=self.holdout, reward=self.reward)
+        probe_reward(self.prompts)  # a reward that breaks its contract fails here, before any work
         self.model, self.tokenizer = self._load_policy()
-        self.prompts = _prompt_source(cfg, seed=cfg.seed)
+        # the layout this family trains in: one that cannot be packed correctly is trained padded (said once)
+        self.layout_plan = plan_layout(self.model, cfg.layout, dtype=resolve_dtype(cfg.dtype), log=env.is_main)
+        cfg = self.cfg = dataclasses.replace(cfg, layout=self.layout_plan.layout)
+        self.prompts = _prompt_source(cfg, seed=cfg.seed, holdout=self.holdout, reward=self.reward)
+        self.eval_source, self.eval_items = self._eval_set()
         self.start_step = 0
         if self.state is None:
             self._sft_warmup()
@@ -87,7 +118,7 @@ class Trainer:
                                      threshold=resolve_threshold(rcfg.r3_check_threshold), device=cfg.device)
             self.replay.check = self.check
         # the engine copies the full weights before sharding; later syncs gather them shard by shard
-        self.rollout = _rollout_backend(cfg, self.model, self.run_dir)
+        self.rollout = _rollout_backend(cfg, self.model, self.run_dir, max_prompt_len=self._longest_prompt())
         if env.distributed and cfg.rollout_url:  # disaggregated: one writer of the weights for all ranks
             self.rollout = RankZeroWeightSync(self.rollout, env)
         context_fn = self.replay.checkpoint_context_fn if cfg.activation_checkpointing else None
@@ -111,20 +142,23 @@ class Trainer:
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
-            env=env)
+            env=env, layer_masks=self.layout_plan.layer_masks, **_episode_settings(cfg, self.prompts))
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
         if main:
             (self.run_dir / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
-        writer = MetricsWriter(self.run_dir, truncate_after=self.start_step if self.state else None) if main else None
-        summary, error = RunSummary(), None
+        resumed = self.start_step if self.state else None
+        writer = MetricsWriter(self.run_dir, truncate_after=resumed, wandb=_wandb_settings(cfg)) if main else None
+        self.sample_log = SampleLog(self.run_dir, truncate_after=resumed) if main else None
+        # the stages this run produces decide the verdict
+        summary, error, step = RunSummary(recompute=cfg.activation_checkpointing), None, self.start_step
         try:
             with _Progress(cfg.num_rollout, self.start_step, enabled=cfg.progress and main) as progress:
                 for step in range(self.start_step, cfg.num_rollout):
                     metrics = rl_step(self.ctx, step)
                     if cfg.eval_interval and (step % cfg.eval_interval == 0 or step + 1 == cfg.num_rollout):
-                        metrics |= self.evaluate()
+                        metrics |= self.evaluate(step=step)
                     if writer is not None:
                         writer.write(metrics)
                     summary.add(metrics)
@@ -134,8 +168,13 @@ class Trainer:
                     done = step + 1
                     if cfg.save and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.num_rollout):
                         self.save(done)
-        except AssertionError as e:  # the R3 check (or a --ci-test invariant) failed: record it, then fail the run
+        except (AssertionError, RewardError) as e:  # the R3 check, a --ci-test invariant or the reward plug-in failed
             error = str(e)
+            summary.fail(step)
+            raise
+        except Exception as e:  # any other error: summary.json still names the step and the error
+            error = f"{type(e).__name__}: {e}"
+            summary.fail(step)
             raise
         finally:
             result = summary.to_dict(check_enabled=cfg.replay.check_enabled, error=error)
@@ -144,23 +183,33 @@ class Trainer:
             if writer is not None:
                 writer.close()
                 (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+                if cfg.plots:
+                    draw_plots(self.run_dir)
             self.close()
         return result
 
-    def evaluate(self) -> dict:
-        """Greedy decoding of a fixed held-out prompt set with the current weights: `eval_reward`, `eval_solved_frac`
-        (the sampled rollouts' reward is noisier: temperature sampling over the whole vocabulary)."""
+    def evaluate(self, *, step: int | None = None) -> dict:
+        """Greedy decoding of the fixed held-out prompt set with the current weights: `eval_reward`, `eval_solved_frac`
+        (the sampled rollouts' reward is noisier: temperature sampling over the whole vocabulary). The first
+        `eval_samples_logged` completions go to the log and, with `step`, to RUN_DIR/samples.jsonl."""
         from r3rl.rollout.protocol import SamplingParams
 
-        cfg = self.cfg
-        source = _prompt_source(cfg, seed=cfg.seed + 104729)  # the same prompts at every evaluation, and on resume
-        items = source.next_batch(cfg.eval_prompts)
-        prompts = [self.tokenizer.encode(it.prompt, add_special_tokens=False) for it in items]
+        cfg, source, items = self.cfg, self.eval_source, self.eval_items
+        prompts = [_encode(self.ctx, it.prompt) for it in items]
         samples = self.rollout.generate(prompts, SamplingParams(
             max_new_tokens=cfg.rollout_max_response_len, temperature=0.0, stop_token_ids=_stop_ids(self.tokenizer),
             seed=0))
-        rewards = [float(source.reward(self.tokenizer.decode(s.response_ids, skip_special_tokens=True), it))
-                   for s, it in zip(samples, items, strict=True)]
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        rewards = [float(r) for r in source.rewards(texts, items)]
+        shown = [{"prompt": it.prompt, "completion": text, "reward": r, "label": it.label}
+                 for it, text, r in list(zip(items, texts, rewards, strict=True))[:cfg.eval_samples_logged]]
+        if self.env.is_main:
+            for i, row in enumerate(shown):
+                logger.info("eval sample %d/%d%s: %r -> %r (label %r, reward %.3g)", i + 1, len(shown),
+                            "" if step is None else f" at step {step}", row["prompt"], row["completion"],
+                            row["label"], row["reward"])
+            if step is not None and getattr(self, "sample_log", None) is not None and shown:
+                self.sample_log.write(step, shown)
         return {"eval_reward": sum(rewards) / len(rewards),  # every rank holds the same weights: no reduction
                 "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
 
@@ -174,8 +223,90 @@ class Trainer:
         self.replay.close()
         self.rollout.close()
         self.env.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self.reward is not None:
+            self.reward.close()
+        for lock in self.locks:
+            lock.release()
 
     # --- construction ---------------------------------------------------------------------------------------------
+    def _resolve_run_dir(self) -> Path:
+        """`run_dir` when given; else a resumed run's own directory (from its checkpoint), else a new
+        `runs/<date>-<time>` (rank 0 picks it, every rank gets its name)."""
+        cfg, env = self.cfg, self.env
+        if cfg.run_dir is not None:
+            path = Path(cfg.run_dir)
+            if env.is_main:
+                path.mkdir(parents=True, exist_ok=True)
+            return path
+        saved = ((self.state or {}).get("config") or {}).get("run_dir")
+        if saved and Path(saved).is_dir():
+            name = saved
+            logger.info("run directory: %s (the resumed run's, from its checkpoint)", name)
+        else:
+            name = str(new_run_dir()) if env.is_main else None
+        if env.distributed:
+            box = [name]
+            torch.distributed.broadcast_object_list(box, src=0)
+            name = box[0]
+        if env.is_main:
+            logger.info("run directory: %s (--run-dir DIR to choose one)", name)
+        return Path(name)
+
+    def _holdout(self) -> int:
+        """Prompts of `prompt_data` held out for evaluation when no `eval_data` is given (0: no split)."""
+        cfg = self.cfg
+        if cfg.prompt_data is None or cfg.eval_data is not None or not cfg.eval_interval:
+            return 0
+        from r3rl.tasks import PromptDataset, default_holdout
+
+        data = PromptDataset.from_file(cfg.prompt_data, input_key=cfg.input_key, label_key=cfg.label_key)
+        n = len({it.prompt for it in data.items})
+        k = default_holdout(n, cfg.eval_prompts)
+        if self.env.is_main:
+            logger.info("held-out evaluation: %d of the %d distinct prompts of %s are set aside and never trained on "
+                        "(warm-up included); --eval-data FILE evaluates on a file of your own", k, n, cfg.prompt_data)
+        return k
+
+    def _eval_set(self):
+        """The evaluation's source (for its reward) and its fixed items: the same at every evaluation and on resume.
+        A file's prompts are each taken once (at most `eval_prompts`)."""
+        cfg = self.cfg
+        if not cfg.eval_interval:
+            return None, []
+        from r3rl.tasks import PromptDataset
+
+        source = _prompt_source(cfg, seed=cfg.seed + 104729, part=DataPart.EVAL, holdout=self.holdout,
+                                reward=self.reward)
+        n = min(cfg.eval_prompts, len(source)) if isinstance(source, PromptDataset) else cfg.eval_prompts
+        items = source.next_batch(n)
+        if cfg.eval_data is not None and isinstance(self.prompts, PromptDataset):
+            seen = {it.prompt for it in self.prompts.items}
+            both = sum(it.prompt in seen for it in source.items)
+            if both and self.env.is_main:
+                logger.warning("%d of the %d prompts of --eval-data %s are also in --prompt-data %s: the evaluation "
+                               "counts them as unseen", both, len(source), cfg.eval_data, cfg.prompt_data)
+        if self.env.is_main:
+            logger.info("evaluation: %d prompts from %s", len(items), cfg.eval_data or (
+                f"the held-out split of {cfg.prompt_data}" if cfg.prompt_data else f"task '{cfg.task}' (own seed)"))
+        return source, items
+
+    def _longest_prompt(self) -> int | None:
+        """Tokens of the longest prompt the engine will see (training and evaluation); None for a built-in task."""
+        from r3rl.tasks import PromptDataset
+
+        task = not isinstance(self.prompts, PromptDataset)
+        if task and not isinstance(self.eval_source, PromptDataset):
+            return None
+        shim = SimpleNamespace(cfg=self.cfg, tokenizer=self.tokenizer)
+        texts = {it.prompt for it in self.eval_items}
+        if not task:
+            texts |= {it.prompt for it in self.prompts.items}
+        longest = max(len(_encode(shim, t)) for t in texts)
+        return max(longest, TASK_MAX_PROMPT_LEN) if task else longest
+
     def _load_policy(self):
         cfg = self.cfg
         # FSDP2 keeps float32 master weights and computes in cfg.dtype (MixedPrecisionPolicy)
@@ -203,7 +334,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.sft_steps == 0:
             return
-        source = _prompt_source(cfg, seed=cfg.seed + 7919)  # its own stream: the RL cursor is not touched
+        # its own stream (the RL cursor is not touched), on the same training part: no held-out prompt is learnt
+        source = _prompt_source(cfg, seed=cfg.seed + 7919, holdout=self.holdout, reward=self.reward)
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.sft_lr, betas=cfg.adam_betas)
         eos = _stop_ids(self.tokenizer)
         self.model.train()
@@ -213,11 +345,13 @@ class Trainer:
             samples = []
             for it in items:
                 target = self.tokenizer.encode(source.sft_target(it), add_special_tokens=False) + eos[:1]
-                samples.append(Sample(prompt_ids=self.tokenizer.encode(it.prompt, add_special_tokens=False),
+                samples.append(Sample(prompt_ids=encode_prompt(self.tokenizer, it.prompt,
+                                                               chat_template=cfg.apply_chat_template),
                                       response_ids=target, rollout_logprobs=[0.0] * len(target)))
             mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
                                      micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
-                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples))
+                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples),
+                                     layer_masks=self.layout_plan.layer_masks)
             n_tok = sum(mb.num_response_tokens for mb in mbs)
             opt.zero_grad(set_to_none=True)
             for mb in (m.to(cfg.device) for m in mbs):
@@ -232,16 +366,51 @@ class Trainer:
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
-def _prompt_source(cfg: TrainConfig, *, seed: int):
+def _prompt_source(cfg: TrainConfig, *, seed: int, holdout: int, part: DataPart = DataPart.TRAIN, reward=None):
+    """`holdout`: the prompts split off `prompt_data` for evaluation (Trainer.holdout), passed by every caller so that
+    no training stream (RL or warm-up) can miss the split. `reward`: the run's one RewardPool for a plug-in."""
     from r3rl.tasks import make_prompt_source
 
     return make_prompt_source(task=cfg.task, prompt_data=cfg.prompt_data, input_key=cfg.input_key,
                               label_key=cfg.label_key, custom_rm_path=cfg.custom_rm_path, reward_fn=cfg.reward_fn,
-                              seed=seed)
+                              seed=seed, part=part, eval_data=cfg.eval_data, holdout=holdout, split_seed=cfg.seed,
+                              reward_timeout_s=cfg.reward_timeout_s, custom_reward=reward)
 
 
-def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
+def _lock_dirs(cfg: TrainConfig) -> list[DirLock]:
+    locks = []
+    for flag, d in (("--run-dir", cfg.run_dir), ("--save", cfg.save)):
+        if d is not None and all(Path(d).resolve() != lock.directory.resolve() for lock in locks):
+            try:
+                locks.append(DirLock.acquire(d, flag=flag))
+            except BaseException:
+                for lock in locks:
+                    lock.release()
+                raise
+    return locks
+
+
+def _wandb_settings(cfg: TrainConfig) -> dict | None:
+    if not cfg.use_wandb:
+        return None
+    return {"project": cfg.wandb_project, "name": cfg.wandb_run_name or Path(cfg.run_dir).name,
+            "config": _config_dict(cfg)}
+
+
+def _episode_settings(cfg: TrainConfig, prompts) -> dict:
+    """Multi-turn rollouts: `--env-path`, or the task's own environment (`guess`); {} for single-turn tasks."""
+    from r3rl.episodes import load_env_factory
+
+    task = getattr(prompts, "task", None)
+    factory = load_env_factory(cfg.env_path) if cfg.env_path else getattr(task, "make_env", None)
+    if factory is None:
+        return {}
+    return {"env_factory": factory, "max_turns": cfg.max_turns or getattr(task, "max_turns", 4)}
+
+
+def _rollout_backend(cfg: TrainConfig, model, run_dir: Path, *, max_prompt_len: int | None = None):
     from r3rl.rollout.backend import EngineBackend
+    from r3rl.rollout.client import ModelShape
     from r3rl.rollout.config import EngineConfig
     from r3rl.rollout.fleet import make_backend
 
@@ -249,16 +418,21 @@ def _rollout_backend(cfg: TrainConfig, model, run_dir: Path):
     if cfg.rollout_url:  # one server: HTTPBackend; several: FleetBackend (load spread, exactly-once re-send)
         return make_backend(cfg.rollout_url, weights_dir=str(run_dir / "weights"),
                             logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
-                            sync_address=cfg.weight_sync_address)
-    max_seq_len = _max_prompt_len(cfg) + cfg.rollout_max_response_len
+                            sync_address=cfg.weight_sync_address,
+                            model_shape=ModelShape.of_model(model))  # SGLang's model info has no MoE shape
+    prompt_len = TASK_MAX_PROMPT_LEN if max_prompt_len is None else max_prompt_len
+    max_seq_len = prompt_len + cfg.rollout_max_response_len
     engine_cfg = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
                               kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device,
                               dtype=cfg.rollout_dtype or cfg.dtype)
+    logger.info("rollout engine sized for %d tokens a sequence: %s %d prompt tokens + %d response tokens",
+                max_seq_len, "a built-in task's at most" if max_prompt_len is None else "the data's longest",
+                prompt_len, cfg.rollout_max_response_len)
     return EngineBackend.from_config(model, engine_cfg, logprobs_at_temperature=at_temperature)
 
 
-def _max_prompt_len(cfg: TrainConfig) -> int:
-    return 256 if cfg.prompt_data is None else 2048
+TASK_MAX_PROMPT_LEN = 256
+"""The in-process engine's prompt room for a built-in task (its prompts are a few dozen tokens)."""
 
 
 def _load_tokenizer(path: Path):
