@@ -11,7 +11,7 @@ from r3rl.commands.plot import PANELS, build_figures, ema, load_metrics, plot_ru
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_run(run_dir, *, r3: bool, steps=12, layers=4, name=None, skip=(), ppo_kl=1e-3, evals=False):
+def _write_run(run_dir, *, r3: bool, steps=12, layers=4, name=None, skip=(), ppo_kl=1e-3, evals=False, live=False):
     run_dir.mkdir(parents=True)
     rows = []
     for s in range(steps):
@@ -19,8 +19,12 @@ def _write_run(run_dir, *, r3: bool, steps=12, layers=4, name=None, skip=(), ppo
         row = {"step": s, "reward_mean": 0.2 + 0.05 * s, "reward_std": 0.1,
                "train_rollout_k3_kl": 1e-4 if r3 else 1e-3 * (1 + s % 3),
                "train_rollout_logprob_abs_diff": 1e-3 if r3 else 1e-2,
+               "train_rollout_logprob_abs_diff_p99": 1e-2 if r3 else 1e-1 * (1 + s % 2),
+               "train_rollout_extreme_frac": 0.0 if r3 else 1e-3 * (s % 3),
                "routing_mismatch": sum(per_layer) / layers, "routing_mismatch_per_layer": per_layer,
                "ppo_kl": ppo_kl, "grad_norm": 0.5 + 0.1 * s, "response_len_mean": 5.0, "time/step": 0.3}
+        if live:  # the live router against the rollout trace: what R3 removed, logged with and without it
+            row["router_live_mismatch"] = 0.06 + 0.01 * math.cos(s)
         if evals and s % 5 == 0:
             row |= {"eval_solved_frac": 0.3 + 0.02 * s, "eval_reward": 0.5 + 0.01 * s}
         rows.append({k: v for k, v in row.items() if k not in skip})
@@ -227,3 +231,16 @@ def test_a_new_metric_is_one_table_row(tmp_path, monkeypatch):
         f.write(json.dumps({"step": 13, "my_metric": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"'my_metric' must be a number"):
         load_metrics(run)
+
+
+def test_r3_and_no_replay_overlaid_on_the_evidence_panels(tmp_path):
+    # the picture of what R3 removes: both runs on every panel; the live router's mismatch is there in the R3 run too
+    figs = _figs(_write_run(tmp_path / "r3", r3=True, live=True), _write_run(tmp_path / "none", r3=False, live=True))
+    assert _titles(figs["logprob_diff.png"]) == ["train-rollout |log-prob difference|",
+                                                  "train-rollout |log-prob difference|, p99",
+                                                  "extreme tokens: |log p_train - log p_rollout| > ln 2"]
+    assert _titles(figs["routing_mismatch.png"])[1] == "live router vs rollout trace"
+    for name in ("logprob_diff.png", "routing_mismatch.png"):
+        for ax in figs[name].axes:
+            labels = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert len(labels) == 2 and labels[0].startswith("r3") and labels[1].startswith("none"), (name, labels)
