@@ -235,7 +235,7 @@ def _add_train_parser(sub) -> None:
                         "naming the prompt")
     g.add_argument("--reward-fn", default="exact_match", choices=sorted(BUILTIN_REWARDS),
                    help="built-in reward for --prompt-data, against the label")
-    g.add_argument("--sft-steps", type=int, default=50, help="supervised warm-up steps on the labels before RL")
+    g.add_argument("--sft-steps", type=int, default=70, help="supervised warm-up steps on the labels before RL")
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("rollout")
@@ -267,12 +267,12 @@ def _add_train_parser(sub) -> None:
                    help="colocated engine: free its KV cache and CUDA graphs during the update, re-allocate for the "
                         "weight sync (SGLang's release/resume_memory_occupation)")
     g = p.add_argument_group("update")
-    g.add_argument("--num-rollout", type=int, default=100, help="RL steps")
+    g.add_argument("--num-rollout", type=int, default=200, help="RL steps")
     g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (default: all)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--max-tokens-per-mb", type=int, default=None, help="token budget per micro-batch")
     g.add_argument("--layout", default="packed", choices=["packed", "padded"], help="micro-batch layout")
-    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--lr-warmup-steps", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=1.0)
@@ -305,9 +305,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--correction-level", default="token", choices=["token", "sequence"],
                    help="TIS/mask per token or per sequence")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-interval", type=int, default=10,
+    g.add_argument("--eval-interval", type=int, default=20,
                    help="greedy evaluation on held-out prompts every N steps and after the last (0: off)")
-    g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
+    g.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts per evaluation")
     g.add_argument("--eval-data", default=None,
                    help="held-out evaluation prompts, .jsonl or .parquet with --prompt-data's keys (default with "
                         "--prompt-data: a fifth of its distinct prompts, at most --eval-prompts, is held out of "
