@@ -16,7 +16,7 @@ from r3rl.train.trainer import Trainer
 
 def _run(tmp_path, name, **kw) -> list[dict]:
     base = dict(rollout_batch_size=4, n_samples_per_prompt=4, rollout_max_response_len=6, num_rollout=1,
-                sft_steps=2, sft_batch_size=8, micro_batch_size=8, progress=False, eval_interval=None,
+                sft_steps=2, sft_batch_size=8, micro_batch_size=8, progress=False, plots=False, eval_interval=None,
                 run_dir=str(tmp_path / name))
     Trainer(TrainConfig(**(base | kw))).run()
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -97,3 +97,15 @@ def test_the_tap_reads_what_the_experts_receive_once_per_forward_and_live_is_the
     assert overridden.shape == (n, L, K) and not torch.equal(overridden, foreign)
     assert torch.equal(overridden[:, 0].sort(-1).values, live_ids[:, 0].sort(-1).values)
     replay.close()
+
+
+def test_the_warm_up_stops_at_its_loss_bound_and_runs_to_its_cap_without_one(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="r3rl")
+    kw = dict(sft_steps=9, num_rollout=1, replay=ReplayConfig())
+    _run(tmp_path, "stop", sft_stop_loss=100.0, **kw)  # any loss is under it: stops once 5 steps are in
+    assert "sft warm-up: 5 steps in" in caplog.text and "stopped at a mean loss <= 100 over the last 5" in caplog.text
+    caplog.clear()
+    _run(tmp_path, "cap", sft_stop_loss=0.0, **kw)  # the negative control: no loss is <= 0, the cap ends it
+    assert "sft warm-up: 9 steps in" in caplog.text and "stopped at" not in caplog.text

@@ -55,7 +55,7 @@ from r3rl.train.config import TrainConfig
 from r3rl.train.data import make_micro_batches, plan_layout, token_logprobs
 from r3rl.train.lock import DirLock
 from r3rl.train.metrics import MetricsWriter, RunSummary
-from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
+from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize, sum_over_ranks
 from r3rl.train.run_dir import SampleLog, draw_plots, new_run_dir
 from r3rl.train.step import StepContext, _encode, rl_step
 
@@ -339,7 +339,7 @@ class Trainer:
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.sft_lr, betas=cfg.adam_betas)
         eos = _stop_ids(self.tokenizer)
         self.model.train()
-        t0, loss = time.perf_counter(), None
+        t0, loss, recent, done = time.perf_counter(), None, [], 0
         for _ in range(cfg.sft_steps):
             items = source.next_batch(cfg.sft_batch_size)
             samples = []
@@ -354,15 +354,28 @@ class Trainer:
                                      layer_masks=self.layout_plan.layer_masks)
             n_tok = sum(mb.num_response_tokens for mb in mbs)
             opt.zero_grad(set_to_none=True)
+            recent_mb = []
             for mb in (m.to(cfg.device) for m in mbs):
                 logits_TV = mb.response_logits(self.model(**mb.model_inputs()).logits)
                 loss = -token_logprobs(logits_TV, mb.target_ids_T).sum() / n_tok
                 loss.backward()
+                recent_mb.append(loss.item())
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
             opt.step()
+            done += 1
+            # every rank decides alike (FSDP's collectives need the same step count everywhere)
+            recent = (recent + [sum_over_ranks([sum(recent_mb)], self.env)[0] / self.env.world_size])[-SFT_STOP_WINDOW:]
+            if len(recent) == SFT_STOP_WINDOW and sum(recent) / SFT_STOP_WINDOW <= cfg.sft_stop_loss:
+                break  # warm enough: the rest of the learning is RL's
         self.model.eval()
-        logger.info("sft warm-up: %d steps in %.1fs, last loss %.4f", cfg.sft_steps, time.perf_counter() - t0,
-                    loss.item() if loss is not None else float("nan"))
+        stop = (f", stopped at a mean loss <= {cfg.sft_stop_loss:g} over the last {SFT_STOP_WINDOW} steps"
+                if done < cfg.sft_steps else "")
+        logger.info("sft warm-up: %d steps in %.1fs, last loss %.4f%s", done, time.perf_counter() - t0,
+                    loss.item() if loss is not None else float("nan"), stop)
+
+
+SFT_STOP_WINDOW = 5
+"""The warm-up stops once the mean token loss of this many consecutive steps is at most `sft_stop_loss`."""
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
