@@ -25,3 +25,12 @@ def test_building_the_parser_and_the_help_import_nothing_heavy():
 def test_the_probe_sees_an_import():  # the negative control: a subcommand that needs torch does import it
     assert _imported("import r3rl.cli\nr3rl.cli.build_parser().parse_args(['train', '--preset', 'tiny-olmoe'])") \
         == ["torch", "transformers"]
+
+
+def test_the_parsers_literal_defaults_agree_with_their_modules():
+    import r3rl.cli
+    from r3rl.tasks.reward_pool import DEFAULT_REWARD_TIMEOUT_S
+    from r3rl.tasks.rewards import BUILTIN_REWARDS
+
+    assert r3rl.cli.REWARD_TIMEOUT_S == DEFAULT_REWARD_TIMEOUT_S
+    assert list(r3rl.cli.REWARD_CHOICES) == sorted(BUILTIN_REWARDS) and "math" in r3rl.cli.REWARD_CHOICES

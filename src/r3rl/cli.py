@@ -33,14 +33,17 @@ def add_replay_flags(p: argparse.ArgumentParser) -> None:
                         "$MILES_TEST_R3_THRESHOLD, else 1e-2)")
 
 
-class _PresetNames:
-    """`--preset` choices, read from `r3rl.models.presets` only when a value is checked or a subcommand's help is
-    shown: building the parser (`r3rl --help`, `r3rl plot`) imports no torch or transformers."""
+class _LazyChoices:
+    """argparse choices read from their module only when a value is checked or a subcommand's help is shown: building
+    the parser (`r3rl --help`, `r3rl plot`) imports no torch or transformers."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
 
     def _names(self) -> list[str]:
-        from r3rl.models.presets import PRESETS
+        import importlib
 
-        return sorted(PRESETS)
+        return sorted(getattr(importlib.import_module(self.module), self.name))
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
@@ -52,7 +55,9 @@ class _PresetNames:
         return len(self._names())
 
 
-PRESET_CHOICES = _PresetNames()
+PRESET_CHOICES = _LazyChoices("r3rl.models.presets", "PRESETS")
+REWARD_CHOICES = _LazyChoices("r3rl.tasks.rewards", "BUILTIN_REWARDS")
+REWARD_TIMEOUT_S = 60.0  # = r3rl.tasks.reward_pool.DEFAULT_REWARD_TIMEOUT_S (test_cli_imports checks they agree)
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda when available, else cpu"
 
 
@@ -202,9 +207,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from r3rl.tasks.reward_pool import DEFAULT_REWARD_TIMEOUT_S  # neither imports torch: `r3rl --help` stays fast
-    from r3rl.tasks.rewards import BUILTIN_REWARDS
-
     p = sub.add_parser("train", help="RL training (GRPO/GSPO/REINFORCE++) with R3/R2 replay, verified every step",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_replay_flags(p)
@@ -230,11 +232,11 @@ def _add_train_parser(sub) -> None:
                    help="reward function f(response, item) -> float in [0, 1]: module:function or file.py:function "
                         "(item.prompt, item.label, item.metadata; the contract: r3rl/tasks/rewards.py); it runs in a "
                         "worker process")
-    g.add_argument("--reward-timeout", type=float, default=DEFAULT_REWARD_TIMEOUT_S,
+    g.add_argument("--reward-timeout", type=float, default=REWARD_TIMEOUT_S,
                    help="seconds one --custom-rm-path call may take; past it the worker is killed and the run fails "
                         "naming the prompt")
-    g.add_argument("--reward-fn", default="exact_match", choices=sorted(BUILTIN_REWARDS),
-                   help="built-in reward for --prompt-data, against the label")
+    g.add_argument("--reward-fn", default="exact_match", choices=REWARD_CHOICES, metavar="NAME",
+                   help="built-in reward for --prompt-data, against the label: one of %(choices)s")
     g.add_argument("--sft-steps", type=int, default=100, help="supervised warm-up steps on the labels before RL (at most)")
     g.add_argument("--sft-stop-loss", type=float, default=0.45,
                    help="end the warm-up early once its mean loss over 5 steps is at most this (0: never early)")

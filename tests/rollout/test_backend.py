@@ -157,7 +157,8 @@ def test_http_backend_syncs_weights_by_disk_end_to_end(server_factory, tiny_mode
         hot.close()
 
         other_family = make_model("tiny-mixtral", seed=0)  # another architecture: the server must refuse it
-        with pytest.raises(RolloutRequestError, match="update_weights_from_disk.*(missing|unexpected|mismatched)"):
+        with pytest.raises(RolloutRequestError,
+                           match="update_weights_from_disk.*(missing|unexpected|mismatched|must describe the served)"):
             backend.update_weights(other_family, version=6)
         assert backend.weight_version == 5 and backend.generate([[7, 8, 9]], sampling)[0].weight_version == 5
     finally:

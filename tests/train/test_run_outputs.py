@@ -38,8 +38,8 @@ def test_prompt_data_run_evaluates_on_held_out_prompts_logs_samples_and_plots(tm
     monkeypatch.chdir(tmp_path)
     trained = []  # every prompt a training stream (warm-up and RL) hands out
 
-    def spy(cfg, *, seed, holdout, part=DataPart.TRAIN):
-        source = make(cfg, seed=seed, holdout=holdout, part=part)
+    def spy(cfg, *, seed, holdout, part=DataPart.TRAIN, reward=None):
+        source = make(cfg, seed=seed, holdout=holdout, part=part, reward=reward)
         if part is not DataPart.EVAL:
             draw = source.next_batch
 
@@ -67,7 +67,8 @@ def test_prompt_data_run_evaluates_on_held_out_prompts_logs_samples_and_plots(tm
     # held out: a fifth of the 40 prompts, never handed to the warm-up or to RL
     held = {it.prompt for it in trainer.eval_items}
     assert len(held) == 8 and trainer.holdout == 8
-    assert len(trained) == 3 * 8 + 3 * 4 and not held & {it.prompt for it in trained}
+    # 3 warm-up batches of 8, 3 RL batches of 4, and the reward contract's one probe at start
+    assert len(trained) == 3 * 8 + 3 * 4 + 1 and not held & {it.prompt for it in trained}
     assert any("held-out evaluation: 8 of the 40 distinct prompts" in r.getMessage() for r in caplog.records)
 
     # samples: 2 per evaluation (steps 0 and 2), in the log and in samples.jsonl

@@ -48,6 +48,7 @@ from r3rl.tasks.rewards import RewardError, describe_item, load_reward_fn, rewar
 __all__ = ["RewardPool", "DEFAULT_REWARD_TIMEOUT_S"]
 
 DEFAULT_REWARD_TIMEOUT_S = 60.0
+LOAD_TIMEOUT_S = 60.0  # starting the worker and importing the plug-in, at least (see __init__)
 """Per call. Built-in rewards take microseconds and a math verifier milliseconds; a minute leaves room for a
 sandboxed code run or a slow remote judge while a hang still ends the run within a minute of it starting."""
 
@@ -57,7 +58,8 @@ _WORKER = "import sys; from r3rl.tasks.reward_pool import _worker_main; _worker_
 class RewardPool:
     """`spec` ("module:function" or "path/to/file.py:function") loaded and called in one spawned worker process."""
 
-    def __init__(self, spec: str, *, timeout_s: float = DEFAULT_REWARD_TIMEOUT_S) -> None:
+    def __init__(self, spec: str, *, timeout_s: float = DEFAULT_REWARD_TIMEOUT_S,
+                 load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
                 math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"--reward-timeout must be a finite number of seconds > 0: got {timeout_s!r}")
@@ -72,10 +74,13 @@ class RewardPool:
         self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn)
         t0 = time.monotonic()
         self._conn.send((spec, os.getpid()))
-        if not self._conn.poll(self.timeout_s):
+        # starting Python and importing the plug-in is not the plug-in's call: on a loaded machine it can take seconds
+        # more than a short per-call timeout, so loading gets at least LOAD_TIMEOUT_S
+        load_timeout_s = max(self.timeout_s, load_timeout_s)
+        if not self._conn.poll(load_timeout_s):
             self.close()
-            raise ValueError(f"--custom-rm-path {spec!r}: loading it took longer than --reward-timeout "
-                             f"{self.timeout_s:g} s (module-level code that never returns?); the worker was killed")
+            raise ValueError(f"--custom-rm-path {spec!r}: loading it took longer than {load_timeout_s:g} s "
+                             f"(module-level code that never returns?); the worker was killed")
         try:
             msg = self._conn.recv()
         except (EOFError, OSError):

@@ -236,11 +236,8 @@ class Trainer:
         """`run_dir` when given; else a resumed run's own directory (from its checkpoint), else a new
         `runs/<date>-<time>` (rank 0 picks it, every rank gets its name)."""
         cfg, env = self.cfg, self.env
-        if cfg.run_dir is not None:
-            path = Path(cfg.run_dir)
-            if env.is_main:
-                path.mkdir(parents=True, exist_ok=True)
-            return path
+        if cfg.run_dir is not None:  # created (or refused, in one line) by its lock
+            return Path(cfg.run_dir)
         saved = ((self.state or {}).get("config") or {}).get("run_dir")
         if saved and Path(saved).is_dir():
             name = saved
