@@ -25,7 +25,7 @@ def test_three_steps_through_a_real_server_with_weight_sync_by_disk(tmp_path):
             replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True),
             model=str(model_dir), rollout_url=[server.url], rollout_batch_size=3, n_samples_per_prompt=4,
             rollout_max_response_len=6, num_rollout=3, sft_steps=2, sft_batch_size=8, micro_batch_size=6,
-            progress=False, plots=False, run_dir=str(tmp_path / "run"))
+            progress=False, plots=False, eval_prompts=16, run_dir=str(tmp_path / "run"))
         summary = Trainer(cfg).run()
     finally:
         code = server.stop()
@@ -50,7 +50,7 @@ def test_two_servers_get_each_version_by_one_gloo_broadcast(tmp_path):
             replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True),
             model=str(model_dir), rollout_url=[s.url for s in servers], weight_sync="gloo", rollout_batch_size=3,
             n_samples_per_prompt=4, rollout_max_response_len=6, num_rollout=2, sft_steps=2, sft_batch_size=8,
-            micro_batch_size=6, progress=False, plots=False, run_dir=str(tmp_path / "run"))
+            micro_batch_size=6, progress=False, plots=False, eval_prompts=16, run_dir=str(tmp_path / "run"))
         summary = Trainer(cfg).run()
     finally:
         codes = [s.stop() for s in servers]

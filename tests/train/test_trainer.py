@@ -21,7 +21,7 @@ def small(tmp_path, name="run", **kw) -> TrainConfig:
     replay = kw.pop("replay", ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True))
     base = dict(replay=replay, rollout_batch_size=4, n_samples_per_prompt=4, rollout_max_response_len=6,
                 num_rollout=3, sft_steps=2, sft_batch_size=8, micro_batch_size=6, progress=False, plots=False,
-                run_dir=str(tmp_path / name))
+                eval_prompts=16, run_dir=str(tmp_path / name))  # the default's 256 greedy prompts: too slow here
     return TrainConfig(**(base | kw))
 
 
