@@ -238,7 +238,7 @@ def test_r3_and_no_replay_overlaid_on_the_evidence_panels(tmp_path):
     figs = _figs(_write_run(tmp_path / "r3", r3=True, live=True), _write_run(tmp_path / "none", r3=False, live=True))
     assert _titles(figs["logprob_diff.png"]) == ["train-rollout |log-prob difference|",
                                                   "train-rollout |log-prob difference|, p99",
-                                                  "extreme tokens: |log p_train - log p_rollout| > ln 2"]
+                                                  "extreme tokens (|log-prob diff| > ln 2)"]
     assert _titles(figs["routing_mismatch.png"])[1] == "live router vs rollout trace"
     for name in ("logprob_diff.png", "routing_mismatch.png"):
         for ax in figs[name].axes:

@@ -94,7 +94,7 @@ PANELS: tuple[Panel, ...] = (
           title="train-rollout |log-prob difference|, p99", ylabel="p99 of |log p_train - log p_rollout|",
           scale=Scale.LOG),
     Panel(metric="train_rollout_extreme_frac", file="logprob_diff.png",
-          title="extreme tokens: |log p_train - log p_rollout| > ln 2", ylabel="fraction of response tokens",
+          title="extreme tokens (|log-prob diff| > ln 2)", ylabel="fraction of response tokens",
           scale=Scale.FRACTION),
     Panel(metric="routing_mismatch", file="routing_mismatch.png", title="routing mismatch (training vs rollout trace)",
           ylabel="fraction of (token, layer) with a different expert set", scale=Scale.FRACTION),
