@@ -99,7 +99,7 @@ PANELS: tuple[Panel, ...] = (
     Panel(metric="routing_mismatch", file="routing_mismatch.png", title="routing mismatch (training vs rollout trace)",
           ylabel="fraction of (token, layer) with a different expert set", scale=Scale.FRACTION),
     Panel(metric="router_live_mismatch", file="routing_mismatch.png", title="live router vs rollout trace",
-          ylabel="fraction of (token, layer) the live router would route elsewhere", scale=Scale.FRACTION),
+          ylabel="fraction of (token, layer) with a different expert set", scale=Scale.FRACTION),
     Panel(metric="ppo_kl", file="training.png", title="PPO KL", ylabel="ppo_kl", hide_if_zero=True),
     Panel(metric="grad_norm", file="training.png", title="grad norm", ylabel="grad_norm", hide_if_zero=True),
     Panel(metric="response_len_mean", file="training.png", title="response length", ylabel="tokens",
