@@ -4,8 +4,8 @@
 set -x
 . bench/gpu_env.sh
 python3 -c "import triton; print('triton', triton.__version__)"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/rollout/test_fused_moe.py tests/rollout/test_engine.py \
-  tests/rollout/test_engine_families.py 2>&1 | tail -15
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/rollout/model/test_fused_moe.py tests/rollout/engine/test_engine.py \
+  tests/rollout/engine/test_engine_families.py 2>&1 | tail -15
 timeout 200 python3 bench/bench_rollout.py --presets probe-qwen3-moe --batches 32 256 --rounds 5 --hf-rounds 2 \
   --out $OUT/rollout_probe_fused.json 2>&1 | grep -v " INFO "
 for p in probe-minimax-m2 probe-gpt-oss; do

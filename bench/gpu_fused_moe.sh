@@ -4,6 +4,6 @@
 set -x
 . bench/gpu_env.sh
 python3 -c "import triton; print('triton', triton.__version__)"
-timeout 60 python3 -m pytest -q -m gpu tests/rollout/test_fused_moe.py -p no:cacheprovider 2>&1 | tee $OUT/pytest_gpu.log | tail -3
+timeout 60 python3 -m pytest -q -m gpu tests/rollout/model/test_fused_moe.py -p no:cacheprovider 2>&1 | tee $OUT/pytest_gpu.log | tail -3
 timeout 70 python3 bench/bench_fused_moe.py --sweep --out $OUT/fused_moe.json 2>&1 | grep -v Warning
 cd bench && timeout 150 python3 bench_fused_engine.py --out $OUT/fused_engine.json 2>&1 | grep -v " INFO r3rl"

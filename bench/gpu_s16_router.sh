@@ -1,4 +1,4 @@
-# Session 16, the fused router kernel (r3rl.rollout.router_kernel): GPU tests, an eager-profile A/B (torch router vs
+# Session 16, the fused router kernel (r3rl.rollout.model.router_kernel): GPU tests, an eager-profile A/B (torch router vs
 # fused router, same fused experts) on the bench shape at batch 32 and 256, then engine vs HF on both shapes.
 set -x
 . bench/gpu_env.sh
