@@ -25,8 +25,9 @@ families) the product stays exact in float32; the sum over k is in float32, then
 Each block reads its expert's weight tiles once; at decode (a few rows per expert) one block per expert reads every
 active expert's weights once per step.
 
-`fused_moe` runs the Triton kernels; `fused_moe_reference` is the pure-torch path over the same alignment (CPU,
-tests). Triton is optional: without it `available()` is False and only the reference runs.
+This module: the tile configs, the launcher `fused_moe` (which runs the Triton kernels) and `fused_moe_reference`,
+the pure-torch path over the same alignment (CPU, tests). The alignment is in `fused_moe_align`, the GEMM and sum
+kernels in `fused_moe_kernels`. Triton is optional: without it `available()` is False and only the reference runs.
 
     pytest tests/rollout/model/test_fused_moe.py     # with triton installed, runs the kernels under TRITON_INTERPRET=1
     python bench/bench_fused_moe.py            # GPU: vs the engine's grouped_mm path
@@ -46,10 +47,14 @@ import torch.nn.functional as F
 
 try:  # optional: CPU CI has no triton
     import triton
-    import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
-    tl = None
+
+from r3rl.rollout.model.fused_moe_align import Alignment, align_block_size, align_counted, padded_blocks
+from r3rl.rollout.model.fused_moe_align import align_triton as _align_triton
+
+if triton is not None:
+    from r3rl.rollout.model.fused_moe_kernels import _down_kernel, _gate_up_kernel, _sum_k_kernel
 
 __all__ = ["ExpertAct", "FusedMoEConfig", "Alignment", "available", "default_config", "config_tier_tokens",
            "align_block_size",
@@ -111,49 +116,6 @@ def config_tier_tokens(num_experts: int, top_k: int, max_tokens: int) -> list[in
     return sorted({min(c, max_tokens) for c in counts})
 
 
-@dataclass
-class Alignment:
-    """(token, k) rows sorted by expert, each expert's group padded to whole blocks (all on the device)."""
-
-    row_ids_M: torch.Tensor
-    """Flattened (token, k) row at each padded position; R (= T * K) marks a padding slot. int32, static length."""
-    block_expert_B: torch.Tensor
-    """Expert of each block (int32). Blocks at or past `num_padded` hold no rows."""
-    num_padded: torch.Tensor
-    """[1] int32: padded rows in use (a multiple of block_m); the rest of `row_ids_M` is unused."""
-    block_m: int
-
-
-def align_block_size(ids_TK: torch.Tensor, num_experts: int, block_m: int,
-                     valid_T: torch.Tensor | None = None) -> Alignment:
-    """Sort (token, k) rows by expert and pad every expert's group to a multiple of `block_m`, without a host sync.
-
-    `ids_TK` values must lie in [0, num_experts]; num_experts itself is the sentinel of a row to drop, and
-    `valid_T` False drops every row of that token. The buffers have the static worst-case length
-    `R + E * (block_m - 1)` rounded up to whole blocks, so the result has fixed shapes (CUDA graphs)."""
-    if ids_TK.dim() != 2:
-        raise ValueError(f"align_block_size: ids_TK must be [tokens, top_k], got shape {tuple(ids_TK.shape)}")
-    (T, K), E, dev = ids_TK.shape, num_experts, ids_TK.device
-    R = T * K
-    flat_R = ids_TK.reshape(-1).long()
-    if valid_T is not None:
-        flat_R = flat_R.masked_fill(~valid_T.repeat_interleave(K), E)
-    counts_E1 = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, flat_R, torch.ones_like(flat_R))
-    padded_E = (counts_E1[:E] + block_m - 1) // block_m * block_m
-    padded_end_E = padded_E.cumsum(0)
-    start_E1 = counts_E1.cumsum(0) - counts_E1  # first sorted position of each expert (sentinel last)
-    sorted_R, order_R = torch.sort(flat_R, stable=True)
-    rank_R = torch.arange(R, device=dev) - start_E1[sorted_R]
-    expert_R = sorted_R.clamp(max=E - 1)
-    num_blocks = _num_blocks(R, E, block_m)
-    M = num_blocks * block_m
-    dest_R = torch.where(sorted_R < E, padded_end_E[expert_R] - padded_E[expert_R] + rank_R, M)  # M: a dump slot
-    row_ids_M = torch.full((M + 1,), R, dtype=torch.int32, device=dev)
-    row_ids_M.scatter_(0, dest_R, order_R.to(torch.int32))
-    block_start_B = torch.arange(num_blocks, device=dev) * block_m
-    block_expert_B = torch.searchsorted(padded_end_E, block_start_B, right=True).clamp(max=E - 1).to(torch.int32)
-    return Alignment(row_ids_M=row_ids_M[:M], block_expert_B=block_expert_B,
-                     num_padded=padded_end_E[-1:].to(torch.int32), block_m=block_m)
 
 
 def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, gate_up_EIH: torch.Tensor,
@@ -182,7 +144,7 @@ def fused_moe(x_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
                          f"{residual_TH.dtype} {tuple(residual_TH.shape)}")
     if align is not None:
         bm = cfg.block_m
-        slots = _num_blocks(T * K, E, bm) * bm
+        slots = padded_blocks(T * K, E, bm) * bm
         if align.block_m != bm or align.row_ids_M.shape[0] != slots:
             raise ValueError(f"fused_moe: the alignment must be for this call's {T * K} rows in blocks of {bm} "
                              f"({slots} slots): got blocks of {align.block_m}, {align.row_ids_M.shape[0]} slots")
@@ -282,46 +244,8 @@ def gpt_oss_glu(gate_up_RI: torch.Tensor, alpha: float, limit: float,
 
 
 # --- private ---------------------------------------------------------------------------------------------------------
-def _align_triton(ids_TK: torch.Tensor, num_experts: int, block_m: int, valid_T: torch.Tensor | None) -> Alignment:
-    """`align_block_size` in three launches (count, then `align_counted`'s scan and place); same buffers and
-    invariants."""
-    (T, K), E = ids_TK.shape, num_experts
-    ids_R = ids_TK.reshape(-1).contiguous()
-    valid = valid_T if valid_T is not None else ids_R  # any pointer when HAS_VALID is False
-    counts_E = torch.zeros(E, dtype=torch.int32, device=ids_TK.device)
-    _count_kernel[(triton.cdiv(T * K, _ALIGN_BLOCK),)](ids_R, valid, counts_E, T * K, E, TOP_K=K,
-                                                      HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
-    return align_counted(ids_TK, counts_E, block_m, valid_T)
 
 
-def align_counted(ids_TK: torch.Tensor, counts_E: torch.Tensor, block_m: int,
-                  valid_T: torch.Tensor | None = None) -> Alignment:
-    """The alignment of `ids_TK` once its routed rows are counted per expert in `counts_E` (int32 `[E]`; rows of
-    tokens with `valid_T` False, or with the sentinel id E, not counted): one scan program (group starts, block
-    experts, the padded row buffer filled with the sentinel, `counts_E` zeroed again for reuse) and one placement
-    launch. `r3rl.rollout.model.router_kernel` counts inside its routing kernel."""
-    (T, K), E, dev = ids_TK.shape, counts_E.shape[0], ids_TK.device
-    R = T * K
-    num_blocks = _num_blocks(R, E, block_m)
-    ids_R = ids_TK.reshape(-1).contiguous()
-    valid = valid_T if valid_T is not None else ids_R  # any pointer when HAS_VALID is False
-    cursor_E = torch.empty(E, dtype=torch.int32, device=dev)
-    row_ids_M = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
-    block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=dev)
-    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    _scan_kernel[(1,)](counts_E, cursor_E, block_expert_B, num_padded, row_ids_M, E, num_blocks, R, BLOCK_M=block_m,
-                       E_POW2=triton.next_power_of_2(E), CHUNK=64, FILL=1024)
-    _place_kernel[(triton.cdiv(R, _ALIGN_BLOCK),)](ids_R, valid, cursor_E, row_ids_M, R, E, row_ids_M.shape[0],
-                                                   TOP_K=K, HAS_VALID=valid_T is not None, BLOCK=_ALIGN_BLOCK)
-    return Alignment(row_ids_M=row_ids_M, block_expert_B=block_expert_B, num_padded=num_padded, block_m=block_m)
-
-
-_ALIGN_BLOCK = 1024  # rows per program of the count and place kernels
-
-
-def _num_blocks(rows: int, num_experts: int, block_m: int) -> int:
-    """Blocks of the alignment's static worst case: every row placed, each expert's group padded by block_m - 1."""
-    return (rows + num_experts * (block_m - 1) + block_m - 1) // block_m
 
 
 def _low_precision(x_TH: torch.Tensor) -> bool:
@@ -357,177 +281,3 @@ def _check_shapes(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI, gate_up_bias_
     return T, H, E, n_inter
 
 
-if triton is not None:
-
-    @triton.jit
-    def _block_rows(row_ids_ptr, block_expert_ptr, pid_m, num_rows, BLOCK_M: tl.constexpr):
-        """Block `pid_m`'s expert, its row slots, the (token, k) rows in them and which slots hold a row."""
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(row_ids_ptr + offs_m)
-        return expert, offs_m, rows, rows < num_rows
-
-    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
-    def _gate_up_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr, num_rows, H,
-                        n_inter, stride_xt, stride_we, stride_wn, stride_be, stride_om, alpha, limit,
-                        TOP_K: tl.constexpr, GPT_OSS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_GLU: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
-        expert, offs_m, rows, row_ok = _block_rows(row_ids_ptr, block_expert_ptr, pid_m, num_rows, BLOCK_M)
-        tok = (rows // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_inter
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
-        if GPT_OSS:  # interleaved: gate j is row 2j, up j is row 2j + 1
-            gate_rows = 2 * offs_n
-            up_rows = gate_rows + 1
-        else:  # gate rows first, then up rows
-            gate_rows = offs_n
-            up_rows = offs_n + n_inter
-        g_ptrs = w_ptr + expert * stride_we + gate_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        u_ptrs = w_ptr + expert * stride_we + up_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(H, BLOCK_K)):
-            k_ok = offs_k < H - k0 * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
-        dt = out_ptr.dtype.element_ty
-        if ROUND_GLU:  # HF: the expert matmul returns the hidden dtype
-            acc_g = acc_g.to(dt).to(tl.float32)
-            acc_u = acc_u.to(dt).to(tl.float32)
-        if HAS_BIAS:
-            b_ptr = bias_ptr + expert * stride_be
-            acc_g += tl.load(b_ptr + gate_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(b_ptr + up_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if ROUND_GLU:  # and then adds the bias in it
-                acc_g = acc_g.to(dt).to(tl.float32)
-                acc_u = acc_u.to(dt).to(tl.float32)
-        if GPT_OSS:  # in `gpt_oss_glu`'s op order
-            gate = tl.minimum(acc_g, limit)
-            up = tl.minimum(tl.maximum(acc_u, -limit), limit)
-            if ROUND_GLU:  # every elementwise op of HF's eager GLU rounds to the hidden dtype
-                scaled = (gate * alpha).to(dt).to(tl.float32)
-                sig = (1.0 / (1.0 + tl.exp(-scaled))).to(dt).to(tl.float32)
-                glu = (gate * sig).to(dt).to(tl.float32)
-                act = (up + 1.0).to(dt).to(tl.float32) * glu
-            else:
-                act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
-        else:
-            silu = acc_g / (1.0 + tl.exp(-acc_g))  # torch's silu formula
-            if ROUND_GLU:
-                silu = silu.to(dt).to(tl.float32)
-            act = silu * acc_u
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, act.to(dt), mask=n_ok[None, :])
-
-    @triton.jit
-    def _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        """This program's (token, k) rows, their experts, and which count: in range, routed, of a valid token."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < num_rows
-        e = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
-        ok = ok & (e < E)
-        if HAS_VALID:
-            ok = ok & (tl.load(valid_ptr + offs // TOP_K, mask=ok, other=0) != 0)
-        return offs, e, ok
-
-    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
-    def _count_kernel(ids_ptr, valid_ptr, counts_ptr, num_rows, E, TOP_K: tl.constexpr, HAS_VALID: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
-        tl.atomic_add(counts_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
-
-    @triton.jit(do_not_specialize=["num_blocks", "num_rows"])  # one build for every token count
-    def _scan_kernel(counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, row_ids_ptr, E, num_blocks, num_rows,
-                     BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
-        offs_e = tl.arange(0, E_POW2)
-        e_ok = offs_e < E
-        padded = (tl.load(counts_ptr + offs_e, mask=e_ok, other=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        tl.debug_barrier()
-        tl.store(counts_ptr + offs_e, tl.zeros((E_POW2,), tl.int32), mask=e_ok)  # zeroed for the next call
-        for m0 in range(0, num_blocks * BLOCK_M, FILL):  # every padded slot starts as the sentinel (no row)
-            offs_m = m0 + tl.arange(0, FILL)
-            tl.store(row_ids_ptr + offs_m, tl.full((FILL,), num_rows, tl.int32), mask=offs_m < num_blocks * BLOCK_M)
-        end = tl.cumsum(padded, 0)
-        tl.store(cursor_ptr + offs_e, end - padded, mask=e_ok)  # each expert's first padded position
-        tl.store(num_padded_ptr, tl.sum(padded, 0))
-        for b0 in range(0, num_blocks, CHUNK):  # expert of block b: how many experts end at or before b * BLOCK_M
-            offs_b = b0 + tl.arange(0, CHUNK)
-            before = (end[None, :] <= offs_b[:, None] * BLOCK_M) & e_ok[None, :]
-            expert = tl.minimum(tl.sum(before.to(tl.int32), 1), E - 1)
-            tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < num_blocks)
-
-    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
-    def _place_kernel(ids_ptr, valid_ptr, cursor_ptr, row_ids_ptr, num_rows, E, num_slots, TOP_K: tl.constexpr,
-                      HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):
-        offs, e, ok = _program_rows(ids_ptr, valid_ptr, num_rows, E, TOP_K, HAS_VALID, BLOCK)
-        pos = tl.atomic_add(cursor_ptr + e, tl.full((BLOCK,), 1, tl.int32), mask=ok)
-        tl.store(row_ids_ptr + pos, offs.to(tl.int32), mask=ok & (pos < num_slots))  # never past the buffer
-
-    @triton.jit
-    def _sum_k_kernel(y_ptr, ids_ptr, valid_ptr, res_ptr, out_ptr, H, E, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                      HAS_VALID: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
-        """Token t's output: the sum over its routed (token, k) rows (float32, then one cast), plus the residual
-        (`residual + out` in the hidden dtype: float32 add, one more rounding). Dropped rows (an invalid token, the
-        sentinel expert) add nothing; the down kernel never wrote them."""
-        t = tl.program_id(0).to(tl.int64)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        h_ok = offs_h < H
-        offs_k = tl.arange(0, K_POW2)
-        routed = (offs_k < TOP_K) & (tl.load(ids_ptr + t * TOP_K + offs_k, mask=offs_k < TOP_K, other=E) < E)
-        if HAS_VALID:
-            routed = routed & (tl.load(valid_ptr + t + offs_k * 0) != 0)  # (a vector: the interpreter's masks)
-        y = tl.load(y_ptr + (t * TOP_K + offs_k)[:, None] * H + offs_h[None, :], mask=routed[:, None] & h_ok[None, :],
-                    other=0.0)
-        dt = out_ptr.dtype.element_ty
-        out = tl.sum(y.to(tl.float32), axis=0).to(dt)
-        if HAS_RESIDUAL:
-            out = (tl.load(res_ptr + t * H + offs_h, mask=h_ok, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dt)
-        tl.store(out_ptr + t * H + offs_h, out, mask=h_ok)
-
-    @triton.jit(do_not_specialize=["num_rows"])  # one build for every token count
-    def _down_kernel(act_ptr, w_ptr, bias_ptr, out_ptr, weights_ptr, row_ids_ptr, block_expert_ptr, num_padded_ptr,
-                     num_rows, H, n_inter, stride_am, stride_we, stride_wn, stride_be, stride_or,
-                     HAS_BIAS: tl.constexpr, ROUND_OUTPUT: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
-                     BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
-        expert, offs_m, rows, row_ok = _block_rows(row_ids_ptr, block_expert_ptr, pid_m, num_rows, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < H
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-        w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(n_inter, BLOCK_K)):
-            k_ok = offs_k < n_inter - k0 * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        if ROUND_OUTPUT:  # HF's rounding: the expert matmul returns the hidden dtype
-            acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
-        if HAS_BIAS:  # per (token, k) row, before the gate weight (HF: weight * (down(act) + bias))
-            acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if ROUND_OUTPUT:  # the bias is added in the hidden dtype
-                acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
-        gate_w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        acc = acc * gate_w[:, None]
-        if ROUND_PRODUCT:  # and, with gate weights in that dtype, the product too
-            acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
-        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_or + offs_n[None, :]
-        tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])

@@ -9,10 +9,10 @@ cast, the capture's cast and scatter, the alignment's two fills, count, scan, pl
      `r3rl.models.routing.gate_weights` does), the ids written into the routing capture at each token's (block,
      offset) for this MoE layer (`RouteTarget`), and each routed (token, k) row counted per expert (atomics) for the
      alignment;
-  2. `fused_moe._scan_kernel` (one program): each expert's padded group start, the expert of every block, the padded
-     row count; it also fills the padded row buffer with the sentinel and zeroes the counts for the next layer (the
-     counts buffer is the engine's, allocated once, and left zeroed by every call);
-  3. `fused_moe._place_kernel`: each routed row into its expert's group.
+  2. `fused_moe_align._scan_kernel` (one program): each expert's padded group start, the expert of every block, the
+     padded row count; it also fills the padded row buffer with the sentinel and zeroes the counts for the next layer
+     (the counts buffer is the engine's, allocated once, and left zeroed by every call);
+  3. `fused_moe_align._place_kernel`: each routed row into its expert's group.
 
 The arithmetic is the family's (`routing.route`) in the same operations: float32 softmax of the logits as CUDA's
 `expf` computes it (libdevice), correctly rounded divisions, the renormalizing sum over k. Top-k on the softmax
@@ -36,7 +36,8 @@ import os
 import torch
 
 from r3rl.models.routing import RouterSpec, Scoring
-from r3rl.rollout.model.fused_moe import Alignment, align_counted, available
+from r3rl.rollout.model.fused_moe import available
+from r3rl.rollout.model.fused_moe_align import Alignment, align_counted
 from r3rl.rollout.model.kv_cache import RouteTarget
 
 try:  # optional: CPU CI has no triton
