@@ -1,5 +1,5 @@
-# Session 15: which change moved GPT-OSS's engine-vs-HF gate (0.030 -> 0.117): its gate with the gathered decode
-# attention (sinks keep the torch path now), with grouped_mm experts and with the fused kernels forced.
+# GPT-OSS's engine-vs-HF correctness gate and speed with each experts kernel (grouped_mm, fused) on probe-gpt-oss,
+# batch 32, one round (`bench/bench_rollout.py --moe-kernel`). RESULTS.md, "GPT-OSS gate by kernel".
 set -x
 . bench/gpu_env.sh
 for k in grouped_mm fused; do
