@@ -385,7 +385,7 @@ def test_update_between_steps_keeps_or_aborts_requests_in_flight(server_factory,
 
 def test_admission_holding_is_a_server_flag_checked_before_the_model_loads(tmp_path):
     """`serve --max-hold-steps` (default 0: admit at once) reaches ServerConfig; a negative value is refused."""
-    from r3rl.rollout.engine.config import ServerConfig
+    from r3rl.rollout.net.config import ServerConfig
 
     (tmp_path / "config.json").write_text("{}")
     assert ServerConfig(model=str(tmp_path)).max_hold_steps == 0

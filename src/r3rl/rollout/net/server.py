@@ -44,10 +44,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from r3rl.rollout.engine.config import TEXT_CHARS_PER_TOKEN, ServerConfig
 from r3rl.rollout.engine.engine import RolloutEngine
 from r3rl.rollout.engine.messages import EngineRequest, ProtocolError
 from r3rl.rollout.engine.weights import WeightLoadError, hf_config_dict, load_checkpoint_tensors
+from r3rl.rollout.net.config import TEXT_CHARS_PER_TOKEN, ServerConfig
 from r3rl.rollout.net.dist_sync import DistReceiver, InitWeightsUpdateGroupRequest, UpdateWeightsFromDistributedRequest
 from r3rl.rollout.net.protocol import (
     ErrorBody,
