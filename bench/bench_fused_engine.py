@@ -1,5 +1,5 @@
 """End-to-end decode with the fused MoE Triton kernels: the rollout engine on grouped_mm experts vs the same
-engine with `r3rl.rollout.fused_moe.fused_moe` in its MoE block (alignment in torch ops, or in Triton kernels), on
+engine with `r3rl.rollout.model.fused_moe.fused_moe` in its MoE block (alignment in torch ops, or in Triton kernels), on
 one model, interleaved rounds.
 
     python bench/bench_fused_engine.py --out fused_engine.json     # GPU: probe-qwen3-moe and bench-qwen3-moe, bf16,
@@ -7,7 +7,7 @@ one model, interleaved rounds.
 
 This is a measurement of the integration before it is made: the fused path is put into one engine's MoE block
 instance (an instance attribute shadowing `MoEBlock._experts_sorted`, for that engine only), which is what the
-change in `r3rl.rollout.moe` would do for CUDA + triton + SwiGLU (SiLU) experts without biases + not
+change in `r3rl.rollout.model.moe` would do for CUDA + triton + SwiGLU (SiLU) experts without biases + not
 batch-invariant. Per engine: the correctness gate of bench_rollout (greedy tokens teacher-forced through HF: log-prob
 and routing agreement), then per batch `--rounds` rounds of both engines (alternating order), each a full
 `generate` with routing capture on; medians and ranges of tokens/s and the decode step time, and the decode step
@@ -29,8 +29,8 @@ from bench_rollout import copy_bandwidth, correctness_gate, decode_bytes, run_en
 from r3rl.models.loading import resolve_dtype
 from r3rl.models.presets import make_model
 from r3rl.rollout import RolloutEngine
-from r3rl.rollout import fused_moe as fm
-from r3rl.rollout.moe import ExpertAct, MoEKernel
+from r3rl.rollout.model import fused_moe as fm
+from r3rl.rollout.model.moe import ExpertAct, MoEKernel
 
 logger = logging.getLogger("bench_fused_engine")
 

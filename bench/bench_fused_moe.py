@@ -1,4 +1,4 @@
-"""Micro-benchmark: the fused MoE Triton kernels (`r3rl.rollout.fused_moe`) vs the engine's sorted grouped_mm path
+"""Micro-benchmark: the fused MoE Triton kernels (`r3rl.rollout.model.fused_moe`) vs the engine's sorted grouped_mm path
 (`MoEBlock._experts_sorted`) on one MoE layer, both captured in a CUDA graph as the engine runs them.
 
     python bench/bench_fused_moe.py --out fused_moe.json        # GPU; probe shape: hidden 2048, 128 experts, top-8,
@@ -28,8 +28,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from r3rl.rollout import fused_moe as fm
-from r3rl.rollout.moe import MoEBlock, MoEWeights
+from r3rl.rollout.model import fused_moe as fm
+from r3rl.rollout.model.moe import MoEBlock, MoEWeights
 
 
 def parse_args() -> argparse.Namespace:

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from r3rl.rollout.client import wait_until_healthy
+from r3rl.rollout.net.client import wait_until_healthy
 
 logger = logging.getLogger("bench_serving")
 

@@ -107,7 +107,7 @@ def _active_params(model) -> int:
 
 
 def _sampling(cfg):
-    from r3rl.rollout.protocol import SamplingParams
+    from r3rl.rollout.engine.messages import SamplingParams
 
     return SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=1.0, seed=1)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from r3rl.models.presets import make_model
-from r3rl.rollout.engine import RolloutEngine
-from r3rl.rollout.weights import load_checkpoint_tensors, model_tensors
+from r3rl.rollout.engine.engine import RolloutEngine
+from r3rl.rollout.engine.weights import load_checkpoint_tensors, model_tensors
 
 
 def _sync() -> None:

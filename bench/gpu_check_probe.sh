@@ -1,5 +1,5 @@
 # `r3rl check` on probe-qwen3-moe: engine rollout with each fault (the shift and permute controls must fail), then the
-# HF KV-cache rollout.
+# HF KV-cache rollout. RESULTS.md, "`r3rl check` on the probe".
 set -x
 . bench/gpu_env.sh
 for f in none shift permute-layers; do

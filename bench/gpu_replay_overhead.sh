@@ -1,4 +1,5 @@
 # Replay and check overhead on a training forward+backward of probe-qwen3-moe (two runs: the machine is noisy).
+# RESULTS.md, "Replay and check overhead".
 set -x
 . bench/gpu_env.sh
 for i in 1 2; do

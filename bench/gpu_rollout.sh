@@ -1,9 +1,8 @@
-# Rollout engine throughput against HF generate (bench_rollout.py): per preset, 9 interleaved rounds of the engine
-# with routing capture on and off (decode-only timings for the capture cost), HF generate in the first 3 rounds on
-# the same number of new tokens (128) at both batches; medians and ranges.
+# Engine vs HF `generate` on probe-qwen3-moe and bench-qwen3-moe (`bench/bench_rollout.py`): per (preset, batch),
+# 5 interleaved rounds of the engine with routing capture on and off, HF `generate` in 2 of them on the same 128 new
+# tokens, batch 32 and 256; medians and ranges, % of the bandwidth floor, the correctness gate.
+# RESULTS.md, "Engine vs HF generate".
 set -x
 . bench/gpu_env.sh
-for p in bench-qwen3-moe probe-qwen3-moe; do
-  timeout 280 python3 bench/bench_rollout.py --presets $p --rounds 9 --hf-rounds 3 --out $OUT/rollout_$p.json 2>&1 \
-    | grep -v " INFO "
-done
+timeout 300 python3 bench/bench_rollout.py --presets probe-qwen3-moe bench-qwen3-moe --batches 32 256 --rounds 5 \
+  --hf-rounds 2 --out $OUT/rollout.json 2>&1 | grep -v " INFO " | tail -12

@@ -1,7 +1,7 @@
 # torchrun + FSDP2 `r3rl train` on probe-qwen3-moe (bf16 compute, fp32 master weights, R3 + check): per-rank
 # evidence and the verdict, update tokens/s on 1 GPU without FSDP, and on 1 (and 2, 4 when the host has them) GPUs
-# with FSDP2 at the same per-GPU batch (no checkpoint: a 5 B model's fp32 + Adam state exceeds the disk); then the
-# weight-sync benchmark.
+# with FSDP2 at the same per-GPU batch (no checkpoint: a 5 B model's fp32 + Adam state exceeds the disk).
+# RESULTS.md, "torchrun + FSDP2 training". (The weight-sync benchmark that ran at its end is gpu_weight_sync.sh.)
 set -x
 . bench/gpu_env.sh
 NGPU=$(nvidia-smi -L | wc -l)
@@ -34,4 +34,3 @@ for name in ["plain", "fsdp1", "fsdp2", "fsdp4"]:
           f"{statistics.median([r['time/rollout'] for r in rows]):.2f}, update s "
           f"{statistics.median([r['time/update'] for r in rows]):.2f}, r3 mismatch {sum(r['r3_check_mismatch'] for r in rows)}")
 PY
-python3 bench/bench_weight_sync.py --rounds 3 --out $OUT/weight_sync.json 2>&1 | grep -v "shards\|Loading weights"

@@ -1,5 +1,6 @@
-# `r3rl train` on probe-qwen3-moe (bf16, engine rollout): R3, R2 and no replay for the same steps and seeds, then the
-# one-step benchmark (stage times, update tokens/s, MFU, R3 and R3 + check against no replay).
+# `r3rl train` on probe-qwen3-moe (bf16, engine rollout): R3, R2 and no replay for the same steps and seeds, per-step
+# routing mismatch, |Δlogp| and k3 KL. RESULTS.md, "`r3rl train` on the probe". (The one-step benchmark that ran at
+# the end of this recipe is gpu_train_step.sh.)
 set -x
 . bench/gpu_env.sh
 COMMON="--preset probe-qwen3-moe --device cuda --dtype bfloat16 --num-rollout ${STEPS:-8} --rollout-batch-size 16
@@ -11,4 +12,3 @@ python3 -m r3rl.cli train $COMMON --use-routing-replay --enable-r3-correctness-c
 python3 -m r3rl.cli train $COMMON --run-dir /tmp/runs/none 2>$OUT/none.log | grep -E '"verdict"|"error"'
 python3 -m r3rl.cli verify-logs $OUT/r3.log | grep -E '"verdict"'
 for m in r3 r2 none; do cp /tmp/runs/$m/metrics.jsonl $OUT/metrics_$m.jsonl; done
-[ -n "$SKIP_BENCH" ] || python3 bench/bench_train_step.py --preset probe-qwen3-moe --rounds 7 --out $OUT/train_step.json 2>&1 | tail -30

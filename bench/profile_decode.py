@@ -23,7 +23,7 @@ ap.add_argument("--steps", type=int, default=5)
 ap.add_argument("--rows", type=int, default=30, help="kernels listed (the largest first)")
 ap.add_argument("--moe-kernel", choices=["fused", "grouped_mm"], default="fused")
 ap.add_argument("--torch-router", action="store_true", help="the fused experts with the torch router (A/B of the "
-                "fused router kernel, r3rl.rollout.router_kernel)")
+                "fused router kernel, r3rl.rollout.model.router_kernel)")
 args = ap.parse_args()
 
 model = make_model(args.preset, device="cuda", dtype=torch.bfloat16)

@@ -24,9 +24,10 @@ import torch
 import uvicorn
 
 from r3rl.models.presets import init_model
-from r3rl.rollout import server
-from r3rl.rollout.config import EngineConfig, ServerConfig
-from r3rl.rollout.protocol import EngineOutput, EngineRequest, FinishReason
+from r3rl.rollout.engine.config import EngineConfig
+from r3rl.rollout.engine.messages import EngineOutput, EngineRequest, FinishReason
+from r3rl.rollout.net import server
+from r3rl.rollout.net.config import ServerConfig
 from r3rl.trace import RoutingTrace
 
 

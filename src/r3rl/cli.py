@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         return _check(cfg)
     if args.command == "serve":
-        from r3rl.rollout.config import EngineConfig, ServerConfig
-        from r3rl.rollout.server import serve
+        from r3rl.rollout.engine.config import EngineConfig
+        from r3rl.rollout.net.config import ServerConfig
+        from r3rl.rollout.net.server import serve
 
         try:
             cfg = ServerConfig(

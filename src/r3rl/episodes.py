@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from r3rl.rollout.protocol import SamplingParams
+from r3rl.rollout.engine.messages import SamplingParams
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 

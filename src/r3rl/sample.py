@@ -3,15 +3,20 @@ the trainer consumes it."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from r3rl.trace import RoutingTrace
 
-if TYPE_CHECKING:  # not at run time: r3rl.rollout imports this module
-    from r3rl.rollout.protocol import FinishReason
+__all__ = ["FinishReason", "Sample"]
 
-__all__ = ["Sample"]
+
+class FinishReason(enum.StrEnum):
+    """Why generation ended (SGLang's `finish_reason.type`). Here, one floor below `r3rl.rollout`, which re-exports it
+    (`r3rl.rollout.engine.messages`)."""
+
+    STOP = "stop"  # emitted one of stop_token_ids (the stop token is the last output token)
+    LENGTH = "length"  # max_new_tokens reached
 
 
 @dataclass(kw_only=True)

@@ -1,6 +1,6 @@
 """Rollout test fixtures: a tiny random MoE checkpoint and real `r3rl serve` processes (`python -m r3rl.cli serve`).
 
-    pytest tests/rollout/test_server.py -q
+    pytest tests/rollout/net/test_server.py -q
 
 `start_server` launches the server on 127.0.0.1 at a free port and waits for `/health`; `ServerProcess.stop` sends
 SIGTERM (graceful drain) and kills the process if it does not exit in time. Server logs go to a file whose tail is
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from r3rl.models.presets import init_model
-from r3rl.rollout.client import wait_until_healthy
+from r3rl.rollout.net.client import wait_until_healthy
 
 SERVER_MAX_SEQ_LEN = 256
 SERVER_MAX_SLOTS = 64

@@ -24,7 +24,7 @@ from r3rl.config import ReplayConfig
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model
 from r3rl.replay import RoutingReplay
-from r3rl.rollout.weights import materialize, model_tensors
+from r3rl.rollout.engine.weights import materialize, model_tensors
 from r3rl.sample import Sample
 from r3rl.train.config import TrainConfig
 from r3rl.train.parallel import DistEnv, parallelize, prompt_shard

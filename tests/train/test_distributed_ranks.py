@@ -41,9 +41,9 @@ def _env(rank: int, port: int) -> DistEnv:
 
 def _worker(rank: int, port: int, urls: list[str], out_dir: str) -> None:
     from r3rl.models.presets import make_model
-    from r3rl.rollout.client import ModelShape
-    from r3rl.rollout.fleet import FleetBackend
-    from r3rl.rollout.protocol import SamplingParams
+    from r3rl.rollout.engine.messages import SamplingParams
+    from r3rl.rollout.net.client import ModelShape
+    from r3rl.rollout.net.fleet import FleetBackend
     from r3rl.train.parallel import RankZeroWeightSync
 
     env = _env(rank, port)
@@ -77,7 +77,7 @@ def _worker(rank: int, port: int, urls: list[str], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """One spawn of two gloo ranks (start-up dominates) for both tests; the fleet's servers live in this process."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "rollout"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "rollout" / "net"))
     from _sglang_like import SGLangLikeServer
 
     from r3rl.models.presets import make_model

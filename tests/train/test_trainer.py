@@ -142,7 +142,7 @@ def test_ci_test_reference_comparison_fails_when_the_reference_differs(tmp_path)
 def test_release_rollout_memory_frees_the_engine_during_the_update_and_gets_it_back(tmp_path, monkeypatch):
     """Colocated: the KV cache is freed after each rollout and allocated again before the sync; a missing resume
     would make the next rollout (and the evaluation) refuse to run."""
-    from r3rl.rollout.engine import RolloutEngine
+    from r3rl.rollout.engine.engine import RolloutEngine
 
     events = []
     release, resume = RolloutEngine.release_memory, RolloutEngine.resume_memory
@@ -157,7 +157,7 @@ def test_release_rollout_memory_frees_the_engine_during_the_update_and_gets_it_b
 
 def test_dropped_stale_samples_leave_the_policy_gradient(tmp_path, monkeypatch):
     """--stale-samples drop: a sample from old weights gets advantage 0 and is counted; keep trains on it."""
-    from r3rl.rollout.backend import EngineBackend
+    from r3rl.rollout.net.backend import EngineBackend
     from r3rl.train.config import StalePolicy
 
     generate = EngineBackend.generate

@@ -72,8 +72,8 @@ def run_check(cfg: CheckRunConfig) -> dict:
 def rollout_engine(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
     """Sample with r3rl's rollout engine through the RolloutBackend the trainer uses (a copy of the weights; its own
     forward and KV cache). Each rollout is its own prompt with its own seed."""
-    from r3rl.rollout.backend import EngineBackend
-    from r3rl.rollout.protocol import SamplingParams
+    from r3rl.rollout.engine.messages import SamplingParams
+    from r3rl.rollout.net.backend import EngineBackend
 
     backend = EngineBackend(model, max_slots=cfg.batch_size, max_seq_len=cfg.prompt_len + cfg.response_len,
                             device=cfg.device, dtype=cfg.dtype)
@@ -89,8 +89,8 @@ def rollout_episodes(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfi
     the whole context and asks only for its new routing rows; between turns an environment appends
     `observation_len` random byte tokens. Every episode has the same length, every token a route."""
     from r3rl.episodes import EnvStep, run_episodes
-    from r3rl.rollout.backend import EngineBackend
-    from r3rl.rollout.protocol import SamplingParams
+    from r3rl.rollout.engine.messages import SamplingParams
+    from r3rl.rollout.net.backend import EngineBackend
 
     class _NoiseEnv:
         def __init__(self, prompt: list[int], seed: int) -> None:

@@ -43,8 +43,8 @@ from r3rl.experts_tap import ExpertsTap
 from r3rl.faults import corrupt_trace
 from r3rl.models.chat import encode_prompt
 from r3rl.replay import Recording, RoutingReplay
-from r3rl.rollout.backend import RolloutBackend
-from r3rl.rollout.protocol import SamplingParams
+from r3rl.rollout.engine.messages import SamplingParams
+from r3rl.rollout.net.backend import RolloutBackend
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig

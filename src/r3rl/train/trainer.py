@@ -192,7 +192,7 @@ class Trainer:
         """Greedy decoding of the fixed held-out prompt set with the current weights: `eval_reward`, `eval_solved_frac`
         (the sampled rollouts' reward is noisier: temperature sampling over the whole vocabulary). The first
         `eval_samples_logged` completions go to the log and, with `step`, to RUN_DIR/samples.jsonl."""
-        from r3rl.rollout.protocol import SamplingParams
+        from r3rl.rollout.engine.messages import SamplingParams
 
         cfg, source, items = self.cfg, self.eval_source, self.eval_items
         prompts = [_encode(self.ctx, it.prompt) for it in items]
@@ -419,10 +419,10 @@ def _episode_settings(cfg: TrainConfig, prompts) -> dict:
 
 
 def _rollout_backend(cfg: TrainConfig, model, run_dir: Path, *, max_prompt_len: int | None = None):
-    from r3rl.rollout.backend import EngineBackend
-    from r3rl.rollout.client import ModelShape
-    from r3rl.rollout.config import EngineConfig
-    from r3rl.rollout.fleet import make_backend
+    from r3rl.rollout.engine.config import EngineConfig
+    from r3rl.rollout.net.backend import EngineBackend
+    from r3rl.rollout.net.client import ModelShape
+    from r3rl.rollout.net.fleet import make_backend
 
     at_temperature = cfg.rollout_temperature != 1.0  # log-probs of the distribution sampled (see step.py)
     if cfg.rollout_url:  # one server: HTTPBackend; several: FleetBackend (load spread, exactly-once re-send)
