@@ -322,3 +322,17 @@ def test_errors_name_what_is_wrong():
     off = MoEStack(make_config(3, replay=False), [1, 2, 3], [1, 2, 3])
     with pytest.raises(MegatronReplayError, match=r"moe_enable_routing_replay=True"):
         MegatronReplay(off, num_layers=3)
+
+
+def test_routers_that_bypass_replay_are_refused():
+    """mcore's fused top-k returns before RouterReplay is asked, sinkhorn never asks: replay would silently not
+    happen, so the replay refuses them."""
+    model, config = _stack()
+    config.moe_router_fusion = True
+    with pytest.raises(MegatronReplayError, match=r"router of decoder layer 1 bypasses RouterReplay \(moe_router_fusion"
+                                                  r"=True"):
+        MegatronReplay(model, num_layers=3)
+    config.moe_router_fusion = False
+    model.routers["2"].routing_type = "sinkhorn"
+    with pytest.raises(MegatronReplayError, match="router of decoder layer 2 bypasses RouterReplay"):
+        MegatronReplay(model, num_layers=3)

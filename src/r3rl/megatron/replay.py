@@ -165,6 +165,16 @@ class MegatronReplay:
         if router.router_replay is None:
             raise MegatronReplayError(f"router of decoder layer {n} has no RouterReplay: build the model with "
                                       "TransformerConfig(moe_enable_routing_replay=True)")
+        cfg = router.config
+        if cfg.moe_router_fusion or router.routing_type == "sinkhorn":
+            # topk_routing_with_score_function returns the fused kernel's top-k before it reaches router_replay, and
+            # sinkhorn routing never calls it: replay would be skipped without a word
+            raise MegatronReplayError(f"router of decoder layer {n} bypasses RouterReplay (moe_router_fusion="
+                                      f"{cfg.moe_router_fusion}, load balancing {router.routing_type!r}): use the "
+                                      "unfused top-k router")
+        if cfg.moe_expert_capacity_factor is not None:
+            logger.warning("router of decoder layer %d drops tokens after the replayed top-k (moe_expert_capacity_factor"
+                           "=%s): the experts used may differ from the trace", n, cfg.moe_expert_capacity_factor)
         if n > self.num_layers and mtp is MtpRouting.LIVE:
             self.live_layers.append(n)
             logger.info("MTP router at layer number %d routes live (mtp=%s)", n, mtp.value)
