@@ -11,12 +11,11 @@ read there, independently of the replay. Imported by the tests after `pytest.imp
 import warnings
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 H, E, TOPK = 16, 8, 2
 

@@ -63,7 +63,7 @@ def gpt():
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)  # local spec, moe_layer_freq applied
         model = GPTModel(config, spec, vocab_size=V, max_sequence_length=S).cuda()
     maps = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if hasattr(module, "token_dispatcher"):
             maps[module.layer_number] = _capture_dispatch(module.token_dispatcher)
     yield model, config, maps

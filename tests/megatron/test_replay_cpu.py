@@ -19,7 +19,7 @@ from r3rl.megatron.layout import RankLayout, moe_layer_numbers, rank_router_batc
 from r3rl.trace import RoutingTrace
 
 pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install 'r3rl[megatron]')")
-from mcore_stack import E, H, TOPK, MoEStack, make_config, used_ids  # noqa: E402
+from mcore_stack import TOPK, E, H, MoEStack, make_config, used_ids  # noqa: E402
 
 from r3rl.megatron.replay import MegatronReplay, MegatronReplayError, MtpRouting  # noqa: E402
 
@@ -237,7 +237,7 @@ def test_pipeline_stage_keyed_by_layer_number():
         check.summary()
 
 
-# --- micro-batches, recompute order, consumption -----------------------------------------------------------------------
+# --- micro-batches, recompute order, consumption ---------------------------------------------------------------------
 def _two_micro_batches(recompute="reentrant"):
     model, config = _stack(recompute=recompute)
     hs = [_hidden(6, 2, seed=s) for s in (1, 2)]
@@ -291,7 +291,7 @@ def test_unconsumed_recompute_is_an_error():
             losses[0].backward()
 
 
-# --- dense layers, MTP, errors ------------------------------------------------------------------------------------------
+# --- dense layers, MTP, errors --------------------------------------------------------------------------------------
 def test_dense_layers_and_mtp_layers_explicit():
     config = make_config(3, [1, 0, 1], mtp_num_layers=1)
     model = MoEStack(config, [1, 2, 3, 4], [1, 3, 4])  # 4 = the MTP layer (num_layers + 1)

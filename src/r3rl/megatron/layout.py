@@ -114,7 +114,8 @@ def thd_cp_slice(ids_TLK: torch.Tensor, cu_seqlens_padded: Sequence[int], cp_siz
         return ids_TLK
     if cu_seqlens_padded[-1] != ids_TLK.shape[0]:
         raise ValueError(f"cu_seqlens_padded ends at {cu_seqlens_padded[-1]}, the packed ids have {ids_TLK.shape[0]}")
-    parts = [zigzag_cp_slice(ids_TLK[a:b], cp_size, cp_rank) for a, b in zip(cu_seqlens_padded, cu_seqlens_padded[1:])]
+    parts = [zigzag_cp_slice(ids_TLK[a:b], cp_size, cp_rank) 
+             for a, b in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:], strict=True)]
     return torch.cat(parts)
 
 

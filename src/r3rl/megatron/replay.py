@@ -173,8 +173,9 @@ class MegatronReplay:
                                       f"{cfg.moe_router_fusion}, load balancing {router.routing_type!r}): use the "
                                       "unfused top-k router")
         if cfg.moe_expert_capacity_factor is not None:
-            logger.warning("router of decoder layer %d drops tokens after the replayed top-k (moe_expert_capacity_factor"
-                           "=%s): the experts used may differ from the trace", n, cfg.moe_expert_capacity_factor)
+            logger.warning("router of decoder layer %d drops tokens after the replayed top-k "
+                           "(moe_expert_capacity_factor=%s): the experts used may differ from the trace", n,
+                           cfg.moe_expert_capacity_factor)
         if n > self.num_layers and mtp is MtpRouting.LIVE:
             self.live_layers.append(n)
             logger.info("MTP router at layer number %d routes live (mtp=%s)", n, mtp.value)
@@ -186,7 +187,8 @@ class MegatronReplay:
             kind = "MTP" if n > self.num_layers else "MoE"
             raise MegatronReplayError(f"trace has {self.trace_layers} layers but the {kind} router of decoder layer "
                                       f"{n} reads trace layer {mapping[n]}")
-        self.sites.append(RouterSite(router=router, layer_number=n, trace_layer=mapping[n], native=router.router_replay))
+        self.sites.append(RouterSite(router=router, layer_number=n, trace_layer=mapping[n],
+                                     native=router.router_replay))
 
     @contextlib.contextmanager
     def _patched(self, mode: str) -> Iterator[None]:
