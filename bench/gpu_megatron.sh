@@ -7,6 +7,6 @@
 set -o pipefail
 . bench/gpu_env.sh
 python3 -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
-python3 -m pytest -q -s -p no:cacheprovider tests/megatron/test_gpu_gptmodel.py -o log_cli=true --log-cli-level=INFO \
+python3 -m pytest -q -s -p no:cacheprovider tests/megatron/test_gpu_gptmodel.py \
   2>&1 | tee ${OUT:-/tmp}/megatron_gpu.log | grep -E "^R3 |AssertionError|passed|failed|error"
 OMP_NUM_THREADS=1 python3 -m pytest -q -p no:cacheprovider tests/megatron 2>&1 | tail -3

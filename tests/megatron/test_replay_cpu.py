@@ -336,3 +336,24 @@ def test_routers_that_bypass_replay_are_refused():
     model.routers["2"].routing_type = "sinkhorn"
     with pytest.raises(MegatronReplayError, match="router of decoder layer 2 bypasses RouterReplay"):
         MegatronReplay(model, num_layers=3)
+
+
+@pytest.mark.parametrize("fault", [Fault.NONE, Fault.SHIFT])
+def test_verify_logs_reads_the_mcore_evidence(fault, caplog, tmp_path):
+    """`r3rl verify-logs` takes the evidence of a Megatron run as it takes r3rl's own: pass, and fail on a shift."""
+    from r3rl.commands.verify_logs import verify_logs
+
+    model, config = _stack(recompute="reentrant")
+    h = _hidden(8, 2)
+    traces = [corrupt_trace(t, fault) for t in _record_traces(model, config, h, [8, 7])]
+    check = ReplayCheck(3, TOPK)
+    replay = MegatronReplay(model, num_layers=3, check=check)
+    with caplog.at_level(logging.INFO, logger="r3rl"), replay.replay():
+        replay.set_micro_batch(rank_router_batch(traces, RankLayout(seq_len=8)))
+        model(h.clone().requires_grad_(True)).sum().backward()
+        check.summary(raise_on_fail=False)
+    log = tmp_path / "rank0.log"
+    log.write_text("\n".join(_evidence(caplog)) + "\n")
+    report = verify_logs([log])
+    assert report["verdict"] == ("pass" if fault is Fault.NONE else "fail")
+    assert report["ranks"]["0"]["check"]["replay_backward"]["n_tokens"] == 3 * (7 + 6)
