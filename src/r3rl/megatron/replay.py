@@ -226,7 +226,8 @@ class MegatronReplay:
                 site.recorded.append(ids_TK.detach())
             return probs, ids_TK
         live_TK = None
-        if self.check is not None or stage is Stage.REPLAY_FORWARD:  # the check, and the pad fill
+        needs_fill = stage is Stage.REPLAY_FORWARD and self._batch is not None and self._batch.has_pad
+        if self.check is not None or needs_fill:  # without a check and pads, replay skips the top-k entirely
             with torch.no_grad():
                 live_TK = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)[1]
         if stage is Stage.REPLAY_FORWARD:
