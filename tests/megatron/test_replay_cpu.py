@@ -357,3 +357,21 @@ def test_verify_logs_reads_the_mcore_evidence(fault, caplog, tmp_path):
     report = verify_logs([log])
     assert report["verdict"] == ("pass" if fault is Fault.NONE else "fail")
     assert report["ranks"]["0"]["check"]["replay_backward"]["n_tokens"] == 3 * (7 + 6)
+
+
+def test_dense_only_pipeline_stage_is_explicit():
+    """A stage of dense layers only has no router: an error unless declared, then a no-op whose check still reports."""
+    config = make_config(2, [0, 1])
+    stage0 = MoEStack(config, [1], [2])  # pp=2: stage 0 holds dense layer 1 only
+    with pytest.raises(MegatronReplayError, match="pass dense_stage=True on a pipeline stage without MoE layers"):
+        MegatronReplay(stage0, num_layers=2, moe_layer_freq=[0, 1])
+    check = ReplayCheck(1, TOPK)
+    replay = MegatronReplay(stage0, num_layers=2, moe_layer_freq=[0, 1], check=check, dense_stage=True)
+    ids = np.tile(np.array([0, 1], dtype=np.uint8), (3, 1, 1))
+    with replay.replay():
+        replay.set_micro_batch(rank_router_batch([RoutingTrace.from_ids(ids, E)], RankLayout(seq_len=4)))
+        stage0(_hidden(4, 1).requires_grad_(True)).sum().backward()
+    summary = check.summary()
+    assert summary.passed and summary.tokens_checked == 0
+    with pytest.raises(MegatronReplayError, match="dense_stage=True but the model chunks hold 3"):
+        MegatronReplay(_stack()[0], num_layers=3, dense_stage=True)

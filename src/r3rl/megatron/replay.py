@@ -99,24 +99,28 @@ class MegatronReplay:
     def __init__(self, model: nn.Module | Sequence[nn.Module], *, num_layers: int,
                  moe_layer_freq: int | Sequence[int] = 1, trace_layers: int | None = None,
                  mtp: MtpRouting = MtpRouting.LIVE, check: ReplayCheck | None = None,
-                 layers: dict[int, int] | None = None) -> None:
+                 layers: dict[int, int] | None = None, dense_stage: bool = False) -> None:
         """`num_layers` / `moe_layer_freq`: the model's TransformerConfig (the whole model, not one stage).
         `trace_layers`: layers in the traces this replay will get (default: every mapped layer), validated here so
-        that a trace lacking a stage's layer fails before the first forward. `layers` overrides the map."""
+        that a trace lacking a stage's layer fails before the first forward. `layers` overrides the map.
+        `dense_stage`: this rank's chunks hold no MoE layer (a pipeline stage of dense layers only); replay is then a
+        no-op and the check observes nothing, but still takes part in `summary(over_ranks=True)`."""
         chunks = [model] if isinstance(model, nn.Module) else list(model)
         self.num_layers = num_layers
         routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
-        if not routers:
-            raise MegatronReplayError("no megatron TopKRouter in the model: nothing to replay")
+        if bool(routers) == dense_stage:
+            raise MegatronReplayError(f"dense_stage={dense_stage} but the model chunks hold {len(routers)} megatron "
+                                      "TopKRouter(s)" + ("" if routers else ": pass dense_stage=True on a pipeline "
+                                                         "stage without MoE layers"))
         mtp_numbers = sorted(r.layer_number for r in routers if r.layer_number and r.layer_number > num_layers)
         mapping = layers if layers is not None else layer_map(
             num_layers, moe_layer_freq, mtp_num_layers=len(mtp_numbers), mtp=mtp)
-        self.trace_layers = trace_layers if trace_layers is not None else max(mapping.values()) + 1
+        self.trace_layers = trace_layers if trace_layers is not None else max(mapping.values(), default=-1) + 1
         self.sites: list[RouterSite] = []
         self.live_layers: list[int] = []  # routers left live (MTP under MtpRouting.LIVE)
         for router in routers:
             self._add_site(router, mapping, mtp)
-        self.top_k = routers[0].topk
+        self.top_k = routers[0].topk if routers else (check.top_k if check is not None else None)
         self.check = check
         if check is not None and (check.num_layers, check.top_k) != (self.trace_layers, self.top_k):
             raise MegatronReplayError(f"ReplayCheck does not fit the replay: got (layers, top_k)="
@@ -145,6 +149,8 @@ class MegatronReplay:
         `will_backward` (default: grad mode now): its ids are queued for the recompute during backward."""
         if self._mode != "replay":
             raise MegatronReplayError("set_micro_batch outside replay(): open `with replay.replay():` first")
+        if not self.sites:  # a dense-only stage, or every router left live
+            return
         if batch.num_layers < self.trace_layers:
             raise MegatronReplayError(
                 f"trace has {batch.num_layers} layers, the replay needs {self.trace_layers} (decoder layers "
