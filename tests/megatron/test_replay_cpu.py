@@ -375,3 +375,24 @@ def test_dense_only_pipeline_stage_is_explicit():
     assert summary.passed and summary.tokens_checked == 0
     with pytest.raises(MegatronReplayError, match="dense_stage=True but the model chunks hold 3"):
         MegatronReplay(_stack()[0], num_layers=3, dense_stage=True)
+
+
+def test_r2_record_then_replay_the_recording():
+    """R2: record the old-policy forward, replay it in the training forward and its recompute (check passes); a
+    recording replayed into another micro-batch fails the check."""
+    model, _ = _stack(recompute="reentrant")
+    h0, h1 = _hidden(6, 2, seed=1), _hidden(6, 2, seed=2)
+    check = ReplayCheck(3, TOPK)
+    replay = MegatronReplay(model, num_layers=3, check=check)
+    with torch.no_grad(), replay.record():
+        model(h0)
+    recorded = replay.recorded_batch(0, num_experts=E)
+    assert recorded.num_tokens == 12 and not recorded.has_pad
+    for h, passes in ((h0, True), (h1, False)):
+        with replay.replay():
+            replay.set_micro_batch(recorded)
+            model(h.clone().requires_grad_(True)).sum().backward()
+        assert check.summary(raise_on_fail=False).passed is passes
+    assert torch.equal(replay.recorded_batch(0, num_experts=E).expert_ids, recorded.expert_ids)  # kept until record()
+    with pytest.raises(MegatronReplayError, match="no recorded forward #1 on every router"):
+        replay.recorded_batch(1, num_experts=E)

@@ -43,8 +43,8 @@ from torch import nn
 
 from r3rl.check import ReplayCheck, Stage
 from r3rl.megatron.layout import moe_layer_numbers
-from r3rl.replay import current_stage, fill_pad_slots
-from r3rl.trace import ReplayBatch
+from r3rl.replay import ReplayMode, current_stage, fill_pad_slots
+from r3rl.trace import ReplayBatch, pad_value_for
 
 try:
     from megatron.core.transformer.moe.router import TopKRouter
@@ -125,7 +125,7 @@ class MegatronReplay:
         if check is not None and (check.num_layers, check.top_k) != (self.trace_layers, self.top_k):
             raise MegatronReplayError(f"ReplayCheck does not fit the replay: got (layers, top_k)="
                                       f"{(check.num_layers, check.top_k)}, expected={(self.trace_layers, self.top_k)}")
-        self._mode: str = "off"
+        self._mode = ReplayMode.OFF
         self._batch: ReplayBatch | None = None
         self._will_backward = False
 
@@ -134,20 +134,35 @@ class MegatronReplay:
     def replay(self) -> Iterator[MegatronReplay]:
         """Replay mode for the routers; call `set_micro_batch` before each micro-batch's forward. On exit: the
         native state is cleared, and every recomputed layer must have consumed each queued forward once."""
-        with self._patched("replay"):
+        with self._patched(ReplayMode.REPLAY):
             yield self
         self._check_consumption()
 
     @contextlib.contextmanager
     def record(self) -> Iterator[dict[int, list[torch.Tensor]]]:
         """Record mode (R2, or reading mcore's routing): yields {trace layer: [ids_TK per forward call]}."""
-        with self._patched("record"):
+        with self._patched(ReplayMode.RECORD):
             yield {s.trace_layer: s.recorded for s in self.sites}
+
+    def recorded_batch(self, call: int = 0, *, num_experts: int) -> ReplayBatch:
+        """R2: what `record()` saw in its `call`-th forward, as a batch for `set_micro_batch`. Trace layers without a
+        router on this rank (other pipeline stages, live MTP layers) are pad."""
+        if not self.sites or any(len(s.recorded) <= call for s in self.sites):
+            raise MegatronReplayError(f"no recorded forward #{call} on every router: recorded "
+                                      f"{ {s.layer_number: len(s.recorded) for s in self.sites} }")
+        first = self.sites[0].recorded[call]
+        pad = pad_value_for(num_experts)
+        ids = torch.full((first.shape[0], self.trace_layers, first.shape[1]), pad, dtype=torch.long,
+                         device=first.device)
+        for site in self.sites:
+            ids[:, site.trace_layer] = site.recorded[call]
+        missing = len({s.trace_layer for s in self.sites}) < self.trace_layers
+        return ReplayBatch.from_tensor(ids, num_experts, pad_value=pad if missing else None)
 
     def set_micro_batch(self, batch: ReplayBatch, *, will_backward: bool | None = None) -> None:
         """The ids `[T, L, K]` (this rank's router order, `rank_router_batch`) of the next micro-batch's forward.
         `will_backward` (default: grad mode now): its ids are queued for the recompute during backward."""
-        if self._mode != "replay":
+        if self._mode is not ReplayMode.REPLAY:
             raise MegatronReplayError("set_micro_batch outside replay(): open `with replay.replay():` first")
         if not self.sites:  # a dense-only stage, or every router left live
             return
@@ -197,20 +212,21 @@ class MegatronReplay:
                                      native=router.router_replay))
 
     @contextlib.contextmanager
-    def _patched(self, mode: str) -> Iterator[None]:
-        if self._mode != "off":
-            raise MegatronReplayError(f"{mode}() inside {self._mode}(): one mode at a time")
+    def _patched(self, mode: ReplayMode) -> Iterator[None]:
+        if self._mode is not ReplayMode.OFF:
+            raise MegatronReplayError(f"{mode.value} inside {self._mode.value}: one mode at a time")
         for site in self.sites:
             site.native.clear_indices()
             site.valid_fifo.clear()
-            site.recorded.clear()
+            if mode is ReplayMode.RECORD:  # a recording lives until the next record(), for `recorded_batch`
+                site.recorded.clear()
             site.backward_calls = 0
             site.native.get_replay_topk = self._wrapper(site)  # instance attribute: the class method is back on exit
         self._mode = mode
         try:
             yield
         finally:
-            self._mode, self._batch = "off", None
+            self._mode, self._batch = ReplayMode.OFF, None
             for site in self.sites:
                 del site.native.get_replay_topk
                 site.native.clear_router_replay_action()
@@ -225,7 +241,7 @@ class MegatronReplay:
 
     def _routed(self, site: RouterSite, native_topk, scores, topk, num_groups, group_topk, default_compute_topk):
         stage = current_stage()
-        if self._mode == "record":
+        if self._mode is ReplayMode.RECORD:
             site.native.set_router_replay_action(RouterReplayAction.RECORD)
             probs, ids_TK = native_topk(scores, topk, num_groups, group_topk, default_compute_topk)
             if stage is Stage.REPLAY_FORWARD:  # a recompute in backward must not record twice
