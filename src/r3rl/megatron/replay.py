@@ -17,7 +17,9 @@ backward. This object instead, for the routers of the model chunks it is given:
   branch) only for micro-batches that will run backward;
 - runs `r3rl.check.ReplayCheck` on every replayed call: live top-k (the native default top-k on the same scores,
   under no_grad) against the ids the native branch returned; evidence lines and verdict from `check.summary()`;
-- verifies consumption at the end of `replay()`: a layer that was recomputed must have popped every queued forward.
+- verifies consumption at the end of `replay()`: a layer that was recomputed must have popped every queued forward;
+- records (R2): `record()` keeps each router's ids per forward; `recorded_batch(call)` lays them out for replay.
+A pipeline stage of dense layers only is declared with `dense_stage=True` (a no-op whose check still reports).
 
 Per step:
     r3 = MegatronReplay(model_chunks, num_layers=cfg.num_layers, moe_layer_freq=cfg.moe_layer_freq, check=check)
