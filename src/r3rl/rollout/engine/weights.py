@@ -94,13 +94,16 @@ def hf_config_dict(path: str | Path) -> dict:
                               f"{' '.join(str(e).split())[:300]}") from None
 
 
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # HF's per-expert names of fused experts
+
+
 def check_checkpoint_files(path: str | Path, *, served_config: Mapping,
                            expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Refuse, before anything is allocated, a checkpoint that cannot be the served model: its config (as
     transformers resolves it, `hf_config_dict`) must agree with `served_config` (the same, of the served model) on
     the model type and every size (keys such as hidden_size, vocab_size, num_hidden_layers, num_experts, also inside
     sub-configs), and its safetensors headers (read, not the tensors)
-    must hold no tensor of a model name with another shape, and no more elements in all than the model has."""
+    must name only weights of the model, each with its shape, and hold no more elements in all than the model has."""
     path = Path(path)
     read_config(path)  # bounded and JSON before transformers parses it
     got, want = _size_fields(hf_config_dict(path)), _size_fields(served_config)
@@ -114,14 +117,17 @@ def check_checkpoint_files(path: str | Path, *, served_config: Mapping,
     from safetensors import safe_open
 
     budget = sum(math.prod(s) for s in expected_shapes.values())
-    total, mismatched = 0, []
+    total, mismatched, unexpected = 0, [], []
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:  # the header only: the file is mapped, not read
                 for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
                     shape = tuple(st.get_slice(name).get_shape())
                     total += math.prod(shape)
-                    if name in expected_shapes and shape != tuple(expected_shapes[name]):
+                    if name not in expected_shapes:  # per-expert names are converted to fused ones on load
+                        if not _PER_EXPERT.search(name):
+                            unexpected.append(name)
+                    elif shape != tuple(expected_shapes[name]):
                         mismatched.append(f"{name} (got {shape}, expected {tuple(expected_shapes[name])})")
         except Exception as e:  # a truncated or junk file
             raise WeightLoadError(f"cannot read the safetensors header of {str(f)!r}: {type(e).__name__}: "
@@ -129,7 +135,8 @@ def check_checkpoint_files(path: str | Path, *, served_config: Mapping,
     _raise_if(f"checkpoint {str(path)!r} (safetensors headers)", missing=[], unexpected=[], mismatched=mismatched)
     if total > budget:
         raise WeightLoadError(f"checkpoint {str(path)!r}: its safetensors files must hold at most the served model's "
-                              f"{budget} elements: got {total} (files {[f.name for f in files]})")
+                              f"{budget} elements: got {total} (files {[f.name for f in files]}"
+                              + (f"; unexpected names {unexpected[:8]}" if unexpected else "") + ")")
 
 
 def load_checkpoint_tensors(path: str | Path, *, dtype: torch.dtype,
