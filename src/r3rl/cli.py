@@ -238,7 +238,8 @@ def _add_train_parser(sub) -> None:
                         "naming the prompt")
     g.add_argument("--reward-fn", default="exact_match", choices=REWARD_CHOICES, metavar="NAME",
                    help="built-in reward for --prompt-data, against the label: one of %(choices)s")
-    g.add_argument("--sft-steps", type=int, default=100, help="supervised warm-up steps on the labels before RL (at most)")
+    g.add_argument("--sft-steps", type=int, default=100,
+                   help="supervised warm-up steps on the labels before RL (at most)")
     g.add_argument("--sft-stop-loss", type=float, default=0.45,
                    help="end the warm-up early once its mean loss over 5 steps is at most this (0: never early)")
     g.add_argument("--sft-batch-size", type=int, default=64)
@@ -408,7 +409,8 @@ def train_config_from_args(args: argparse.Namespace):
         activation_checkpointing=not args.no_activation_checkpointing,
         old_logprobs=LogprobSource.ROLLOUT if args.use_rollout_logprobs else LogprobSource.TRAIN,
         grpo_std_normalization=not args.disable_grpo_std_normalization, kl_coef=args.kl_coef,
-        sft_steps=args.sft_steps, sft_stop_loss=args.sft_stop_loss, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr, run_dir=args.run_dir,
+        sft_steps=args.sft_steps, sft_stop_loss=args.sft_stop_loss, sft_batch_size=args.sft_batch_size,
+        sft_lr=args.sft_lr, run_dir=args.run_dir,
         save=args.save, save_interval=args.save_interval, load=args.load, inject_fault=Fault(args.inject_fault),
         progress=not args.no_progress, eval_interval=args.eval_interval or None, eval_prompts=args.eval_prompts,
         eval_data=args.eval_data, eval_samples_logged=args.eval_samples_logged, plots=not args.no_plots,
