@@ -1,4 +1,5 @@
-# What R3 does to an RL run (issue 22; its on-policy arm is issue 19's GPU run): probe-qwen3-moe, rollout by the
+# What R3 does to an RL run (issue 22; its on-policy arm is issue 19's GPU run): bench-qwen3-moe (1 B params: fp32
+# master weights + Adam fit one H100; PRESET=probe-qwen3-moe needs an H200), rollout by the
 # engine in bf16 (CUDA graphs, fused kernels), trainer under torchrun + FSDP2 with fp32 master weights and bf16
 # compute (mixed precision, as in production); a reverse task over 200-character strings, so responses are ~200
 # tokens; a short warm-up (routers not saturated). Modes, seeds and the off-policy batch come from the environment:
@@ -16,7 +17,7 @@ with open("/tmp/rev200.jsonl", "w") as f:
         f.write(json.dumps({"prompt": f"rev:{s}=", "label": s[::-1]}) + "\n")
 PY
 PROMPTS=${PROMPTS:-8}
-COMMON="--preset probe-qwen3-moe --device cuda --dtype bfloat16 --rollout-dtype bfloat16 --num-rollout ${STEPS:-5}
+COMMON="--preset ${PRESET:-bench-qwen3-moe} --device cuda --dtype bfloat16 --rollout-dtype bfloat16 --num-rollout ${STEPS:-5}
   --prompt-data /tmp/rev200.jsonl --reward-fn position_match --rollout-batch-size $PROMPTS --n-samples-per-prompt 8
   --rollout-max-response-len 256 --sft-steps ${SFT:-10} --sft-batch-size 16 --sft-lr 5e-4 --lr 1e-5
   --micro-batch-size 16 --eval-interval 0 --no-progress --no-plots --enable-r3-correctness-check"
