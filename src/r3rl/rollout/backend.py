@@ -174,8 +174,9 @@ class HTTPBackend:
     def __init__(self, url: str, *, weights_dir: str | Path | None = None, timeout_s: float = 600.0,
                  logprobs_at_temperature: bool = False, model_shape: ModelShape | None = None,
                  routed_experts_format: RoutedExpertsFormat = RoutedExpertsFormat.BASE64_INT32,
-                 max_retries: int = 3, broadcaster=None) -> None:
-        """`model_shape`: give it for a SGLang server (r3rl serve reports it). `logprobs_at_temperature`: against
+                 max_retries: int = 3, broadcaster=None, engine: str = "auto") -> None:
+        """`model_shape`: give it for a SGLang or vLLM server (r3rl serve reports it). `engine`: auto (ask the
+        server), r3rl, sglang or vllm (`vllm_client.VLLMClient`). `logprobs_at_temperature`: against
         SGLang, it must state what the server returns (True unless it runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1).
         `broadcaster` (a `dist_sync.WeightBroadcaster`): sync weights by NCCL/gloo broadcast instead of the disk."""
         self.url = url
@@ -189,9 +190,11 @@ class HTTPBackend:
         self._thread.start()
 
         async def make() -> RolloutClient:
-            return RolloutClient(url, timeout=timeout_s, max_retries=max_retries, model_shape=model_shape,
-                                 routed_experts_format=routed_experts_format,
-                                 logprobs_at_temperature=logprobs_at_temperature)
+            from r3rl.rollout.vllm_client import make_client
+
+            return await make_client(url, engine=engine, timeout=timeout_s, max_retries=max_retries,
+                                     model_shape=model_shape, routed_experts_format=routed_experts_format,
+                                     logprobs_at_temperature=logprobs_at_temperature)
 
         self.client = self._run(make())
         self._version = weight_version_int(self._run(self.client.get_model_info()).get("weight_version"))
