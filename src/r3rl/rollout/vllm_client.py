@@ -182,7 +182,10 @@ class VLLMClient(RolloutClient):
                                                             "kwargs": {"weights_path": str(path.resolve())}},
                                 idempotent=False)
             if flush_cache:
-                await self._request("POST", "/reset_prefix_cache", idempotent=False)
+                reset = await self._request("POST", "/reset_prefix_cache", idempotent=False)
+                if not (isinstance(reset, dict) and reset.get("success") is True):
+                    raise RolloutServerError(f"{self.base_url}/reset_prefix_cache did not reset the prefix cache "
+                                             f"({reset}): KV computed with the old weights would be reused")
             if weight_version is not None:
                 await self._request("POST", "/update_weight_version", {"new_version": str(weight_version)},
                                     idempotent=False)
