@@ -239,8 +239,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("rollout")
-    g.add_argument("--rollout-url", nargs="+", default=[], help="r3rl serve / SGLang server (default: in-process "
-                   "engine); weights sync through /update_weights_from_disk")
+    g.add_argument("--rollout-url", nargs="+", default=[], help="r3rl serve / SGLang / vLLM server (default: "
+                   "in-process engine); weights sync through the disk")
     g.add_argument("--rollout-engine", choices=["auto", "r3rl", "sglang", "vllm"], default="auto",
                    help="what the --rollout-url servers are (auto: ask each; vllm: /v1/completions with "
                         "routed_experts)")
