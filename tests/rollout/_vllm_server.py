@@ -45,12 +45,12 @@ def vllm_model(out: Path, *, seed: int = 0) -> Path:
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: Path, log_path: Path, *, port: int, reload_fix: bool = True,
+def vllm_server(model_dir: Path, log_path: Path, *, port: int, dtype: str = "float32", reload_fix: bool = True,
                 extra_args: tuple[str, ...] = ()):
     """Yield the URL of a vLLM server for `model_dir`; its process group is stopped on exit."""
     cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--enable-return-routed-experts", "--enforce-eager",
-           "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+           "--dtype", dtype, "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
            *(["--worker-extension-cls", "vllm_cpu_reload.Extension"] if reload_fix else []), *extra_args]
     env = {**os.environ, "PYTHONPATH": str(STUB_DIR), "TRITON_INTERPRET": "1", "VLLM_USE_V2_MODEL_RUNNER": "1",
            "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1",
