@@ -44,10 +44,12 @@ def recorded(name: str) -> dict:
 
 class VLLMLikeServer:
     def __init__(self, model, *, fault: str | None = None, dev_mode: bool = True, max_slots: int = 16,
-                 max_seq_len: int = 256) -> None:
+                 max_seq_len: int = 256, logprobs_mode: str = "raw_logprobs") -> None:
+        """`logprobs_mode`: vLLM's --logprobs-mode, raw_logprobs (T = 1) or processed_logprobs (at T, after the
+        top-k mask)."""
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {list(FAULTS)}: got {fault!r}")
-        self.fault, self.dev_mode = fault, dev_mode
+        self.fault, self.dev_mode, self.logprobs_mode = fault, dev_mode, logprobs_mode
         self.engine = RolloutEngine(model, max_slots=max_slots, max_seq_len=max_seq_len, device="cpu")
         self.model = copy.deepcopy(model).eval()  # the served weights, for prompt_logprobs
         self.weight_version = "default"
@@ -83,7 +85,8 @@ class VLLMLikeServer:
         top_k = body.get("top_k", -1)
         sampling = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body.get("temperature", 1.0),
                                   top_p=body.get("top_p", 1.0), top_k=top_k if top_k and top_k > 0 else -1,
-                                  stop_token_ids=body.get("stop_token_ids") or [], seed=body.get("seed"))
+                                  stop_token_ids=body.get("stop_token_ids") or [], seed=body.get("seed"),
+                                  logprobs_at_temperature=self.logprobs_mode == "processed_logprobs")
         if self.fault == "wrong_rows":
             start = 0
         with self.lock:
@@ -102,8 +105,11 @@ class VLLMLikeServer:
         answer["model"] = self.served_model
         choice = answer["choices"][0]
         n = len(out.output_ids)
-        choice["logprobs"] = {"text_offset": [0] * n, "token_logprobs": list(out.output_logprobs),
-                              "tokens": [""] * n, "top_logprobs": [{"": lp} for lp in out.output_logprobs]}
+        logprobs = list(out.output_logprobs)
+        if self.logprobs_mode == "processed_logprobs" and sampling.top_k == 1:
+            logprobs = [0.0] * n  # after the top-k mask one token is left
+        choice["logprobs"] = {"text_offset": [0] * n, "token_logprobs": logprobs, "tokens": [""] * n,
+                              "top_logprobs": [{"": lp} for lp in logprobs]}
         stop = out.finish_reason is FinishReason.STOP
         choice.update(text="", finish_reason="stop" if stop else "length", stop_reason=out.output_ids[-1] if stop
                       else None, token_ids=list(out.output_ids), prompt_token_ids=list(prompt),

@@ -223,6 +223,19 @@ def test_log_probs_at_another_temperature_than_the_trainers_are_refused():
             backend.close()
 
 
+def test_processed_log_probs_are_labelled_at_the_sampling_temperature():
+    model = make_model(PRESET)
+    with VLLMLikeServer(model, logprobs_mode="processed_logprobs") as srv:
+        backend = HTTPBackend(srv.url, model_shape=ModelShape.of_model(model), logprobs_at_temperature=True)
+        try:
+            [s] = backend.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, temperature=0.7, seed=0))
+            assert s.logprob_temperature == 0.7 and backend.client._logprobs_mode == "processed_logprobs"
+            with pytest.raises(RolloutRequestError, match="renormalized after the top-k/top-p cut"):
+                backend.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, temperature=0.7, top_p=0.9, seed=0))
+        finally:
+            backend.close()
+
+
 def test_a_fleet_of_vllm_servers_spreads_and_syncs(tmp_path):
     model = make_model(PRESET)
     with VLLMLikeServer(model) as a, VLLMLikeServer(model) as b:
