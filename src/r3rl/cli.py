@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=1, help="multi-turn: episodes of N responses from the engine, "
                    "--observation-len environment tokens between them; replay and check over whole episodes")
     p.add_argument("--observation-len", type=int, default=4, help="multi-turn: tokens the environment appends")
+    p.add_argument("--rollout-url", default=None, help="sample from this r3rl serve / SGLang / vLLM server instead "
+                   "(the check's model is synced to it first through a temporary checkpoint)")
+    p.add_argument("--rollout-engine", choices=["auto", "r3rl", "sglang", "vllm"], default="auto",
+                   help="what --rollout-url is (auto: ask it)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -501,6 +505,7 @@ def _check_config(args: argparse.Namespace):
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
         inject_fault=Fault(args.inject_fault), turns=args.turns, observation_len=args.observation_len,
+        rollout_url=args.rollout_url, rollout_engine=args.rollout_engine,
     )
 
 

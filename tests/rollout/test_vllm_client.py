@@ -236,6 +236,20 @@ def test_processed_log_probs_are_labelled_at_the_sampling_temperature():
             backend.close()
 
 
+@pytest.mark.parametrize(("fault", "verdict"), [("none", "pass"), ("shift", "fail")])
+def test_r3rl_check_against_a_vllm_like_server(fault, verdict):
+    from r3rl.commands.check import run_check
+    from r3rl.config import CheckRunConfig, Fault
+
+    with VLLMLikeServer(make_model(PRESET, seed=3)) as srv:  # serves other weights until the check syncs its own
+        cfg = CheckRunConfig(replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True),
+                             preset=PRESET, dtype="float32", batch_size=4, prompt_len=8, response_len=6,
+                             rollout_url=srv.url, rollout_engine="vllm", inject_fault=Fault(fault))
+        report = run_check(cfg)
+        assert srv.reloads and srv.weight_version == "1"
+    assert report["verdict"] == verdict and report["rollout"] == srv.url  # shift: the negative control fails
+
+
 def test_a_fleet_of_vllm_servers_spreads_and_syncs(tmp_path):
     model = make_model(PRESET)
     with VLLMLikeServer(model) as a, VLLMLikeServer(model) as b:
