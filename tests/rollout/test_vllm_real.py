@@ -28,7 +28,7 @@ from _vllm_server import vllm_model, vllm_python, vllm_server
 from conftest import free_port
 
 from r3rl.rollout.backend import HTTPBackend, WeightSyncError
-from r3rl.rollout.client import ModelShape
+from r3rl.rollout.client import ModelShape, RolloutRequestError
 from r3rl.rollout.protocol import SamplingParams
 from r3rl.rollout.vllm_client import VLLMClient
 
@@ -103,6 +103,13 @@ def test_real_vllm_answers_decode_with_start_seeds_and_version(served, tmp_path)
         assert np.abs(np.subtract(c.rollout_logprobs[:1], a.rollout_logprobs[:1])).max() > 1e-3  # other weights
     finally:
         backend.close()
+    # vLLM's default --logprobs-mode raw_logprobs is at temperature 1: a trainer sampling at 0.7 is refused by name
+    at_temperature = HTTPBackend(url, model_shape=shape, logprobs_at_temperature=True)
+    try:
+        with pytest.raises(RolloutRequestError, match="returns log-probs at temperature 1.0 \\(raw_logprobs\\)"):
+            at_temperature.generate([prompt], SamplingParams(max_new_tokens=3, temperature=0.7, seed=1))
+    finally:
+        at_temperature.close()
 
 
 def test_r3rl_check_against_real_vllm(served, tmp_path):
