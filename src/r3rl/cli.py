@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=1, help="multi-turn: episodes of N responses from the engine, "
                    "--observation-len environment tokens between them; replay and check over whole episodes")
     p.add_argument("--observation-len", type=int, default=4, help="multi-turn: tokens the environment appends")
+    p.add_argument("--rollout-url", default=None, help="sample from this r3rl serve / SGLang / vLLM server instead "
+                   "(the check's model is synced to it first through a temporary checkpoint)")
+    p.add_argument("--rollout-engine", choices=["auto", "r3rl", "sglang", "vllm"], default="auto",
+                   help="what --rollout-url is (auto: ask it)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -245,8 +249,11 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("rollout")
-    g.add_argument("--rollout-url", nargs="+", default=[], help="r3rl serve / SGLang server (default: in-process "
-                   "engine); weights sync through /update_weights_from_disk")
+    g.add_argument("--rollout-url", nargs="+", default=[], help="r3rl serve / SGLang / vLLM server (default: "
+                   "in-process engine); weights sync through the disk")
+    g.add_argument("--rollout-engine", choices=["auto", "r3rl", "sglang", "vllm"], default="auto",
+                   help="what the --rollout-url servers are (auto: ask each; vllm: /v1/completions with "
+                        "routed_experts)")
     g.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per step")
     g.add_argument("--n-samples-per-prompt", type=int, default=8, help="samples per prompt (a GRPO group)")
     g.add_argument("--rollout-temperature", type=float, default=1.0)
@@ -394,7 +401,8 @@ def train_config_from_args(args: argparse.Namespace):
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
         label_key=args.label_key, apply_chat_template=args.apply_chat_template, custom_rm_path=args.custom_rm_path,
         reward_fn=args.reward_fn, reward_timeout_s=args.reward_timeout, env_path=args.env_path,
-        max_turns=args.max_turns, rollout_url=args.rollout_url, rollout_batch_size=args.rollout_batch_size,
+        max_turns=args.max_turns, rollout_url=args.rollout_url, rollout_engine=args.rollout_engine,
+        rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
         rollout_top_p=args.rollout_top_p, rollout_max_response_len=args.rollout_max_response_len,
         rollout_max_slots=args.rollout_max_slots, rollout_kv_cache_tokens=args.rollout_kv_cache_tokens,
@@ -515,6 +523,7 @@ def _check_config(args: argparse.Namespace):
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
         inject_fault=Fault(args.inject_fault), turns=args.turns, observation_len=args.observation_len,
+        rollout_url=args.rollout_url, rollout_engine=args.rollout_engine,
     )
 
 

@@ -111,8 +111,16 @@ class CheckRunConfig:
     run over whole episodes. 1: single-turn."""
     observation_len: int = 4
     """Tokens the check's environment appends after each non-final response (multi-turn)."""
+    rollout_url: str | None = None
+    """Sample from this server instead (r3rl serve, SGLang or vLLM; the check's model is synced to it first)."""
+    rollout_engine: str = "auto"
+    """What `rollout_url` is: auto (ask it), r3rl, sglang or vllm."""
 
     def __post_init__(self) -> None:
+        if self.rollout_url and self.turns > 1:
+            raise ValueError(f"turns={self.turns} (episodes) runs on the in-process engine: drop --rollout-url")
+        if self.rollout_engine not in ("auto", "r3rl", "sglang", "vllm"):
+            raise ValueError(f"rollout_engine must be auto, r3rl, sglang or vllm: got {self.rollout_engine!r}")
         if self.turns > 1 and self.rollout is not RolloutKind.ENGINE:
             raise ValueError(f"turns={self.turns} (episodes) needs the engine rollout: "
                              f"got rollout={self.rollout.value}")

@@ -44,7 +44,7 @@ from r3rl.trace import ReplayBatch, RoutingTrace
 from r3rl.train.data import layout_padded
 from r3rl.train.metrics import routing_mismatch_per_layer
 
-__all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_episodes", "rollout_hf_kv_cache"]
+__all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_episodes", "rollout_hf_kv_cache", "rollout_http"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,27 @@ def rollout_engine(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig)
             max_new_tokens=cfg.response_len, temperature=cfg.temperature, seed=cfg.seed))
     finally:
         backend.close()  # free its weights and cache before training
+
+
+def rollout_http(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
+    """Sample from `cfg.rollout_url` (r3rl serve, SGLang or vLLM) through the HTTPBackend the trainer uses, after
+    syncing this model's weights to it (a temporary checkpoint the server reads, then the version check, and for
+    vLLM the served-weights check)."""
+    import tempfile
+
+    from r3rl.rollout.engine.messages import SamplingParams
+    from r3rl.rollout.net.backend import HTTPBackend
+    from r3rl.rollout.net.client import ModelShape
+
+    with tempfile.TemporaryDirectory(prefix="r3rl-check-weights-") as weights_dir:
+        backend = HTTPBackend(cfg.rollout_url, weights_dir=weights_dir, model_shape=ModelShape.of_model(model),
+                              engine=cfg.rollout_engine)
+        try:
+            backend.update_weights(model, version=backend.weight_version + 1)
+            return backend.generate(_prompts(model, cfg).tolist(), SamplingParams(
+                max_new_tokens=cfg.response_len, temperature=cfg.temperature, seed=cfg.seed))
+        finally:
+            backend.close()
 
 
 def rollout_episodes(model: nn.Module, replay: RoutingReplay, cfg: CheckRunConfig) -> list[Sample]:
@@ -166,6 +187,8 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     rollout = rollout_engine if cfg.rollout is RolloutKind.ENGINE else rollout_hf_kv_cache
     if cfg.turns > 1:
         rollout = rollout_episodes
+    if cfg.rollout_url:
+        rollout = rollout_http
     samples = rollout(model, replay, cfg)
     B, P = cfg.batch_size, cfg.prompt_len
     R = samples[0].num_tokens - P  # episodes: every response and observation after the first prompt
@@ -178,7 +201,8 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     threshold = resolve_threshold(rcfg.r3_check_threshold)
     report: dict = {"verdict": "fail", "threshold": threshold, "replay_mode": rcfg.kind.value,
                     "check_enabled": rcfg.check_enabled, "inject_fault": cfg.inject_fault.value,
-                    "model": cfg.model or f"preset:{cfg.preset}", "rollout": cfg.rollout.value,
+                    "model": cfg.model or f"preset:{cfg.preset}",
+                    "rollout": cfg.rollout_url or cfg.rollout.value,
                     "device": str(cfg.device), "dtype": cfg.dtype,
                     "batch_size": B, "prompt_len": P, "response_len": cfg.response_len, "turns": cfg.turns,
                     "episode_tokens": P + R}

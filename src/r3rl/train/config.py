@@ -69,7 +69,9 @@ class TrainConfig:
 
     # --- rollout ------------------------------------------------------------------------------------------------
     rollout_url: list[str] = field(default_factory=list)
-    """SGLang-compatible server(s) (`r3rl serve` or SGLang); empty: the in-process engine."""
+    """SGLang-compatible server(s) (`r3rl serve` or SGLang) or vLLM servers; empty: the in-process engine."""
+    rollout_engine: str = "auto"
+    """What the `rollout_url` servers are: auto (ask each), r3rl, sglang or vllm (r3rl.rollout.net.vllm_client)."""
     weight_sync: str = "disk"
     """`rollout_url` servers get new weights by "disk" (/update_weights_from_disk; works everywhere), or by "nccl" /
     "gloo" broadcast (/init_weights_update_group + /update_weights_from_distributed; GPUs on one network)."""
@@ -202,6 +204,8 @@ class TrainConfig:
         if self.inject_fault is not Fault.NONE and not self.replay.check_enabled:
             raise ValueError("--inject-fault is a negative control of the R3 check: it needs a replay mode and "
                              "--enable-r3-correctness-check (or --ci-test)")
+        if self.rollout_engine not in ("auto", "r3rl", "sglang", "vllm"):
+            raise ValueError(f"rollout_engine must be auto, r3rl, sglang or vllm: got {self.rollout_engine!r}")
         if self.weight_sync not in ("disk", "nccl", "gloo"):
             raise ValueError(f"weight_sync must be disk, nccl or gloo: got {self.weight_sync!r}")
         if self.weight_sync != "disk" and not self.rollout_url:

@@ -429,7 +429,8 @@ def _rollout_backend(cfg: TrainConfig, model, run_dir: Path, *, max_prompt_len: 
         return make_backend(cfg.rollout_url, weights_dir=str(run_dir / "weights"),
                             logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
                             sync_address=cfg.weight_sync_address,
-                            model_shape=ModelShape.of_model(model))  # SGLang's model info has no MoE shape
+                            model_shape=ModelShape.of_model(model),  # SGLang's/vLLM's model info has no MoE shape
+                            engine=cfg.rollout_engine)
     prompt_len = TASK_MAX_PROMPT_LEN if max_prompt_len is None else max_prompt_len
     max_seq_len = prompt_len + cfg.rollout_max_response_len
     engine_cfg = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,

@@ -38,6 +38,7 @@ from r3rl.rollout.engine.messages import EngineOutput, EngineRequest, SamplingPa
 from r3rl.rollout.engine.sampling import group_seed
 from r3rl.rollout.engine.weights import model_tensors
 from r3rl.rollout.net.client import ModelShape, RolloutClient, weight_version_int
+from r3rl.rollout.net.decode import WeightSyncError
 from r3rl.rollout.net.protocol import MAX_BATCH, RoutedExpertsFormat
 from r3rl.sample import Sample
 
@@ -45,10 +46,6 @@ __all__ = ["RolloutBackend", "EngineBackend", "HTTPBackend", "WeightSyncError", 
            "sample_from_output"]
 
 logger = logging.getLogger(__name__)
-
-
-class WeightSyncError(RuntimeError):
-    """A weight update did not take: the server refused it, or reports another version than the one sent."""
 
 
 @runtime_checkable
@@ -175,8 +172,9 @@ class HTTPBackend:
     def __init__(self, url: str, *, weights_dir: str | Path | None = None, timeout_s: float = 600.0,
                  logprobs_at_temperature: bool = False, model_shape: ModelShape | None = None,
                  routed_experts_format: RoutedExpertsFormat = RoutedExpertsFormat.BASE64_INT32,
-                 max_retries: int = 3, broadcaster=None) -> None:
-        """`model_shape`: give it for a SGLang server (r3rl serve reports it). `logprobs_at_temperature`: against
+                 max_retries: int = 3, broadcaster=None, engine: str = "auto") -> None:
+        """`model_shape`: give it for a SGLang or vLLM server (r3rl serve reports it). `engine`: auto (ask the
+        server), r3rl, sglang or vllm (`vllm_client.VLLMClient`). `logprobs_at_temperature`: against
         SGLang, it must state what the server returns (True unless it runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1).
         `broadcaster` (a `dist_sync.WeightBroadcaster`): sync weights by NCCL/gloo broadcast instead of the disk."""
         self.url = url
@@ -190,9 +188,11 @@ class HTTPBackend:
         self._thread.start()
 
         async def make() -> RolloutClient:
-            return RolloutClient(url, timeout=timeout_s, max_retries=max_retries, model_shape=model_shape,
-                                 routed_experts_format=routed_experts_format,
-                                 logprobs_at_temperature=logprobs_at_temperature)
+            from r3rl.rollout.net.vllm_client import make_client
+
+            return await make_client(url, engine=engine, timeout=timeout_s, max_retries=max_retries,
+                                     model_shape=model_shape, routed_experts_format=routed_experts_format,
+                                     logprobs_at_temperature=logprobs_at_temperature)
 
         self.client = self._run(make())
         self._version = weight_version_int(self._run(self.client.get_model_info()).get("weight_version"))
@@ -245,6 +245,9 @@ class HTTPBackend:
         tmp.rename(target)  # the server never sees a half-written checkpoint
         answer = self._run(self.client.update_weights_from_disk(str(target.resolve()), weight_version=str(version)))
         self._confirm(version, f"disk ({answer})")
+        check_served = getattr(self.client, "check_served_weights", None)  # vLLM: prove what it loaded
+        if check_served is not None:
+            self._run(check_served(model))
         for old in self._saved:  # the server has loaded the new one: older checkpoints are no longer needed
             shutil.rmtree(old, ignore_errors=True)
         self._saved = [target]

