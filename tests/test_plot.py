@@ -244,3 +244,22 @@ def test_r3_and_no_replay_overlaid_on_the_evidence_panels(tmp_path):
         for ax in figs[name].axes:
             labels = [t.get_text() for t in ax.get_legend().get_texts()]
             assert len(labels) == 2 and labels[0].startswith("r3") and labels[1].startswith("none"), (name, labels)
+
+
+def test_the_step_timeline_stacks_each_stage_per_step(tmp_path):
+    run = _write_run(tmp_path / "timed", r3=True, steps=5)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r |= {"time/rollout": 0.5 + 0.1 * r["step"], "time/reward": 0.01, "time/ref_logprobs": 0.0,
+              "time/old_logprobs": 0.1, "time/update": 0.3, "time/weight_sync": 0.02}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    untimed = _write_run(tmp_path / "untimed", r3=True, steps=5)  # negative control: no time/<stage>, no timeline
+    figures = dict(build_figures([load_metrics(run), load_metrics(untimed)]))
+    assert "timeline_timed.png" in figures and not any(n.startswith("timeline_untimed") for n in figures)
+    ax = figures["timeline_timed.png"].axes[0]
+    stages = [c.get_label() for c in ax.containers]
+    assert stages == ["rollout", "reward", "old log-probs", "update", "weight sync"]  # ref_logprobs all 0: left out
+    tops = [max(b.get_y() + b.get_height() for c in ax.containers for b in c.patches if b.get_x() < s < b.get_x()
+                + b.get_width()) for s in range(5)]
+    assert tops == pytest.approx([0.5 + 0.1 * s + 0.01 + 0.1 + 0.3 + 0.02 for s in range(5)])
+    _assert_png(plot_runs([run], tmp_path / "plots")[-1])

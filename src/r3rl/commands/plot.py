@@ -15,6 +15,7 @@ is not drawn; a file without panels is not written. Adding a metric is one row. 
     training.png             ppo_kl, grad_norm, response_len_mean (each only when not all zero)
     routing_mismatch_heatmap_<label>.png   per run (`HEATMAPS`): routing_mismatch_per_layer, MoE layer x step, one
                              colour scale shared by the runs given; an all-zero run says so, on a fixed 0..1 scale
+    timeline_<label>.png     per run: a stacked bar per step of the stage times, time/* (plot_timeline.py)
 Readability: each run has its own colour, line style and marker (offset along the curve), so a run equal to another
 stays visible on top of it; a noisy curve (>= `SMOOTH_MIN_POINTS` points) is drawn faded with its EMA (TensorBoard's
 debiased smoothing, weight `EMA_WEIGHT`) as the solid line; a run whose values are all zero says "(all 0)" in the
@@ -209,7 +210,9 @@ def build_figures(runs: list[RunMetrics]) -> list[tuple[str, object]]:
         figures.append((name, fig))
     for hm in HEATMAPS:
         figures += _heatmaps(hm, runs)
-    return figures
+    from r3rl.commands.plot_timeline import timeline_figures
+
+    return figures + timeline_figures(runs)
 
 
 def ema(values: Sequence[float], weight: float = EMA_WEIGHT) -> list[float]:
