@@ -26,10 +26,10 @@ mkdir -p /tmp/r3e
 for SEED in ${SEEDS:-1 2}; do
   for MODE in ${MODES:-r3 r2 none}; do
     case $MODE in r3) FLAG=--use-rollout-routing-replay;; r2) FLAG=--use-routing-replay;; *) FLAG=;; esac
-    RUN=/tmp/r3e/${MODE}_s$SEED
+    RUN=/tmp/r3e/${TAG}${MODE}_s$SEED
     timeout ${RUN_TIMEOUT:-170} torchrun --nproc-per-node 1 -m r3rl train $COMMON $FLAG --seed $SEED --run-dir $RUN \
-      2>/tmp/r3e/${MODE}_s$SEED.log | grep -E '"verdict"|"error"|"steps"'
-    grep -E "routing_mismatch=|R3 mismatch" /tmp/r3e/${MODE}_s$SEED.log | tail -2 | cut -c1-400
+      2>/tmp/r3e/${TAG}${MODE}_s$SEED.log | grep -E '"verdict"|"error"|"steps"'
+    grep -E "routing_mismatch=|R3 mismatch" /tmp/r3e/${TAG}${MODE}_s$SEED.log | tail -2 | cut -c1-400
   done
 done
 tar czf $OUT/r3_effect.tgz -C /tmp r3e

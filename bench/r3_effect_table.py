@@ -66,12 +66,14 @@ def main() -> None:
     print("|---" * (len(keys) + 1) + "|")
     for mode, means in run_means.items():
         print(f"| {mode} | " + " | ".join(_fmt(means.get(k, [])) for k in keys) + " |")
-    if "r3" in run_means and "none" in run_means:
+    for mode in run_means:  # "none" against "r3", with the same prefix (e.g. off_none / off_r3)
+        if not mode.endswith("none") or mode[:-4] + "r3" not in run_means:
+            continue
+        r3 = mode[:-4] + "r3"
         for k in ("train_rollout_k3_kl", "train_rollout_extreme_frac", "train_rollout_logprob_abs_diff_p99"):
-            a, b = run_means["none"].get(k), run_means["r3"].get(k)
+            a, b = run_means[mode].get(k), run_means[r3].get(k)
             if a and b and statistics.median(b) > 0:
-                print(f"\n{k}: no replay / R3 = {statistics.median(a) / statistics.median(b):.2f}x (target >= 2x)")
-
+                print(f"\n{k}: {mode} / {r3} = {statistics.median(a) / statistics.median(b):.2f}x (target >= 2x)")
 
 if __name__ == "__main__":
     main()
