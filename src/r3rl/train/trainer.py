@@ -217,8 +217,11 @@ class Trainer:
                             row["label"], row["reward"])
             if step is not None and getattr(self, "sample_log", None) is not None and shown:
                 self.sample_log.write(step, shown)
-        return {"eval_reward": sum(rewards) / len(rewards),  # every rank holds the same weights: no reduction
-                "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
+        out = {"eval_reward": sum(rewards) / len(rewards),  # every rank holds the same weights: no reduction
+               "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
+        if self.ctx.env_factory is not None:
+            out["eval_turns_mean"] = sum(s.metadata["turns"] for s in samples) / len(samples)
+        return out
 
     def save(self, step: int) -> Path:
         state = {"step": step, "scheduler": self.scheduler.state_dict(), "rng": capture_rng(),
