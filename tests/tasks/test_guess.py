@@ -80,6 +80,7 @@ def test_train_guess_runs_episodes_with_r3_verified(tmp_path, caplog):
     assert len(rows) == 2 and all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
     # the greedy evaluation plays whole episodes (a single-turn evaluation scores the first guess, with no turns)
     assert all(1.0 <= r["eval_turns_mean"] <= 4.0 and 0.0 <= r["eval_reward"] <= 1.0 for r in rows)
+    assert all(1.0 <= r["turns_mean"] <= 4.0 for r in rows)
     assert any("R3 check (rank 0, stage replay_backward)" in m for m in caplog.messages)
 
 

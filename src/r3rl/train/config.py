@@ -82,6 +82,7 @@ class TrainConfig:
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
     rollout_max_response_len: int = 12
+    """Tokens per response; in an episode, per turn (`r3rl train --task guess` defaults it to 2: a digit and EOS)."""
     rollout_max_slots: int = 128
     """In-process engine: sequences decoded together."""
     rollout_kv_cache_tokens: int | None = None

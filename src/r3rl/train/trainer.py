@@ -480,8 +480,8 @@ def _config_dict(cfg: TrainConfig) -> dict:
 
 
 def _brief(m: dict) -> str:
-    keys = ("reward_mean", "eval_solved_frac", "response_len_mean", "routing_mismatch", "train_rollout_k3_kl",
-            "train_rollout_logprob_abs_diff", "r3_check_mismatch", "grad_norm", "time/step")
+    keys = ("reward_mean", "eval_reward", "eval_solved_frac", "turns_mean", "response_len_mean", "routing_mismatch",
+            "train_rollout_k3_kl", "train_rollout_logprob_abs_diff", "r3_check_mismatch", "grad_norm", "time/step")
     return " ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
 
 
