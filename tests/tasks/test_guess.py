@@ -132,3 +132,8 @@ def test_cli_task_defaults_apply_only_to_unset_flags():
     assert (reverse.rollout_max_response_len, reverse.sft_steps, reverse.lr) == (12, 50, 5e-4)
     mine = cfg("--task", "guess", "--rollout-max-response-len", "5", "--sft-steps", "3", "--lr", "1e-4")
     assert (mine.rollout_max_response_len, mine.sft_steps, mine.lr) == (5, 3, 1e-4)
+    from r3rl.cli import TRAIN_FLAG_DEFAULTS
+    from r3rl.train.config import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__  # the CLI's fallbacks are the config's own defaults
+    assert {k: fields[k].default for k in TRAIN_FLAG_DEFAULTS} == TRAIN_FLAG_DEFAULTS
