@@ -17,8 +17,8 @@ format and the rules: its targets are transcripts of random guesses among the nu
 true replies (`sft_turns`: the trainer trains on the guesses and their EOS, never on the replies, which are the
 environment's tokens). Choosing well among them (bisection: fewer turns, more reward) is left to RL.
 
-`GuessTask.train_defaults`: what `r3rl train --task guess` uses for the flags the user did not set (a turn is one digit and
-EOS, so 2 tokens a turn; a longer warm-up, so that RL starts from a policy that keeps the rules).
+`GuessTask.train_defaults`: what `r3rl train --task guess` uses for the flags the user did not set (a turn is one
+digit and EOS, so 2 tokens a turn; a longer warm-up, so that RL starts from a policy that keeps the rules).
 The trainer's greedy evaluation plays whole episodes; `reward(response, label)` (the first guess only) is the
 single-turn view.
 """
@@ -35,7 +35,6 @@ from r3rl.tasks.base import EOS_TEXT, PromptItem, clean_response
 __all__ = ["GuessTask", "GuessEnv"]
 
 PROMPT = "guess:"
-
 
 
 @dataclass(frozen=True, kw_only=True)
