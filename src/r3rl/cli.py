@@ -238,8 +238,8 @@ def _add_train_parser(sub) -> None:
                         "naming the prompt")
     g.add_argument("--reward-fn", default="exact_match", choices=REWARD_CHOICES, metavar="NAME",
                    help="built-in reward for --prompt-data, against the label: one of %(choices)s")
-    g.add_argument("--sft-steps", type=int, default=None, help="supervised warm-up steps on the labels before RL "
-                   "(default: 50; --task guess: 200)")
+    g.add_argument("--sft-steps", type=int, default=None, help="supervised warm-up steps on the labels before RL; "
+                   "unset: 50, --task guess: 200")
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("rollout")
@@ -250,7 +250,7 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--rollout-temperature", type=float, default=1.0)
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-max-response-len", type=int, default=None, help="tokens per response (an episode: "
-                   "per turn) (default: 12; --task guess: 2, one digit and EOS)")
+                   "per turn); unset: 12, --task guess: 2 (one digit and EOS)")
     g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
     g.add_argument("--rollout-kv-cache-tokens", type=int, default=None,
                    help="in-process engine: KV cache capacity in tokens (default: every slot at its longest)")
@@ -273,7 +273,7 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--micro-batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--max-tokens-per-mb", type=int, default=None, help="token budget per micro-batch")
     g.add_argument("--layout", default="packed", choices=["packed", "padded"], help="micro-batch layout")
-    g.add_argument("--lr", type=float, default=None, help="RL learning rate (default: 5e-4)")
+    g.add_argument("--lr", type=float, default=None, help="RL learning rate; unset: 5e-4")
     g.add_argument("--lr-warmup-steps", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=1.0)
