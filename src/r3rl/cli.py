@@ -242,10 +242,11 @@ def _add_train_parser(sub) -> None:
                         "naming the prompt")
     g.add_argument("--reward-fn", default="exact_match", choices=REWARD_CHOICES, metavar="NAME",
                    help="built-in reward for --prompt-data, against the label: one of %(choices)s")
-    g.add_argument("--sft-steps", type=int, default=100,
-                   help="supervised warm-up steps on the labels before RL (at most)")
-    g.add_argument("--sft-stop-loss", type=float, default=0.45,
-                   help="end the warm-up early once its mean loss over 5 steps is at most this (0: never early)")
+    g.add_argument("--sft-steps", type=int, default=None, help="supervised warm-up steps on the labels before RL, "
+                   "at most; unset: 100, --task guess: 200")
+    g.add_argument("--sft-stop-loss", type=float, default=None,
+                   help="end the warm-up early once its mean loss over 5 steps is at most this (0: never early); "
+                        "unset: 0.45, --task guess: 0")
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("rollout")
@@ -258,7 +259,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--n-samples-per-prompt", type=int, default=8, help="samples per prompt (a GRPO group)")
     g.add_argument("--rollout-temperature", type=float, default=1.0)
     g.add_argument("--rollout-top-p", type=float, default=1.0)
-    g.add_argument("--rollout-max-response-len", type=int, default=12)
+    g.add_argument("--rollout-max-response-len", type=int, default=None, help="tokens per response (an episode: "
+                   "per turn); unset: 12, --task guess: 2 (one digit and EOS)")
     g.add_argument("--rollout-max-slots", type=int, default=128, help="in-process engine: sequences decoded together")
     g.add_argument("--rollout-dtype", default="bfloat16",
                    help="in-process engine's dtype, apart from --dtype (production: a bf16 rollout against fp32 "
@@ -285,7 +287,7 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--micro-batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--max-tokens-per-mb", type=int, default=None, help="token budget per micro-batch")
     g.add_argument("--layout", default="packed", choices=["packed", "padded"], help="micro-batch layout")
-    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lr", type=float, default=None, help="RL learning rate; unset: 3e-4")
     g.add_argument("--lr-warmup-steps", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip-grad", type=float, default=1.0)
@@ -356,12 +358,29 @@ def _add_report_parsers(sub) -> None:
                    help="mismatch fraction allowed (default: $R3RL_TEST_R3_THRESHOLD, $MILES_TEST_R3_THRESHOLD, 1e-2)")
 
 
+TRAIN_FLAG_DEFAULTS = {"rollout_max_response_len": 12, "sft_steps": 100, "sft_stop_loss": 0.45, "lr": 3e-4}
+"""`r3rl train` flags whose default depends on the task: a built-in task's `train_defaults` (r3rl.tasks), else these."""
+
+
+def _apply_task_defaults(args: argparse.Namespace) -> None:
+    """Fill the task-dependent flags the user did not set: the built-in task's defaults (none with --prompt-data or
+    --env-path), else TRAIN_FLAG_DEFAULTS."""
+    from r3rl.tasks import BUILTIN_TASKS
+
+    builtin = not (args.prompt_data or args.env_path) and args.task in BUILTIN_TASKS
+    own = getattr(BUILTIN_TASKS[args.task], "train_defaults", {}) if builtin else {}
+    for name, value in TRAIN_FLAG_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, own.get(name, value))
+
+
 def train_config_from_args(args: argparse.Namespace):
     from r3rl.config import Fault
     from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig
     from r3rl.train.data import Layout
     from r3rl.train.losses import AdvantageEstimator, CorrectionLevel, KLType, LossAggMode, LossConfig
 
+    _apply_task_defaults(args)
     loss = LossConfig(
         advantage_estimator=AdvantageEstimator(args.advantage_estimator), eps_clip=args.eps_clip,
         eps_clip_high=args.eps_clip_high, eps_clip_c=args.eps_clip_c, use_kl_loss=args.use_kl_loss,

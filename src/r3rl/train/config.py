@@ -84,6 +84,7 @@ class TrainConfig:
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
     rollout_max_response_len: int = 12
+    """Tokens per response; in an episode, per turn (`r3rl train --task guess` defaults it to 2: a digit and EOS)."""
     rollout_dtype: str | None = "bfloat16"
     """In-process engine: its parameter dtype, apart from the trainer's `dtype`, as in production (SGLang/vLLM serve
     bf16, the trainer keeps fp32 master weights): every weight sync casts the trainer's tensors into it, so the

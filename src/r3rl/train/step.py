@@ -139,6 +139,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
                "lr": ctx.scheduler.get_last_lr()[0], "weight_version": step + 1,
                "stale_frac": sum(stale) / len(stale)}
+    if ctx.env_factory is not None:  # episodes: model responses per episode
+        metrics["turns_mean"] = sum(s.metadata["turns"] for s in samples) / len(samples)
     metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
                                      torch.cat([mb.rollout_logp_T for mb in mbs if not mb.is_padding]))
     metrics |= used.metrics("routing_mismatch") | live.metrics("router_live_mismatch")

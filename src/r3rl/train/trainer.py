@@ -195,12 +195,19 @@ class Trainer:
         from r3rl.rollout.engine.messages import SamplingParams
 
         cfg, source, items = self.cfg, self.eval_source, self.eval_items
-        prompts = [_encode(self.ctx, it.prompt) for it in items]
-        samples = self.rollout.generate(prompts, SamplingParams(
-            max_new_tokens=cfg.rollout_max_response_len, temperature=0.0, stop_token_ids=_stop_ids(self.tokenizer),
-            seed=0))
-        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        rewards = [float(r) for r in source.rewards(texts, items)]
+        greedy = SamplingParams(max_new_tokens=cfg.rollout_max_response_len, temperature=0.0,
+                                stop_token_ids=_stop_ids(self.tokenizer), seed=0)
+        if self.ctx.env_factory is not None:  # multi-turn: whole greedy episodes, the environment's reward
+            from r3rl.episodes import run_episodes
+
+            samples = run_episodes(self.rollout, [self.ctx.env_factory(it, self.tokenizer) for it in items], greedy,
+                                   max_turns=self.ctx.max_turns, mixed_versions="keep")
+            texts = [self.tokenizer.decode(s.response_ids) for s in samples]  # the whole episode, EOS shown
+            rewards = [float(s.reward) for s in samples]
+        else:
+            samples = self.rollout.generate([_encode(self.ctx, it.prompt) for it in items], greedy)
+            texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+            rewards = [float(r) for r in source.rewards(texts, items)]
         shown = [{"prompt": it.prompt, "completion": text, "reward": r, "label": it.label}
                  for it, text, r in list(zip(items, texts, rewards, strict=True))[:cfg.eval_samples_logged]]
         if self.env.is_main:
@@ -210,8 +217,11 @@ class Trainer:
                             row["label"], row["reward"])
             if step is not None and getattr(self, "sample_log", None) is not None and shown:
                 self.sample_log.write(step, shown)
-        return {"eval_reward": sum(rewards) / len(rewards),  # every rank holds the same weights: no reduction
-                "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
+        out = {"eval_reward": sum(rewards) / len(rewards),  # every rank holds the same weights: no reduction
+               "eval_solved_frac": sum(r >= 1.0 for r in rewards) / len(rewards)}
+        if self.ctx.env_factory is not None:
+            out["eval_turns_mean"] = sum(s.metadata["turns"] for s in samples) / len(samples)
+        return out
 
     def save(self, step: int) -> Path:
         state = {"step": step, "scheduler": self.scheduler.state_dict(), "rng": capture_rng(),
@@ -341,10 +351,10 @@ class Trainer:
             items = source.next_batch(cfg.sft_batch_size)
             samples = []
             for it in items:
-                target = self.tokenizer.encode(source.sft_target(it), add_special_tokens=False) + eos[:1]
+                target, mask = _sft_target_ids(source, it, self.tokenizer, eos[:1])
                 samples.append(Sample(prompt_ids=encode_prompt(self.tokenizer, it.prompt,
                                                                chat_template=cfg.apply_chat_template),
-                                      response_ids=target, rollout_logprobs=[0.0] * len(target)))
+                                      response_ids=target, rollout_logprobs=[0.0] * len(target), loss_mask=mask))
             mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
                                      micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
                                      pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples),
@@ -376,6 +386,22 @@ SFT_STOP_WINDOW = 5
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
+def _sft_target_ids(source, item, tokenizer, eos: list[int]) -> tuple[list[int], list[int] | None]:
+    """The warm-up target's token ids and loss mask. A multi-turn task (`task.sft_turns`: (response, reply) pairs)
+    gives an episode's tokens: each response ends with EOS and is trained on; the environment's replies are context
+    only (mask 0), as in RL (r3rl.episodes). Otherwise: the target text + EOS, every token trained on (mask None)."""
+    turns = getattr(getattr(source, "task", None), "sft_turns", None)
+    if turns is None:
+        return tokenizer.encode(source.sft_target(item), add_special_tokens=False) + eos, None
+    ids, mask = [], []
+    for response, reply in turns(item):
+        model = tokenizer.encode(response, add_special_tokens=False) + eos
+        env = tokenizer.encode(reply, add_special_tokens=False) if reply else []
+        ids += model + env
+        mask += [1] * len(model) + [0] * len(env)
+    return ids, mask
+
+
 def _prompt_source(cfg: TrainConfig, *, seed: int, holdout: int, part: DataPart = DataPart.TRAIN, reward=None):
     """`holdout`: the prompts split off `prompt_data` for evaluation (Trainer.holdout), passed by every caller so that
     no training stream (RL or warm-up) can miss the split. `reward`: the run's one RewardPool for a plug-in."""
@@ -469,9 +495,9 @@ def _config_dict(cfg: TrainConfig) -> dict:
 
 
 def _brief(m: dict) -> str:
-    keys = ("reward_mean", "eval_solved_frac", "response_len_mean", "routing_mismatch", "router_live_mismatch",
-            "train_rollout_k3_kl", "train_rollout_logprob_abs_diff", "train_rollout_extreme_frac", "r3_check_mismatch",
-            "grad_norm", "time/step")
+    keys = ("reward_mean", "eval_reward", "eval_solved_frac", "turns_mean", "response_len_mean", "routing_mismatch",
+            "router_live_mismatch", "train_rollout_k3_kl", "train_rollout_logprob_abs_diff",
+            "train_rollout_extreme_frac", "r3_check_mismatch", "grad_norm", "time/step")
     return " ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
 
 
