@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,10 +52,21 @@ from r3rl.train.checkpoint import (
 )
 from r3rl.train.config import TrainConfig
 from r3rl.train.data import make_micro_batches, plan_layout, token_logprobs
-from r3rl.train.lock import DirLock
 from r3rl.train.metrics import MetricsWriter, RunSummary
 from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize, sum_over_ranks
+from r3rl.train.progress import _brief, _Progress
 from r3rl.train.run_dir import SampleLog, draw_plots, new_run_dir
+from r3rl.train.setup import (
+    TASK_MAX_PROMPT_LEN,
+    _config_dict,
+    _episode_settings,
+    _load_tokenizer,
+    _lock_dirs,
+    _pad_id,
+    _rollout_backend,
+    _stop_ids,
+    _wandb_settings,
+)
 from r3rl.train.step import StepContext, _encode, rl_step
 
 __all__ = ["Trainer"]
@@ -413,120 +423,4 @@ def _prompt_source(cfg: TrainConfig, *, seed: int, holdout: int, part: DataPart 
                               reward_timeout_s=cfg.reward_timeout_s, custom_reward=reward)
 
 
-def _lock_dirs(cfg: TrainConfig) -> list[DirLock]:
-    locks = []
-    for flag, d in (("--run-dir", cfg.run_dir), ("--save", cfg.save)):
-        if d is not None and all(Path(d).resolve() != lock.directory.resolve() for lock in locks):
-            try:
-                locks.append(DirLock.acquire(d, flag=flag))
-            except BaseException:
-                for lock in locks:
-                    lock.release()
-                raise
-    return locks
-
-
-def _wandb_settings(cfg: TrainConfig) -> dict | None:
-    if not cfg.use_wandb:
-        return None
-    return {"project": cfg.wandb_project, "name": cfg.wandb_run_name or Path(cfg.run_dir).name,
-            "config": _config_dict(cfg)}
-
-
-def _episode_settings(cfg: TrainConfig, prompts) -> dict:
-    """Multi-turn rollouts: `--env-path`, or the task's own environment (`guess`); {} for single-turn tasks."""
-    from r3rl.episodes import load_env_factory
-
-    task = getattr(prompts, "task", None)
-    factory = load_env_factory(cfg.env_path) if cfg.env_path else getattr(task, "make_env", None)
-    if factory is None:
-        return {}
-    return {"env_factory": factory, "max_turns": cfg.max_turns or getattr(task, "max_turns", 4)}
-
-
-def _rollout_backend(cfg: TrainConfig, model, run_dir: Path, *, max_prompt_len: int | None = None):
-    from r3rl.rollout.engine.config import EngineConfig
-    from r3rl.rollout.net.backend import EngineBackend
-    from r3rl.rollout.net.client import ModelShape
-    from r3rl.rollout.net.fleet import make_backend
-
-    at_temperature = cfg.rollout_temperature != 1.0  # log-probs of the distribution sampled (see step.py)
-    if cfg.rollout_url:  # one server: HTTPBackend; several: FleetBackend (load spread, exactly-once re-send)
-        return make_backend(cfg.rollout_url, weights_dir=str(run_dir / "weights"),
-                            logprobs_at_temperature=at_temperature, weight_sync=cfg.weight_sync,
-                            sync_address=cfg.weight_sync_address,
-                            model_shape=ModelShape.of_model(model),  # SGLang's/vLLM's model info has no MoE shape
-                            engine=cfg.rollout_engine)
-    prompt_len = TASK_MAX_PROMPT_LEN if max_prompt_len is None else max_prompt_len
-    max_seq_len = prompt_len + cfg.rollout_max_response_len
-    engine_cfg = EngineConfig(max_slots=min(cfg.rollout_max_slots, cfg.num_samples), max_seq_len=max_seq_len,
-                              kv_cache_tokens=cfg.rollout_kv_cache_tokens, device=cfg.device,
-                              dtype=cfg.rollout_dtype or cfg.dtype)
-    logger.info("rollout engine sized for %d tokens a sequence: %s %d prompt tokens + %d response tokens",
-                max_seq_len, "a built-in task's at most" if max_prompt_len is None else "the data's longest",
-                prompt_len, cfg.rollout_max_response_len)
-    return EngineBackend.from_config(model, engine_cfg, logprobs_at_temperature=at_temperature)
-
-
-TASK_MAX_PROMPT_LEN = 256
 """The in-process engine's prompt room for a built-in task (its prompts are a few dozen tokens)."""
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} has no tokenizer the trainer can use ({type(e).__name__}: {e}); write one with "
-                         "`r3rl init-model` or save the tokenizer into the checkpoint") from e
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def _config_dict(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def _brief(m: dict) -> str:
-    keys = ("reward_mean", "eval_reward", "eval_solved_frac", "turns_mean", "response_len_mean", "routing_mismatch",
-            "router_live_mismatch", "train_rollout_k3_kl", "train_rollout_logprob_abs_diff",
-            "train_rollout_extreme_frac", "r3_check_mismatch", "grad_norm", "time/step")
-    return " ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
-
-
-class _Progress:
-    """A rich progress bar with reward, response length, step time and the R3 status (off when not a terminal)."""
-
-    def __init__(self, total: int, start: int, *, enabled: bool) -> None:
-        self.total, self.start = total, start
-        self.enabled = enabled and sys.stderr.isatty()
-        self._progress = self._task = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("[bold]r3rl train"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.description}"))
-            self._progress.start()
-            self._task = self._progress.add_task("", total=self.total, completed=self.start)
-        return self
-
-    def update(self, m: dict) -> None:
-        if self._progress is None:
-            return
-        r3 = ("R3 ok" if m.get("r3_check_passed") else "R3 FAIL") if "r3_check_passed" in m else "R3 off"
-        self._progress.update(self._task, advance=1, description=(
-            f"reward {m['reward_mean']:.3f}  len {m['response_len_mean']:.1f}  mismatch {m['routing_mismatch']:.3f}  "
-            f"{m['time/step']:.2f}s/step  {r3}"))
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.stop()
