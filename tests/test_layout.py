@@ -132,6 +132,10 @@ def test_no_rollout_module_is_over_450_lines():
     assert long_modules(SRC) == []
 
 
+def test_no_module_of_the_package_is_over_450_lines():  # the checker's negative control is the synthetic tree below
+    assert long_modules(SRC, root="r3rl") == []
+
+
 def test_nothing_below_rollout_imports_it():
     assert floor_imports(SRC) == []
 
