@@ -28,6 +28,16 @@ from r3rl.faults import corrupt_trace  # noqa: E402
 from r3rl.megatron.layout import RankLayout, rank_router_batch  # noqa: E402
 from r3rl.trace import RoutingTrace  # noqa: E402
 
+
+def _without_te_router_gemm() -> None:
+    """megatron-core 0.16.1 without Transformer Engine: `router_gating_linear` reads the module global
+    `te_general_gemm`, which its failed TE import never defines, so every GPU router forward raises NameError (seen on
+    an H100, 2026-12-07). Defining it as None takes mcore's own torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
 NUM_LAYERS, FREQ, E, TOPK, S, B, V = 4, [0, 1, 1, 1], 8, 2, 32, 2, 128
 CHECK_RE = re.compile(r"^R3 check \(rank 0, stage (replay_forward|replay_backward)\): n_tokens=(\d+) mismatch=0 "
                       r"\(0\.00%\)$")
@@ -38,6 +48,8 @@ WRAPPER_RE = re.compile(r"^R3 wrapper: (replay_forward|replay_backward) branch t
 @pytest.fixture(scope="module")
 def gpt():
     import torch.distributed as dist
+
+    _without_te_router_gemm()
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
