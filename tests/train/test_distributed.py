@@ -27,6 +27,7 @@ from r3rl.replay import RoutingReplay
 from r3rl.rollout.engine.weights import materialize, model_tensors
 from r3rl.sample import Sample
 from r3rl.train.config import TrainConfig
+from r3rl.train.metrics import RoutingMismatch
 from r3rl.train.parallel import DistEnv, parallelize, prompt_shard
 from r3rl.train.step import StepContext, _update
 
@@ -80,7 +81,8 @@ def _update_once(env: DistEnv, prompts_per_step: int) -> dict:
     local = [samples[i] for i in mine]
     old_logp = {k: torch.tensor(s.rollout_logprobs) for k, s in enumerate(local)}
     before = {n: materialize(t).clone() for n, t in model_tensors(model).items()}
-    metrics = _update(ctx, local, [advantages[i] for i in mine], old_logp, None, {})
+    metrics = _update(ctx, local, [advantages[i] for i in mine], old_logp, None, {}, [s.trace for s in local],
+                      RoutingMismatch())
     delta = {n: materialize(t) - before[n] for n, t in model_tensors(model).items()}
     summary = replay.check.summary(over_ranks=env.distributed)
     return {"metrics": metrics, "delta": delta, "check_tokens": summary.tokens_checked, "passed": summary.passed}

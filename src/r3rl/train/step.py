@@ -213,6 +213,8 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded,
     cfg, model, env = ctx.cfg, ctx.model, ctx.env
     totals: dict[str, float] = defaultdict(float)
     per_opt = cfg.samples_per_optimizer_step // env.world_size
+    if ctx.tap is None:  # rl_step builds it on the first step; a caller of the update alone gets one here
+        ctx.tap = ExpertsTap(model)
     model.train()
     for start in range(0, len(samples), per_opt):
         idx = list(range(start, start + per_opt))
