@@ -97,6 +97,7 @@ def _worker(rank: int, port: int, out_dir: str, prompts_per_step: int) -> None:
         result = _update_once(env, prompts_per_step)
         if rank == 0:
             torch.save(result, Path(out_dir) / "dist.pt")
+        torch.distributed.barrier()  # no rank tears the group down while its peer still has gloo work in flight
     finally:
         env.close()
 
@@ -105,7 +106,7 @@ def _worker(rank: int, port: int, out_dir: str, prompts_per_step: int) -> None:
 def test_two_gloo_ranks_take_the_single_process_optimizer_steps(tmp_path, prompts_per_step):
     """One optimizer step over the rollout, or two (each rank trains on its share of each step's prompts)."""
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), prompts_per_step), nprocs=WORLD, join=True)
-    dist = torch.load(tmp_path / "dist.pt", weights_only=False)
+    dist = torch.load(tmp_path / "dist.pt", weights_only=True)
     single = _update_once(DistEnv(), prompts_per_step)
     # Tolerance: float32 throughout; the two runs sum the same per-token terms in a different order (per rank, then
     # a reduce-scatter), so they differ by rounding only: ~1e-7 relative per op. The second SGD step (lr 1) starts
