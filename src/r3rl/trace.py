@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "common_shape",
     "TraceError",
     "RoutingTrace",
     "ReplayBatch",
@@ -405,3 +406,19 @@ def _as_array(ids, where: str) -> np.ndarray:
 
 def _where(sample: int | str | None) -> str:
     return "" if sample is None else f" (sample {sample})"
+
+
+def common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:
+    """(layers, top_k, experts) shared by `traces`, which one batch lays out together; raises naming the first
+    sample that differs."""
+    if not traces:
+        raise TraceError("cannot lay out an empty list of traces")
+    first = traces[0]
+    for b, t in enumerate(traces):
+        if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
+            raise TraceError(
+                f"traces in one batch disagree (sample {b}): got (layers, top_k, experts)="
+                f"{(t.num_layers, t.top_k, t.num_experts)}, "
+                f"expected={(first.num_layers, first.top_k, first.num_experts)}"
+            )
+    return first.num_layers, first.top_k, first.num_experts

@@ -30,7 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from r3rl.trace import ReplayBatch, RoutingTrace, TraceError, compact_dtype, has_partial_rows, pad_value_for
+from r3rl.trace import (
+    ReplayBatch,
+    RoutingTrace,
+    TraceError,
+    common_shape,
+    compact_dtype,
+    has_partial_rows,
+    pad_value_for,
+)
 
 __all__ = ["RankLayout", "pad_bshd", "pack_thd", "zigzag_cp_slice", "thd_cp_slice", "sp_scatter", "router_order_bshd",
            "rank_router_batch", "moe_layer_numbers", "stage_trace_layers"]
@@ -69,7 +77,7 @@ class RankLayout:
 
 def pad_bshd(traces: Sequence[RoutingTrace], seq_len: int, *, lengths: Sequence[int] | None = None) -> torch.Tensor:
     """Right-padded ids `[B, seq_len, L, K]` (compact dtype): sample b's row i at position i, pad rows after."""
-    L, K, E = _common_shape(traces)
+    L, K, E = common_shape(traces)
     out = np.full((len(traces), seq_len, L, K), pad_value_for(E), dtype=compact_dtype(E))
     for b, trace in enumerate(traces):
         if lengths is not None:
@@ -84,7 +92,7 @@ def pad_bshd(traces: Sequence[RoutingTrace], seq_len: int, *, lengths: Sequence[
 def pack_thd(traces: Sequence[RoutingTrace], *, pad_multiple: int = 1) -> tuple[torch.Tensor, list[int]]:
     """Packed ids `[T, L, K]` and `cu_seqlens_padded` (B + 1 offsets): sample b (rows + 1 tokens) padded to a
     multiple of `pad_multiple`, as mcore's THD batches with `cu_seqlens_padded`."""
-    L, K, E = _common_shape(traces)
+    L, K, E = common_shape(traces)
     pad, dtype = pad_value_for(E), compact_dtype(E)
     chunks, cu = [], [0]
     for trace in traces:
@@ -137,7 +145,7 @@ def router_order_bshd(ids_BSLK: torch.Tensor) -> torch.Tensor:
 
 def rank_router_batch(traces: Sequence[RoutingTrace], layout: RankLayout) -> ReplayBatch:
     """The ids this rank's routers see for one micro-batch of `traces`, in router token order."""
-    L, K, E = _common_shape(traces)
+    L, K, E = common_shape(traces)
     if layout.packed:
         ids, cu = pack_thd(traces, pad_multiple=layout.pad_multiple)
         ids = thd_cp_slice(ids, cu, layout.cp_size, layout.cp_rank)
@@ -174,16 +182,3 @@ def stage_trace_layers(moe_numbers: Sequence[int], layer_offset: int, num_stage_
     """{decoder layer number: trace layer} for the MoE layers of one pipeline stage, whose decoder layers are
     `layer_offset + 1 .. layer_offset + num_stage_layers` (mcore's `get_transformer_layer_offset`)."""
     return {n: moe_numbers.index(n) for n in moe_numbers if layer_offset < n <= layer_offset + num_stage_layers}
-
-
-# --- private helpers ------------------------------------------------------------------------------------------------
-def _common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:
-    if not traces:
-        raise TraceError("cannot lay out an empty list of traces")
-    first = traces[0]
-    for b, t in enumerate(traces):
-        if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
-            raise TraceError(f"traces in one micro-batch disagree (sample {b}): got (layers, top_k, experts)="
-                             f"{(t.num_layers, t.top_k, t.num_experts)}, expected="
-                             f"{(first.num_layers, first.top_k, first.num_experts)}")
-    return first.num_layers, first.top_k, first.num_experts

@@ -37,7 +37,15 @@ import torch
 from r3rl.models.adapters import find_routers
 from r3rl.models.packing import LayerMasks, Packing, model_packing
 from r3rl.sample import Sample
-from r3rl.trace import ReplayBatch, RoutingTrace, TraceError, compact_dtype, has_partial_rows, pad_value_for
+from r3rl.trace import (
+    ReplayBatch,
+    RoutingTrace,
+    TraceError,
+    common_shape,
+    compact_dtype,
+    has_partial_rows,
+    pad_value_for,
+)
 
 __all__ = ["Layout", "LayoutPlan", "MicroBatch", "make_micro_batches", "plan_layout", "token_logprobs",
            "layout_padded", "layout_packed"]
@@ -224,7 +232,7 @@ def layout_padded(
     each sample) are pad rows; replay lets the live router choose there. With `lengths` (tokens per sample), each
     trace is validated against its sample: `rows == lengths[b] - 1`.
     """
-    num_layers, top_k, num_experts = _common_shape(traces)
+    num_layers, top_k, num_experts = common_shape(traces)
     for name, seq in (("lengths", lengths), ("left_pad", left_pad)):
         if seq is not None and len(seq) != len(traces):
             raise TraceError(f"padded layout needs one {name} entry per trace: got {len(seq)}, expected {len(traces)}")
@@ -250,7 +258,7 @@ def layout_padded(
 
 def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> ReplayBatch:
     """Lay out traces for a packed forward: sample b occupies `lengths[b]` consecutive tokens (`rows + 1`)."""
-    num_layers, top_k, num_experts = _common_shape(traces)
+    num_layers, top_k, num_experts = common_shape(traces)
     pad = pad_value_for(num_experts)
     if len(lengths) != len(traces):
         raise TraceError(f"packed layout needs one length per trace: got {len(lengths)} lengths, {len(traces)} traces")
@@ -264,19 +272,6 @@ def layout_packed(traces: Sequence[RoutingTrace], lengths: Sequence[int]) -> Rep
                        num_experts=num_experts, validated=True,
                        partial_pad=any(has_partial_rows(t.pad_mask()) for t in traces))
 
-
-def _common_shape(traces: Sequence[RoutingTrace]) -> tuple[int, int, int]:
-    if not traces:
-        raise TraceError("cannot lay out an empty list of traces")
-    first = traces[0]
-    for b, t in enumerate(traces):
-        if (t.num_layers, t.top_k, t.num_experts) != (first.num_layers, first.top_k, first.num_experts):
-            raise TraceError(
-                f"traces in one batch disagree (sample {b}): got (layers, top_k, experts)="
-                f"{(t.num_layers, t.top_k, t.num_experts)}, "
-                f"expected={(first.num_layers, first.top_k, first.num_experts)}"
-            )
-    return first.num_layers, first.top_k, first.num_experts
 
 
 # --- private ------------------------------------------------------------------------------------------------------
