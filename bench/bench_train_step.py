@@ -39,16 +39,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    cfg = TrainConfig(
-        replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True), preset=args.preset,
-        device="cuda", dtype="bfloat16", sft_steps=0, num_rollout=1, rollout_batch_size=args.rollout_batch_size,
-        n_samples_per_prompt=args.n_samples_per_prompt, rollout_max_response_len=args.response_len,
-        micro_batch_size=args.micro_batch_size, progress=False, run_dir="/tmp/r3rl-bench-train")
-    trainer = Trainer(cfg)
-    ctx = trainer.ctx
-    stages = rl_step(ctx, 0)  # a whole step: stage times, and the samples of this step come from its rollout
-    samples = ctx.rollout.generate([[65 + i % 26] * 8 for i in range(cfg.rollout_batch_size)],
-                                   _sampling(cfg), n_samples_per_prompt=cfg.n_samples_per_prompt)
+    trainer, ctx, samples, stages = build(args.preset, args.rollout_batch_size, args.n_samples_per_prompt,
+                                          args.response_len, micro_batch_size=args.micro_batch_size)
     mbs = _micro_batches(ctx, samples, [1.0] * len(samples))
     tokens = sum(mb.num_tokens for mb in mbs)
     check = ctx.check
@@ -77,6 +69,22 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def build(preset: str, rollout_batch_size: int, n_samples_per_prompt: int, response_len: int, *,
+          micro_batch_size: int):
+    """The trainer (bf16, R3 + check) after one whole RL step, and the samples of a second rollout."""
+    cfg = TrainConfig(
+        replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True), preset=preset,
+        device="cuda", dtype="bfloat16", sft_steps=0, num_rollout=1, rollout_batch_size=rollout_batch_size,
+        n_samples_per_prompt=n_samples_per_prompt, rollout_max_response_len=response_len,
+        micro_batch_size=micro_batch_size, progress=False, run_dir="/tmp/r3rl-bench-train")
+    trainer = Trainer(cfg)
+    ctx = trainer.ctx
+    stages = rl_step(ctx, 0)  # a whole step: stage times, and the samples of this step come from its rollout
+    samples = ctx.rollout.generate([[65 + i % 26] * 8 for i in range(cfg.rollout_batch_size)],
+                                   _sampling(cfg), n_samples_per_prompt=cfg.n_samples_per_prompt)
+    return trainer, ctx, samples, stages
 
 
 def _update_time(ctx, mbs, mode: str) -> float:
