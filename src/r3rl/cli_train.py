@@ -61,7 +61,11 @@ def add_train_parser(sub) -> None:
                    "at most; unset: 100, --task guess: 200")
     g.add_argument("--sft-stop-loss", type=float, default=None,
                    help="end the warm-up early once its mean loss over 5 steps is at most this (0: never early); "
-                        "unset: 0.45, --task guess: 0")
+                        "unset: 0.45, --task guess and reverse/sort/add: 0")
+    g.add_argument("--sft-stop-exact", type=float, default=None,
+                   help="end the warm-up early once, over 5 steps, this fraction of its targets is reproduced by "
+                        "greedy decoding (argmax right at every target token; 0: off); unset: off, 0.4 for "
+                        "reverse/sort/add")
     g.add_argument("--sft-batch-size", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=3e-3)
     g = p.add_argument_group("rollout")
@@ -162,7 +166,8 @@ def add_train_parser(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="no live progress display")
 
 
-TRAIN_FLAG_DEFAULTS = {"rollout_max_response_len": 12, "sft_steps": 100, "sft_stop_loss": 0.45, "lr": 3e-4}
+TRAIN_FLAG_DEFAULTS = {"rollout_max_response_len": 12, "sft_steps": 100, "sft_stop_loss": 0.45, "sft_stop_exact": None,
+                       "lr": 3e-4}
 """`r3rl train` flags whose default depends on the task: a built-in task's `train_defaults` (r3rl.tasks), else these."""
 
 
@@ -240,7 +245,8 @@ def train_config_from_args(args: argparse.Namespace):
         activation_checkpointing=not args.no_activation_checkpointing,
         old_logprobs=LogprobSource.ROLLOUT if args.use_rollout_logprobs else LogprobSource.TRAIN,
         grpo_std_normalization=not args.disable_grpo_std_normalization, kl_coef=args.kl_coef,
-        sft_steps=args.sft_steps, sft_stop_loss=args.sft_stop_loss, sft_batch_size=args.sft_batch_size,
+        sft_steps=args.sft_steps, sft_stop_loss=args.sft_stop_loss,
+        sft_stop_exact=args.sft_stop_exact, sft_batch_size=args.sft_batch_size,
         sft_lr=args.sft_lr, run_dir=args.run_dir,
         save=args.save, save_interval=args.save_interval, load=args.load, inject_fault=Fault(args.inject_fault),
         progress=not args.no_progress, eval_interval=args.eval_interval or None, eval_prompts=args.eval_prompts,

@@ -103,7 +103,7 @@ def test_warmup_trains_on_the_model_turns_only():
     """The warm-up target is an episode: each guess + EOS is trained on, the environment's replies are context only
     (mask 0), as in RL. Single-turn tasks keep the whole target + EOS."""
     from r3rl.tasks import make_prompt_source
-    from r3rl.train.trainer import _sft_target_ids
+    from r3rl.train.warmup import sft_target_ids as _sft_target_ids
 
     source = make_prompt_source(task="guess", seed=3)
     items = source.next_batch(20)
@@ -129,7 +129,7 @@ def test_cli_task_defaults_apply_only_to_unset_flags():
 
     guess, reverse = cfg("--task", "guess"), cfg()
     assert (guess.rollout_max_response_len, guess.sft_steps, guess.sft_stop_loss) == (2, 200, 0.0)
-    assert (reverse.rollout_max_response_len, reverse.sft_steps, reverse.sft_stop_loss, reverse.lr) == (12, 100, 0.45,
+    assert (reverse.rollout_max_response_len, reverse.sft_steps, reverse.sft_stop_loss, reverse.lr) == (12, 100, 0.0,
                                                                                                       3e-4)
     mine = cfg("--task", "guess", "--rollout-max-response-len", "5", "--sft-steps", "3", "--lr", "1e-4")
     assert (mine.rollout_max_response_len, mine.sft_steps, mine.lr) == (5, 3, 1e-4)

@@ -130,6 +130,12 @@ class TrainConfig:
     Seeds differ in when the embedded model "gets" the task (after 70 steps the greedy exact match was 20% for one
     seed, 82% for another): a loss bound starts RL from a like point whatever the seed, well below the ceiling, so
     RL's share of the learning shows."""
+    sft_stop_exact: float | None = None
+    """The warm-up ends early once, over 5 consecutive steps, this fraction of its batches' targets is reproduced
+    exactly by greedy decoding (argmax right at every target token, EOS included, given the target's prefix: the
+    same as greedy decoding reproducing the whole target), whatever the loss. None: off. A loss bound can be met
+    while one answer position is still at chance (the other tokens near 0 loss carry the mean); this bound is on
+    what the greedy evaluation measures, so every seed starts RL from a like exact-match rate. 0 is off too."""
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
 
@@ -190,6 +196,9 @@ class TrainConfig:
             raise ValueError(f"rollout_top_p must be in (0, 1]: got {self.rollout_top_p}")
         if self.micro_batch_size is None and self.max_tokens_per_mb is None:
             raise ValueError("set micro_batch_size or max_tokens_per_mb")
+        if self.sft_stop_exact is not None and not (0 <= self.sft_stop_exact <= 1):
+            raise ValueError(f"sft_stop_exact must be in [0, 1] (a fraction of targets; 0: off): got "
+                             f"{self.sft_stop_exact}")
         if self.global_batch_size is not None and (
             self.global_batch_size < 1 or self.num_samples % self.global_batch_size
         ):

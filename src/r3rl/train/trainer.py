@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import random
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,11 +33,9 @@ import torch
 
 from r3rl.check import ReplayCheck, resolve_threshold
 from r3rl.models import load_model, resolve_dtype
-from r3rl.models.chat import encode_prompt
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model, make_tokenizer
 from r3rl.replay import RoutingReplay
-from r3rl.sample import Sample
 from r3rl.tasks.data import DataPart
 from r3rl.tasks.reward_pool import RewardPool
 from r3rl.tasks.rewards import RewardError, probe_reward
@@ -51,9 +48,9 @@ from r3rl.train.checkpoint import (
     save_checkpoint,
 )
 from r3rl.train.config import TrainConfig
-from r3rl.train.data import make_micro_batches, plan_layout, token_logprobs
+from r3rl.train.data import plan_layout
 from r3rl.train.metrics import MetricsWriter, RunSummary
-from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize, sum_over_ranks
+from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
 from r3rl.train.progress import _brief, _Progress
 from r3rl.train.run_dir import SampleLog, draw_plots, new_run_dir
 from r3rl.train.setup import (
@@ -68,6 +65,7 @@ from r3rl.train.setup import (
     _wandb_settings,
 )
 from r3rl.train.step import StepContext, _encode, rl_step
+from r3rl.train.warmup import sft_warmup
 
 __all__ = ["Trainer"]
 
@@ -353,65 +351,10 @@ class Trainer:
             return
         # its own stream (the RL cursor is not touched), on the same training part: no held-out prompt is learnt
         source = _prompt_source(cfg, seed=cfg.seed + 7919, holdout=self.holdout, reward=self.reward)
-        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.sft_lr, betas=cfg.adam_betas)
-        eos = _stop_ids(self.tokenizer)
-        self.model.train()
-        t0, loss, recent, done = time.perf_counter(), None, [], 0
-        for _ in range(cfg.sft_steps):
-            items = source.next_batch(cfg.sft_batch_size)
-            samples = []
-            for it in items:
-                target, mask = _sft_target_ids(source, it, self.tokenizer, eos[:1])
-                samples.append(Sample(prompt_ids=encode_prompt(self.tokenizer, it.prompt,
-                                                               chat_template=cfg.apply_chat_template),
-                                      response_ids=target, rollout_logprobs=[0.0] * len(target), loss_mask=mask))
-            mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
-                                     micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
-                                     pad_id=_pad_id(self.tokenizer), traces=[None] * len(samples),
-                                     layer_masks=self.layout_plan.layer_masks)
-            n_tok = sum(mb.num_response_tokens for mb in mbs)
-            opt.zero_grad(set_to_none=True)
-            recent_mb = []
-            for mb in (m.to(cfg.device) for m in mbs):
-                logits_TV = mb.response_logits(self.model(**mb.model_inputs()).logits)
-                loss = -token_logprobs(logits_TV, mb.target_ids_T).sum() / n_tok
-                loss.backward()
-                recent_mb.append(loss.item())
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            opt.step()
-            done += 1
-            # every rank decides alike (FSDP's collectives need the same step count everywhere)
-            recent = (recent + [sum_over_ranks([sum(recent_mb)], self.env)[0] / self.env.world_size])[-SFT_STOP_WINDOW:]
-            if len(recent) == SFT_STOP_WINDOW and sum(recent) / SFT_STOP_WINDOW <= cfg.sft_stop_loss:
-                break  # warm enough: the rest of the learning is RL's
-        self.model.eval()
-        stop = (f", stopped at a mean loss <= {cfg.sft_stop_loss:g} over the last {SFT_STOP_WINDOW} steps"
-                if done < cfg.sft_steps else "")
-        logger.info("sft warm-up: %d steps in %.1fs, last loss %.4f%s", done, time.perf_counter() - t0,
-                    loss.item() if loss is not None else float("nan"), stop)
-
-
-SFT_STOP_WINDOW = 5
-"""The warm-up stops once the mean token loss of this many consecutive steps is at most `sft_stop_loss`."""
+        sft_warmup(self.model, self.tokenizer, source, cfg, self.env, layer_masks=self.layout_plan.layer_masks)
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
-def _sft_target_ids(source, item, tokenizer, eos: list[int]) -> tuple[list[int], list[int] | None]:
-    """The warm-up target's token ids and loss mask. A multi-turn task (`task.sft_turns`: (response, reply) pairs)
-    gives an episode's tokens: each response ends with EOS and is trained on; the environment's replies are context
-    only (mask 0), as in RL (r3rl.episodes). Otherwise: the target text + EOS, every token trained on (mask None)."""
-    turns = getattr(getattr(source, "task", None), "sft_turns", None)
-    if turns is None:
-        return tokenizer.encode(source.sft_target(item), add_special_tokens=False) + eos, None
-    ids, mask = [], []
-    for response, reply in turns(item):
-        model = tokenizer.encode(response, add_special_tokens=False) + eos
-        env = tokenizer.encode(reply, add_special_tokens=False) if reply else []
-        ids += model + env
-        mask += [1] * len(model) + [0] * len(env)
-    return ids, mask
-
-
 def _prompt_source(cfg: TrainConfig, *, seed: int, holdout: int, part: DataPart = DataPart.TRAIN, reward=None):
     """`holdout`: the prompts split off `prompt_data` for evaluation (Trainer.holdout), passed by every caller so that
     no training stream (RL or warm-up) can miss the split. `reward`: the run's one RewardPool for a plug-in."""
