@@ -26,6 +26,14 @@ from r3rl.train.data import token_logprobs
 from r3rl.train.step import _micro_batches, rl_step
 from r3rl.train.trainer import Trainer
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the recipe, no numbers
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
@@ -76,7 +84,8 @@ def build(preset: str, rollout_batch_size: int, n_samples_per_prompt: int, respo
     """The trainer (bf16, R3 + check) after one whole RL step, and the samples of a second rollout."""
     cfg = TrainConfig(
         replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True), preset=preset,
-        device="cuda", dtype="bfloat16", sft_steps=0, num_rollout=1, rollout_batch_size=rollout_batch_size,
+        device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32", sft_steps=0, num_rollout=1,
+        rollout_batch_size=rollout_batch_size,
         n_samples_per_prompt=n_samples_per_prompt, rollout_max_response_len=response_len,
         micro_batch_size=micro_batch_size, progress=False, run_dir="/tmp/r3rl-bench-train")
     trainer = Trainer(cfg)
@@ -90,7 +99,7 @@ def build(preset: str, rollout_batch_size: int, n_samples_per_prompt: int, respo
 def _update_time(ctx, mbs, mode: str) -> float:
     model = ctx.model
     model.train()
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for mb in mbs:
         routing = ctx.replay.off() if mode == "off" else ctx.replay.replay(mb.replay)
@@ -98,7 +107,7 @@ def _update_time(ctx, mbs, mode: str) -> float:
             logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
             logp = token_logprobs(logits_TV, mb.target_ids_T)
             (-(logp * mb.advantages_T).sum() / 1e4).backward()
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     model.eval()

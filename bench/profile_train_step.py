@@ -4,9 +4,11 @@
 
 Builds the same trainer and batch as `bench_train_step.py` (bf16, R3 + check on), then
 1. times the update (forward + backward with activation checkpointing, R3 + check) for each lever, interleaved
-   round by round (medians): micro-batch size (samples per packed micro-batch), attention implementation (`sdpa`
-   over a block-diagonal mask against `flex_attention`'s document mask, which skips the masked blocks);
-2. profiles one update of the baseline with `torch.profiler` and sums self CUDA time by category (experts GEMMs,
+   round by round (medians): layout (packed rows or padded), samples per micro-batch, attention implementation
+   (`sdpa` over the packed row's dense block-diagonal mask, O(T^2) in the row's length, against
+   `flex_attention`'s document mask, which skips the masked blocks);
+2. profiles one update of the baseline and of the fastest lever with `torch.profiler` and sums self CUDA time by
+   category (experts GEMMs,
    attention, dense GEMMs, routing/top-k, log-softmax, elementwise, copies, communication), with the top kernels.
 """
 
@@ -73,8 +75,8 @@ def main() -> None:
     ap.add_argument("--rollout-batch-size", type=int, default=16)
     ap.add_argument("--n-samples-per-prompt", type=int, default=8)
     ap.add_argument("--response-len", type=int, default=128)
-    ap.add_argument("--micro-batch-sizes", default="16,32,64")
-    ap.add_argument("--attn", default="sdpa,flex_attention")
+    ap.add_argument("--variants", default="packed/32/sdpa,packed/32/flex_attention,packed/64/flex_attention,"
+                    "packed/16/sdpa,padded/32/sdpa", help="layout/samples per micro-batch/attention, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -84,12 +86,14 @@ def main() -> None:
 
     model = trainer.model
     active = _active_params(model)
+    from r3rl.train.data import Layout
+
     variants = {}
-    for mbsize in (int(x) for x in args.micro_batch_sizes.split(",")):
-        ctx.cfg.micro_batch_size = mbsize
-        mbs = _micro_batches(ctx, samples, [1.0] * len(samples))
-        for attn in args.attn.split(","):
-            variants[f"mb{mbsize}/{attn}"] = (mbs, attn)
+    for spec in args.variants.split(","):  # layout/samples per micro-batch/attention
+        layout, mbsize, attn = spec.split("/")
+        ctx.cfg.layout, ctx.cfg.micro_batch_size = Layout(layout), int(mbsize)
+        variants[spec] = (_micro_batches(ctx, samples, [1.0] * len(samples)), attn)
+    ctx.cfg.layout, ctx.cfg.micro_batch_size = Layout.PACKED, 32
     times: dict[str, list[float]] = {k: [] for k in variants}
     errors: dict[str, str] = {}
     for _ in range(args.rounds + 1):
@@ -105,13 +109,20 @@ def main() -> None:
     model.set_attn_implementation("sdpa")
     tokens = sum(mb.num_tokens for mb in variants[next(iter(variants))][0])
     peak = 989e12
-    result = {"card": torch.cuda.get_device_name(), "preset": args.preset, "tokens": tokens, "active_params": active,
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"card": card, "preset": args.preset, "tokens": tokens, "active_params": active,
               "levers": {k: {"median_s": statistics.median(v[1:]), "mfu": 8 * active * tokens
                              / statistics.median(v[1:]) / peak} for k, v in times.items() if len(v) > 1},
               "errors": errors}
-    ctx.cfg.micro_batch_size = 32
-    result["profile_mb32_sdpa"] = _profile(ctx, _micro_batches(ctx, samples, [1.0] * len(samples)))
-    ctx.check.summary(raise_on_fail=False)
+    ok = {k: v["median_s"] for k, v in result["levers"].items()}
+    for name in dict.fromkeys([next(iter(variants)), min(ok, key=ok.get)] if ok else []):  # baseline and fastest
+        model.set_attn_implementation(variants[name][1])
+        try:
+            result[f"profile {name}"] = _profile(ctx, variants[name][0])
+        except Exception as e:
+            result[f"profile {name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+        ctx.check.summary(raise_on_fail=False)
+    model.set_attn_implementation("sdpa")
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:
