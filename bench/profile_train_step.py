@@ -8,7 +8,8 @@ Builds the same trainer and batch as `bench_train_step.py` (bf16, R3 + check on)
    (`sdpa` over the packed row's dense block-diagonal mask, O(T^2) in the row's length, against
    `flex_attention`'s document mask, which skips the masked blocks);
 2. profiles one update of the baseline and of the fastest lever with `torch.profiler` and sums self CUDA time by
-   category (experts GEMMs, attention, dense GEMMs, routing/top-k, log-softmax, elementwise, copies, communication), with the top kernels.
+   category (experts GEMMs, attention, dense GEMMs, routing/top-k, log-softmax, elementwise, copies,
+   communication), with the top kernels.
 """
 
 from __future__ import annotations
