@@ -50,8 +50,8 @@ from r3rl.rollout.engine.messages import SamplingParams
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 
-__all__ = ["EnvStep", "Environment", "EnvFactory", "EpisodeError", "PrefixError", "EpisodeTrace", "run_episodes",
-           "load_env_factory", "check_prefix", "MIXED_VERSION_POLICIES"]
+__all__ = ["EnvStep", "Environment", "EnvFactory", "EpisodeError", "PrefixError", "EnvError", "EpisodeTrace",
+           "run_episodes", "load_env_factory", "check_prefix", "MIXED_VERSION_POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ class EpisodeError(RuntimeError):
 
 class PrefixError(EpisodeError):
     """A re-rendered context does not start with the tokens the episode already holds."""
+
+
+class EnvError(EpisodeError):
+    """An `--env-path` environment failed (raised, exited, hung, died, or returned a value outside the contract;
+    r3rl.env_pool): the run fails (exit 1). `run_episodes` adds the episode and the turn to the message."""
 
 
 @dataclass(kw_only=True)
@@ -221,7 +226,7 @@ def run_episodes(backend, envs: Sequence[Environment], sampling: SamplingParams,
         raise ValueError(f"max_turns must be >= 1: got {max_turns}")
     if mixed_versions not in MIXED_VERSION_POLICIES:
         raise ValueError(f"mixed_versions must be one of {MIXED_VERSION_POLICIES}: got {mixed_versions!r}")
-    episodes = [EpisodeTrace(env.reset(), index=i) for i, env in enumerate(envs)]
+    episodes = [EpisodeTrace(_env_call(env.reset, i, None), index=i) for i, env in enumerate(envs)]
     rewards = [0.0] * len(envs)
     infos: list[list[dict]] = [[] for _ in envs]
     active = list(range(len(envs)))
@@ -241,7 +246,7 @@ def run_episodes(backend, envs: Sequence[Environment], sampling: SamplingParams,
         still = []
         for i, out in zip(active, outs, strict=True):
             episodes[i].add_turn(out)
-            step = envs[i].step(list(out.response_ids))
+            step = _env_call(envs[i].step, i, turn, list(out.response_ids))
             if not isinstance(step, EnvStep):
                 raise EpisodeError(f"episode {i} turn {turn}: the environment's step() returned "
                                    f"{type(step).__name__}, expected an EnvStep")
@@ -259,6 +264,14 @@ def run_episodes(backend, envs: Sequence[Environment], sampling: SamplingParams,
                                "(--stale-samples keep|drop to train on it or drop it)")
         samples.append(ep.to_sample(rewards[i], env_info=infos[i]))
     return samples
+
+
+def _env_call(call, index: int, turn: int | None, *args):
+    """`call(*args)`; an EnvError (an environment in a worker, r3rl.env_pool) gets the episode and turn prepended."""
+    try:
+        return call(*args)
+    except EnvError as e:
+        raise EnvError(f"episode {index} {'reset' if turn is None else f'turn {turn}'}: {e}") from None
 
 
 def load_env_factory(spec: str) -> EnvFactory:

@@ -35,12 +35,17 @@ def _wandb_settings(cfg: TrainConfig) -> dict | None:
             "config": _config_dict(cfg)}
 
 
-def _episode_settings(cfg: TrainConfig, prompts) -> dict:
-    """Multi-turn rollouts: `--env-path`, or the task's own environment (`guess`); {} for single-turn tasks."""
-    from r3rl.episodes import load_env_factory
+def _episode_settings(cfg: TrainConfig, prompts, *, tokenizer=None, vocab_size: int | None = None) -> dict:
+    """Multi-turn rollouts: `--env-path` (an EnvPool: the user's environments live in a worker process, every call
+    bounded by `--env-timeout` and checked, token ids against `vocab_size`), or the task's own environment (`guess`,
+    r3rl's code: in this process); {} for single-turn tasks."""
+    from r3rl.env_pool import EnvPool
 
     task = getattr(prompts, "task", None)
-    factory = load_env_factory(cfg.env_path) if cfg.env_path else getattr(task, "make_env", None)
+    if cfg.env_path:
+        factory = EnvPool(cfg.env_path, tokenizer=tokenizer, vocab_size=vocab_size, timeout_s=cfg.env_timeout_s)
+    else:
+        factory = getattr(task, "make_env", None)
     if factory is None:
         return {}
     return {"env_factory": factory, "max_turns": cfg.max_turns or getattr(task, "max_turns", 4)}

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from r3rl.check import ReplayCheck, resolve_threshold
+from r3rl.episodes import EnvError
 from r3rl.models import load_model, resolve_dtype
 from r3rl.models.chat import encode_prompt
 from r3rl.models.loading import set_activation_checkpointing
@@ -152,7 +153,9 @@ class Trainer:
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
-            env=env, layer_masks=self.layout_plan.layer_masks, **_episode_settings(cfg, self.prompts))
+            env=env, layer_masks=self.layout_plan.layer_masks,
+            **_episode_settings(cfg, self.prompts, tokenizer=self.tokenizer,
+                                vocab_size=self.model.get_input_embeddings().num_embeddings))
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
@@ -178,7 +181,7 @@ class Trainer:
                     done = step + 1
                     if cfg.save and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.num_rollout):
                         self.save(done)
-        except (AssertionError, RewardError) as e:  # the R3 check, a --ci-test invariant or the reward plug-in failed
+        except (AssertionError, RewardError, EnvError) as e:  # the R3 check, a --ci-test invariant or a plug-in failed
             error = str(e)
             summary.fail(step)
             raise
@@ -242,6 +245,8 @@ class Trainer:
     def close(self) -> None:
         self.replay.close()
         self.rollout.close()
+        if hasattr(self.ctx.env_factory, "close"):  # an --env-path EnvPool: its worker
+            self.ctx.env_factory.close()
         self.env.close()
         self._release()
 
