@@ -7,6 +7,9 @@ continues), each returned as ONE `Sample` whose routing trace covers every token
 
 Environment (`Environment` protocol): `reset() -> prompt token ids`; `step(response_ids) -> EnvStep` with the
 observation token ids to append, whether the episode is done, and a reward (an episode's reward is the sum).
+A user's environment (`--env-path`) runs in a worker process, each call bounded and each value checked
+(r3rl.env_pool: the trainer holds `RemoteEnv` proxies; a failure is an `EnvError` naming the episode, turn, call and
+prompt); a built-in task's environment (`--task guess`) is r3rl's own code and runs here.
 
 Tokens in, tokens out:
   - every turn generates from the episode's full token context, exactly as it stands: nothing is re-rendered and the
@@ -276,7 +279,8 @@ def _env_call(call, index: int, turn: int | None, *args):
 
 def load_env_factory(spec: str) -> EnvFactory:
     """`module:Name` or `path/to/file.py:Name` -> a callable `(item, tokenizer) -> Environment` (a class or a
-    function). Errors name the spec and what failed."""
+    function), loaded in this process (the trainer loads `--env-path` through r3rl.env_pool.EnvPool, whose worker
+    calls this). Errors name the spec and what failed."""
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise ValueError(f"--env-path {spec!r}: expected 'module:Class' or 'path/to/file.py:Class'")
