@@ -71,7 +71,7 @@ class EnvPool:
 
     def __call__(self, item: PromptItem, tokenizer=None) -> RemoteEnv:
         env = RemoteEnv(self, self._next_id, item)
-        weakref.finalize(env, self._dropped.append, self._next_id)
+        weakref.finalize(env, self._dropped.append, self._next_id).atexit = False
         self._next_id += 1
         return env
 
