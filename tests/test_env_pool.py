@@ -96,6 +96,9 @@ class Misbehaves(Calc):
             _write(b'["ok", {"observation_ids": [999999], "done": false, "reward": 0.0, "context_ids": null, '
                    b'"info": {}}]')
             return super().step(response_ids)
+        if how == "forge_huge":  # a header announcing 1 GiB: refused before anything is read or allocated
+            os.write(int(sys.argv[1]), struct.pack("!i", 1 << 30))
+            return super().step(response_ids)
         if how == "forge_pickle":
             _write(pickle.dumps(("ok", Touch(os.environ["R3RL_TEST_MARKER"]))))
             return super().step(response_ids)
@@ -205,6 +208,7 @@ def test_a_hung_step_is_killed_at_the_timeout_naming_episode_turn_and_prompt(env
     ("dict", r"step\(\) returned \{'observation_ids': \[1\].* \(dict\): expected an EnvStep"),
     ("obs_vocab", r"EnvStep\.observation_ids\[1\] = 259: outside the vocabulary \[0, 259\)"),
     ("forge_json", r"EnvStep\.observation_ids\[0\] = 999999: outside the vocabulary"),  # the trainer's own check
+    ("forge_huge", r"the environment worker sent a reply over 67108864 bytes$"),
 ])
 def test_every_step_failure_fails_naming_the_episode(envs_file, backend, monkeypatch, how, message):
     pool = pool_for(envs_file, "Misbehaves", monkeypatch, how=how)
@@ -314,9 +318,11 @@ def test_the_timeout_flag_reaches_the_pool_and_its_default_agrees():
         EnvPool("x.py:E", timeout_s=-1)
 
 
-def test_train_with_env_path_runs_episodes_in_the_worker_and_a_hang_fails_the_run(envs_file, tmp_path, monkeypatch):
+def test_train_with_env_path_runs_episodes_in_the_worker_and_a_hang_fails_the_run(envs_file, tmp_path, monkeypatch,
+                                                                                   caplog):
     """`r3rl train --task guess --env-path ...`: the guess environment as a user plug-in passes with R3 verified;
-    the same run with an environment that hangs ends with exit 1 and a one-line error naming the episode."""
+    the same run with an environment that hangs ends with exit 1 and a one-line error naming the episode; one that
+    cannot load fails at start, before the warm-up."""
     from r3rl.cli_train import run_train
     from r3rl.config import ReplayConfig
     from r3rl.train.config import TrainConfig
@@ -332,10 +338,12 @@ def test_train_with_env_path_runs_episodes_in_the_worker_and_a_hang_fails_the_ru
     monkeypatch.setenv("R3RL_TEST_TRAINER_PID", str(os.getpid()))
 
     def cfg(name, run_dir, **kw):
-        return TrainConfig(task="guess", env_path=f"{guess}:{name}", num_rollout=1, rollout_batch_size=2,
-                           n_samples_per_prompt=2, rollout_max_response_len=2, sft_steps=0, eval_interval=1,
-                           eval_prompts=2, run_dir=str(run_dir), progress=False, plots=False,
-                           replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True), **kw)
+        return TrainConfig(**{"task": "guess", "env_path": f"{guess}:{name}", "num_rollout": 1,
+                              "rollout_batch_size": 2, "n_samples_per_prompt": 2, "rollout_max_response_len": 2,
+                              "sft_steps": 0, "eval_interval": 1, "eval_prompts": 2, "run_dir": str(run_dir),
+                              "progress": False, "plots": False,
+                              "replay": ReplayConfig(use_rollout_routing_replay=True,
+                                                     enable_r3_correctness_check=True)} | kw)
 
     assert run_train(cfg("Guess", tmp_path / "ok")) == 0
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
@@ -346,4 +354,10 @@ def test_train_with_env_path_runs_episodes_in_the_worker_and_a_hang_fails_the_ru
     error = json.loads((tmp_path / "hang" / "summary.json").read_text())["error"]
     assert error.startswith("episode 0 turn 0: --env-path ") and "took longer than --env-timeout 1 s" in error
     assert "\n" not in error
+    from r3rl.train.trainer import Trainer
+
+    with caplog.at_level("INFO"), pytest.raises(ValueError, match=r"--env-path '.*guess_env\.py:Missing': module .* "
+                                                                 r"has no attribute 'Missing'"):
+        Trainer(cfg("Missing", tmp_path / "missing", sft_steps=50))
+    assert not any("warm-up" in m for m in caplog.messages)  # before the warm-up and any rollout
 

@@ -124,12 +124,12 @@ class PluginWorker:
             raise WorkerFailure(f"took longer than {timeout_flag} {timeout_s:g} s; the worker was killed")
         try:
             kind, payload = _decode(self._conn.recv_bytes(MAX_MESSAGE_BYTES))
-        except (EOFError, OSError) as e:
-            alive = self.proc.poll() is None
+        except (EOFError, OSError) as e:  # the worker is gone (EOF, connection reset), or the length was refused
+            code = self.exitcode()
             self.close()
-            if alive and isinstance(e, OSError):  # recv_bytes refused the length
+            if code is None and "bad message length" in str(e):  # multiprocessing.connection's words for it
                 raise WorkerFailure(f"the {self.name} worker sent a reply over {MAX_MESSAGE_BYTES} bytes") from None
-            raise WorkerFailure(f"the {self.name} worker exited (exit code {self.exitcode()}) while {doing}") from None
+            raise WorkerFailure(f"the {self.name} worker exited (exit code {code}) while {doing}") from None
         except WorkerFailure:
             self.close()
             raise

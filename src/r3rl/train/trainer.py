@@ -60,6 +60,7 @@ from r3rl.train.run_dir import SampleLog, draw_plots, new_run_dir
 from r3rl.train.setup import (
     TASK_MAX_PROMPT_LEN,
     _config_dict,
+    _env_pool,
     _episode_settings,
     _load_tokenizer,
     _lock_dirs,
@@ -77,7 +78,8 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        self.locks, self.reward = [], None  # released / stopped by close(), or here when construction fails
+        # released / stopped by close(), or here when construction fails
+        self.locks, self.reward, self.env_pool = [], None, None
         try:
             self._init(cfg)
         except BaseException:
@@ -106,6 +108,7 @@ class Trainer:
         self.prompts = _prompt_source(cfg, seed=cfg.seed, holdout=self.holdout, reward=self.reward)
         probe_reward(self.prompts)  # a reward that breaks its contract fails here, before any work
         self.model, self.tokenizer = self._load_policy()
+        self.env_pool = _env_pool(cfg, self.tokenizer, self.model)  # --env-path: loaded now, before any work
         # the layout this family trains in: one that cannot be packed correctly is trained padded (said once)
         self.layout_plan = plan_layout(self.model, cfg.layout, dtype=resolve_dtype(cfg.dtype), log=env.is_main)
         cfg = self.cfg = dataclasses.replace(cfg, layout=self.layout_plan.layout)
@@ -154,8 +157,7 @@ class Trainer:
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
             env=env, layer_masks=self.layout_plan.layer_masks,
-            **_episode_settings(cfg, self.prompts, tokenizer=self.tokenizer,
-                                vocab_size=self.model.get_input_embeddings().num_embeddings))
+            **_episode_settings(cfg, self.prompts, env_pool=self.env_pool))
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
@@ -245,14 +247,14 @@ class Trainer:
     def close(self) -> None:
         self.replay.close()
         self.rollout.close()
-        if hasattr(self.ctx.env_factory, "close"):  # an --env-path EnvPool: its worker
-            self.ctx.env_factory.close()
         self.env.close()
         self._release()
 
     def _release(self) -> None:
         if self.reward is not None:
             self.reward.close()
+        if self.env_pool is not None:
+            self.env_pool.close()
         for lock in self.locks:
             lock.release()
 
