@@ -113,8 +113,9 @@ class RemoteEnv:
         return ids
 
     def step(self, response_ids: list[int]) -> EnvStep:
-        if not self._made:
-            self._pool._fail(self, "step()", "called before reset()")
+        if not self._made:  # the caller's mistake, not the environment's: the worker goes on
+            raise EnvError(f"--env-path {self._pool.spec!r} step() on {describe_item(self.item)}: called before "
+                           "reset()")
         fields = self._pool._call(self, "step", [int(t) for t in response_ids], "step()")
         problem = step_problem(fields, self._pool.vocab_size)
         if problem is not None:
