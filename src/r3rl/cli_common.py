@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["add_replay_flags", "PRESET_CHOICES", "REWARD_CHOICES", "REWARD_TIMEOUT_S", "DEVICE_HELP",
-           "replay_config_from_args"]
+__all__ = ["add_replay_flags", "PRESET_CHOICES", "REWARD_CHOICES", "REWARD_TIMEOUT_S", "ENV_TIMEOUT_S",
+           "DEVICE_HELP", "replay_config_from_args"]
 
 
 def add_replay_flags(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,7 @@ REWARD_CHOICES = _LazyChoices("r3rl.tasks.rewards", "BUILTIN_REWARDS")
 
 
 REWARD_TIMEOUT_S = 60.0  # = r3rl.tasks.reward_pool.DEFAULT_REWARD_TIMEOUT_S (test_cli_imports checks they agree)
+ENV_TIMEOUT_S = 60.0  # = r3rl.env_pool.DEFAULT_ENV_TIMEOUT_S (tests/test_env_pool.py checks they agree)
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda when available, else cpu"

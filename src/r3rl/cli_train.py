@@ -11,6 +11,7 @@ from pathlib import Path
 
 from r3rl.cli_common import (
     DEVICE_HELP,
+    ENV_TIMEOUT_S,
     PRESET_CHOICES,
     REWARD_CHOICES,
     REWARD_TIMEOUT_S,
@@ -41,7 +42,10 @@ def add_train_parser(sub) -> None:
     g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add; "
                    "guess: multi-turn episodes)")
     g.add_argument("--env-path", default=None, help="multi-turn environment: module:Class or file.py:Class, called "
-                   "as f(prompt_item, tokenizer) (r3rl.episodes)")
+                   "as f(prompt_item, tokenizer) (r3rl.episodes); it runs in a worker process (r3rl.env_pool)")
+    g.add_argument("--env-timeout", type=float, default=ENV_TIMEOUT_S,
+                   help="seconds one --env-path call (factory, reset, step) may take; past it the worker is killed "
+                        "and the run fails naming the episode, turn and prompt")
     g.add_argument("--max-turns", type=int, default=None, help="model responses per episode at most (default: the "
                    "task's, else 4)")
     g.add_argument("--prompt-data", default=None, help="prompts as .jsonl or .parquet")
@@ -229,6 +233,7 @@ def train_config_from_args(args: argparse.Namespace):
         dtype=dtype, seed=args.seed, task=args.task, prompt_data=args.prompt_data, input_key=args.input_key,
         label_key=args.label_key, apply_chat_template=args.apply_chat_template, custom_rm_path=args.custom_rm_path,
         reward_fn=args.reward_fn, reward_timeout_s=args.reward_timeout, env_path=args.env_path,
+        env_timeout_s=args.env_timeout,
         max_turns=args.max_turns, rollout_url=args.rollout_url, rollout_engine=args.rollout_engine,
         rollout_batch_size=args.rollout_batch_size,
         n_samples_per_prompt=args.n_samples_per_prompt, rollout_temperature=args.rollout_temperature,
@@ -258,6 +263,7 @@ def train_config_from_args(args: argparse.Namespace):
 def run_train(cfg) -> int:
     import json
 
+    from r3rl.episodes import EnvError
     from r3rl.tasks.rewards import RewardError
     from r3rl.train.trainer import Trainer
 
@@ -265,8 +271,9 @@ def run_train(cfg) -> int:
     try:
         trainer = Trainer(cfg)
         summary = trainer.run()
-    except (AssertionError, RewardError) as e:  # the R3 check failed ("R3 mismatch tokens (N) > threshold (M)"),
-        # or the reward plug-in did (raised, exited, hung, died, or returned a value outside the contract)
+    except (AssertionError, RewardError, EnvError) as e:  # the R3 check failed ("R3 mismatch tokens (N) >
+        # threshold (M)"), or a reward or --env-path plug-in did (raised, exited, hung, died, or returned a value
+        # outside the contract)
         logger.error("r3rl train failed: %s", e)
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports for the run
             run_dir = trainer.cfg.run_dir if trainer is not None else cfg.run_dir

@@ -7,6 +7,9 @@ continues), each returned as ONE `Sample` whose routing trace covers every token
 
 Environment (`Environment` protocol): `reset() -> prompt token ids`; `step(response_ids) -> EnvStep` with the
 observation token ids to append, whether the episode is done, and a reward (an episode's reward is the sum).
+A user's environment (`--env-path`) runs in a worker process, each call bounded and each value checked
+(r3rl.env_pool: the trainer holds `RemoteEnv` proxies; a failure is an `EnvError` naming the episode, turn, call and
+prompt); a built-in task's environment (`--task guess`) is r3rl's own code and runs here.
 
 Tokens in, tokens out:
   - every turn generates from the episode's full token context, exactly as it stands: nothing is re-rendered and the
@@ -50,8 +53,8 @@ from r3rl.rollout.engine.messages import SamplingParams
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 
-__all__ = ["EnvStep", "Environment", "EnvFactory", "EpisodeError", "PrefixError", "EpisodeTrace", "run_episodes",
-           "load_env_factory", "check_prefix", "MIXED_VERSION_POLICIES"]
+__all__ = ["EnvStep", "Environment", "EnvFactory", "EpisodeError", "PrefixError", "EnvError", "EpisodeTrace",
+           "run_episodes", "load_env_factory", "check_prefix", "MIXED_VERSION_POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,11 @@ class EpisodeError(RuntimeError):
 
 class PrefixError(EpisodeError):
     """A re-rendered context does not start with the tokens the episode already holds."""
+
+
+class EnvError(EpisodeError):
+    """An `--env-path` environment failed (raised, exited, hung, died, or returned a value outside the contract;
+    r3rl.env_pool): the run fails (exit 1). `run_episodes` adds the episode and the turn to the message."""
 
 
 @dataclass(kw_only=True)
@@ -221,7 +229,7 @@ def run_episodes(backend, envs: Sequence[Environment], sampling: SamplingParams,
         raise ValueError(f"max_turns must be >= 1: got {max_turns}")
     if mixed_versions not in MIXED_VERSION_POLICIES:
         raise ValueError(f"mixed_versions must be one of {MIXED_VERSION_POLICIES}: got {mixed_versions!r}")
-    episodes = [EpisodeTrace(env.reset(), index=i) for i, env in enumerate(envs)]
+    episodes = [EpisodeTrace(_env_call(env.reset, i, None), index=i) for i, env in enumerate(envs)]
     rewards = [0.0] * len(envs)
     infos: list[list[dict]] = [[] for _ in envs]
     active = list(range(len(envs)))
@@ -241,7 +249,7 @@ def run_episodes(backend, envs: Sequence[Environment], sampling: SamplingParams,
         still = []
         for i, out in zip(active, outs, strict=True):
             episodes[i].add_turn(out)
-            step = envs[i].step(list(out.response_ids))
+            step = _env_call(envs[i].step, i, turn, list(out.response_ids))
             if not isinstance(step, EnvStep):
                 raise EpisodeError(f"episode {i} turn {turn}: the environment's step() returned "
                                    f"{type(step).__name__}, expected an EnvStep")
@@ -261,9 +269,18 @@ def run_episodes(backend, envs: Sequence[Environment], sampling: SamplingParams,
     return samples
 
 
+def _env_call(call, index: int, turn: int | None, *args):
+    """`call(*args)`; an EnvError (an environment in a worker, r3rl.env_pool) gets the episode and turn prepended."""
+    try:
+        return call(*args)
+    except EnvError as e:
+        raise EnvError(f"episode {index} {'reset' if turn is None else f'turn {turn}'}: {e}") from None
+
+
 def load_env_factory(spec: str) -> EnvFactory:
     """`module:Name` or `path/to/file.py:Name` -> a callable `(item, tokenizer) -> Environment` (a class or a
-    function). Errors name the spec and what failed."""
+    function), loaded in this process (the trainer loads `--env-path` through r3rl.env_pool.EnvPool, whose worker
+    calls this). Errors name the spec and what failed."""
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise ValueError(f"--env-path {spec!r}: expected 'module:Class' or 'path/to/file.py:Class'")

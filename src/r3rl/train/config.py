@@ -66,6 +66,9 @@ class TrainConfig:
     tokenizer) (r3rl.episodes); each sample is then an episode. A task with its own environment (`guess`) needs none."""
     max_turns: int | None = None
     """Model responses per episode at most; None: the task's `max_turns` (guess: 4), else 4."""
+    env_timeout_s: float = 60.0
+    """Seconds one call of an `env_path` environment (factory, reset, step) may take (it runs in a worker process,
+    killed past this; r3rl.env_pool)."""
 
     # --- rollout ------------------------------------------------------------------------------------------------
     rollout_url: list[str] = field(default_factory=list)
@@ -188,7 +191,8 @@ class TrainConfig:
         for name in ("sft_steps", "lr_warmup_steps", "max_staleness", "sft_stop_loss"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0: got {getattr(self, name)}")
-        for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr", "reward_timeout_s"):
+        for name in ("lr", "rollout_temperature", "rollout_top_p", "clip_grad", "sft_lr", "reward_timeout_s",
+                     "env_timeout_s"):
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be a finite number > 0: got {v}")

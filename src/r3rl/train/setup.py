@@ -35,12 +35,22 @@ def _wandb_settings(cfg: TrainConfig) -> dict | None:
             "config": _config_dict(cfg)}
 
 
-def _episode_settings(cfg: TrainConfig, prompts) -> dict:
-    """Multi-turn rollouts: `--env-path`, or the task's own environment (`guess`); {} for single-turn tasks."""
-    from r3rl.episodes import load_env_factory
+def _env_pool(cfg: TrainConfig, tokenizer, model):
+    """`--env-path`: an EnvPool (the user's environments live in a worker process with a copy of the tokenizer, every
+    call bounded by `--env-timeout`, token ids checked against the model's embedding rows); None without it."""
+    if not cfg.env_path:
+        return None
+    from r3rl.env_pool import EnvPool
 
+    return EnvPool(cfg.env_path, tokenizer=tokenizer, vocab_size=model.get_input_embeddings().num_embeddings,
+                   timeout_s=cfg.env_timeout_s)
+
+
+def _episode_settings(cfg: TrainConfig, prompts, *, env_pool=None) -> dict:
+    """Multi-turn rollouts: `--env-path` (its EnvPool, `_env_pool`), or the task's own environment (`guess`, r3rl's
+    code: in this process); {} for single-turn tasks."""
     task = getattr(prompts, "task", None)
-    factory = load_env_factory(cfg.env_path) if cfg.env_path else getattr(task, "make_env", None)
+    factory = env_pool if env_pool is not None else getattr(task, "make_env", None)
     if factory is None:
         return {}
     return {"env_factory": factory, "max_turns": cfg.max_turns or getattr(task, "max_turns", 4)}

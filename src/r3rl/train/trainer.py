@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from r3rl.check import ReplayCheck, resolve_threshold
+from r3rl.episodes import EnvError
 from r3rl.models import load_model, resolve_dtype
 from r3rl.models.loading import set_activation_checkpointing
 from r3rl.models.presets import make_model, make_tokenizer
@@ -56,6 +57,7 @@ from r3rl.train.run_dir import SampleLog, draw_plots, new_run_dir
 from r3rl.train.setup import (
     TASK_MAX_PROMPT_LEN,
     _config_dict,
+    _env_pool,
     _episode_settings,
     _load_tokenizer,
     _lock_dirs,
@@ -74,7 +76,8 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        self.locks, self.reward = [], None  # released / stopped by close(), or here when construction fails
+        # released / stopped by close(), or here when construction fails
+        self.locks, self.reward, self.env_pool = [], None, None
         try:
             self._init(cfg)
         except BaseException:
@@ -103,6 +106,7 @@ class Trainer:
         self.prompts = _prompt_source(cfg, seed=cfg.seed, holdout=self.holdout, reward=self.reward)
         probe_reward(self.prompts)  # a reward that breaks its contract fails here, before any work
         self.model, self.tokenizer = self._load_policy()
+        self.env_pool = _env_pool(cfg, self.tokenizer, self.model)  # --env-path: loaded now, before any work
         # the layout this family trains in: one that cannot be packed correctly is trained padded (said once)
         self.layout_plan = plan_layout(self.model, cfg.layout, dtype=resolve_dtype(cfg.dtype), log=env.is_main)
         cfg = self.cfg = dataclasses.replace(cfg, layout=self.layout_plan.layout)
@@ -150,7 +154,8 @@ class Trainer:
             cfg=cfg, model=self.model, replay=self.replay, check=self.check, rollout=self.rollout,
             prompts=self.prompts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
             ref_model=self.ref_model, stop_token_ids=_stop_ids(self.tokenizer), pad_id=_pad_id(self.tokenizer),
-            env=env, layer_masks=self.layout_plan.layer_masks, **_episode_settings(cfg, self.prompts))
+            env=env, layer_masks=self.layout_plan.layer_masks,
+            **_episode_settings(cfg, self.prompts, env_pool=self.env_pool))
 
     def run(self) -> dict:
         cfg, main = self.cfg, self.env.is_main
@@ -176,7 +181,7 @@ class Trainer:
                     done = step + 1
                     if cfg.save and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.num_rollout):
                         self.save(done)
-        except (AssertionError, RewardError) as e:  # the R3 check, a --ci-test invariant or the reward plug-in failed
+        except (AssertionError, RewardError, EnvError) as e:  # the R3 check, a --ci-test invariant or a plug-in failed
             error = str(e)
             summary.fail(step)
             raise
@@ -246,6 +251,8 @@ class Trainer:
     def _release(self) -> None:
         if self.reward is not None:
             self.reward.close()
+        if self.env_pool is not None:
+            self.env_pool.close()
         for lock in self.locks:
             lock.release()
 
