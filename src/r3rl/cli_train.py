@@ -38,6 +38,8 @@ def add_train_parser(sub) -> None:
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--dtype", default=None, help="parameter dtype (default: bfloat16 on cuda, float32 on cpu)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu-threads", type=int, default=None, help="intra-op threads on CPU (default: OMP_NUM_THREADS "
+                   "if set, else 1 for a model of hidden size <= 512, where more threads cost more than they give)")
     g = p.add_argument_group("data and rewards")
     g.add_argument("--task", default="reverse", help="built-in task when no --prompt-data (reverse, sort, add; "
                    "guess: multi-turn episodes)")
@@ -251,7 +253,7 @@ def train_config_from_args(args: argparse.Namespace):
         old_logprobs=LogprobSource.ROLLOUT if args.use_rollout_logprobs else LogprobSource.TRAIN,
         grpo_std_normalization=not args.disable_grpo_std_normalization, kl_coef=args.kl_coef,
         sft_steps=args.sft_steps, sft_stop_loss=args.sft_stop_loss,
-        sft_stop_exact=args.sft_stop_exact, sft_batch_size=args.sft_batch_size,
+        sft_stop_exact=args.sft_stop_exact, cpu_threads=args.cpu_threads, sft_batch_size=args.sft_batch_size,
         sft_lr=args.sft_lr, run_dir=args.run_dir,
         save=args.save, save_interval=args.save_interval, load=args.load, inject_fault=Fault(args.inject_fault),
         progress=not args.no_progress, eval_interval=args.eval_interval or None, eval_prompts=args.eval_prompts,

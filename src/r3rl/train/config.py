@@ -42,6 +42,9 @@ class TrainConfig:
     """Preset used when `model` is None."""
     device: str = "cpu"
     dtype: str = "float32"
+    cpu_threads: int | None = None
+    """Intra-op threads of a CPU run; None: OMP_NUM_THREADS when set, else 1 for a model of hidden size <= 512
+    (r3rl.train.setup.cpu_threads says why), else torch's default."""
     """Parameter dtype of the trained model (and the in-process engine). bfloat16 is pure-bf16 training."""
     seed: int = 0
     """Seeds the model init, prompt order and every rollout's sampling seeds."""
@@ -182,6 +185,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss.token_sum_norm is None:  # seq-mean-token-sum-norm's constant: the generation budget (Dr.GRPO)
             self.loss.token_sum_norm = self.rollout_max_response_len
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1: got {self.cpu_threads}")
         for name in ("rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len", "num_rollout",
                      "rollout_max_slots"):
             if getattr(self, name) < 1:

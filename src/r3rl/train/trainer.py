@@ -65,6 +65,7 @@ from r3rl.train.setup import (
     _rollout_backend,
     _stop_ids,
     _wandb_settings,
+    cpu_threads,
 )
 from r3rl.train.step import StepContext, _encode, rl_step
 from r3rl.train.warmup import sft_warmup
@@ -106,6 +107,7 @@ class Trainer:
         self.prompts = _prompt_source(cfg, seed=cfg.seed, holdout=self.holdout, reward=self.reward)
         probe_reward(self.prompts)  # a reward that breaks its contract fails here, before any work
         self.model, self.tokenizer = self._load_policy()
+        cpu_threads(cfg, self.model)
         self.env_pool = _env_pool(cfg, self.tokenizer, self.model)  # --env-path: loaded now, before any work
         # the layout this family trains in: one that cannot be packed correctly is trained padded (said once)
         self.layout_plan = plan_layout(self.model, cfg.layout, dtype=resolve_dtype(cfg.dtype), log=env.is_main)
