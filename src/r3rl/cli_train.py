@@ -111,7 +111,9 @@ def add_train_parser(sub) -> None:
     g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (default: all)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--max-tokens-per-mb", type=int, default=None, help="token budget per micro-batch")
-    g.add_argument("--layout", default="packed", choices=["packed", "padded"], help="micro-batch layout")
+    g.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
+                   help="micro-batch layout; auto: packed under a varlen attention (flash, flex), else padded (sdpa "
+                        "and eager read a packed row through a dense mask over all its tokens)")
     g.add_argument("--lr", type=float, default=None, help="RL learning rate; unset: 3e-4")
     g.add_argument("--lr-warmup-steps", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.0)

@@ -63,6 +63,21 @@ def test_forcing_plain_packing_on_a_family_that_cannot_leaks_across_samples(pres
     assert err > 100 * TOL, f"{preset}: forced packing gave {err:.3g}: the negative control no longer fails"
 
 
+def test_auto_packs_only_under_an_attention_that_needs_no_dense_mask(caplog):
+    from r3rl.train.config import TrainConfig
+
+    assert TrainConfig().layout is Layout.AUTO  # the default
+    model = make_model("tiny-qwen3-moe", seed=1)
+    with caplog.at_level(logging.INFO, logger="r3rl"):
+        plan = plan_layout(model, Layout.AUTO)
+    assert plan.layout is Layout.PADDED  # sdpa: a packed row would attend through a dense mask over all its tokens
+    assert "layout: padded (auto: sdpa attention" in caplog.text
+    model.config._attn_implementation = "flex_attention"  # a block mask: packed samples cost only their own blocks
+    assert plan_layout(model, Layout.AUTO).layout is Layout.PACKED
+    with pytest.raises(ValueError, match="needs a concrete layout"):
+        make_micro_batches([], advantages=[], layout=Layout.AUTO, micro_batch_size=1)
+
+
 def test_a_padded_request_stays_padded_and_builds_no_masks():
     plan = plan_layout(make_model("tiny-gpt-oss", seed=1), Layout.PADDED)
     assert plan.layout is Layout.PADDED and plan.layer_masks is None
@@ -75,8 +90,7 @@ def test_trainer_trains_qwen3_next_padded_and_says_so_once(tmp_path, caplog):
 
     cfg = TrainConfig(preset="tiny-qwen3-next", rollout_batch_size=2, n_samples_per_prompt=2,
                       rollout_max_response_len=4, num_rollout=1, sft_steps=1, sft_batch_size=4, micro_batch_size=4,
-                      eval_interval=None, progress=False, run_dir=str(tmp_path / "run"))
-    assert cfg.layout is Layout.PACKED  # the default asks for packed
+                      eval_interval=None, progress=False, run_dir=str(tmp_path / "run"), layout=Layout.PACKED)
     with caplog.at_level(logging.INFO, logger="r3rl"):
         Trainer(cfg).run()
     said = [r for r in caplog.records if "cannot be packed correctly" in r.getMessage()]

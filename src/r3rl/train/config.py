@@ -115,7 +115,9 @@ class TrainConfig:
     """Samples per micro-batch (gradient accumulation inside an optimizer step)."""
     max_tokens_per_mb: int | None = None
     """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size."""
-    layout: Layout = Layout.PACKED
+    layout: Layout = Layout.AUTO
+    """Micro-batch layout: packed rows (position ids restart per sample), padded rows, or auto: packed where the
+    attention implementation keeps samples apart without a dense mask (flash, flex), else padded (plan_layout)."""
     lr: float = 3e-4
     weight_decay: float = 0.0
     clip_grad: float = 1.0

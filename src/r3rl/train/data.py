@@ -56,6 +56,13 @@ logger = logging.getLogger(__name__)
 class Layout(enum.StrEnum):
     PADDED = "padded"
     PACKED = "packed"
+    AUTO = "auto"  # packed where the attention skips other samples' tokens, else padded (plan_layout)
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+"""transformers attention implementations that keep packed samples apart without a dense [T, T] mask (varlen
+kernels, flex's block mask). Any other (sdpa, eager) reads a packed row of T tokens through a dense mask: attention
+over the whole row, (sum of lengths)^2, where padding costs batch * longest^2."""
 
 
 @dataclass(kw_only=True)
@@ -153,6 +160,9 @@ def make_micro_batches(
         raise ValueError(f"one advantage per sample: got {len(advantages)} advantages for {len(samples)} samples")
     if micro_batch_size is None and max_tokens is None:
         raise ValueError("micro-batches need micro_batch_size or max_tokens")
+    if Layout(layout) is Layout.AUTO:
+        raise ValueError("make_micro_batches needs a concrete layout (packed or padded): resolve auto with "
+                         "plan_layout(model, Layout.AUTO) first")
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1: got {micro_batch_size}")
     indices = list(range(len(samples))) if sample_indices is None else list(sample_indices)
@@ -188,11 +198,21 @@ class LayoutPlan:
 
 
 def plan_layout(model, layout: Layout, *, dtype: torch.dtype = torch.float32, log: bool = True) -> LayoutPlan:
-    """The layout `model` trains in when `layout` is asked for. Packed stays packed where the family keeps packed
+    """The layout `model` trains in when `layout` is asked for. AUTO is packed under a varlen attention
+    (VARLEN_ATTENTION), else padded: on the embedded default (sdpa, CPU) the update took 38.6 s padded against 77.5 s
+    packed over 200 steps, and the whole run 2:07 against 3:04. Packed stays packed where the family keeps packed
     samples apart (position ids, or the layer masks built here); a family that cannot (`Packing.NONE`) is trained
     padded, and this says so once (`log`), never packing it silently wrong. `dtype`: the forward's compute dtype."""
     sites = find_routers(model)
     packing = model_packing(sites)
+    if layout is Layout.AUTO:
+        attn = str(getattr(model.config, "_attn_implementation", None) or "sdpa")
+        if not any(v in attn for v in VARLEN_ATTENTION):
+            if log:
+                logger.info("layout: padded (auto: %s attention would read a packed row through a dense mask over "
+                            "all its tokens; --layout packed to pack anyway)", attn)
+            return LayoutPlan(layout=Layout.PADDED, packing=packing)
+        layout = Layout.PACKED
     if layout is not Layout.PACKED:
         return LayoutPlan(layout=layout, packing=packing)
     family = sites[0].adapter.family
