@@ -71,6 +71,9 @@ def gpt():
             moe_enable_routing_replay=True, moe_token_dispatcher_type="alltoall", moe_router_dtype="fp32",
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
             use_cpu_initialization=True, params_dtype=torch.float32,
+            # no linear biases, as in Qwen3-MoE/DeepSeek; mcore 0.16.1's SequentialMLP adds the expert bias in place
+            # on a view its tensor-parallel reduce returned, which autograd refuses in backward
+            add_bias_linear=False,
         )
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)  # local spec, moe_layer_freq applied
         model = GPTModel(config, spec, vocab_size=V, max_sequence_length=S).cuda()
