@@ -74,6 +74,9 @@ def gpt():
             # no linear biases, as in Qwen3-MoE/DeepSeek; mcore 0.16.1's SequentialMLP adds the expert bias in place
             # on a view its tensor-parallel reduce returned, which autograd refuses in backward
             add_bias_linear=False,
+            # no dropout (RL trainers turn it off): mcore's default 0.1 makes the replayed forward's live router
+            # differ from the recording forward's on a few rows, which the check rightly counts
+            hidden_dropout=0.0, attention_dropout=0.0,
         )
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)  # local spec, moe_layer_freq applied
         model = GPTModel(config, spec, vocab_size=V, max_sequence_length=S).cuda()
