@@ -44,12 +44,12 @@ def recorded(name: str) -> dict:
 
 class VLLMLikeServer:
     def __init__(self, model, *, fault: str | None = None, dev_mode: bool = True, max_slots: int = 16,
-                 max_seq_len: int = 256, logprobs_mode: str = "raw_logprobs") -> None:
+                 max_seq_len: int = 256, logprobs_mode: str = "raw_logprobs", dtype: str = "float32") -> None:
         """`logprobs_mode`: vLLM's --logprobs-mode, raw_logprobs (T = 1) or processed_logprobs (at T; prompt
-        log-probs stay raw)."""
+        log-probs stay raw). `dtype`: what `/server_info` says it serves in (the recorded answer says float32)."""
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {list(FAULTS)}: got {fault!r}")
-        self.fault, self.dev_mode, self.logprobs_mode = fault, dev_mode, logprobs_mode
+        self.fault, self.dev_mode, self.logprobs_mode, self.dtype = fault, dev_mode, logprobs_mode, dtype
         self.engine = RolloutEngine(model, max_slots=max_slots, max_seq_len=max_seq_len, device="cpu")
         self.model = copy.deepcopy(model).eval()  # the served weights, for prompt_logprobs
         self.weight_version = "default"
@@ -177,7 +177,9 @@ def _handler(server: VLLMLikeServer):
             elif path == "/weight_info" and server.dev_mode:
                 self._send(200, {"weight_version": server.weight_version})
             elif path == "/server_info" and server.dev_mode:
-                self._send(200, recorded("server_info.json"))
+                info = json.loads(json.dumps(recorded("server_info.json")).replace(
+                    "dtype=torch.float32", f"dtype=torch.{server.dtype}"))
+                self._send(200, info)
             else:
                 self._send(404, {"detail": "Not Found"})
 

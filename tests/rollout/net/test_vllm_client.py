@@ -262,3 +262,28 @@ def test_a_fleet_of_vllm_servers_spreads_and_syncs(tmp_path):
             assert a.weight_version == b.weight_version == "5" and fleet.weight_version == 5
         finally:
             fleet.close()
+
+
+def _sharp(seed: int):
+    """A policy with a trained policy's sharp logits (the head scaled up), in fp32."""
+    import torch
+
+    model = make_model(PRESET, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)
+    return model
+
+
+def test_a_bf16_server_of_a_sharp_policy_passes_the_weights_check_and_other_weights_fail_it():
+    import torch
+
+    policy = _sharp(0)
+    rounded = copy.deepcopy(policy).to(torch.bfloat16)  # a bf16 server: bf16 weights, bf16 compute
+    with VLLMLikeServer(rounded, dtype="bfloat16") as srv:
+        client = VLLMClient(srv.url, model_shape=ModelShape.of_model(policy))
+        mean = asyncio.run(client.check_served_weights(policy))
+    assert mean > 0.05  # past the fixed bf16 bound: the check refused these right weights before
+    with VLLMLikeServer(_sharp(1).to(torch.bfloat16), dtype="bfloat16") as srv:  # other weights
+        client = VLLMClient(srv.url, model_shape=ModelShape.of_model(policy))
+        with pytest.raises(WeightSyncError, match=r"differ by [\d.e-]+ on average .* for a half server \(2x the "):
+            asyncio.run(client.check_served_weights(policy))
