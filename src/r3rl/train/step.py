@@ -48,7 +48,7 @@ from r3rl.rollout.net.backend import RolloutBackend
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig
-from r3rl.train.data import MicroBatch, make_micro_batches, token_logprobs
+from r3rl.train.data import Layout, MicroBatch, make_micro_batches, plan_layout, token_logprobs
 from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
 from r3rl.train.metrics import RoutingMismatch, train_rollout_metrics
 from r3rl.train.parallel import DistEnv, mean_over_ranks, pad_count, prompt_shard, sum_over_ranks
@@ -157,6 +157,10 @@ def rl_step(ctx: StepContext, step: int) -> dict:
 def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[float], indices=None, traces=None):
     cfg = ctx.cfg
     use_traces = cfg.replay.kind is not ReplayKind.NONE or traces is not None
+    if cfg.layout is Layout.AUTO:  # the Trainer resolves it; a caller of a stage alone gets it resolved here, once
+        plan = plan_layout(ctx.model, Layout.AUTO, log=False)
+        ctx.cfg = cfg = replace(cfg, layout=plan.layout)
+        ctx.layer_masks = ctx.layer_masks if ctx.layer_masks is not None else plan.layer_masks
     mbs = [mb.to(cfg.device) for mb in make_micro_batches(
         samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
         max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,

@@ -22,7 +22,7 @@ import torch
 
 from r3rl.models.chat import encode_prompt
 from r3rl.sample import Sample
-from r3rl.train.data import make_micro_batches, token_logprobs
+from r3rl.train.data import Layout, make_micro_batches, plan_layout, token_logprobs
 from r3rl.train.parallel import sum_over_ranks
 from r3rl.train.setup import _pad_id, _stop_ids
 
@@ -36,6 +36,7 @@ SFT_STOP_WINDOW = 5
 
 def sft_warmup(model, tokenizer, source, cfg, env, *, layer_masks=None) -> int:
     """Supervised steps on `source`'s items until a stop bound or `cfg.sft_steps`; returns the steps run."""
+    layout = cfg.layout if cfg.layout is not Layout.AUTO else plan_layout(model, Layout.AUTO, log=False).layout
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=cfg.adam_betas)
     eos = _stop_ids(tokenizer)
     model.train()
@@ -47,7 +48,7 @@ def sft_warmup(model, tokenizer, source, cfg, env, *, layer_masks=None) -> int:
             target, mask = sft_target_ids(source, it, tokenizer, eos[:1])
             samples.append(Sample(prompt_ids=encode_prompt(tokenizer, it.prompt, chat_template=cfg.apply_chat_template),
                                   response_ids=target, rollout_logprobs=[0.0] * len(target), loss_mask=mask))
-        mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=cfg.layout,
+        mbs = make_micro_batches(samples, advantages=[0.0] * len(samples), layout=layout,
                                  micro_batch_size=cfg.micro_batch_size, max_tokens=cfg.max_tokens_per_mb,
                                  pad_id=_pad_id(tokenizer), traces=[None] * len(samples), layer_masks=layer_masks)
         n_tok = sum(mb.num_response_tokens for mb in mbs)
