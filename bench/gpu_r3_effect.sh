@@ -19,7 +19,7 @@ PY
 PROMPTS=${PROMPTS:-8}
 COMMON="--preset ${PRESET:-bench-qwen3-moe} --device cuda --dtype bfloat16 --rollout-dtype bfloat16 --num-rollout ${STEPS:-5}
   --prompt-data /tmp/rev200.jsonl --reward-fn position_match --rollout-batch-size $PROMPTS --n-samples-per-prompt 8
-  --rollout-max-response-len 256 --sft-steps ${SFT:-10} --sft-batch-size 16 --sft-lr 5e-4 --lr 1e-5
+  --rollout-max-response-len 256 --sft-steps ${SFT:-10} --sft-batch-size 16 --sft-lr 5e-4 --lr ${LR:-1e-5}
   --micro-batch-size 16 --eval-interval 0 --no-progress --no-plots --enable-r3-correctness-check"
 [ -n "$GBS" ] && COMMON="$COMMON --global-batch-size $GBS"
 mkdir -p /tmp/r3e
