@@ -102,6 +102,15 @@ def lean_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weig
 
 
 def _set_experts(model, impl: str) -> None:
+    """grouped_mm | batched_mm | lean, each with an optional "+compile": `torch.compile` of every experts module
+    (dynamic shapes; the router, where replay patches in, stays eager)."""
+    impl, _, compiled = impl.partition("+")
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            if compiled:
+                module.compile(dynamic=True)
+            else:
+                module._compiled_call_impl = None
     if impl == "lean":
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
