@@ -21,7 +21,7 @@ METRICS = ["routing_mismatch", "router_live_mismatch", "train_rollout_k3_kl", "t
 def load(root: Path) -> dict[str, dict[int, list[dict]]]:
     runs: dict[str, dict[int, list[dict]]] = defaultdict(dict)
     for path in sorted(root.glob("*_s*/metrics.jsonl")):
-        m = re.fullmatch(r"(\w+)_s(\d+)", path.parent.name)
+        m = re.fullmatch(r"([\w.-]+)_s(\d+)", path.parent.name)
         if m:
             runs[m.group(1)][int(m.group(2))] = [json.loads(line) for line in path.read_text().splitlines() if line]
     return runs
