@@ -72,4 +72,3 @@ def test_the_reverse_task_warms_up_to_an_exact_bound_and_a_custom_task_to_a_loss
     assert cfg("--sft-stop-exact", "0.7").sft_stop_exact == 0.7
     with pytest.raises(ValueError, match="sft_stop_exact must be in"):
         TrainConfig(sft_stop_exact=1.5)
-

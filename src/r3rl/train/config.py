@@ -42,10 +42,10 @@ class TrainConfig:
     """Preset used when `model` is None."""
     device: str = "cpu"
     dtype: str = "float32"
+    """Parameter dtype of the trained model (and the in-process engine). bfloat16 is pure-bf16 training."""
     cpu_threads: int | None = None
     """Intra-op threads of a CPU run; None: OMP_NUM_THREADS when set, else 1 for a model of hidden size <= 512
     (r3rl.train.setup.cpu_threads says why), else torch's default."""
-    """Parameter dtype of the trained model (and the in-process engine). bfloat16 is pure-bf16 training."""
     seed: int = 0
     """Seeds the model init, prompt order and every rollout's sampling seeds."""
 
