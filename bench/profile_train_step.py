@@ -86,8 +86,9 @@ def lean_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weig
     [S, H] output (I < H). Same grouped GEMMs; falls back to transformers' path for biased / ungated experts."""
     from transformers.integrations.moe import grouped_mm_experts_forward
 
-    if getattr(self, "has_bias", False) or not getattr(self, "has_gate", True) or getattr(self, "is_transposed", False) \
-            or not getattr(self, "is_concatenated", True) or getattr(self, "has_post_expert_norm", False):
+    if getattr(self, "has_bias", False) or not getattr(self, "has_gate", True) \
+            or getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True) \
+            or getattr(self, "has_post_expert_norm", False):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
     expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
@@ -102,15 +103,15 @@ def lean_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weig
 
 
 def _set_experts(model, impl: str) -> None:
-    """grouped_mm | batched_mm | lean, each with an optional "+compile": `torch.compile` of every experts module
-    (dynamic shapes; the router, where replay patches in, stays eager)."""
+    """grouped_mm | batched_mm | lean, each with an optional "+compile": r3rl's regional compile (`--compile`:
+    attention, norms and experts of every decoder layer; routers, where replay patches in, and hooks eager)."""
+    from r3rl.train.regional_compile import compile_regions, compiled_regions, uncompile_regions
+
     impl, _, compiled = impl.partition("+")
-    for name, module in model.named_modules():
-        if name.endswith("mlp.experts"):
-            if compiled:
-                module.compile(dynamic=True)
-            else:
-                module._compiled_call_impl = None
+    if compiled and not compiled_regions(model):
+        compile_regions(model)
+    elif not compiled:
+        uncompile_regions(model)
     if impl == "lean":
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -143,7 +144,8 @@ def main() -> None:
     for spec in args.variants.split(","):  # layout/samples per micro-batch/attention
         layout, mbsize, attn, *experts = spec.split("/")
         ctx.cfg.layout, ctx.cfg.micro_batch_size = Layout(layout), int(mbsize)
-        variants[spec] = (_micro_batches(ctx, samples, [1.0] * len(samples)), attn, experts[0] if experts else "grouped_mm")
+        variants[spec] = (_micro_batches(ctx, samples, [1.0] * len(samples)), attn,
+                          experts[0] if experts else "grouped_mm")
     ctx.cfg.layout, ctx.cfg.micro_batch_size = Layout.PACKED, 32
     times: dict[str, list[float]] = {k: [] for k in variants}
     errors: dict[str, str] = {}

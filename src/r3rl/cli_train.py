@@ -120,6 +120,9 @@ def add_train_parser(sub) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--no-activation-checkpointing", action="store_true",
                    help="do not checkpoint decoder layers (no recompute, so no replay_backward)")
+    g.add_argument("--compile", action="store_true",
+                   help="regional torch.compile: attention, norms and experts of every decoder layer; routers "
+                        "(replay's patch points) and hooks stay eager")
     g.add_argument("--use-rollout-logprobs", action="store_true",
                    help="old-policy log-probs = the rollout's (default: a training forward before the update)")
     g = p.add_argument_group("loss (slime/miles names)")
@@ -251,7 +254,7 @@ def train_config_from_args(args: argparse.Namespace):
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         max_tokens_per_mb=args.max_tokens_per_mb, layout=Layout(args.layout), lr=args.lr,
         lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        activation_checkpointing=not args.no_activation_checkpointing,
+        activation_checkpointing=not args.no_activation_checkpointing, compile=args.compile,
         old_logprobs=LogprobSource.ROLLOUT if args.use_rollout_logprobs else LogprobSource.TRAIN,
         grpo_std_normalization=not args.disable_grpo_std_normalization, kl_coef=args.kl_coef,
         sft_steps=args.sft_steps, sft_stop_loss=args.sft_stop_loss,

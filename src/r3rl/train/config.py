@@ -131,6 +131,10 @@ class TrainConfig:
     """KL(actor || reference) penalty subtracted from each sample's reward (slime --kl-coef)."""
     activation_checkpointing: bool = True
     """Checkpoint every decoder layer: the recompute in backward replays too (replay_backward)."""
+    compile: bool = False
+    """Regional torch.compile of the policy (and reference): per decoder layer, attention, norms and experts are
+    compiled; routers, hooks and the layers' own forwards stay eager, so replay, the check and the experts tap run at
+    every call (`r3rl.train.regional_compile`). The first step pays the compile."""
     sft_steps: int = 100
     """Supervised warm-up steps on the task's targets before RL (built-in tasks; 0 to skip): the most it takes."""
     sft_stop_loss: float = 0.45

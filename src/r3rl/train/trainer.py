@@ -53,6 +53,7 @@ from r3rl.train.data import plan_layout
 from r3rl.train.metrics import MetricsWriter, RunSummary
 from r3rl.train.parallel import DistEnv, RankZeroWeightSync, parallelize
 from r3rl.train.progress import _brief, _Progress
+from r3rl.train.regional_compile import compile_regions
 from r3rl.train.run_dir import SampleLog, draw_plots, new_run_dir
 from r3rl.train.setup import (
     TASK_MAX_PROMPT_LEN,
@@ -142,6 +143,10 @@ class Trainer:
                 parallelize(self.ref_model, env, param_dtype=resolve_dtype(cfg.dtype), trainable=False)
         elif context_fn is not None:
             set_activation_checkpointing(self.model, True, context_fn=context_fn)
+        if cfg.compile:  # inside the checkpoint and FSDP2 wrappers; routers and hooks stay eager
+            compile_regions(self.model, log=env.is_main)
+            if self.ref_model is not None:
+                compile_regions(self.ref_model, log=False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
         warmup = cfg.lr_warmup_steps
