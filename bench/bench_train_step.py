@@ -7,8 +7,11 @@ The update (forward + backward with activation checkpointing over the step's mic
 excluded) runs for the same samples under three routings, interleaved round by round so that clock and thermal
 drift hit all three alike: `off` (live router, no replay), `r3` (replay the rollout trace) and `r3+check`. Reported:
 median and range per mode, and the ratios of the medians. Targets: R3 <= 1.02x and R3 + check <= 1.05x of `off`.
+A fourth mode, `update`, times `r3rl train`'s own update function on the same samples (R3 + check, the policy loss,
+the experts tap and routing metrics, gradient clipping and the AdamW step): the number a run sees.
 MFU counts 6 * active params * tokens for forward + backward plus 2 * active params * tokens for the recompute,
-against the card's dense bf16 peak (H200: 989 TFLOP/s).
+against the card's dense bf16 peak (H200: 989 TFLOP/s). `--compile`: r3rl's regional compile (`r3rl train
+--compile`), compiled during the first whole step (its stage times include the compile) and warmed by the first round.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import torch
 
 from r3rl.config import ReplayConfig
 from r3rl.train.config import TrainConfig
-from r3rl.train.data import token_logprobs
-from r3rl.train.step import _micro_batches, rl_step
+from r3rl.train.metrics import RoutingMismatch
+from r3rl.train.step import _logprobs, _micro_batches, _rollout_logprobs, _update, rl_step
 from r3rl.train.trainer import Trainer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the recipe, no numbers
@@ -45,33 +48,39 @@ def main() -> None:
     ap.add_argument("--response-len", type=int, default=128)
     ap.add_argument("--micro-batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile (r3rl train --compile)")
+    ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     trainer, ctx, samples, stages = build(args.preset, args.rollout_batch_size, args.n_samples_per_prompt,
-                                          args.response_len, micro_batch_size=args.micro_batch_size)
+                                          args.response_len, micro_batch_size=args.micro_batch_size,
+                                          compile=args.compile, layout=args.layout)
     mbs = _micro_batches(ctx, samples, [1.0] * len(samples))
     tokens = sum(mb.num_tokens for mb in mbs)
     check = ctx.check
-    times: dict[str, list[float]] = {"off": [], "r3": [], "r3+check": []}
+    times: dict[str, list[float]] = {"off": [], "r3": [], "r3+check": [], "update": []}
     for _ in range(args.rounds + 1):  # the first round warms up (allocator, autotuning) and is dropped
         for mode in times:
-            ctx.replay.check = check if mode == "r3+check" else None
-            times[mode].append(_update_time(ctx, mbs, mode))
+            ctx.replay.check = check if mode in ("r3+check", "update") else None
+            times[mode].append(_train_update_time(ctx, samples) if mode == "update" else _update_time(ctx, mbs, mode))
         if check is not None:
             check.summary(raise_on_fail=False)
     times = {k: v[1:] for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     active = _active_params(trainer.model)
     flops = 8 * active * tokens  # fwd 2 + bwd 4 + recompute 2, per active parameter and token
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     result = {
-        "card": name, "preset": args.preset, "tokens_per_update": tokens, "micro_batches": len(mbs),
+        "card": name, "preset": args.preset, "compile": args.compile, "layout": ctx.cfg.layout.value,
+        "tokens_per_update": tokens, "micro_batches": len(mbs),
         "stage_times_s": {k: v for k, v in stages.items() if k.startswith("time/")},
         "update_median_s": med, "update_range_s": {k: [min(v), max(v)] for k, v in times.items()},
         "ratio_r3": med["r3"] / med["off"], "ratio_r3_check": med["r3+check"] / med["off"],
         "update_tokens_per_s": tokens / med["r3"], "active_params": active,
         "mfu_r3": flops / med["r3"] / peak if peak else None,
+        "mfu_r3_check": flops / med["r3+check"] / peak if peak else None,
+        "mfu_train_update": flops / med["update"] / peak if peak else None,
     }
     print(json.dumps(result, indent=2))
     if args.out:
@@ -80,9 +89,11 @@ def main() -> None:
 
 
 def build(preset: str, rollout_batch_size: int, n_samples_per_prompt: int, response_len: int, *,
-          micro_batch_size: int):
+          micro_batch_size: int, compile: bool = False, layout: str = "auto"):
     """The trainer (bf16, R3 + check) after one whole RL step, and the samples of a second rollout."""
-    cfg = TrainConfig(
+    from r3rl.train.data import Layout
+
+    cfg = TrainConfig(compile=compile, layout=Layout(layout),
         replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True), preset=preset,
         device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32", sft_steps=0, num_rollout=1,
         rollout_batch_size=rollout_batch_size,
@@ -104,14 +115,25 @@ def _update_time(ctx, mbs, mode: str) -> float:
     for mb in mbs:
         routing = ctx.replay.off() if mode == "off" else ctx.replay.replay(mb.replay)
         with routing:
-            logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
-            logp = token_logprobs(logits_TV, mb.target_ids_T)
+            logp = _logprobs(ctx, mb, model(**mb.model_inputs()).logits)[0]
             (-(logp * mb.advantages_T).sum() / 1e4).backward()
     _sync()
     elapsed = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     model.eval()
     return elapsed
+
+
+def _train_update_time(ctx, samples) -> float:
+    """`r3rl train`'s update (step.py `_update`) on `samples`, R3 (+ check when attached), advantages +-1."""
+    advantages = [1.0 if i % 2 else -1.0 for i in range(len(samples))]
+    old_logp = _rollout_logprobs(_micro_batches(ctx, samples, advantages))
+    received = [s.trace for s in samples]
+    _sync()
+    t0 = time.perf_counter()
+    _update(ctx, samples, advantages, old_logp, None, {}, received, RoutingMismatch())
+    _sync()
+    return time.perf_counter() - t0
 
 
 def _active_params(model) -> int:

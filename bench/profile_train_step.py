@@ -6,7 +6,9 @@ Builds the same trainer and batch as `bench_train_step.py` (bf16, R3 + check on)
 1. times the update (forward + backward with activation checkpointing, R3 + check) for each lever, interleaved
    round by round (medians): layout (packed rows or padded), samples per micro-batch, attention implementation
    (`sdpa` over the packed row's dense block-diagonal mask, O(T^2) in the row's length, against
-   `flex_attention`'s document mask, which skips the masked blocks);
+   `flex_attention`'s document mask, which skips the masked blocks), and the experts path with or without r3rl's
+   regional compile (`grouped_mm`, `lean`, each optionally `+compile`: `r3rl train --compile`, the training head
+   included); a lever is a spec `layout/samples per micro-batch/attention[/experts[+compile]]`;
 2. profiles one update of the baseline and of the fastest lever with `torch.profiler` and sums self CUDA time by
    category (experts GEMMs, attention, dense GEMMs, routing/top-k, log-softmax, elementwise, copies,
    communication), with the top kernels.
@@ -93,7 +95,9 @@ def lean_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weig
     num_tokens, k = top_k_index.shape
     expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
     x_g = hidden_states[perm // k]
-    offsets = torch.cumsum(torch.bincount(expert_ids_g, minlength=self.num_experts), dim=0, dtype=torch.int32)
+    counts = torch.zeros(self.num_experts, dtype=torch.int32, device=expert_ids_g.device).scatter_add_(
+        0, expert_ids_g, torch.ones_like(expert_ids_g, dtype=torch.int32))  # static size (bincount's is data-dependent)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     gate_up = torch._grouped_mm(x_g, self.gate_up_proj.transpose(-2, -1), offs=offsets)
     h = self._apply_gate(gate_up) * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(gate_up.dtype)
     y_g = torch._grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)
@@ -126,9 +130,12 @@ def main() -> None:
     ap.add_argument("--rollout-batch-size", type=int, default=16)
     ap.add_argument("--n-samples-per-prompt", type=int, default=8)
     ap.add_argument("--response-len", type=int, default=128)
-    ap.add_argument("--variants", default="packed/32/sdpa,packed/32/flex_attention,packed/64/flex_attention,"
-                    "packed/16/sdpa,padded/32/sdpa", help="layout/samples per micro-batch/attention[/experts], "
-                    "comma-separated; experts: grouped_mm (default), batched_mm, or lean (this file's experiment)")
+    ap.add_argument("--variants", default="padded/32/sdpa,padded/32/sdpa/grouped_mm+compile,padded/32/sdpa/lean,"
+                    "padded/32/sdpa/lean+compile,padded/64/sdpa/grouped_mm+compile,"
+                    "packed/32/flex_attention/grouped_mm+compile",
+                    help="layout/samples per micro-batch/attention[/experts[+compile]], comma-separated; experts: "
+                    "grouped_mm (default), batched_mm, or lean (this file's experiment; compiles in bf16 only: "
+                    "torch's fake-tensor rule for _grouped_mm); +compile: r3rl's regional compile")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -156,6 +163,7 @@ def main() -> None:
             try:
                 model.set_attn_implementation(attn)
                 _set_experts(model, experts)
+                ctx.cfg.compile = experts.endswith("+compile")  # the training head too
                 times[name].append(_update_time(ctx, mbs, "r3+check"))
             except Exception as e:  # a lever this stack cannot run is reported, not fatal
                 errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -168,11 +176,13 @@ def main() -> None:
     result = {"card": card, "preset": args.preset, "tokens": tokens, "active_params": active,
               "levers": {k: {"median_s": statistics.median(v[1:]), "mfu": 8 * active * tokens
                              / statistics.median(v[1:]) / peak} for k, v in times.items() if len(v) > 1},
-              "errors": errors}
+              "errors": errors,  # and the compile counters: a lever that recompiles every round shows here
+              "dynamo_stats": {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("stats",)}}
     ok = {k: v["median_s"] for k, v in result["levers"].items()}
     for name in dict.fromkeys([next(iter(variants)), min(ok, key=ok.get)] if ok else []):  # baseline and fastest
         model.set_attn_implementation(variants[name][1])
         _set_experts(model, variants[name][2])
+        ctx.cfg.compile = variants[name][2].endswith("+compile")
         try:
             result[f"profile {name}"] = _profile(ctx, variants[name][0])
         except Exception as e:

@@ -35,11 +35,15 @@ class ExpertsReading:
 
     def ids(self) -> torch.Tensor:
         """`[N, L, K]` int64 on the host: every first-pass call of each layer concatenated in call order."""
+        return self.stacked().long().cpu()
+
+    def stacked(self) -> torch.Tensor:
+        """The same `[N, L, K]` ids on the device they were read on, in their own dtype: no host sync."""
         counts = [len(calls) for calls in self.ids_per_layer]
         if len(set(counts)) != 1 or counts[0] == 0:
             raise RuntimeError(f"experts tap: calls per MoE layer={counts} (expected the same non-zero count for every "
                                "layer: did the forward run inside reading()?)")
-        return torch.stack([torch.cat(calls) for calls in self.ids_per_layer], dim=1).long().cpu()
+        return torch.stack([torch.cat(calls) for calls in self.ids_per_layer], dim=1)
 
 
 class ExpertsTap:

@@ -133,3 +133,56 @@ def test_every_family_replays_through_its_compiled_regions(preset):
         logits = model(input_ids=ids).logits
     torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(used.ids(), batch.expert_ids.long())
+
+
+def test_compiled_head_equals_the_eager_log_probs_entropy_and_their_gradients():
+    from r3rl.train.data import response_logprobs, token_logprobs
+    from r3rl.train.losses import entropy_from_logits
+    from r3rl.train.regional_compile import compiled
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 9, 50, generator=gen, requires_grad=True)
+    pos, targets = torch.tensor([2, 3, 4, 11, 12]), torch.randint(0, 50, (5,), generator=gen)
+    rows = logits.detach().reshape(-1, 50)[pos]
+    want_logp, want_ent = token_logprobs(rows, targets, 0.7), entropy_from_logits(rows)
+    for head in (response_logprobs, compiled(response_logprobs)):
+        for mode in ("grad", "detached"):
+            logp, ent = head(logits, pos, targets, 0.7, mode)
+            torch.testing.assert_close(logp, want_logp)
+            torch.testing.assert_close(ent, want_ent)
+            assert ent.requires_grad == (mode == "grad")
+            (logp.sum() + (ent.sum() if mode == "grad" else 0)).backward()
+            grad, logits.grad = logits.grad, None
+            ref = logits.detach().clone().requires_grad_(True)
+            r = ref.reshape(-1, 50).index_select(0, pos)
+            (token_logprobs(r, targets, 0.7).sum() + (entropy_from_logits(r).sum() if mode == "grad" else 0)).backward()
+            torch.testing.assert_close(grad, ref.grad)
+    assert response_logprobs(logits, pos, targets)[1] is None
+    with pytest.raises(ValueError, match="entropy must be None, 'grad' or 'detached': got 'yes'"):
+        response_logprobs(logits, pos, targets, 1.0, "yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_regions_on_cuda_in_bf16_replay_check_and_fail_on_a_fault():
+    """The GPU path of `--compile`: bf16, the experts' grouped GEMM under inductor, R3 with recompute."""
+    model = make_model("tiny-qwen3-moe", seed=1, device="cuda", dtype=torch.bfloat16).train()
+    replay = RoutingReplay(model)
+    replay.check = ReplayCheck(replay.num_layers, replay.top_k, device="cuda")
+    set_activation_checkpointing(model, True, context_fn=replay.checkpoint_context_fn)
+    tap = ExpertsTap(model)
+    ids = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0)).cuda()
+    batch = _recorded(model, replay, ids)
+    eager_logits, eager_grads, _ = _step(model, replay, tap, ids, batch)
+    replay.check.summary()
+    compile_regions(model)
+    for _ in range(2):  # the second call runs the cached graphs
+        logits, grads, used = _step(model, replay, tap, ids, batch)
+        torch.testing.assert_close(logits.float(), eager_logits.float(), rtol=0.05, atol=0.05)
+        assert torch.equal(used, batch.expert_ids.long().cpu())
+        stages = replay.check.summary().to_dict()["stages"]
+        assert stages["replay_backward"]["calls"] == replay.num_layers and stages["replay_forward"]["zero_overlap"] == 0
+    faulty = ReplayBatch.from_tensor(corrupt_ids(batch.expert_ids, Fault.PERMUTE_LAYERS), replay.num_experts)
+    _step(model, replay, tap, ids, faulty)
+    with pytest.raises(AssertionError, match=r"^R3 mismatch tokens \(\d+\) > threshold \(\d+\.\d\d\)$"):
+        replay.check.summary()

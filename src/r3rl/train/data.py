@@ -48,6 +48,7 @@ from r3rl.trace import (
 )
 
 __all__ = ["Layout", "LayoutPlan", "MicroBatch", "make_micro_batches", "plan_layout", "token_logprobs",
+           "response_logprobs",
            "layout_padded", "layout_packed"]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class MicroBatch:
     target_ids_T: torch.Tensor
     seq_idx_T: torch.Tensor
     """Micro-batch-local sample index (0..B-1) of each response token."""
+    target_counts: list[int]
+    """Response tokens per sample (the rows of `seq_idx_T` are grouped by sample, in this order): splits per-token
+    tensors into per-sample ones without a device sync."""
     rollout_logp_T: torch.Tensor
     advantages_T: torch.Tensor
     replay: ReplayBatch | None
@@ -124,7 +128,8 @@ class MicroBatch:
         return kwargs
 
     def response_logits(self, logits_BSV: torch.Tensor) -> torch.Tensor:
-        """The logits that predict the response tokens, `[T, V]`, in sample order."""
+        """The logits that predict the response tokens, `[T, V]`, in sample order (the training forwards go through
+        `response_logprobs`, which takes the same rows)."""
         return logits_BSV.reshape(-1, logits_BSV.shape[-1]).index_select(0, self.target_pos_T)
 
     def split_routing(self, expert_ids_NLK: torch.Tensor, num_experts: int) -> list[RoutingTrace]:
@@ -238,6 +243,23 @@ def token_logprobs(logits_TV: torch.Tensor, target_ids_T: torch.Tensor, temperat
     return torch.log_softmax(logits, dim=-1).gather(-1, target_ids_T[:, None]).squeeze(-1)
 
 
+def response_logprobs(logits_BSV: torch.Tensor, target_pos_T: torch.Tensor, target_ids_T: torch.Tensor,
+                      temperature: float = 1.0, entropy: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The response tokens' log-probs (`token_logprobs` of the rows `target_pos_T` of the flattened logits) and, with
+    `entropy` "grad" or "detached", the entropy of softmax(logits) at each of them, else None. One function for the
+    training forwards' head, so that `--compile` fuses the row gather, the float32 log-softmax, the target gather and
+    the entropy into a few reductions over the vocabulary (no [T, V] float32 copies)."""
+    from r3rl.train.losses import entropy_from_logits
+
+    logits_TV = logits_BSV.reshape(-1, logits_BSV.shape[-1]).index_select(0, target_pos_T)
+    logp_T = token_logprobs(logits_TV, target_ids_T, temperature)
+    if entropy is None:
+        return logp_T, None
+    if entropy not in ("grad", "detached"):
+        raise ValueError(f"entropy must be None, 'grad' or 'detached': got {entropy!r}")
+    return logp_T, entropy_from_logits(logits_TV if entropy == "grad" else logits_TV.detach())
+
+
 # --- trace layouts: the ReplayBatch of one forward ---------------------------------------------------------------
 def layout_padded(
     traces: Sequence[RoutingTrace],
@@ -339,8 +361,8 @@ def _build(layout: Layout, samples: list[Sample], advantages: list[float], indic
     return MicroBatch(
         layout=layout, sample_indices=indices, lengths=lengths, input_ids_BS=ids, position_ids_BS=pos,
         attention_mask_BS=mask, target_pos_T=torch.cat(target_pos), target_ids_T=torch.cat(target_ids),
-        seq_idx_T=torch.cat(seq_idx), rollout_logp_T=torch.cat(rollout_logp), advantages_T=torch.cat(adv),
-        replay=replay,
+        seq_idx_T=torch.cat(seq_idx), target_counts=[len(t) for t in target_ids],
+        rollout_logp_T=torch.cat(rollout_logp), advantages_T=torch.cat(adv), replay=replay,
     )
 
 

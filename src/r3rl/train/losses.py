@@ -268,7 +268,9 @@ def policy_loss(*, logp_T: torch.Tensor, old_logp_T: torch.Tensor, advantages_T:
 # --- private ------------------------------------------------------------------------------------------------------
 def _seq_mean(values_T: torch.Tensor, seq_idx_T: torch.Tensor, num_seqs: int) -> torch.Tensor:
     sums = torch.zeros(num_seqs, dtype=values_T.dtype, device=values_T.device).index_add(0, seq_idx_T, values_T)
-    counts = torch.bincount(seq_idx_T, minlength=num_seqs).clamp_min(1).to(values_T.dtype)
+    # index_add, not bincount: bincount's output size depends on the data, a device sync on CUDA
+    counts = torch.zeros(num_seqs, dtype=values_T.dtype, device=values_T.device).index_add(
+        0, seq_idx_T, torch.ones_like(values_T)).clamp_min(1)
     return sums / counts
 
 

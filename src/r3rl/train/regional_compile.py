@@ -36,7 +36,7 @@ from torch import nn
 
 from r3rl.models.adapters import BUILTIN_ADAPTERS, AdapterRegistry, find_routers
 
-__all__ = ["compile_regions", "uncompile_regions", "compiled_regions"]
+__all__ = ["compile_regions", "uncompile_regions", "compiled_regions", "compiled"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,13 @@ def compiled_regions(model: nn.Module) -> list[str]:
     """The names of `model`'s compiled regions (empty when none)."""
     return [name for name, module in model.named_modules()
             if getattr(getattr(vars(module).get("forward"), "__func__", None), _MARK, False)]
+
+
+@functools.cache
+def compiled(fn):
+    """`torch.compile(fn)` with dynamic shapes, one per function (e.g. the training head,
+    `r3rl.train.data.response_logprobs`)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def _compile_children(module: nn.Module, prefix: str, routers: set[int], dynamic: bool) -> list[str]:

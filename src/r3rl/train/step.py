@@ -48,10 +48,11 @@ from r3rl.rollout.net.backend import RolloutBackend
 from r3rl.sample import Sample
 from r3rl.trace import RoutingTrace
 from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig
-from r3rl.train.data import Layout, MicroBatch, make_micro_batches, plan_layout, token_logprobs
-from r3rl.train.losses import KLType, entropy_from_logits, group_advantages, kl_penalty, policy_loss
+from r3rl.train.data import Layout, MicroBatch, make_micro_batches, plan_layout, response_logprobs
+from r3rl.train.losses import KLType, group_advantages, kl_penalty, policy_loss
 from r3rl.train.metrics import RoutingMismatch, train_rollout_metrics
 from r3rl.train.parallel import DistEnv, mean_over_ranks, pad_count, prompt_shard, sum_over_ranks
+from r3rl.train.regional_compile import compiled
 
 __all__ = ["StepContext", "rl_step"]
 
@@ -174,8 +175,7 @@ def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[flo
 def _ref_logprobs(ctx: StepContext, mbs: list[MicroBatch]) -> dict[int, torch.Tensor]:
     out = {}
     for mb in mbs:  # the reference model has no replay attached: it routes freely
-        logits_TV = mb.response_logits(ctx.ref_model(**mb.model_inputs()).logits)
-        _scatter(out, mb, token_logprobs(logits_TV, mb.target_ids_T, ctx.cfg.rollout_temperature))
+        _scatter(out, mb, _logprobs(ctx, mb, ctx.ref_model(**mb.model_inputs()).logits)[0])
     return out
 
 
@@ -183,26 +183,30 @@ def _ref_logprobs(ctx: StepContext, mbs: list[MicroBatch]) -> dict[int, torch.Te
 def _old_logprobs(ctx: StepContext, mbs: list[MicroBatch], received, used: RoutingMismatch, live: RoutingMismatch):
     """Training-forward log-probs per sample before the update, and R2's recordings (per sample, so that the update
     may lay samples out differently and each still replays its own routing). Adds to `used` the experts each sample
-    really used (read at the experts' inputs) and to `live` the live router's choice, both against `received`."""
+    really used (read at the experts' inputs) and to `live` the live router's choice, both against `received`.
+    The routing comparisons run on the host after the last forward is queued: no device sync per micro-batch."""
     cfg, replay = ctx.cfg, ctx.replay
-    logp, recorded = {}, {}
+    logp, recorded, readings = {}, {}, []
     for mb in mbs:
         live_rec = Recording(replay.num_layers, replay.num_experts) if cfg.replay.kind is ReplayKind.R3 else None
         with ctx.tap.reading() as tapped, (replay.replay(mb.replay, live=live_rec) if live_rec is not None
                                            else replay.record()) as rec:
-            logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
-        _scatter(logp, mb, token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature))
+            logits_BSV = ctx.model(**mb.model_inputs()).logits
+        _scatter(logp, mb, _logprobs(ctx, mb, logits_BSV)[0])
         if mb.is_padding:
             continue
-        used_traces = mb.split_routing(tapped.ids(), replay.num_experts)
+        # without replay (and in R2's recording forward) the live router's choice is what the experts used
+        live_ids = None if live_rec is None else _stacked(live_rec.ids_per_layer)
+        readings.append((mb, _to_host(tapped.stacked()), None if live_ids is None else _to_host(live_ids),
+                         _to_host(_stacked(rec.ids_per_layer)) if cfg.replay.kind is ReplayKind.R2 else None))
+    _host_ready(ctx.cfg.device)
+    for mb, used_ids, live_ids, recorded_ids in readings:
+        used_traces = mb.split_routing(used_ids, replay.num_experts)
         reference = [received[i] for i in mb.sample_indices]
         used.add(reference, used_traces)
-        # without replay (and in R2's recording forward) the live router's choice is what the experts used
-        live.add(reference, used_traces if live_rec is None
-                 else mb.split_routing(live_rec.batch().expert_ids, replay.num_experts))
-        if cfg.replay.kind is ReplayKind.R2:
-            for i, trace in zip(mb.sample_indices, mb.split_routing(rec.batch().expert_ids, replay.num_experts),
-                                strict=True):
+        live.add(reference, used_traces if live_ids is None else mb.split_routing(live_ids, replay.num_experts))
+        if recorded_ids is not None:
+            for i, trace in zip(mb.sample_indices, mb.split_routing(recorded_ids, replay.num_experts), strict=True):
                 recorded[i] = trace
     return logp, recorded
 
@@ -211,6 +215,9 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded,
             used: RoutingMismatch) -> dict:
     """Optimizer steps over the rollout's samples, each accumulated over micro-batches under replay; adds to `used`
     the experts each first-pass forward really used, against `received`.
+
+    One host sync per optimizer step (the gradient norm's finiteness): the metrics add up on the device, the experts
+    read at each forward are copied to the host behind its kernels and compared while the optimizer step runs.
 
     Data parallel: this rank's share of each optimizer step's samples; denominators are global token and sample
     counts and the loss is scaled by the world size (FSDP2 averages gradients), so the gradient is the global one."""
@@ -227,35 +234,39 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded,
         n_tok = int(sum_over_ranks([sum(mb.num_response_tokens for mb in mbs if not mb.is_padding)], env)[0])
         n_seq = per_opt * env.world_size
         ctx.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}  # this optimizer step's metrics, on the device
+        readings = []
         # FSDP2 reduce-scatters each micro-batch's gradients into the shards (deferring the sync to the last one
         # would hold a full unsharded gradient per rank)
         for mb in mbs:
             with replay_mode(ctx, mb), ctx.tap.reading() as tapped:
-                logits_TV = mb.response_logits(model(**mb.model_inputs()).logits)
-                logp_T = token_logprobs(logits_TV, mb.target_ids_T, cfg.rollout_temperature)
+                logp_T, entropy_T = _logprobs(ctx, mb, model(**mb.model_inputs()).logits,
+                                              entropy="grad" if cfg.loss.entropy_coef else "detached")
                 loss, m = policy_loss(
                     logp_T=logp_T, old_logp_T=_gather(old_logp, mb), advantages_T=mb.advantages_T,
                     seq_idx_T=mb.seq_idx_T, num_seqs=mb.num_seqs, cfg=cfg.loss, num_tokens_total=n_tok,
                     num_seqs_total=n_seq, rollout_logp_T=mb.rollout_logp_T,
-                    ref_logp_T=_gather(ref_logp, mb) if ref_logp is not None else None,
-                    entropy_T=entropy_from_logits(logits_TV) if cfg.loss.entropy_coef else
-                    entropy_from_logits(logits_TV.detach()))
+                    ref_logp_T=_gather(ref_logp, mb) if ref_logp is not None else None, entropy_T=entropy_T)
                 weight = 0.0 if mb.is_padding else float(env.world_size)
                 (loss * weight).backward()  # the checkpoint recompute replays here (replay_backward)
             if mb.is_padding:
                 continue
-            used.add([received[i] for i in mb.sample_indices], mb.split_routing(tapped.ids(), ctx.replay.num_experts))
-            for k, v in m.items():
-                totals[k] += float(v)
-            totals["loss"] += float(loss.detach())
+            readings.append((mb, _to_host(tapped.stacked())))
+            for k, v in (m | {"loss": loss}).items():
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not math.isfinite(float(grad_norm)):
-            raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)} at optimizer step "
-                                     f"{start // per_opt}")
+        keys = sorted(sums)
+        values = torch.stack([grad_norm.float().reshape(()), *(sums[k].float().reshape(()) for k in keys)]).tolist()
+        if not math.isfinite(values[0]):  # the one sync of this optimizer step; the tap's copies are done by now
+            raise FloatingPointError(f"non-finite gradient norm {values[0]} at optimizer step {start // per_opt}")
         ctx.optimizer.step()
         ctx.scheduler.step()
-        totals["grad_norm"] += float(grad_norm) / env.world_size  # the same on every rank: summed below
+        for k, v in zip(keys, values[1:], strict=True):
+            totals[k] += v
+        totals["grad_norm"] += values[0] / env.world_size  # the same on every rank: summed below
+        for mb, ids in readings:  # host work while the optimizer's kernels run (tolist above waited for the copies)
+            used.add([received[i] for i in mb.sample_indices], mb.split_routing(ids, ctx.replay.num_experts))
     model.eval()
     n_opt = len(samples) // per_opt
     keys = sorted(totals)  # each rank's terms are normalized by the global counts: their sum is the global value
@@ -327,8 +338,35 @@ def _rollout_logprobs(mbs: list[MicroBatch]) -> dict[int, torch.Tensor]:
 def _scatter(out: dict[int, torch.Tensor], mb: MicroBatch, values_T: torch.Tensor) -> None:
     if mb.is_padding:
         return
-    for b, i in enumerate(mb.sample_indices):
-        out[i] = values_T[mb.seq_idx_T == b].detach()
+    for i, values in zip(mb.sample_indices, values_T.detach().split(mb.target_counts), strict=True):
+        out[i] = values  # split by host-known counts: no device sync (a boolean mask per sample costs one each)
+
+
+def _logprobs(ctx: StepContext, mb: MicroBatch, logits_BSV: torch.Tensor, entropy: str | None = None):
+    """The head of every training forward: log-probs at the rollout temperature (and the entropy), compiled under
+    `--compile`."""
+    head = compiled(response_logprobs) if ctx.cfg.compile else response_logprobs
+    return head(logits_BSV, mb.target_pos_T, mb.target_ids_T, ctx.cfg.rollout_temperature, entropy)
+
+
+def _stacked(ids_per_layer: list[list[torch.Tensor]]) -> torch.Tensor:
+    """`[N, L, K]` from per-layer call lists (a Recording's), on their device."""
+    return torch.stack([torch.cat(calls) for calls in ids_per_layer], dim=1)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the host, queued behind the kernels that produce `t` (pinned, non-blocking) on CUDA: valid only after
+    `_host_ready`."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def _host_ready(device) -> None:
+    """Wait for the copies `_to_host` queued (one sync, after the micro-batch loop)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.current_stream().synchronize()
 
 
 def _gather(per_sample: dict[int, torch.Tensor], mb: MicroBatch) -> torch.Tensor:
@@ -358,8 +396,7 @@ def _ci_compare_reference(ctx: StepContext, mbs: list[MicroBatch], ref_logp) -> 
     worst = 0.0
     for mb in mbs:
         with ctx.replay.off():
-            logits_TV = mb.response_logits(ctx.model(**mb.model_inputs()).logits)
-        logp = token_logprobs(logits_TV, mb.target_ids_T, ctx.cfg.rollout_temperature)
+            logp = _logprobs(ctx, mb, ctx.model(**mb.model_inputs()).logits)[0]
         worst = max(worst, (logp - _gather(ref_logp, mb)).abs().max().item())
     if worst > ctx.cfg.ci_logprob_tol:
         raise AssertionError(f"ci-test: step-0 actor and reference log-probs differ under the same routing: max |diff| "
