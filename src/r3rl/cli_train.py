@@ -110,7 +110,8 @@ def add_train_parser(sub) -> None:
     g.add_argument("--num-rollout", type=int, default=200, help="RL steps")
     g.add_argument("--global-batch-size", type=int, default=None, help="samples per optimizer step (default: all)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="samples per micro-batch")
-    g.add_argument("--max-tokens-per-mb", type=int, default=None, help="token budget per micro-batch")
+    g.add_argument("--max-tokens-per-mb", type=int, default=None,
+                   help="token budget per micro-batch; with it, samples are grouped longest first (less padding)")
     g.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
                    help="micro-batch layout; auto: packed under a varlen attention (flash, flex), else padded (sdpa "
                         "and eager read a packed row through a dense mask over all its tokens)")

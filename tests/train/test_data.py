@@ -80,6 +80,29 @@ def test_token_budget_packs_and_rejects_an_oversized_sample():
         make_micro_batches(samples, advantages=[0.0] * 5, layout=Layout.PACKED, max_tokens=4)
 
 
+def test_by_length_groups_like_lengths_and_pads_less_with_the_same_log_probs():
+    model = make_model("tiny-qwen3-moe", seed=2)
+    with RoutingReplay(model) as replay:
+        samples = _samples(model, replay, [(3, 2), (4, 9), (2, 3), (5, 8), (3, 1), (4, 10)])
+        adv = [0.5, -1.0, 1.0, 0.0, -0.5, 2.0]
+        kw = dict(advantages=adv, layout=Layout.PADDED, micro_batch_size=2, pad_id=256)
+        in_order, by_length = make_micro_batches(samples, **kw), make_micro_batches(samples, by_length=True, **kw)
+        assert [mb.sample_indices for mb in in_order] == [[0, 1], [2, 3], [4, 5]]
+        assert [mb.sample_indices for mb in by_length] == [[5, 1], [3, 0], [2, 4]]  # 14, 13 | 13, 5 | 5, 4 tokens
+        assert [mb.computed_tokens for mb in in_order] == [26, 26, 28]  # 80 positions for 46 tokens
+        assert [mb.computed_tokens for mb in by_length] == [28, 26, 10]  # 64
+        assert all(mb.num_tokens == sum(mb.lengths) for mb in by_length)
+        per_sample = {}
+        for mb in by_length:  # each sample keeps its own advantages, targets and trace, whatever its micro-batch
+            logp, routes = _forward(model, replay, mb)
+            for b, i in enumerate(mb.sample_indices):
+                per_sample[i] = logp[mb.seq_idx_T == b]
+                assert mb.advantages_T[mb.seq_idx_T == b].eq(adv[i]).all()
+                assert (routes[b].expert_ids == samples[i].trace.expert_ids).all()
+        ref_logp, _ = _one_at_a_time(model, replay, samples)
+    torch.testing.assert_close(torch.cat([per_sample[i] for i in range(len(samples))]), ref_logp, rtol=0, atol=1e-5)
+
+
 def test_padded_targets_and_mask():
     samples = [Sample(prompt_ids=[1, 2], response_ids=[3], rollout_logprobs=[-0.5]),
                Sample(prompt_ids=[1], response_ids=[7, 8, 9], rollout_logprobs=[-1.0, -2.0, -3.0])]

@@ -114,7 +114,9 @@ class TrainConfig:
     micro_batch_size: int | None = 64
     """Samples per micro-batch (gradient accumulation inside an optimizer step)."""
     max_tokens_per_mb: int | None = None
-    """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size."""
+    """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size. With a budget
+    the update groups samples longest first (like lengths together: a padded micro-batch pads to less, and the
+    budget fills with fewer micro-batches; `pad_frac` in metrics.jsonl is the padding share computed)."""
     layout: Layout = Layout.AUTO
     """Micro-batch layout: packed rows (position ids restart per sample), padded rows, or auto: packed where the
     attention implementation keeps samples apart without a dense mask (flash, flex), else padded (plan_layout)."""

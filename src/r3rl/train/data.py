@@ -108,6 +108,11 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions the forward computes: padded B * longest, packed the sum of lengths."""
+        return int(self.input_ids_BS.numel())
+
     def to(self, device: torch.device | str) -> MicroBatch:
         move = {name: getattr(self, name).to(device, non_blocking=True) for name in
                 ("input_ids_BS", "position_ids_BS", "target_pos_T", "target_ids_T", "seq_idx_T", "rollout_logp_T",
@@ -157,10 +162,13 @@ def make_micro_batches(
     sample_indices: Sequence[int] | None = None,
     traces: Sequence[RoutingTrace | None] | None = None,
     layer_masks: Callable[[torch.Tensor], dict] | None = None,
+    by_length: bool = False,
 ) -> list[MicroBatch]:
-    """Split samples (in order) into micro-batches of at most `micro_batch_size` samples and/or `max_tokens` tokens
-    (padded: B * longest; packed: sum of lengths). `traces` overrides `Sample.trace` (R2 recordings); `layer_masks`
-    is `LayoutPlan.layer_masks` (packed micro-batches of a LAYER_MASKS family)."""
+    """Split samples into micro-batches of at most `micro_batch_size` samples and/or `max_tokens` tokens (padded:
+    B * longest; packed: sum of lengths), in order, or with `by_length` longest first, so that each padded
+    micro-batch holds samples of like length and pads to less (each keeps its `sample_indices`; the gradient is the
+    same sum). `traces` overrides `Sample.trace` (R2 recordings); `layer_masks` is `LayoutPlan.layer_masks` (packed
+    micro-batches of a LAYER_MASKS family)."""
     if len(advantages) != len(samples):
         raise ValueError(f"one advantage per sample: got {len(advantages)} advantages for {len(samples)} samples")
     if micro_batch_size is None and max_tokens is None:
@@ -178,7 +186,9 @@ def make_micro_batches(
                              "nothing to train on")
         s.validate(index=indices[i])
     groups: list[list[int]] = []
-    for i, s in enumerate(samples):
+    order = sorted(range(len(samples)), key=lambda i: -samples[i].num_tokens) if by_length else range(len(samples))
+    for i in order:
+        s = samples[i]
         group = groups[-1] if groups else None
         if group is not None and _fits(group + [i], samples, layout, micro_batch_size, max_tokens):
             group.append(i)

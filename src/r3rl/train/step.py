@@ -146,6 +146,8 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                                      torch.cat([mb.rollout_logp_T for mb in mbs if not mb.is_padding]))
     metrics |= used.metrics("routing_mismatch") | live.metrics("router_live_mismatch")
     metrics |= timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs if not mb.is_padding))
+    real = [mb for mb in mbs if not mb.is_padding]  # the training forwards' share of padding positions
+    metrics["pad_frac"] = 1.0 - sum(mb.num_tokens for mb in real) / sum(mb.computed_tokens for mb in real)
     if ci_diff is not None:
         metrics["ci_ref_logprob_max_abs_diff"] = ci_diff
     metrics = mean_over_ranks(metrics, ctx.env)  # the update's metrics are global already
@@ -165,6 +167,7 @@ def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[flo
     mbs = [mb.to(cfg.device) for mb in make_micro_batches(
         samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
         max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,
+        by_length=cfg.max_tokens_per_mb is not None,  # a token budget groups like lengths: fewer, less padded
         traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
     # ranks run the same number of forwards (FSDP collectives): the short ones repeat their last, as padding
     missing = pad_count(len(mbs), ctx.env) - len(mbs)
