@@ -112,6 +112,9 @@ def add_train_parser(sub) -> None:
     g.add_argument("--micro-batch-size", type=int, default=64, help="samples per micro-batch")
     g.add_argument("--max-tokens-per-mb", type=int, default=None,
                    help="token budget per micro-batch; with it, samples are grouped longest first (less padding)")
+    g.add_argument("--log-probs-max-tokens-per-mb", type=int, default=None,
+                   help="token budget per micro-batch of the reference and old-policy forwards (no backward, so "
+                        "larger than the update's; default: as the update)")
     g.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
                    help="micro-batch layout; auto: packed under a varlen attention (flash, flex), else padded (sdpa "
                         "and eager read a packed row through a dense mask over all its tokens)")
@@ -253,7 +256,8 @@ def train_config_from_args(args: argparse.Namespace):
         weight_sync=args.weight_sync, weight_sync_address=args.weight_sync_address,
         num_rollout=args.num_rollout,
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
-        max_tokens_per_mb=args.max_tokens_per_mb, layout=Layout(args.layout), lr=args.lr,
+        max_tokens_per_mb=args.max_tokens_per_mb, log_probs_max_tokens_per_mb=args.log_probs_max_tokens_per_mb,
+        layout=Layout(args.layout), lr=args.lr,
         lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         activation_checkpointing=not args.no_activation_checkpointing, compile=args.compile,
         old_logprobs=LogprobSource.ROLLOUT if args.use_rollout_logprobs else LogprobSource.TRAIN,

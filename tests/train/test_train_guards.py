@@ -274,3 +274,9 @@ def test_a_binary_prompt_file_names_the_file(tmp_path, capsys):
     data.write_bytes(b'{"prompt": "a", "label": "b"}\n\x00\x00{"prompt": "c", "label": "d"}\n')
     assert r3rl(*TINY, "--run-dir", tmp_path / "run", "--prompt-data", data) == 2
     assert f"{data}:2: a NUL byte at column 1" in last_error(capsys)
+
+
+@pytest.mark.parametrize("flag", ["--max-tokens-per-mb", "--log-probs-max-tokens-per-mb"])
+def test_a_token_budget_below_one_is_a_one_line_error(tmp_path, capsys, flag):
+    assert r3rl(*TINY, "--run-dir", tmp_path / "run", flag, "0") == 2
+    assert f"{flag.lstrip('-').replace('-', '_')} must be >= 1 (a token budget): got 0" in last_error(capsys)

@@ -102,13 +102,16 @@ def test_kl_tis_gspo_padded_and_several_optimizer_steps_run_together(tmp_path):
     loss = LossConfig(advantage_estimator=AdvantageEstimator.GSPO, use_kl_loss=True, kl_loss_coef=0.1, use_tis=True,
                       rollout_mask=True)
     cfg = small(tmp_path, num_rollout=2, loss=loss, kl_coef=0.05, layout=Layout.PADDED, global_batch_size=8,
-                micro_batch_size=3, max_tokens_per_mb=60)  # a budget: samples grouped longest first
+                micro_batch_size=3, max_tokens_per_mb=60,  # a budget: samples grouped longest first
+                log_probs_max_tokens_per_mb=400)  # the forwards without backward: fewer, larger micro-batches
     assert Trainer(cfg).run()["verdict"] == "pass"
     rows = _metrics(tmp_path / "run")
     for r in rows:
         assert r["optimizer_steps"] == 2 and r["kl_loss"] >= 0 and 0 <= r["tis_clipfrac"] <= 1
         assert 0 <= r["mask_frac"] <= 1 and r["tis_mean"] > 0
         assert 0 <= r["pad_frac"] < 0.5 and r["routing_mismatch"] == 0.0
+        # each sample's training log-probs against its own rollout log-probs, however the samples were grouped
+        assert r["train_rollout_logprob_abs_diff"] < 0.05, r["train_rollout_logprob_abs_diff"]
     assert rows[1]["kl_loss"] > 0  # the policy moved away from the reference after one step
 
 

@@ -117,6 +117,11 @@ class TrainConfig:
     """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size. With a budget
     the update groups samples longest first (like lengths together: a padded micro-batch pads to less, and the
     budget fills with fewer micro-batches; `pad_frac` in metrics.jsonl is the padding share computed)."""
+    log_probs_max_tokens_per_mb: int | None = None
+    """Token budget per micro-batch of the forwards without a backward (reference and old-policy log-probs), which
+    keep no activations and so fit more tokens than the update's (slime's --log-probs-max-tokens-per-gpu). Set, those
+    forwards are grouped by this budget alone, longest first; None: as the update (micro_batch_size,
+    max_tokens_per_mb)."""
     layout: Layout = Layout.AUTO
     """Micro-batch layout: packed rows (position ids restart per sample), padded rows, or auto: packed where the
     attention implementation keeps samples apart without a dense mask (flash, flex), else padded (plan_layout)."""
@@ -213,6 +218,9 @@ class TrainConfig:
             raise ValueError(f"rollout_top_p must be in (0, 1]: got {self.rollout_top_p}")
         if self.micro_batch_size is None and self.max_tokens_per_mb is None:
             raise ValueError("set micro_batch_size or max_tokens_per_mb")
+        for name in ("max_tokens_per_mb", "log_probs_max_tokens_per_mb"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (a token budget): got {getattr(self, name)}")
         if self.sft_stop_exact is not None and not (0 <= self.sft_stop_exact <= 1):
             raise ValueError(f"sft_stop_exact must be in [0, 1] (a fraction of targets; 0: off): got "
                              f"{self.sft_stop_exact}")

@@ -112,7 +112,7 @@ def rl_step(ctx: StepContext, step: int) -> dict:
         else:
             rewards = torch.tensor(ctx.prompts.rewards(texts, [items[i // cfg.n_samples_per_prompt]
                                                                for i in range(len(samples))]), dtype=torch.float32)
-    mbs = _micro_batches(ctx, samples, [0.0] * len(samples))
+    mbs = _micro_batches(ctx, samples, [0.0] * len(samples), log_probs=True)
     with timer("ref_logprobs"):  # 3
         ref_logp = _ref_logprobs(ctx, mbs) if ctx.ref_model is not None else None
     ci_diff = _ci_compare_reference(ctx, mbs, ref_logp) if ref_logp is not None and step == 0 and cfg.replay.strict \
@@ -142,8 +142,9 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                "stale_frac": sum(stale) / len(stale)}
     if ctx.env_factory is not None:  # episodes: model responses per episode
         metrics["turns_mean"] = sum(s.metadata["turns"] for s in samples) / len(samples)
+    rollout_logp = _rollout_logprobs(mbs)  # per sample: micro-batches may hold samples in another order
     metrics |= train_rollout_metrics(torch.cat([train_logp[i] for i in range(len(samples))]),
-                                     torch.cat([mb.rollout_logp_T for mb in mbs if not mb.is_padding]))
+                                     torch.cat([rollout_logp[i] for i in range(len(samples))]))
     metrics |= used.metrics("routing_mismatch") | live.metrics("router_live_mismatch")
     metrics |= timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs if not mb.is_padding))
     real = [mb for mb in mbs if not mb.is_padding]  # the training forwards' share of padding positions
@@ -157,17 +158,23 @@ def rl_step(ctx: StepContext, step: int) -> dict:
 
 
 # --- stages -------------------------------------------------------------------------------------------------------
-def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[float], indices=None, traces=None):
+def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[float], indices=None, traces=None, *,
+                   log_probs: bool = False):
+    """The samples' micro-batches on the device; `log_probs`: for a forward without backward (reference, old-policy
+    log-probs), under `--log-probs-max-tokens-per-mb` when it is set."""
     cfg = ctx.cfg
     use_traces = cfg.replay.kind is not ReplayKind.NONE or traces is not None
     if cfg.layout is Layout.AUTO:  # the Trainer resolves it; a caller of a stage alone gets it resolved here, once
         plan = plan_layout(ctx.model, Layout.AUTO, log=False)
         ctx.cfg = cfg = replace(cfg, layout=plan.layout)
         ctx.layer_masks = ctx.layer_masks if ctx.layer_masks is not None else plan.layer_masks
+    size, budget = cfg.micro_batch_size, cfg.max_tokens_per_mb
+    if log_probs and cfg.log_probs_max_tokens_per_mb is not None:
+        size, budget = None, cfg.log_probs_max_tokens_per_mb
     mbs = [mb.to(cfg.device) for mb in make_micro_batches(
-        samples, advantages=advantages, layout=cfg.layout, micro_batch_size=cfg.micro_batch_size,
-        max_tokens=cfg.max_tokens_per_mb, pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,
-        by_length=cfg.max_tokens_per_mb is not None,  # a token budget groups like lengths: fewer, less padded
+        samples, advantages=advantages, layout=cfg.layout, micro_batch_size=size, max_tokens=budget,
+        pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,
+        by_length=budget is not None,  # a token budget groups like lengths: fewer, less padded micro-batches
         traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
     # ranks run the same number of forwards (FSDP collectives): the short ones repeat their last, as padding
     missing = pad_count(len(mbs), ctx.env) - len(mbs)
