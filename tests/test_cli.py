@@ -50,6 +50,21 @@ def test_check_fails_with_injected_fault(tmp_path, fault):
     assert "R3 mismatch (rank 0" in proc.stderr  # offending tokens shown before the failure
 
 
+@pytest.mark.parametrize("fault", ["none", "shift"])
+def test_check_under_compile_passes_and_a_fault_still_fails(tmp_path, fault):
+    """`--compile`: the training forwards run through r3rl's regional torch.compile (bf16, inductor on the CPU)."""
+    proc, rep = _report(tmp_path, "--use-rollout-routing-replay", "--enable-r3-correctness-check", "--compile",
+                        "--inject-fault", fault)
+    assert rep["compile"] is True
+    if fault == "none":
+        assert proc.returncode == 0 and rep["verdict"] == "pass", proc.stderr[-2000:]
+        assert rep["counts"]["replay_backward"] == 4 and rep["with_replay"]["routing_mismatch"] == 0.0
+        assert "R3 wrapper: replay_backward branch taken (rank 0, n_tokens=80, topk=4" in proc.stderr
+    else:
+        assert proc.returncode == 1 and rep["reason"].startswith("R3 mismatch tokens (")
+        assert rep["with_replay"]["routing_mismatch"] > 0  # the experts, compiled, ran on the shifted ids
+
+
 def test_r2_negative_control_fails(tmp_path):
     proc, rep = _report(tmp_path, "--use-routing-replay", "--inject-fault", "permute-layers")
     assert proc.returncode == 1 and rep["verdict"] == "fail"

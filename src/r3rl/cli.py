@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the check's model is synced to it first through a temporary checkpoint)")
     p.add_argument("--rollout-engine", choices=["auto", "r3rl", "sglang", "vllm"], default="auto",
                    help="what --rollout-url is (auto: ask it)")
+    p.add_argument("--compile", action="store_true",
+                   help="training forwards through r3rl's regional torch.compile (as r3rl train --compile)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -232,7 +234,7 @@ def _check_config(args: argparse.Namespace):
         dtype=args.dtype, batch_size=args.batch_size, prompt_len=args.prompt_len, response_len=args.response_len,
         temperature=args.temperature, seed=args.seed, rollout=RolloutKind(args.rollout), report=args.report,
         inject_fault=Fault(args.inject_fault), turns=args.turns, observation_len=args.observation_len,
-        rollout_url=args.rollout_url, rollout_engine=args.rollout_engine,
+        rollout_url=args.rollout_url, rollout_engine=args.rollout_engine, compile=args.compile,
     )
 
 

@@ -115,6 +115,9 @@ class CheckRunConfig:
     """Sample from this server instead (r3rl serve, SGLang or vLLM; the check's model is synced to it first)."""
     rollout_engine: str = "auto"
     """What `rollout_url` is: auto (ask it), r3rl, sglang or vllm."""
+    compile: bool = False
+    """Run the training forwards (without replay, under replay, forward + backward with recompute) through r3rl's
+    regional torch.compile (`r3rl train --compile`), compiled after the rollout."""
 
     def __post_init__(self) -> None:
         if self.rollout_url and self.turns > 1:

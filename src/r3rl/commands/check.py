@@ -43,6 +43,7 @@ from r3rl.sample import Sample
 from r3rl.trace import ReplayBatch, RoutingTrace
 from r3rl.train.data import layout_padded
 from r3rl.train.metrics import routing_mismatch_per_layer
+from r3rl.train.regional_compile import compile_regions
 
 __all__ = ["run_check", "inject_fault", "rollout_engine", "rollout_episodes", "rollout_hf_kv_cache", "rollout_http"]
 
@@ -190,6 +191,8 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
     if cfg.rollout_url:
         rollout = rollout_http
     samples = rollout(model, replay, cfg)
+    if cfg.compile:  # the training forwards only: routers and the experts tap's hooks stay eager
+        compile_regions(model)
     B, P = cfg.batch_size, cfg.prompt_len
     R = samples[0].num_tokens - P  # episodes: every response and observation after the first prompt
     tokens_BS = torch.tensor([s.tokens for s in samples], device=cfg.device)
@@ -203,7 +206,7 @@ def _run(cfg: CheckRunConfig, model: nn.Module, replay: RoutingReplay, check: Re
                     "check_enabled": rcfg.check_enabled, "inject_fault": cfg.inject_fault.value,
                     "model": cfg.model or f"preset:{cfg.preset}",
                     "rollout": cfg.rollout_url or cfg.rollout.value,
-                    "device": str(cfg.device), "dtype": cfg.dtype,
+                    "device": str(cfg.device), "dtype": cfg.dtype, "compile": cfg.compile,
                     "batch_size": B, "prompt_len": P, "response_len": cfg.response_len, "turns": cfg.turns,
                     "episode_tokens": P + R}
     tap, E = ExpertsTap(model), replay.num_experts
