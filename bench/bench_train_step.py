@@ -57,6 +57,11 @@ def main() -> None:
                                           compile=args.compile, layout=args.layout)
     mbs = _micro_batches(ctx, samples, [1.0] * len(samples))
     tokens = sum(mb.num_tokens for mb in mbs)
+    # the `update` mode runs the real AdamW step: at lr 0 it does all the work and leaves the weights (and so the
+    # other modes' routing) as they are from round to round
+    ctx.scheduler.base_lrs = [0.0] * len(ctx.scheduler.base_lrs)
+    for group in ctx.optimizer.param_groups:
+        group["lr"] = 0.0
     check = ctx.check
     times: dict[str, list[float]] = {"off": [], "r3": [], "r3+check": [], "update": []}
     for _ in range(args.rounds + 1):  # the first round warms up (allocator, autotuning) and is dropped

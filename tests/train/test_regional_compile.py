@@ -33,14 +33,14 @@ def _step(model, replay, tap, ids, batch):
     """One update forward + backward under replay (the recompute replays too); logits, grads, experts read."""
     model.zero_grad(set_to_none=True)
     with replay.replay(batch), tap.reading() as used:
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids, use_cache=False).logits
         logits.float().logsumexp(-1).mean().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, used.ids()
 
 
 def _recorded(model, replay, ids) -> ReplayBatch:
     with torch.no_grad(), replay.record() as rec:
-        model(input_ids=ids)
+        model(input_ids=ids, use_cache=False)
     return rec.batch()
 
 
@@ -62,6 +62,8 @@ def test_regions_leave_routers_and_hooks_eager_and_copies_bind_their_own_weights
 
 def test_r3_replay_check_and_experts_tap_under_compile_match_eager_and_a_fault_fails():
     torch.manual_seed(0)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     eager, eager_replay, eager_tap = _policy()
     model, replay, tap = _policy()
     model.load_state_dict(eager.state_dict())
@@ -101,11 +103,15 @@ def test_trainer_with_compile_replays_checks_and_measures_at_the_experts(tmp_pat
     caplog.set_level(logging.INFO, logger="r3rl")
     cfg = TrainConfig(replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True),
                       rollout_batch_size=4, n_samples_per_prompt=4, rollout_max_response_len=6, num_rollout=2,
-                      sft_steps=2, sft_batch_size=8, micro_batch_size=6, progress=False, plots=False, eval_prompts=16,
+                      sft_steps=2, sft_batch_size=8, micro_batch_size=5, progress=False, plots=False, eval_prompts=16,
                       compile=True, loss=LossConfig(use_kl_loss=True, kl_loss_coef=0.01), run_dir=str(tmp_path / "run"))
     trainer = Trainer(cfg)
     assert compiled_regions(trainer.model) and compiled_regions(trainer.ref_model)
-    summary = trainer.run()
+    # grad and no-grad forwards, the reference's frozen parameters, a micro-batch of one sample (16 = 5 + 5 + 5 + 1):
+    # every variant stays within the regions' cache (past it torch would run a region eager without a word; with
+    # torch's default limit of 8 this very run hits it: measured, hence RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        summary = trainer.run()
     assert summary["verdict"] == "pass", summary
     lines = [r.getMessage() for r in caplog.records]
     assert any(re.search(r"torch\.compile: 16 regions in 4 decoder layers", m) for m in lines)
@@ -125,12 +131,12 @@ def test_every_family_replays_through_its_compiled_regions(preset):
     ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0))
     batch = _recorded(model, replay, ids)
     with torch.no_grad():
-        eager = model(input_ids=ids).logits
+        eager = model(input_ids=ids, use_cache=False).logits
     names = compile_regions(model, log=False)
     routers = {site.name for site in replay.sites}
     assert names and not any(r == n or r.startswith(n + ".") for r in routers for n in names), (routers, names)
     with torch.no_grad(), replay.replay(batch), tap.reading() as used:
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
     assert torch.equal(used.ids(), batch.expert_ids.long())
 

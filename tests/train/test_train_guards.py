@@ -280,3 +280,8 @@ def test_a_binary_prompt_file_names_the_file(tmp_path, capsys):
 def test_a_token_budget_below_one_is_a_one_line_error(tmp_path, capsys, flag):
     assert r3rl(*TINY, "--run-dir", tmp_path / "run", flag, "0") == 2
     assert f"{flag.lstrip('-').replace('-', '_')} must be >= 1 (a token budget): got 0" in last_error(capsys)
+
+
+def test_a_sample_above_the_log_probs_budget_names_that_flag(tmp_path, capsys):
+    assert r3rl(*TINY, "--run-dir", tmp_path / "run", "--log-probs-max-tokens-per-mb", "3") != 0
+    assert "more than the micro-batch token budget --log-probs-max-tokens-per-mb=3" in last_error(capsys)

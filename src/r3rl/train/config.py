@@ -116,7 +116,8 @@ class TrainConfig:
     max_tokens_per_mb: int | None = None
     """Token budget per micro-batch (padded: B * longest, packed: sum); combines with micro_batch_size. With a budget
     the update groups samples longest first (like lengths together: a padded micro-batch pads to less, and the
-    budget fills with fewer micro-batches; `pad_frac` in metrics.jsonl is the padding share computed)."""
+    budget fills with fewer micro-batches; `pad_frac` in metrics.jsonl is the share of the update's computed
+    positions that are padding)."""
     log_probs_max_tokens_per_mb: int | None = None
     """Token budget per micro-batch of the forwards without a backward (reference and old-policy log-probs), which
     keep no activations and so fit more tokens than the update's (slime's --log-probs-max-tokens-per-gpu). Set, those

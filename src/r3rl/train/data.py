@@ -163,12 +163,13 @@ def make_micro_batches(
     traces: Sequence[RoutingTrace | None] | None = None,
     layer_masks: Callable[[torch.Tensor], dict] | None = None,
     by_length: bool = False,
+    budget_name: str = "max_tokens",
 ) -> list[MicroBatch]:
     """Split samples into micro-batches of at most `micro_batch_size` samples and/or `max_tokens` tokens (padded:
     B * longest; packed: sum of lengths), in order, or with `by_length` longest first, so that each padded
     micro-batch holds samples of like length and pads to less (each keeps its `sample_indices`; the gradient is the
     same sum). `traces` overrides `Sample.trace` (R2 recordings); `layer_masks` is `LayoutPlan.layer_masks` (packed
-    micro-batches of a LAYER_MASKS family)."""
+    micro-batches of a LAYER_MASKS family); `budget_name` names the budget in the error for a sample above it."""
     if len(advantages) != len(samples):
         raise ValueError(f"one advantage per sample: got {len(advantages)} advantages for {len(samples)} samples")
     if micro_batch_size is None and max_tokens is None:
@@ -195,7 +196,7 @@ def make_micro_batches(
         else:
             if max_tokens is not None and not _fits([i], samples, layout, None, max_tokens):
                 raise ValueError(f"sample {indices[i]} has {s.num_tokens} tokens: more than the micro-batch token "
-                                 f"budget max_tokens={max_tokens}")
+                                 f"budget {budget_name}={max_tokens}")
             groups.append([i])
     return [replace(_build(layout, [samples[i] for i in g], [float(advantages[i]) for i in g], [indices[i] for i in g],
                            [traces[i] for i in g], pad_id), layer_masks=layer_masks) for g in groups]

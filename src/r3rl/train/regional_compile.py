@@ -41,6 +41,8 @@ __all__ = ["compile_regions", "uncompile_regions", "compiled_regions", "compiled
 logger = logging.getLogger(__name__)
 
 _MARK = "_r3rl_compiled_region"
+RECOMPILE_LIMIT = 64
+"""torch._dynamo's per-function cache entries, raised to this (torch's default: 8) by `compile_regions`."""
 
 
 def compile_regions(model: nn.Module, *, dynamic: bool = True, adapters: AdapterRegistry = BUILTIN_ADAPTERS,
@@ -55,12 +57,24 @@ def compile_regions(model: nn.Module, *, dynamic: bool = True, adapters: Adapter
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"regional compile works per decoder layer: {type(model).__name__} has no `model.layers` "
                          "ModuleList")
-    names: list[str] = []
+    regions: list[tuple[str, nn.Module]] = []
     for i, layer in enumerate(layers):
-        names += _compile_children(_unwrap(layer), f"model.layers.{i}", routers, dynamic)
-    if not names:
+        regions += _regions(_unwrap(layer), f"model.layers.{i}", routers)
+    if not regions:
         raise ValueError("regional compile found no router-free module in the decoder layers of "
                          f"{type(model).__name__}")
+    for path, module in regions:  # every region checked before any is compiled: never a half-compiled model
+        if "forward" in vars(module):
+            raise ValueError(f"{path} ({type(module).__name__}) already has a per-instance forward (compiled, or "
+                             "patched by someone else): regional compile would hide it")
+    for _, module in regions:
+        module.forward = types.MethodType(_compiled_forward(type(module), dynamic), module)
+    names = [path for path, _ in regions]
+    # One compiled function serves every layer of a class, so its cache holds one entry per guard set over the whole
+    # run: grad and no-grad forwards, the policy's and the frozen reference's parameters, batch size 1 (specialized),
+    # attention variants (sliding or full per layer), Qwen3-Next's chunk loop per length. Past torch's default of 8
+    # a region silently runs eager; this limit keeps them compiled (a limit hit is logged by torch).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if log:
         logger.info("torch.compile: %d regions in %d decoder layers (attention, norms, experts; routers, the MoE "
                     "blocks' and the layers' own forwards and all hooks stay eager)", len(names), len(layers))
@@ -91,21 +105,17 @@ def compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def _compile_children(module: nn.Module, prefix: str, routers: set[int], dynamic: bool) -> list[str]:
-    names = []
+def _regions(module: nn.Module, prefix: str, routers: set[int]) -> list[tuple[str, nn.Module]]:
+    out = []
     for name, child in module.named_children():
         path = f"{prefix}.{name}"
         if id(child) in routers:
             continue
         if any(id(m) in routers for m in child.modules()):  # the MoE block: compile inside it, around the router
-            names += _compile_children(child, path, routers, dynamic)
+            out += _regions(child, path, routers)
         elif any(True for _ in child.parameters()):  # parameter-free children (rotary, dropout) run inside a parent
-            if "forward" in vars(child):
-                raise ValueError(f"{path} ({type(child).__name__}) already has a per-instance forward (compiled, or "
-                                 "patched by someone else): regional compile would hide it")
-            child.forward = types.MethodType(_compiled_forward(type(child), dynamic), child)
-            names.append(path)
-    return names
+            out.append((path, child))
+    return out
 
 
 @functools.cache

@@ -46,7 +46,7 @@ from r3rl.replay import Recording, RoutingReplay
 from r3rl.rollout.engine.messages import SamplingParams
 from r3rl.rollout.net.backend import RolloutBackend
 from r3rl.sample import Sample
-from r3rl.trace import RoutingTrace
+from r3rl.trace import RoutingTrace, compact_dtype
 from r3rl.train.config import LogprobSource, StalePolicy, TrainConfig
 from r3rl.train.data import Layout, MicroBatch, make_micro_batches, plan_layout, response_logprobs
 from r3rl.train.losses import KLType, group_advantages, kl_penalty, policy_loss
@@ -147,8 +147,6 @@ def rl_step(ctx: StepContext, step: int) -> dict:
                                      torch.cat([rollout_logp[i] for i in range(len(samples))]))
     metrics |= used.metrics("routing_mismatch") | live.metrics("router_live_mismatch")
     metrics |= timer.metrics(update_tokens=sum(mb.num_tokens for mb in mbs if not mb.is_padding))
-    real = [mb for mb in mbs if not mb.is_padding]  # the training forwards' share of padding positions
-    metrics["pad_frac"] = 1.0 - sum(mb.num_tokens for mb in real) / sum(mb.computed_tokens for mb in real)
     if ci_diff is not None:
         metrics["ci_ref_logprob_max_abs_diff"] = ci_diff
     metrics = mean_over_ranks(metrics, ctx.env)  # the update's metrics are global already
@@ -168,12 +166,12 @@ def _micro_batches(ctx: StepContext, samples: list[Sample], advantages: list[flo
         plan = plan_layout(ctx.model, Layout.AUTO, log=False)
         ctx.cfg = cfg = replace(cfg, layout=plan.layout)
         ctx.layer_masks = ctx.layer_masks if ctx.layer_masks is not None else plan.layer_masks
-    size, budget = cfg.micro_batch_size, cfg.max_tokens_per_mb
+    size, budget, flag = cfg.micro_batch_size, cfg.max_tokens_per_mb, "--max-tokens-per-mb"
     if log_probs and cfg.log_probs_max_tokens_per_mb is not None:
-        size, budget = None, cfg.log_probs_max_tokens_per_mb
+        size, budget, flag = None, cfg.log_probs_max_tokens_per_mb, "--log-probs-max-tokens-per-mb"
     mbs = [mb.to(cfg.device) for mb in make_micro_batches(
         samples, advantages=advantages, layout=cfg.layout, micro_batch_size=size, max_tokens=budget,
-        pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks,
+        pad_id=ctx.pad_id, sample_indices=indices, layer_masks=ctx.layer_masks, budget_name=flag,
         by_length=budget is not None,  # a token budget groups like lengths: fewer, less padded micro-batches
         traces=traces if traces is not None else (None if use_traces else [None] * len(samples)))]
     # ranks run the same number of forwards (FSDP collectives): the short ones repeat their last, as padding
@@ -207,8 +205,9 @@ def _old_logprobs(ctx: StepContext, mbs: list[MicroBatch], received, used: Routi
             continue
         # without replay (and in R2's recording forward) the live router's choice is what the experts used
         live_ids = None if live_rec is None else _stacked(live_rec.ids_per_layer)
-        readings.append((mb, _to_host(tapped.stacked()), None if live_ids is None else _to_host(live_ids),
-                         _to_host(_stacked(rec.ids_per_layer)) if cfg.replay.kind is ReplayKind.R2 else None))
+        E = replay.num_experts
+        readings.append((mb, _to_host(tapped.stacked(), E), None if live_ids is None else _to_host(live_ids, E),
+                         _to_host(_stacked(rec.ids_per_layer), E) if cfg.replay.kind is ReplayKind.R2 else None))
     _host_ready(ctx.cfg.device)
     for mb, used_ids, live_ids, recorded_ids in readings:
         used_traces = mb.split_routing(used_ids, replay.num_experts)
@@ -233,6 +232,7 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded,
     counts and the loss is scaled by the world size (FSDP2 averages gradients), so the gradient is the global one."""
     cfg, model, env = ctx.cfg, ctx.model, ctx.env
     totals: dict[str, float] = defaultdict(float)
+    computed = [0, 0]  # tokens, positions computed (padded: samples x longest)
     per_opt = cfg.samples_per_optimizer_step // env.world_size
     if ctx.tap is None:  # rl_step builds it on the first step; a caller of the update alone gets one here
         ctx.tap = ExpertsTap(model)
@@ -261,7 +261,9 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded,
                 (loss * weight).backward()  # the checkpoint recompute replays here (replay_backward)
             if mb.is_padding:
                 continue
-            readings.append((mb, _to_host(tapped.stacked())))
+            readings.append((mb, _to_host(tapped.stacked(), ctx.replay.num_experts)))
+            computed[0] += mb.num_tokens
+            computed[1] += mb.computed_tokens
             for k, v in (m | {"loss": loss}).items():
                 sums[k] = sums[k] + v.detach() if k in sums else v.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -280,8 +282,10 @@ def _update(ctx: StepContext, samples, advantages, old_logp, ref_logp, recorded,
     model.eval()
     n_opt = len(samples) // per_opt
     keys = sorted(totals)  # each rank's terms are normalized by the global counts: their sum is the global value
-    summed = dict(zip(keys, sum_over_ranks([totals[k] for k in keys], env), strict=True))
-    return {k: v / n_opt for k, v in summed.items()} | {"optimizer_steps": n_opt}
+    *sums_global, tokens, positions = sum_over_ranks([*(totals[k] for k in keys), *computed], env)
+    summed = dict(zip(keys, sums_global, strict=True))
+    return {k: v / n_opt for k, v in summed.items()} | {"optimizer_steps": n_opt,
+                                                        "pad_frac": 1.0 - tokens / max(positions, 1)}
 
 
 def replay_mode(ctx: StepContext, mb: MicroBatch):
@@ -364,19 +368,25 @@ def _stacked(ids_per_layer: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.cat(calls) for calls in ids_per_layer], dim=1)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A copy on the host, queued behind the kernels that produce `t` (pinned, non-blocking) on CUDA: valid only after
-    `_host_ready`."""
-    if t.device.type != "cuda":
-        return t.cpu()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
+def _to_host(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids on the host in the trace's compact dtype (uint8 below 255 experts, else int16: 8x less than int64
+    to hold for a whole rollout), the copy queued behind the kernels that produce them (pinned, non-blocking) on
+    CUDA: valid only after `_host_ready` or another sync of that device's stream."""
+    ids = ids.to(_COMPACT[compact_dtype(num_experts).name])
+    if ids.device.type != "cuda":
+        return ids.cpu()
+    out = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    return out.copy_(ids, non_blocking=True)
+
+
+_COMPACT = {"uint8": torch.uint8, "int16": torch.int16}
 
 
 def _host_ready(device) -> None:
-    """Wait for the copies `_to_host` queued (one sync, after the micro-batch loop)."""
-    if str(device).startswith("cuda"):
-        torch.cuda.current_stream().synchronize()
+    """Wait for the copies `_to_host` queued on `device`'s current stream (one sync, after the micro-batch loop)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _gather(per_sample: dict[int, torch.Tensor], mb: MicroBatch) -> torch.Tensor:
