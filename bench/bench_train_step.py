@@ -50,11 +50,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (r3rl train --compile)")
     ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"])
+    ap.add_argument("--optimizer", default="auto", choices=["auto", "foreach", "fused"],
+                    help="AdamW implementation (auto: fused on CUDA, the trainer's default)")
+    ap.add_argument("--profile-update", action="store_true",
+                    help="also profile one `update` (r3rl train's update) and report its top ops by GPU time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     trainer, ctx, samples, stages = build(args.preset, args.rollout_batch_size, args.n_samples_per_prompt,
                                           args.response_len, micro_batch_size=args.micro_batch_size,
-                                          compile=args.compile, layout=args.layout)
+                                          compile=args.compile, layout=args.layout,
+                                          optimizer_fused={"auto": None, "foreach": False, "fused": True}[
+                                              args.optimizer])
     mbs = _micro_batches(ctx, samples, [1.0] * len(samples))
     tokens = sum(mb.num_tokens for mb in mbs)
     # the `update` mode runs the real AdamW step: at lr 0 it does all the work and leaves the weights (and so the
@@ -86,7 +92,10 @@ def main() -> None:
         "mfu_r3": flops / med["r3"] / peak if peak else None,
         "mfu_r3_check": flops / med["r3+check"] / peak if peak else None,
         "mfu_train_update": flops / med["update"] / peak if peak else None,
+        "optimizer": type(ctx.optimizer).__name__ + (" fused" if ctx.optimizer.defaults.get("fused") else ""),
     }
+    if args.profile_update:
+        result["profile_update"] = _profile_update(ctx, samples)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:
@@ -94,11 +103,11 @@ def main() -> None:
 
 
 def build(preset: str, rollout_batch_size: int, n_samples_per_prompt: int, response_len: int, *,
-          micro_batch_size: int, compile: bool = False, layout: str = "auto"):
+          micro_batch_size: int, compile: bool = False, layout: str = "auto", optimizer_fused: bool | None = None):
     """The trainer (bf16, R3 + check) after one whole RL step, and the samples of a second rollout."""
     from r3rl.train.data import Layout
 
-    cfg = TrainConfig(compile=compile, layout=Layout(layout),
+    cfg = TrainConfig(compile=compile, layout=Layout(layout), optimizer_fused=optimizer_fused,
         replay=ReplayConfig(use_rollout_routing_replay=True, enable_r3_correctness_check=True), preset=preset,
         device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32", sft_steps=0, num_rollout=1,
         rollout_batch_size=rollout_batch_size,
@@ -139,6 +148,22 @@ def _train_update_time(ctx, samples) -> float:
     _update(ctx, samples, advantages, old_logp, None, {}, received, RoutingMismatch())
     _sync()
     return time.perf_counter() - t0
+
+
+def _profile_update(ctx, samples) -> dict:
+    """One `update` under torch.profiler: wall time, GPU kernel time, and the top aten ops by their own GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = _train_update_time(ctx, samples)
+    ops = []
+    for avg in prof.key_averages():
+        s = getattr(avg, "self_device_time_total", None)
+        s = avg.self_cuda_time_total if s is None else s
+        if s > 0:
+            ops.append({"op": avg.key[:90], "s": s / 1e6, "calls": avg.count, "cpu_s": avg.self_cpu_time_total / 1e6})
+    ops.sort(key=lambda o: -o["s"])
+    return {"wall_s": wall, "gpu_kernel_s": sum(o["s"] for o in ops), "top_ops": ops[:30]}
 
 
 def _active_params(model) -> int:

@@ -5,7 +5,10 @@ inductor compiles on the CPU (a C++ compiler is on every CI machine); each compi
 import copy
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +195,30 @@ def test_compiled_regions_on_cuda_in_bf16_replay_check_and_fail_on_a_fault():
     _step(model, replay, tap, ids, faulty)
     with pytest.raises(AssertionError, match=r"^R3 mismatch tokens \(\d+\) > threshold \(\d+\.\d\d\)$"):
         replay.check.summary()
+
+
+_HEAD = """
+import torch
+from r3rl.train.data import response_logprobs
+from r3rl.train.regional_compile import compiled
+g = torch.Generator().manual_seed(3)
+logits, pos = torch.randn(2, 9, 50, generator=g), torch.tensor([2, 3, 4, 11, 12])
+targets = torch.randint(0, 50, (5,), generator=g)
+torch.testing.assert_close(compiled(response_logprobs)(logits, pos, targets, 0.7)[0],
+                           response_logprobs(logits, pos, targets, 0.7)[0])
+print("same")
+"""
+
+
+def test_processes_that_pin_another_cpu_isa_do_not_share_compiled_kernels(tmp_path):
+    """torch's inductor cache has no key for ATEN_CPU_CAPABILITY: without r3rl's per-ISA directory, an avx2 process
+    loaded the AVX-512 kernels of an earlier one and its compiled head was off by 5.5 (and the reverse crashed)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY",
+                                                             "ONEDNN_MAX_CPU_ISA")}
+    base["TMPDIR"] = str(tmp_path)  # inductor's default cache directory lives under it: shared by the three runs
+    for pinned in ({}, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, {}):
+        proc = subprocess.run([sys.executable, "-c", _HEAD], env=base | pinned, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0 and "same" in proc.stdout, (pinned, proc.stderr[-1500:])
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("torchinductor_"))
+    assert len(names) == 2 and names[1] == names[0] + "_isa-avx2-avx2", names  # the default's and the pinned one's

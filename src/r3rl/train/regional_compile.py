@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import types
 
 import torch
@@ -36,7 +38,7 @@ from torch import nn
 
 from r3rl.models.adapters import BUILTIN_ADAPTERS, AdapterRegistry, find_routers
 
-__all__ = ["compile_regions", "uncompile_regions", "compiled_regions", "compiled"]
+__all__ = ["compile_regions", "uncompile_regions", "compiled_regions", "compiled", "separate_cache_per_isa"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ def compile_regions(model: nn.Module, *, dynamic: bool = True, adapters: Adapter
     Raises ValueError if the model has no decoder layers (`model.model.layers`) or nothing to compile, and
     RuntimeError on a CPU without a C++ compiler (inductor's CPU backend needs one)."""
     _require_backend(model)
+    separate_cache_per_isa()
     routers = {id(site.router) for site in find_routers(model, adapters)}
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -102,7 +105,32 @@ def compiled_regions(model: nn.Module) -> list[str]:
 def compiled(fn):
     """`torch.compile(fn)` with dynamic shapes, one per function (e.g. the training head,
     `r3rl.train.data.response_logprobs`)."""
+    separate_cache_per_isa()
     return torch.compile(fn, dynamic=True)
+
+
+ISA_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def separate_cache_per_isa() -> str | None:
+    """Give a process that pins the CPU's instruction set (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`) its own inductor
+    cache directory, unless TORCHINDUCTOR_CACHE_DIR names one; returns it (None when nothing is pinned).
+
+    torch's inductor keys its on-disk CPU kernels without that choice: a process under ATEN_CPU_CAPABILITY=avx2 loads
+    the AVX-512 kernels another process wrote to the shared default directory and computes wrong numbers (measured
+    on torch 2.13: the compiled log-prob head off by 5.5 nats), and the other way round it crashed."""
+    pinned = [os.environ.get(k) for k in ISA_VARS]
+    if not any(pinned):
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = default_cache_dir()
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and os.path.abspath(current) != os.path.abspath(default):
+        return current  # the user's own directory
+    tag = "-".join(re.sub(r"[^A-Za-z0-9]", "", v or "any").lower() for v in pinned)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory = f"{default}_isa-{tag}"
+    return directory
 
 
 def _regions(module: nn.Module, prefix: str, routers: set[int]) -> list[tuple[str, nn.Module]]:
