@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (r3rl train --compile)")
     ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"])
     ap.add_argument("--optimizer", default="auto", choices=["auto", "foreach", "fused"],
-                    help="AdamW implementation (auto: fused on CUDA, the trainer's default)")
+                    help="AdamW implementation (auto: torch's default, the trainer's)")
     ap.add_argument("--profile-update", action="store_true",
                     help="also profile one `update` (r3rl train's update) and report its top ops by GPU time")
     ap.add_argument("--out", default=None)

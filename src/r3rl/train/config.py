@@ -131,8 +131,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     optimizer_fused: bool | None = None
-    """AdamW's fused CUDA kernel (one pass over each parameter, torchtitan's default) instead of the foreach chain;
-    None: fused on a CUDA device, foreach elsewhere."""
+    """True: AdamW's fused CUDA kernel (one pass over each parameter; torchtitan's default) instead of the foreach
+    chain; None: torch's default (foreach on CUDA). Not yet timed on a GPU here (`bench_train_step.py --optimizer`)."""
     lr_warmup_steps: int = 0
     """Linear warm-up over this many optimizer steps, then constant."""
     old_logprobs: LogprobSource = LogprobSource.TRAIN

@@ -147,8 +147,8 @@ class Trainer:
             compile_regions(self.model, log=env.is_main)
             if self.ref_model is not None:
                 compile_regions(self.ref_model, log=False)
-        fused = cfg.optimizer_fused if cfg.optimizer_fused is not None else str(cfg.device).startswith("cuda")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=fused,
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                           fused=cfg.optimizer_fused,
                                            weight_decay=cfg.weight_decay)
         warmup = cfg.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
