@@ -15,7 +15,10 @@ PY
 }
 timeout 240 python3 -m r3rl.cli train $COMMON --run-dir /tmp/runs/compile 2>$OUT/compile.log | grep -E '"verdict"'
 summary /tmp/runs/compile/metrics.jsonl
-timeout 240 torchrun --nproc-per-node 1 -m r3rl train $COMMON --run-dir /tmp/runs/compile_fsdp 2>$OUT/compile_fsdp.log \
+# FSDP2 keeps fp32 master weights and Adam state: the probe's 5.1 B parameters need ~80 GB, more than an H100 has
+# (it OOMed there); on an H100 this part runs the bench shape (PRESET_FSDP=bench-qwen3-moe)
+timeout 240 torchrun --nproc-per-node 1 -m r3rl train ${COMMON/probe-qwen3-moe/${PRESET_FSDP:-probe-qwen3-moe}} \
+  --release-rollout-memory --run-dir /tmp/runs/compile_fsdp 2>$OUT/compile_fsdp.log \
   | grep -E '"verdict"|world_size'
 summary /tmp/runs/compile_fsdp/metrics.jsonl
 grep -E "torch.compile:|Error" $OUT/compile_fsdp.log | head -3

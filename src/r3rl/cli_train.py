@@ -124,6 +124,8 @@ def add_train_parser(sub) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--no-activation-checkpointing", action="store_true",
                    help="do not checkpoint decoder layers (no recompute, so no replay_backward)")
+    g.add_argument("--optimizer-fused", action="store_true",
+                   help="AdamW's fused CUDA kernel instead of torch's default foreach chain")
     g.add_argument("--compile", action="store_true",
                    help="regional torch.compile: attention, norms and experts of every decoder layer; routers "
                         "(replay's patch points) and hooks stay eager")
@@ -260,6 +262,7 @@ def train_config_from_args(args: argparse.Namespace):
         layout=Layout(args.layout), lr=args.lr,
         lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         activation_checkpointing=not args.no_activation_checkpointing, compile=args.compile,
+        optimizer_fused=True if args.optimizer_fused else None,
         old_logprobs=LogprobSource.ROLLOUT if args.use_rollout_logprobs else LogprobSource.TRAIN,
         grpo_std_normalization=not args.disable_grpo_std_normalization, kl_coef=args.kl_coef,
         sft_steps=args.sft_steps, sft_stop_loss=args.sft_stop_loss,
