@@ -22,3 +22,9 @@ timeout 240 torchrun --nproc-per-node 1 -m r3rl train ${COMMON/probe-qwen3-moe/$
   | grep -E '"verdict"|world_size'
 summary /tmp/runs/compile_fsdp/metrics.jsonl
 grep -E "torch.compile:|Error" $OUT/compile_fsdp.log | head -3
+# AdamW foreach vs fused: r3rl train's update with the real update profiled (two processes, one after the other)
+for opt in foreach fused; do
+  timeout 150 python3 bench/bench_train_step.py --preset probe-qwen3-moe --micro-batch-size 64 --compile --rounds 3 \
+    --optimizer $opt --profile-update --out $OUT/ts_$opt.json 2>&1 \
+    | grep -E '"(mfu_r3_check|mfu_train_update|update|optimizer)"' | head -8
+done

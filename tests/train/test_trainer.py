@@ -195,3 +195,10 @@ def test_dropped_stale_samples_leave_the_policy_gradient(tmp_path, monkeypatch):
     assert not any(drop[1::2]) and drop[::2] == keep[::2]  # the same rollout (seeded): only the stale ones left
     with pytest.raises(RuntimeError, match="8 sample\\(s\\) were generated with weight version -2..0"):
         Trainer(small(tmp_path, name="error", num_rollout=1, eval_interval=None, max_staleness=1)).run()
+
+
+def test_fused_adamw_is_what_the_flag_asks_for(tmp_path):
+    trainer = Trainer(small(tmp_path, num_rollout=1, sft_steps=0, optimizer_fused=True))
+    assert trainer.optimizer.defaults["fused"] is True
+    assert trainer.run()["verdict"] == "pass"
+    assert not Trainer(small(tmp_path, "run2", num_rollout=1, sft_steps=0)).optimizer.defaults["fused"]
